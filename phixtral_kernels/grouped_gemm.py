@@ -1,0 +1,243 @@
+"""Grouped expert GEMMs over the sorted slot map, with the permutation in the prologue and the MLP in the epilogues.
+
+    GEMM 1 (`expert_gemm1`): h[r]     = gelu_tanh(x[slot_r // top_k] @ w1[e_r]^T + b1[e_r])     h [R, F] in x's dtype
+    GEMM 2 (`expert_gemm2`): y[p, s_r] = w[s_r] * (h[r, Kp] @ w2[e_r, :, Kp]^T + [p == 0] b2[e_r])  y [P, S, D] fp32
+
+r is a row of the sorted map (R = S + E * (block_m - 1) rows by upper bound), s_r its slot, e_r its expert, p one of P
+K-splits. GEMM 1 gathers x's rows by slot inside the kernel, so no permuted copy of x exists; it writes h in sorted order
+so GEMM 2 streams its A rows contiguously, then scatters its rows back to slot order in the epilogue. Bias, GELU and the
+routing weight act on the fp32 accumulator. Padding rows (sentinel slot) are neither read as data nor written.
+
+One kernel serves both GEMMs; compile-time flags pick the prologue and epilogue. Its grid is an upper bound (every tile
+the map could need); tiles past expert_offsets[E] exit at once, so launching needs no host sync.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ._triton import INTERPRET, next_power_of_2, tl, triton, triton_unavailable_reason
+from .routing import RoutingMap
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and launch options of one grouped GEMM. block_m must equal the RoutingMap's."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int) -> tuple[GemmConfig, GemmConfig]:
+    """(GEMM 1, GEMM 2) configs for T tokens, chosen by the mean rows per expert.
+
+    Interpreter: one config with large tiles (its cost is per op, not per element). GPU: decode shapes stream weights
+    (small M tile, K-split for GEMM 2 whose N = D gives too few tiles to fill the SMs); prefill shapes use 128x128 tiles
+    for the tensor cores. These are starting points, not tuned tables.
+    """
+    if INTERPRET:
+        cfg = GemmConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=1)
+        return cfg, cfg
+    rows_per_expert = num_tokens * top_k / max(num_experts, 1)
+    if rows_per_expert <= 16:
+        gemm1 = GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+        return gemm1, GemmConfig(block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=4)
+    if rows_per_expert <= 64:
+        block_m = max(16, next_power_of_2(int(rows_per_expert)))
+        gemm1 = GemmConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4, num_stages=4)
+        return gemm1, GemmConfig(block_m=block_m, block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=4)
+    cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    return cfg, cfg
+
+
+if triton is not None:
+
+    @triton.jit
+    def _grouped_gemm_kernel(
+        # pointers
+        a_ptr,  # GATHER_A: x [T, K]; else h [R, K] in sorted order
+        b_ptr,  # [E, N, K] stacked torch Linear weights
+        bias_ptr,  # [E, N]
+        c_ptr,  # SCATTER_C: y [SPLIT_K, S, N] in slot order; else h [R, N] in sorted order
+        sorted_token_ids_ptr,  # [R] int32: sorted row -> slot, sentinel S on padding rows
+        expert_offsets_ptr,  # [E + 1] int32: first row of each expert, rows in use at [E]
+        topk_weights_ptr,  # [S] fp32: routing weight of each slot (read when MUL_ROUTING_WEIGHT)
+        # sizes
+        N,
+        K,
+        num_slots,
+        max_rows,
+        E,
+        # strides
+        stride_a_m,
+        stride_a_k,
+        stride_b_e,
+        stride_b_n,
+        stride_b_k,
+        stride_bias_e,
+        stride_bias_n,
+        stride_c_split,
+        stride_c_m,
+        stride_c_n,
+        # meta
+        TOP_K: tl.constexpr,
+        E_PAD: tl.constexpr,
+        GATHER_A: tl.constexpr,
+        SCATTER_C: tl.constexpr,
+        ACTIVATION: tl.constexpr,  # "gelu_tanh" or ""
+        MUL_ROUTING_WEIGHT: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr,  # interpreter + bf16 only: its bf16 arithmetic is wrong, upcast first
+        SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """Grid: (cdiv(R, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)."""
+        # --- program -> tile: GROUP_M row tiles share their B columns while they sit in L2
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_pid_m = tl.cdiv(max_rows, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        first_pid_m = (pid // num_pid_in_group) * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        row_start = pid_m * BLOCK_M
+        if row_start >= tl.load(expert_offsets_ptr + E):
+            return  # past the rows in use: the grid is an upper bound
+        offs_e = tl.arange(0, E_PAD)
+        expert_ends = tl.load(expert_offsets_ptr + 1 + offs_e, mask=offs_e < E, other=max_rows)
+        expert = tl.sum((expert_ends <= row_start).to(tl.int32), axis=0)  # tiles never straddle experts
+
+        offs_m = row_start + tl.arange(0, BLOCK_M)
+        slots = tl.load(sorted_token_ids_ptr + offs_m)
+        mask_m = slots < num_slots
+        if GATHER_A:
+            a_rows = slots // TOP_K  # the permutation, fused into the load
+        else:
+            a_rows = offs_m
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+
+        # --- pointers: int64 row offsets, row x stride passes 2**31 at large T
+        k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        offs_k = pid_k * k_per_split + tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_a_m + offs_k[None, :] * stride_a_k
+        b_ptrs = (
+            b_ptr
+            + expert.to(tl.int64) * stride_b_e
+            + offs_n.to(tl.int64)[None, :] * stride_b_n
+            + offs_k[:, None] * stride_b_k
+        )
+
+        # --- K loop, fp32 accumulator
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, k_per_split, BLOCK_K):
+            mask_k = offs_k < K - k
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if DOT_IN_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_a_k
+            b_ptrs += BLOCK_K * stride_b_k
+
+        # --- epilogue on the fp32 accumulator: bias (first K-split only), activation, routing weight
+        bias = tl.load(
+            bias_ptr + expert.to(tl.int64) * stride_bias_e + offs_n * stride_bias_n,
+            mask=offs_n + pid_k * N < N,  # mask_n on split 0, all-false on the others
+            other=0.0,
+        )
+        acc += bias.to(tl.float32)[None, :]
+        if ACTIVATION == "gelu_tanh":
+            # 0.5 x (1 + tanh(z)) == x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3)
+            acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
+        if MUL_ROUTING_WEIGHT:
+            acc *= tl.load(topk_weights_ptr + slots, mask=mask_m, other=0.0)[:, None]
+
+        # --- masked store: sorted rows (GEMM 1) or back to slot order (GEMM 2)
+        if SCATTER_C:
+            c_rows = slots
+        else:
+            c_rows = offs_m
+        c_ptrs = (
+            c_ptr + pid_k.to(tl.int64) * stride_c_split + c_rows.to(tl.int64)[:, None] * stride_c_m + offs_n[None, :] * stride_c_n
+        )
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _check_gemm_inputs(name: str, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, routing: RoutingMap, config):
+    if a.dim() != 2 or w.dim() != 3 or bias.dim() != 2:
+        raise ValueError(f"{name}: expected a [rows, K], w [E, N, K], bias [E, N]; got {tuple(a.shape)}, {tuple(w.shape)}, {tuple(bias.shape)}")
+    E, N, K = w.shape
+    if a.shape[1] != K or bias.shape != (E, N) or E != routing.num_experts:
+        raise ValueError(
+            f"{name}: shapes disagree: a {tuple(a.shape)}, w {tuple(w.shape)}, bias {tuple(bias.shape)}, routing over {routing.num_experts} experts"
+        )
+    if a.dtype != w.dtype:
+        raise TypeError(f"{name}: activations are {a.dtype} but weights are {w.dtype}")
+    if config.block_m != routing.block_m:
+        raise ValueError(f"{name}: config.block_m={config.block_m} but the routing map is aligned to {routing.block_m}")
+    reason = triton_unavailable_reason(a.device)
+    if reason is not None:
+        raise RuntimeError(f"{name} cannot run: {reason}")
+
+
+def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a, scatter_c, activation, mul_routing_weight):
+    E, N, K = w.shape
+    c_split_stride = c.stride(0) if scatter_c else 0
+    c_2d = c[0] if scatter_c else c
+    grid = (triton.cdiv(routing.max_rows, config.block_m) * triton.cdiv(N, config.block_n), config.split_k)
+    _grouped_gemm_kernel[grid](
+        a, w, bias, c_2d, routing.sorted_token_ids, routing.expert_offsets, routing.topk_weights,
+        N, K, routing.num_slots, routing.max_rows, E,
+        a.stride(0), a.stride(1),
+        w.stride(0), w.stride(1), w.stride(2),
+        bias.stride(0), bias.stride(1),
+        c_split_stride, c_2d.stride(0), c_2d.stride(1),
+        TOP_K=routing.top_k, E_PAD=next_power_of_2(E),
+        GATHER_A=gather_a, SCATTER_C=scatter_c, ACTIVATION=activation, MUL_ROUTING_WEIGHT=mul_routing_weight,
+        DOT_IN_FP32=INTERPRET and a.dtype == torch.bfloat16,
+        SPLIT_K=config.split_k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+
+
+def expert_gemm1(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
+    """h = gelu_tanh(x[slot // top_k] @ w1[e]^T + b1[e]) for every sorted row: x [T, D], w1 [E, F, D], b1 [E, F].
+
+    Returns h [R, F] in x's dtype, in sorted order; padding rows are left unwritten (never read by `expert_gemm2`).
+    """
+    _check_gemm_inputs("expert_gemm1", x, w1, b1, routing, config)
+    if config.split_k != 1:
+        raise ValueError("expert_gemm1: split_k must be 1 (GELU is applied to the full sum)")
+    h = torch.empty(routing.max_rows, w1.shape[1], dtype=x.dtype, device=x.device)
+    if routing.num_slots:
+        _launch(x, w1, b1, h, routing, config, gather_a=True, scatter_c=False, activation="gelu_tanh", mul_routing_weight=False)
+    return h
+
+
+def expert_gemm2(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
+    """y[p, slot] = w[slot] * (h[r] @ w2[e]^T + b2[e]) back in slot order: h [R, F], w2 [E, D, F], b2 [E, D].
+
+    Returns y [split_k, S, D] fp32: partial sums over K-splits (b2 in split 0), summed by `moe_combine`.
+    """
+    _check_gemm_inputs("expert_gemm2", h, w2, b2, routing, config)
+    if h.shape[0] != routing.max_rows:
+        raise ValueError(f"expert_gemm2: h must have the routing map's {routing.max_rows} rows, got {h.shape[0]}")
+    y = torch.empty(config.split_k, routing.num_slots, w2.shape[1], dtype=torch.float32, device=h.device)
+    if routing.num_slots:
+        _launch(h, w2, b2, y, routing, config, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True)
+    return y
+
+
+__all__ = ["GemmConfig", "moe_gemm_configs", "expert_gemm1", "expert_gemm2"]

@@ -1,0 +1,105 @@
+"""fused_moe: the whole MoE layer as route -> GEMM 1 (gather, bias, GELU) -> GEMM 2 (bias, routing weight) -> combine.
+
+Backends:
+    "triton"  the Triton kernels: compiled for CUDA tensors, interpreted for CPU tensors under TRITON_INTERPRET=1.
+              No host sync anywhere, so a decode step can be captured in a CUDA graph.
+    "torch"   the same sorted pipeline in vectorized PyTorch (one GEMM pair per expert, no loop over tokens): the fast path
+              on CPUs. It reads the per-expert counts on the host, so it syncs on CUDA tensors.
+    "naive"   the original phixtral loop (`naive_moe`).
+    "auto"    "triton" where it can run (CUDA, or the interpreter on CPU), else "torch".
+"""
+
+import torch
+
+from ._triton import triton_unavailable_reason
+from .grouped_gemm import expert_gemm1, expert_gemm2, moe_gemm_configs
+from .reference import gelu_tanh, naive_moe, topk_lowest_index
+from .routing import moe_routing
+from .unpermute import moe_combine
+
+BACKENDS = ("auto", "triton", "torch", "naive")
+
+
+def check_moe_inputs(x, gate_weight, w1, b1, w2, b2, top_k) -> None:
+    """Raise a ValueError or TypeError that names the argument when the MoE inputs do not fit together."""
+    named = {"x": x, "gate_weight": gate_weight, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, dims in {"x": 2, "gate_weight": 2, "w1": 3, "b1": 2, "w2": 3, "b2": 2}.items():
+        if named[name].dim() != dims:
+            raise ValueError(f"{name} must have {dims} dims, got shape {tuple(named[name].shape)}")
+    T, D = x.shape
+    E, F = w1.shape[0], w1.shape[1]
+    expected = {"gate_weight": (E, D), "w1": (E, F, D), "b1": (E, F), "w2": (E, D, F), "b2": (E, D)}
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} (E={E} experts from w1, D={D} from x, F={F} from w1), "
+                f"got {tuple(named[name].shape)}"
+            )
+    for name, t in named.items():
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}: all MoE tensors must share one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
+
+
+def _moe_triton(x, gate_weight, w1, b1, w2, b2, top_k):
+    gemm1, gemm2 = moe_gemm_configs(x.shape[0], top_k, w1.shape[0])
+    routing = moe_routing(x @ gate_weight.t(), top_k, gemm1.block_m)  # [T, E] logits in x's dtype, as the original
+    h = expert_gemm1(x, w1, b1, routing, gemm1)  # [R, F] sorted rows
+    y = expert_gemm2(h, w2, b2, routing, gemm2)  # [P, S, D] fp32, slot order
+    return moe_combine(y, top_k, x.dtype)  # [T, D]
+
+
+def _moe_torch(x, gate_weight, w1, b1, w2, b2, top_k):
+    T, D = x.shape
+    E = w1.shape[0]
+    values, experts = topk_lowest_index(x @ gate_weight.t(), top_k)  # [T, top_k]
+    weights = torch.softmax(values.float(), dim=-1).to(x.dtype)
+    flat_experts = experts.reshape(-1)  # slot -> expert
+    order = torch.sort(flat_experts, stable=True).indices  # sorted row -> slot
+    counts = torch.bincount(flat_experts, minlength=E).tolist()  # host read: this path is for CPUs
+    x_sorted = x[order // top_k]  # [S, D]
+    y_sorted = torch.empty_like(x_sorted)
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            rows = slice(start, start + count)
+            h = gelu_tanh(torch.nn.functional.linear(x_sorted[rows], w1[e], b1[e]))
+            y_sorted[rows] = torch.nn.functional.linear(h, w2[e], b2[e])
+        start += count
+    y = torch.empty_like(y_sorted)
+    y[order] = y_sorted  # back to slot order
+    out = torch.bmm(weights.unsqueeze(1), y.view(T, top_k, D))  # weighted top-k sum, [T, 1, D]
+    return out.view(T, D)
+
+
+def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
+    """The phixtral MoE layer: x [T, D] -> [T, D] in x's dtype.
+
+    gate_weight [E, D] (router, no bias); w1 [E, F, D], b1 [E, F], w2 [E, D, F], b2 [E, D] (stacked torch Linear weights).
+    logits = x @ gate_weight^T; top-k over the raw logits (ties to the lowest expert index); softmax over the k picks;
+    out[t] = sum_k w[t, k] * (gelu_tanh(x[t] @ w1[e]^T + b1[e]) @ w2[e]^T + b2[e]).
+    backend: "auto", "triton", "torch" or "naive" (see the module docstring).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_moe_inputs(x, gate_weight, w1, b1, w2, b2, top_k)
+    if backend == "auto":
+        backend = "triton" if triton_unavailable_reason(x.device) is None else "torch"
+    if backend == "naive":
+        return naive_moe(x, gate_weight, w1, b1, w2, b2, top_k)
+    if x.shape[0] == 0:
+        return x.new_empty(0, x.shape[1])
+    if backend == "torch":
+        return _moe_torch(x, gate_weight, w1, b1, w2, b2, top_k)
+    reason = triton_unavailable_reason(x.device)
+    if reason is not None:
+        raise RuntimeError(f"backend='triton' cannot run: {reason}")
+    return _moe_triton(x, gate_weight, w1, b1, w2, b2, top_k)
