@@ -138,5 +138,5 @@ def naive_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="naive"):
         mask = flat_expert_indices == e
         hidden = gelu_tanh(torch.nn.functional.linear(x[mask], w1[e], b1[e]))
         y[mask] = torch.nn.functional.linear(hidden, w2[e], b2[e])
-    y = (y.view(*expert_weights.shape, -1) * expert_weights.unsqueeze(-1)).sum(dim=1)
+    y = (y.view(*expert_weights.shape, y.shape[-1]) * expert_weights.unsqueeze(-1)).sum(dim=1)
     return y

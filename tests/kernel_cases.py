@@ -1,0 +1,56 @@
+"""Shared builders for kernel tests: random MoE layers, routings with chosen shapes, and the dtype-aware tolerance."""
+
+import torch
+
+from phixtral_kernels import naive_moe
+from phixtral_kernels.reference import gelu_tanh, topk_lowest_index
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Smallest error floor per dtype, on outputs of order 1.
+ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+if DEVICE == "cuda":
+    ERROR_FLOOR[torch.float32] = 2e-3  # tl.dot runs fp32 inputs as tf32 on GPUs
+
+
+def moe_layer(T, D, F, E, dtype=torch.float32, *, device=DEVICE, seed=0, gate=None):
+    """Random x [T, D] and MoE weights scaled so every intermediate is of order 1."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    x = rand(T, D)
+    gate_weight = rand(E, D) if gate is None else gate.to(device=device, dtype=dtype)
+    w1, b1 = rand(E, F, D, scale=D**-0.5), rand(E, F, scale=0.1)
+    w2, b2 = rand(E, D, F, scale=F**-0.5), rand(E, D, scale=0.1)
+    return x, gate_weight, w1, b1, w2, b2
+
+
+def fp64_reference(x, gate_weight, w1, b1, w2, b2, top_k):
+    """The MoE in fp64 on the CPU, with the routing decided on the logits of the test dtype (as every backend does)."""
+    # Near-equal logits may order differently once rounded: route on the very logits the backends see.
+    logits = (x @ gate_weight.t()).double().cpu()
+    values, experts = topk_lowest_index(logits, top_k)
+    weights = torch.softmax(values, dim=-1)
+    xd, w1d, b1d, w2d, b2d = (t.double().cpu() for t in (x, w1, b1, w2, b2))
+    out = torch.zeros_like(xd)
+    for k in range(top_k):
+        e = experts[:, k]
+        h = gelu_tanh(torch.einsum("td,tfd->tf", xd, w1d[e]) + b1d[e])
+        out += weights[:, k, None] * (torch.einsum("tf,tdf->td", h, w2d[e]) + b2d[e])
+    return out
+
+
+def assert_close_to_reference(out, x, gate_weight, w1, b1, w2, b2, top_k):
+    """Error of `out` <= 2x the error of the naive loop run in the same dtype, plus the dtype's floor."""
+    ref = fp64_reference(x, gate_weight, w1, b1, w2, b2, top_k)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    err = (out.double().cpu() - ref).abs().max().item() if out.numel() else 0.0
+    if x.dtype == torch.float32 and DEVICE == "cpu":
+        naive_err = 0.0
+    else:
+        naive = naive_moe(x, gate_weight, w1, b1, w2, b2, top_k)
+        naive_err = (naive.double().cpu() - ref).abs().max().item() if out.numel() else 0.0
+    bound = 2 * naive_err + ERROR_FLOOR[x.dtype]
+    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (naive loop in {x.dtype}: {naive_err:.3g})"
