@@ -70,6 +70,7 @@ if triton is not None:
         # sizes
         N,
         K,
+        k_per_split,  # multiple of BLOCK_K: cdiv(cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
         num_slots,
         max_rows,
         E,
@@ -128,7 +129,6 @@ if triton is not None:
         mask_n = offs_n < N
 
         # --- pointers: int64 row offsets, row x stride passes 2**31 at large T
-        k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
         offs_k = pid_k * k_per_split + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_a_m + offs_k[None, :] * stride_a_k
         b_ptrs = (
@@ -140,7 +140,7 @@ if triton is not None:
 
         # --- K loop, fp32 accumulator
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(0, k_per_split, BLOCK_K):
+        for k in tl.range(0, k_per_split, BLOCK_K):
             mask_k = offs_k < K - k
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
@@ -197,9 +197,10 @@ def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a,
     c_split_stride = c.stride(0) if scatter_c else 0
     c_2d = c[0] if scatter_c else c
     grid = (triton.cdiv(routing.max_rows, config.block_m) * triton.cdiv(N, config.block_n), config.split_k)
+    k_per_split = triton.cdiv(triton.cdiv(K, config.block_k), config.split_k) * config.block_k
     _grouped_gemm_kernel[grid](
         a, w, bias, c_2d, routing.sorted_token_ids, routing.expert_offsets, routing.topk_weights,
-        N, K, routing.num_slots, routing.max_rows, E,
+        N, K, k_per_split, routing.num_slots, routing.max_rows, E,
         a.stride(0), a.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
         bias.stride(0), bias.stride(1),

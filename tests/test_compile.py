@@ -1,0 +1,34 @@
+"""Every kernel compiles ahead of time for sm_80 and sm_90 at phixtral shapes: tensor cores used, nothing spilled."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def test_kernels_compile_for_sm80_and_sm90_with_tensor_cores_and_no_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiling needs the real JIT functions
+    proc = subprocess.run(
+        [sys.executable, "-m", "phixtral_kernels.aot", "--tokens", "1", "64", "4096", "--json"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.stdout, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = report["rows"]
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    assert {r["dtype"] for r in rows} == {"float16", "bfloat16"}
+    assert {r["kernel"] for r in rows} == {"topk_softmax_kernel", "align_kernel", "grouped_gemm_kernel", "combine_kernel"}
+    gemms = [r for r in rows if r["kernel"] == "grouped_gemm_kernel"]
+    assert len(gemms) == 2 * 3 * 2 * 2  # gemm1 and gemm2, 3 token counts, 2 dtypes, 2 archs
+    missing_tc = [r for r in gemms if not r["tensor_core"]]
+    assert not missing_tc, f"no mma/wgmma in: {missing_tc}"
+    spills = [r for r in rows if r["spill_bytes"]]
+    assert not spills, f"register spills in: {spills}"
+    for r in rows:
+        limit = 227 * 1024 if r["arch"] == "sm_90" else 163 * 1024  # opt-in shared memory per block
+        assert 0 <= r["shared_bytes"] <= limit, r
+    assert report["problems"] == 0 and proc.returncode == 0
