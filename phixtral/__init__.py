@@ -1,0 +1,16 @@
+"""phixtral: a lean phi-2 / phixtral decoder that loads the real checkpoints and runs its MoE layers on phixtral_kernels."""
+
+from .config import PhixtralConfig
+from .generate import GenerationStats, generate
+from .model import Phixtral
+from .weights import default_model_path, from_pretrained, save_msft_checkpoint
+
+__all__ = [
+    "GenerationStats",
+    "Phixtral",
+    "PhixtralConfig",
+    "default_model_path",
+    "from_pretrained",
+    "generate",
+    "save_msft_checkpoint",
+]

@@ -1,0 +1,381 @@
+"""Sampling and generation: prefill the prompt into the static KV cache, then decode one token per step.
+
+The only host sync per step is reading the new tokens, which eos / stop strings / streaming need. On CUDA that read is
+a non-blocking copy issued before the next step is queued, so the GPU computes step i + 1 while the host looks at
+token i. Sampling draws with exponential noise (argmax(p / q), q ~ Exp(1)) instead of torch.multinomial, which syncs.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from .model import Phixtral
+
+# The KV cache length is rounded up to this, so that prompts of similar length reuse one allocation.
+_CACHE_ROUND = 64
+
+
+@dataclass
+class GenerationStats:
+    """Counts and wall times of the last generate(): prefill up to the first token on the host, decode after it."""
+
+    batch_size: int
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.batch_size * self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first new token comes out of prefill; decode steps produce the others.
+        steps = self.new_tokens - 1
+        return self.batch_size * steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+
+# --- sampling --------------------------------------------------------------------------------------------------------
+def check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
+    """Raise a ValueError / TypeError naming the first invalid sampling argument."""
+
+    def number(name, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    number("temperature", temperature)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int):
+            raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 or None = off), got {top_k}")
+    if top_p is not None:
+        number("top_p", top_p)
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    number("repetition_penalty", repetition_penalty)
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' rule: logits [B, V] of tokens already seen ([B, V] bool) are divided by penalty if > 0, else multiplied."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+    """Set to -inf the logits [B, V] outside the top_k and outside the top_p nucleus (transformers' warpers, same order)."""
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k=None, top_p=None, generator=None) -> torch.Tensor:
+    """logits [B, V] fp32 -> token ids [B] int64: argmax when temperature is 0, else a draw from the filtered softmax."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(-1)  # a draw from probs, without a host sync
+
+
+# --- the loop --------------------------------------------------------------------------------------------------------
+def _host_reader(tok: torch.Tensor):
+    """Start copying tok to the host; return a function that waits for that copy only and gives the list."""
+    if tok.device.type != "cuda":
+        return tok.tolist
+    buf = torch.empty(tok.shape, dtype=tok.dtype, pin_memory=True)
+    buf.copy_(tok, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return lambda: (done.synchronize(), buf.tolist())[1]
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: Phixtral,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    repetition_penalty: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    stats: Optional[dict] = None,
+) -> Iterator[list[int]]:
+    """Yield each step's new token of every row as a host list [B]; stop early by closing the iterator.
+
+    input_ids [B, S] on the model's device, left-padded where attention_mask [B, S] (1 real, 0 pad) says so.
+    stats, when given, receives prefill_s and decode_s (time spent in here, not in the consumer).
+    """
+    B, S = input_ids.shape
+    device = input_ids.device
+    length = min(-(-(S + max_new_tokens) // _CACHE_ROUND) * _CACHE_ROUND, model.config.n_positions)
+    model.setup_caches(B, length)
+    valid = None  # [B, L] key slots that hold real tokens; None = all of them
+    if attention_mask is not None:
+        valid = torch.ones(B, model.cache_length, dtype=torch.bool, device=device)
+        valid[:, :S] = attention_mask.bool()
+    seen = None  # [B, V] tokens in the prompt or generated so far, for the repetition penalty
+    if repetition_penalty != 1.0:
+        V = model.config.vocab_size
+        seen = torch.zeros(B, V + 1, dtype=torch.bool, device=device)
+        ids = input_ids if attention_mask is None else input_ids.masked_fill(~attention_mask.bool(), V)
+        seen = seen.scatter_(1, ids, True)[:, :V]
+
+    def next_token(hidden):
+        logits = model.lm_head(hidden[:, -1]).float()  # [B, V]: only the last position is needed
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        tok = sample(logits, temperature, top_k, top_p, generator)  # [B]
+        if seen is not None:
+            seen.scatter_(1, tok[:, None], True)
+        return tok
+
+    clock = time.perf_counter()
+    input_pos = torch.arange(S, device=device)
+    tok = next_token(model.hidden_states(input_ids, valid, input_pos))  # prefill
+    input_pos = input_pos[-1:] + 1
+    lookahead = device.type == "cuda"
+    for step in range(max_new_tokens):
+        read = _host_reader(tok)
+        if lookahead and step + 1 < max_new_tokens:  # queue step + 1 before waiting for this token
+            tok = next_token(model.hidden_states(tok[:, None], valid, input_pos))
+            input_pos = input_pos + 1
+        host = read()
+        if stats is not None:
+            stats["prefill_s" if step == 0 else "decode_s"] += time.perf_counter() - clock
+        yield host
+        clock = time.perf_counter()
+        if not lookahead and step + 1 < max_new_tokens:
+            tok = next_token(model.hidden_states(tok[:, None], valid, input_pos))
+            input_pos = input_pos + 1
+
+
+# --- text in, text out -----------------------------------------------------------------------------------------------
+def _check_stop(stop) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
+    if any(s == "" for s in stops):
+        raise ValueError("stop strings must not be empty")
+    return list(stops)
+
+
+def _pad_id(model: Phixtral) -> int:
+    tok = model.tokenizer
+    if tok is not None and tok.pad_token_id is not None:
+        return tok.pad_token_id
+    return model.eos_token_ids[0] if model.eos_token_ids else 0
+
+
+def _encode(model: Phixtral, prompt, attention_mask):
+    """-> (kind "str" | "list" | "tensor", input_ids [B, S], attention_mask [B, S] or None), on the model's device."""
+    V = model.config.vocab_size
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dtype not in (torch.int64, torch.int32) or prompt.dim() != 2 or 0 in prompt.shape:
+            raise ValueError(f"a tensor prompt must be int64 token ids [B, S] with B, S >= 1, got {prompt.dtype} {tuple(prompt.shape)}")
+        ids = prompt.to(model.device, torch.int64)
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(ids.shape):
+                raise ValueError(f"attention_mask must be a tensor of shape {tuple(ids.shape)}")
+            mask = attention_mask.to(model.device, torch.int64)
+            if not ((mask == 0) | (mask == 1)).all():
+                raise ValueError("attention_mask must hold only 0 and 1")
+            if not mask[:, -1].all() or not (mask[:, 1:] >= mask[:, :-1]).all():
+                raise ValueError("attention_mask must be left-padded (zeros, then ones, ending on a real token)")
+            attention_mask = None if mask.all() else mask
+        lo, hi = ids.aminmax()
+        if lo < 0 or hi >= V:
+            raise ValueError(f"token ids must lie in [0, vocab_size={V}), got values in [{int(lo)}, {int(hi)}]")
+        return "tensor", ids, attention_mask
+    if attention_mask is not None:
+        raise ValueError("attention_mask is only for tensor prompts; text prompts are padded here")
+    if isinstance(prompt, str):
+        kind, prompts = "str", [prompt]
+    elif isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise ValueError("empty list of prompts")
+        if not all(isinstance(p, str) for p in prompt):
+            raise TypeError("a list prompt must hold only strings")
+        kind, prompts = "list", list(prompt)
+    else:
+        raise TypeError(f"prompt must be a str, a list of str or a LongTensor [B, S], got {type(prompt).__name__}")
+    if model.tokenizer is None:
+        raise ValueError("this checkpoint ships no tokenizer: pass token ids as a LongTensor [B, S]")
+    rows = [model.tokenizer(p)["input_ids"] for p in prompts]
+    empty = [i for i, (p, r) in enumerate(zip(prompts, rows)) if not p or not r]
+    if empty:
+        raise ValueError(f"empty prompt (index {empty[0]}): give at least one token of text")
+    S = max(map(len, rows))
+    pad = _pad_id(model)
+    ids = torch.tensor([[pad] * (S - len(r)) + r for r in rows], dtype=torch.int64)  # left padding
+    mask = None
+    if any(len(r) != S for r in rows):
+        mask = torch.tensor([[0] * (S - len(r)) + [1] * len(r) for r in rows], dtype=torch.int64).to(model.device)
+    return kind, ids.to(model.device), mask
+
+
+def _find_stop(text: str, stops: list[str]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def _decode(model: Phixtral, ids: list[int]) -> str:
+    return model.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def generate(
+    model: Phixtral,
+    prompt,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    repetition_penalty: float = 1.0,
+    stop=None,
+    seed: Optional[int] = None,
+    stream: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+):
+    """Generate from a prompt.
+
+    prompt: str -> str (the new text); list[str] -> list[str] (batched, left-padded); LongTensor [B, S] (optionally
+    left-padded with attention_mask) -> LongTensor [B, S + n], prompt and new ids, rows that ended early padded with
+    the pad (else eos) id, as transformers does.
+    temperature 0 is greedy; top_k / top_p filter before sampling; repetition_penalty as transformers (1 = off).
+    Generation of a row ends at an eos id (tokenizer + config) or a stop string; text results exclude both.
+    seed makes sampling reproducible. stream=True (one prompt) returns an iterator of text pieces instead.
+    """
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    stops = _check_stop(stop)
+    if not isinstance(stream, bool):
+        raise TypeError(f"stream must be a bool, got {type(stream).__name__}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    kind, ids, mask = _encode(model, prompt, attention_mask)
+    B, S = ids.shape
+    if S + max_new_tokens > model.config.n_positions:
+        raise ValueError(
+            f"prompt ({S} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's n_positions "
+            f"({model.config.n_positions})"
+        )
+    if stream and (kind != "str"):
+        raise ValueError("stream=True takes a single string prompt")
+    if stops and model.tokenizer is None:
+        raise ValueError("stop strings need a tokenizer, and this checkpoint ships none")
+    generator = torch.Generator(device=model.device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    timing = {"prefill_s": 0.0, "decode_s": 0.0}
+    steps = generate_tokens(
+        model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, generator=generator, stats=timing,
+    )  # fmt: skip
+    eos = set(model.eos_token_ids)
+
+    def record(new_tokens):
+        model.last_generation_stats = GenerationStats(B, S, new_tokens, timing["prefill_s"], timing["decode_s"])
+
+    if stream:
+        return _stream(model, steps, eos, stops, record)
+    rows, done, n = [[] for _ in range(B)], [False] * B, 0
+    try:
+        for step in steps:
+            n += 1
+            for b, t in enumerate(step):
+                if done[b]:
+                    continue
+                rows[b].append(t)
+                done[b] = t in eos or (bool(stops) and _find_stop(_decode(model, rows[b]), stops) >= 0)
+            if all(done):
+                break
+    finally:
+        steps.close()
+        record(n)
+    if kind == "tensor":
+        pad = _pad_id(model)
+        new = torch.tensor([r + [pad] * (n - len(r)) for r in rows], dtype=torch.int64, device=ids.device)
+        return torch.cat([prompt.to(ids.device, torch.int64), new], dim=1)
+    texts = []
+    for r in rows:
+        text = _decode(model, r[:-1] if r and r[-1] in eos else r)
+        cut = _find_stop(text, stops)
+        texts.append(text if cut < 0 else text[:cut])
+    return texts[0] if kind == "str" else texts
+
+
+def _stream(model, steps, eos, stops, record) -> Iterator[str]:
+    """Yield the new text piece by piece: held back while it ends in a partial UTF-8 character or a stop-string prefix."""
+    ids, emitted, n = [], 0, 0
+    try:
+        for step in steps:
+            n += 1
+            if step[0] in eos:
+                break
+            ids.append(step[0])
+            text = _decode(model, ids)
+            cut = _find_stop(text, stops)
+            if cut >= 0:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                return
+            safe = len(text.rstrip("\ufffd"))  # a byte-level token can end inside a multi-byte character
+            for s in stops:  # a stop string may be completed by the next token
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        text = _decode(model, ids)
+        if len(text) > emitted:
+            yield text[emitted:]
+    finally:
+        steps.close()
+        record(n)
+
+
+def chat(model: Phixtral, messages, **kwargs):
+    """Apply the tokenizer's chat template to messages ([{"role": ..., "content": ...}, ...]) and generate the reply.
+
+    kwargs as `generate`; returns the reply text (or an iterator of pieces with stream=True).
+    """
+    tok = model.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise ValueError("this checkpoint's tokenizer has no chat template: use generate() with a plain prompt")
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"each message must be a dict with string 'role' and 'content', got {m!r}")
+    text = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return generate(model, text, **kwargs)

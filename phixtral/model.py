@@ -1,0 +1,309 @@
+"""A lean phi-2 / phixtral decoder: parallel blocks, partial rotary, a static KV cache, the MoE layer from phixtral_kernels.
+
+What is special about this family:
+    - one LayerNorm feeds both attention and the MLP, and both outputs join the residual: x = x + attn(ln(x)) + moe(ln(x));
+    - rotary embeddings touch only the first rotary_dim dims of each head (32 of 80 for phi-2), NeoX half-split;
+    - phi-2's attention scores overflow fp16 in the late layers, so attention runs in fp32 when the model runs in fp16;
+    - every MLP is a MoE layer: a dense checkpoint is one expert with top_k 1, and all layers call `fused_moe`.
+Module names keep the phi-msft checkpoint's words (wte, h, ln, mixer.Wqkv, mixer.out_proj, moe.gate, fc1, fc2,
+lm_head.ln, lm_head.linear) so that weights.py is a short name map. Shapes: B batch, S new tokens, L cache slots,
+D model dim, H heads, hd head dim, V vocab.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from phixtral_kernels import BACKENDS, fused_moe
+
+from .config import PhixtralConfig
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer: [B, H_kv, L, hd] each, written at the slots in input_pos."""
+
+    def __init__(self, batch_size: int, n_head_kv: int, length: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_head_kv, length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # input_pos [S]; k, v [B, H_kv, S, hd] -> the whole caches [B, H_kv, L, hd]
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        return self.k_cache, self.v_cache
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX half-split rotary on the first 2 * cos.shape[-1] dims of x [B, S, H, hd]; cos, sin [B, S, 1, rotary_dim / 2] fp32.
+
+    Computed in fp32 and cast back, so fp16 models rotate as accurately as fp32 ones.
+    """
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half].float(), x[..., half : 2 * half].float(), x[..., 2 * half :]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([rotated, rest], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: PhixtralConfig):
+        super().__init__()
+        self.n_head, self.n_head_kv, self.head_dim = config.n_head, config.n_head_kv, config.head_dim
+        # Wqkv rows: [Q (H * hd) | K (H_kv * hd) | V (H_kv * hd)], heads contiguous inside each part.
+        self.Wqkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_head_kv) * self.head_dim)
+        self.out_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        # x [B, S, D]; cos, sin [B, S, 1, rotary_dim / 2]; mask [B, 1, S, L] bool or None (causal); input_pos [S] or None
+        B, S, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.Wqkv(x).split([self.n_head * hd, self.n_head_kv * hd, self.n_head_kv * hd], dim=-1)
+        q = q.view(B, S, self.n_head, hd)
+        k = k.view(B, S, self.n_head_kv, hd)
+        v = v.view(B, S, self.n_head_kv, hd)
+        if cos.shape[-1]:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, L, hd]
+        if self.n_head_kv != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
+        if q.dtype == torch.float16:
+            # phi-2's q.k^T exceeds the fp16 range in the late layers (NaN logits); the original code upcasts the same way.
+            q, k, v = q.float(), k.float(), v.float()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=1.0 / math.sqrt(hd))
+        y = y.transpose(1, 2).reshape(B, S, self.n_head * hd).to(x.dtype)  # [B, S, H * hd]
+        return self.out_proj(y)
+
+
+class ExpertLinear(nn.Module):
+    """E torch Linears stacked for the kernels: weight [E, out, in], bias [E, out]."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_features))
+        for e in range(num_experts):  # torch.nn.Linear's init, expert by expert (a no-op on the meta device)
+            nn.init.kaiming_uniform_(self.weight[e], a=math.sqrt(5))
+            nn.init.uniform_(self.bias[e], -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
+
+
+class MoE(nn.Module):
+    """Router + E experts fc2(gelu_new(fc1(x))), top_k per token; the whole layer is one `fused_moe` call."""
+
+    def __init__(self, config: PhixtralConfig):
+        super().__init__()
+        E, D, F_ = config.num_local_experts, config.n_embd, config.n_inner
+        self.gate = nn.Linear(D, E, bias=False)
+        self.fc1 = ExpertLinear(E, F_, D)  # w1 [E, F, D], b1 [E, F]
+        self.fc2 = ExpertLinear(E, D, F_)  # w2 [E, D, F], b2 [E, D]
+        self.top_k = config.num_experts_per_tok
+        self.backend = "auto"
+
+    def forward(self, x):
+        # x [B, S, D] -> [B, S, D]
+        y = fused_moe(
+            x.reshape(-1, x.shape[-1]),  # [T = B * S, D]
+            self.gate.weight,
+            self.fc1.weight,
+            self.fc1.bias,
+            self.fc2.weight,
+            self.fc2.bias,
+            self.top_k,
+            backend=self.backend,
+        )
+        return y.view(x.shape)
+
+
+class Block(nn.Module):
+    def __init__(self, config: PhixtralConfig):
+        super().__init__()
+        self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mixer = Attention(config)
+        self.moe = MoE(config)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        h = self.ln(x)
+        return self.mixer(h, cos, sin, mask, input_pos) + self.moe(h) + x  # summed in the original's order
+
+
+class Head(nn.Module):
+    def __init__(self, config: PhixtralConfig):
+        super().__init__()
+        self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.linear = nn.Linear(config.n_embd, config.vocab_size)  # with bias, never tied to wte
+
+    def forward(self, x):
+        return self.linear(self.ln(x))
+
+
+class Phixtral(nn.Module):
+    """The decoder. `model(input_ids) -> logits [B, S, V]` (fp32); `generate` / `chat` for text (see generate.py).
+
+    Build with `phixtral.from_pretrained(path_or_id)`; `tokenizer` is set there when the checkpoint ships one.
+    """
+
+    def __init__(self, config: PhixtralConfig, *, backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.lm_head = Head(config)
+        self.tokenizer = None
+        self.eos_token_ids: list[int] = []  # filled by from_pretrained from the tokenizer and the configs
+        self.last_generation_stats = None  # a GenerationStats after each generate()
+        self._inv_freq = {}  # device -> [rotary_dim / 2] fp32; a plain dict so .half() can never round it
+        self.set_backend(backend)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, **kwargs) -> "Phixtral":
+        """See `phixtral.weights.from_pretrained`."""
+        from .weights import from_pretrained
+
+        return from_pretrained(path_or_id, **kwargs)
+
+    def save_pretrained(self, folder, **kwargs):
+        """Write this model (phi-msft layout, sharded safetensors + index + config.json) and its tokenizer to `folder`.
+
+        kwargs go to `phixtral.weights.save_msft_checkpoint` (dtype, max_shard_bytes).
+        """
+        from .weights import save_msft_checkpoint
+
+        paths = save_msft_checkpoint(folder, self.state_dict(), self.config, **kwargs)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(folder))
+        return paths
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    @property
+    def backend(self) -> str:
+        return self.h[0].moe.backend if len(self.h) else "auto"
+
+    def set_backend(self, backend: str) -> None:
+        """Choose the MoE implementation of every layer: "auto", "triton", "torch" or "naive" (see phixtral_kernels)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        for block in self.h:
+            block.moe.backend = backend
+
+    # --- static KV cache -------------------------------------------------------------------------------------------
+    def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
+        """Allocate (or keep, when the shape is unchanged) a [B, H_kv, L, hd] key and value cache in every layer."""
+        if max_seq_length > self.config.n_positions:
+            raise ValueError(f"cache length {max_seq_length} exceeds n_positions={self.config.n_positions}")
+        cache = self.h[0].mixer.kv_cache if len(self.h) else None
+        shape = (max_batch_size, self.config.n_head_kv, max_seq_length, self.config.head_dim)
+        if cache is not None and cache.k_cache.shape == shape and cache.k_cache.dtype == self.dtype:
+            if cache.k_cache.device == self.device:
+                return
+        for block in self.h:
+            block.mixer.kv_cache = None  # free the old cache before allocating the new one
+        for block in self.h:
+            block.mixer.kv_cache = KVCache(*shape, dtype=self.dtype, device=self.device)
+
+    def clear_caches(self) -> None:
+        for block in self.h:
+            block.mixer.kv_cache = None
+
+    @property
+    def cache_length(self) -> int:
+        """Slots in the KV cache (0 when none is set up)."""
+        cache = self.h[0].mixer.kv_cache if len(self.h) else None
+        return 0 if cache is None else cache.k_cache.shape[2]
+
+    # --- forward -----------------------------------------------------------------------------------------------------
+    def _rope(self, position_ids: torch.Tensor):
+        # position_ids [B, S] -> cos, sin [B, S, 1, rotary_dim / 2] fp32, the same arithmetic as transformers' Phi
+        device = position_ids.device
+        inv_freq = self._inv_freq.get(device)
+        if inv_freq is None:
+            dim = self.config.rotary_dim
+            inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+            inv_freq = self._inv_freq[device] = inv_freq.to(device)
+        freqs = position_ids[..., None].float() * inv_freq  # [B, S, rotary_dim / 2]
+        return freqs.cos().unsqueeze(2), freqs.sin().unsqueeze(2)
+
+    def hidden_states(self, input_ids, attention_mask=None, input_pos=None):
+        """The decoder body: input_ids [B, S] -> final hidden states [B, S, D] (before lm_head's LayerNorm).
+
+        Arguments as in `forward`.
+        """
+        B, S = input_ids.shape
+        if input_pos is None:
+            if S > self.config.n_positions:
+                raise ValueError(f"sequence of {S} tokens exceeds n_positions={self.config.n_positions}")
+            slots = torch.arange(S, device=input_ids.device)
+            L = S
+        else:
+            if self.cache_length == 0:
+                raise RuntimeError("input_pos given but no KV cache: call setup_caches(batch_size, length) first")
+            slots = input_pos
+            L = self.cache_length
+        if attention_mask is None:
+            position_ids = slots[None].expand(B, S)
+            mask = None
+            if input_pos is not None:
+                mask = (torch.arange(L, device=slots.device)[None] <= slots[:, None])[None, None]  # [1, 1, S, L]
+        else:
+            if tuple(attention_mask.shape) != (B, L):
+                raise ValueError(f"attention_mask must have shape {(B, L)} (batch, cache slots), got {tuple(attention_mask.shape)}")
+            valid = attention_mask.bool()  # [B, L], False at pad slots
+            # Left padding: a prompt's positions start at 0 at its first real token.
+            position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0).gather(1, slots[None].expand(B, S))  # [B, S]
+            key = torch.arange(L, device=slots.device)
+            causal = key[None] <= slots[:, None]  # [S, L]
+            # A pad query attends to itself, so that no row is fully masked (SDPA would return NaN there).
+            mask = (causal[None] & valid[:, None, :]) | (key[None] == slots[:, None])[None]  # [B, S, L]
+            mask = mask[:, None]  # [B, 1, S, L]
+        cos, sin = self._rope(position_ids)
+        x = self.wte(input_ids)  # [B, S, D]
+        for block in self.h:
+            x = block(x, cos, sin, mask, input_pos)
+        return x
+
+    def forward(self, input_ids, attention_mask=None, input_pos=None):
+        """Logits [B, S, V] in fp32.
+
+        input_ids [B, S] int64.
+        attention_mask [B, L] (1 real token, 0 left pad) or None: L = S without a cache, L = cache_length with one.
+        input_pos [S] int64: the cache slots these tokens fill (generation); None runs the whole sequence without a cache.
+        """
+        if input_pos is None:
+            _check_ids(input_ids, self.config.vocab_size)
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, input_pos)).float()
+
+    # --- text ------------------------------------------------------------------------------------------------------
+    def generate(self, prompt, **kwargs):
+        """See `phixtral.generate.generate`: str -> str, list[str] -> list[str], LongTensor [B, S] -> LongTensor."""
+        from .generate import generate
+
+        return generate(self, prompt, **kwargs)
+
+    def chat(self, messages, **kwargs):
+        """See `phixtral.generate.chat`: the tokenizer's chat template applied to messages, then generate."""
+        from .generate import chat
+
+        return chat(self, messages, **kwargs)
+
+
+def _check_ids(input_ids, vocab_size: int) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be an int64 tensor [B, S], got {getattr(input_ids, 'dtype', type(input_ids))}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape [B, S] with S >= 1, got {tuple(input_ids.shape)}")
+    lo, hi = input_ids.aminmax()
+    if lo < 0 or hi >= vocab_size:  # one host read, outside the decode loop
+        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got values in [{int(lo)}, {int(hi)}]")

@@ -1,0 +1,426 @@
+"""Checkpoint folders <-> Phixtral: hub resolution, the three key layouts, tensor-by-tensor loading, phi-msft writing.
+
+Key layouts (detected from the tensor names, then checked against config.json):
+    phi-msft-moe    phixtral:   transformer.h.N.moe.gate.weight, transformer.h.N.moe.mlp.E.fc1.weight, ...
+    phi-msft-dense  old phi-2:  transformer.h.N.mlp.fc1.weight, ...
+    hf              phi (HF):   model.layers.N.self_attn.q_proj.weight, ..., model.final_layernorm.weight, lm_head.weight
+`checkpoint_map` turns one layout into {checkpoint name: where it goes in the model}: experts land in one slice of the
+stacked [E, F, D] weights, HF's q/k/v in a row block of Wqkv. The same map, read backwards, writes the phi-msft files.
+
+Loading builds the model on the meta device, allocates it once on the target device in the target dtype, then copies
+tensor by tensor out of the memory-mapped safetensors files: peak host memory stays near one copy of the model.
+"""
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from phixtral_kernels import BACKENDS
+
+from .config import PhixtralConfig
+from .model import Phixtral
+
+LAYOUTS = ("phi-msft-moe", "phi-msft-dense", "hf")
+INDEX_FILE = "model.safetensors.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "vocab.json", "merges.txt", "*.model", "*.txt"]
+# Buffers some old phi-msft exports saved; recomputed by the model.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# Loads above this size show a progress bar (a few hundred MB take about a second from a warm page cache).
+_PROGRESS_MIN_BYTES = 256 * 2**20
+_DTYPES = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}  # fmt: skip
+
+
+def default_model_path() -> Optional[Path]:
+    """The model `phixtral generate` uses without --model: none is bundled yet."""
+    return None
+
+
+# --- key layouts -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """Where one checkpoint tensor goes: model parameter `param`, at `param[index]`, holding `shape`."""
+
+    param: str
+    index: tuple
+    shape: tuple
+
+
+def checkpoint_map(config: PhixtralConfig, layout: str) -> dict[str, Target]:
+    """{checkpoint tensor name: Target} for every tensor a checkpoint of this config and layout must hold, in file order."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    V, D, F, E = config.vocab_size, config.n_embd, config.n_inner, config.num_local_experts
+    H, H_kv, hd = config.n_head, config.n_head_kv, config.head_dim
+    m = {}
+
+    def add(src, dst, shape, index=()):
+        m[src] = Target(dst, index, tuple(shape))
+
+    def linear(src, dst, out_f, in_f, index=()):
+        add(src + ".weight", dst + ".weight", (out_f, in_f), index)
+        add(src + ".bias", dst + ".bias", (out_f,), index)
+
+    def layernorm(src, dst):
+        add(src + ".weight", dst + ".weight", (D,))
+        add(src + ".bias", dst + ".bias", (D,))
+
+    def expert(src, dst, e):
+        linear(src + ".fc1", dst + ".moe.fc1", F, D, (e,))
+        linear(src + ".fc2", dst + ".moe.fc2", D, F, (e,))
+
+    if layout == "hf":
+        add("model.embed_tokens.weight", "wte.weight", (V, D))
+        q, k = H * hd, H_kv * hd
+        for i in range(config.n_layer):
+            src, dst = f"model.layers.{i}", f"h.{i}"
+            layernorm(src + ".input_layernorm", dst + ".ln")
+            for name, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + k)), ("v_proj", slice(q + k, q + 2 * k))):
+                linear(f"{src}.self_attn.{name}", dst + ".mixer.Wqkv", rows.stop - rows.start, D, (rows,))
+            linear(src + ".self_attn.dense", dst + ".mixer.out_proj", D, H * hd)
+            expert(src + ".mlp", dst, 0)
+        layernorm("model.final_layernorm", "lm_head.ln")
+        linear("lm_head", "lm_head.linear", V, D)
+        return m
+    add("transformer.embd.wte.weight", "wte.weight", (V, D))
+    for i in range(config.n_layer):
+        src, dst = f"transformer.h.{i}", f"h.{i}"
+        layernorm(src + ".ln", dst + ".ln")
+        linear(src + ".mixer.Wqkv", dst + ".mixer.Wqkv", (H + 2 * H_kv) * hd, D)
+        linear(src + ".mixer.out_proj", dst + ".mixer.out_proj", D, H * hd)
+        if layout == "phi-msft-moe":
+            add(src + ".moe.gate.weight", dst + ".moe.gate.weight", (E, D))
+            for e in range(E):
+                expert(f"{src}.moe.mlp.{e}", dst, e)
+        else:
+            expert(src + ".mlp", dst, 0)
+    layernorm("lm_head.ln", "lm_head.ln")
+    linear("lm_head.linear", "lm_head.linear", V, D)
+    return m
+
+
+def detect_layout(names) -> str:
+    """The key layout of a checkpoint from its tensor names."""
+    names = list(names)
+    if any(n.startswith("model.layers.") or n == "model.embed_tokens.weight" for n in names):
+        return "hf"
+    if any(n.startswith("transformer.h.") and ".moe." in n for n in names):
+        return "phi-msft-moe"
+    if any(n.startswith("transformer.") for n in names):
+        return "phi-msft-dense"
+    raise ValueError(
+        f"unrecognized tensor names (e.g. {sorted(names)[:4]}): expected phi-msft names ('transformer.h.N. ...') "
+        "or transformers' Phi names ('model.layers.N. ...')"
+    )
+
+
+# --- finding the files -------------------------------------------------------------------------------------------------
+def resolve_checkpoint(path_or_id: Union[str, os.PathLike]) -> Path:
+    """A local checkpoint folder, or a hub id fetched with huggingface_hub (json, safetensors and tokenizer files only)."""
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        raise TypeError(f"model must be a folder path or a hub id (str), got {type(path_or_id).__name__}")
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{path} is a file; pass the checkpoint folder (with config.json and *.safetensors)")
+    name = str(path_or_id)
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or name.startswith((".", "-")):
+        raise ValueError(f"no checkpoint folder {name!r}, and it is not a hub id of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated repo, ...: one clear error naming the model and the cause
+        raise RuntimeError(
+            f"model {name!r}: no such local folder, and fetching it from the Hugging Face hub failed: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+def read_config(folder: Path, *, num_experts_per_tok: Optional[int] = None) -> PhixtralConfig:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{folder} has no config.json")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return PhixtralConfig.from_dict(d, num_experts_per_tok=num_experts_per_tok)
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the ones its index names, else every *.safetensors in the folder."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ValueError(f"{index} names shards that are not in {folder}: {absent}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        other = [p.name for p in folder.glob("*.bin")]
+        hint = f" (found {other}: convert them to safetensors)" if other else ""
+        raise ValueError(f"no *.safetensors files in {folder}{hint}")
+    return files
+
+
+def _name_list(names, limit=20) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def inspect_checkpoint(folder: Path, config: PhixtralConfig) -> tuple[list[Path], str, dict[str, Target]]:
+    """Check names, shapes and dtypes from the file headers (no tensor is read): (files, layout, map) or one ValueError."""
+    files = checkpoint_files(folder)
+    shapes, dtypes, owner = {}, {}, {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if name in owner:
+                    raise ValueError(f"tensor {name!r} is in both {owner[name].name} and {file.name}")
+                owner[name] = file
+                s = f.get_slice(name)
+                shapes[name], dtypes[name] = tuple(s.get_shape()), s.get_dtype()
+    layout = detect_layout(shapes)
+    if layout != "phi-msft-moe" and config.num_local_experts > 1:
+        raise ValueError(
+            f"config.json describes {config.num_local_experts} experts but the tensors in {folder} are a dense model "
+            f"({layout} layout, no 'moe.' names)"
+        )
+    mapping = checkpoint_map(config, layout)
+    present = {n for n in shapes if not n.endswith(_IGNORED_SUFFIXES)}
+    missing, unexpected = mapping.keys() - present, present - mapping.keys()
+    wrong = [f"{n}: expected {mapping[n].shape}, got {shapes[n]}" for n in sorted(present & mapping.keys()) if shapes[n] != mapping[n].shape]
+    bad_dtype = [f"{n}: {dtypes[n]}" for n in sorted(present & mapping.keys()) if dtypes[n] not in _FLOAT_DTYPES]
+    if missing or unexpected or wrong or bad_dtype:
+        lines = [
+            f"checkpoint {folder} does not match its config.json ({layout} layout, {config.n_layer} layers, "
+            f"{config.num_local_experts} expert(s), n_embd {config.n_embd}, vocab {config.vocab_size}):"
+        ]
+        if missing:
+            lines.append(f"  missing tensors ({len(missing)}): {_name_list(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected tensors ({len(unexpected)}): {_name_list(unexpected)}")
+        if wrong:
+            lines.append(f"  mis-shaped tensors ({len(wrong)}): " + "; ".join(wrong[:20]))
+        if bad_dtype:
+            lines.append(f"  non-float tensors ({len(bad_dtype)}), quantized checkpoints are not supported: " + "; ".join(bad_dtype[:20]))
+        raise ValueError("\n".join(lines))
+    return files, layout, mapping
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+def resolve_device(device) -> torch.device:
+    """None -> cuda when available, else cpu. RuntimeError for a device this machine does not have."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from e
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} requested but CUDA is not available (torch.cuda.is_available() is False)")
+        index = torch.cuda.current_device() if d.index is None else d.index
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return torch.device("cuda", index)
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {device!r} requested but MPS is not available")
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r} is not supported: use cpu, cuda or mps")
+    return d
+
+
+def resolve_dtype(dtype, device: torch.device, config: PhixtralConfig) -> torch.dtype:
+    """None -> float32 on the CPU, the checkpoint's dtype elsewhere. Strings like "fp16" / "bfloat16" are accepted."""
+    if dtype is None:
+        if device.type == "cpu" or config.torch_dtype is None:
+            return torch.float32
+        dtype = config.torch_dtype
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported: use one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or a string, got {type(dtype).__name__}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype {dtype} is not supported: use float16, bfloat16 or float32")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support: use dtype float16")
+    return dtype
+
+
+def load_weights(model: Phixtral, folder: Path, *, progress: Optional[bool] = None) -> str:
+    """Fill every parameter of `model` from the checkpoint in `folder`, tensor by tensor; returns the layout.
+
+    Raises a ValueError listing the missing, unexpected or mis-shaped tensors before anything is read.
+    """
+    from tqdm.auto import tqdm
+
+    files, layout, mapping = inspect_checkpoint(folder, model.config)
+    params = dict(model.named_parameters())
+    device = model.device
+    read_device = str(device) if device.type == "cuda" else "cpu"  # CUDA: straight from the file to the GPU
+    total = sum(f.stat().st_size for f in files)
+    show = total >= _PROGRESS_MIN_BYTES if progress is None else progress
+    with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not show) as bar:
+        for file in files:
+            with safe_open(file, framework="pt", device=read_device) as f:
+                for name in f.keys():
+                    target = mapping.get(name)
+                    if target is None:  # an ignored buffer
+                        continue
+                    tensor = f.get_tensor(name)
+                    params[target.param].data[target.index].copy_(tensor)  # casts to the model's dtype on the way
+                    bar.update(tensor.numel() * tensor.element_size())
+                    del tensor
+        if layout != "phi-msft-moe":
+            for block in model.h:  # one expert: its routing weight is softmax of one logit = 1 whatever the gate holds
+                block.moe.gate.weight.zero_()
+    return layout
+
+
+def load_tokenizer(folder: Path):
+    """transformers' AutoTokenizer from the checkpoint folder, or None when the folder ships no tokenizer files."""
+    folder = Path(folder)
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer warns that it does not know model_type 'phi-msft'; it does not need to
+    try:
+        # Never run code shipped with a checkpoint: phixtral's config.json carries an auto_map for its remote modeling code.
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as e:
+        raise RuntimeError(f"could not load the tokenizer in {folder}: {type(e).__name__}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def eos_token_ids(folder: Path, config: PhixtralConfig, tokenizer) -> list[int]:
+    """Every end-of-sequence id the checkpoint declares: tokenizer, config.json and generation_config.json together."""
+    ids = []
+
+    def add(value):
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool) and v not in ids:
+                ids.append(v)
+
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    add(config.eos_token_id)
+    gen = Path(folder) / "generation_config.json"
+    if gen.is_file():
+        add(json.loads(gen.read_text()).get("eos_token_id"))
+    return ids
+
+
+def from_pretrained(
+    path_or_id,
+    *,
+    device=None,
+    dtype=None,
+    backend: str = "auto",
+    num_experts_per_tok: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> Phixtral:
+    """Load a phixtral / phi-2 checkpoint (local folder or hub id) into an eval-mode Phixtral with its tokenizer.
+
+    device: None (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
+    dtype: None (float32 on the CPU, the checkpoint's dtype elsewhere), torch.float16 / "fp16", bfloat16, float32.
+    backend: the MoE implementation, "auto", "triton", "torch" or "naive" (see phixtral_kernels.fused_moe).
+    num_experts_per_tok: override the checkpoint's top_k (1..num_local_experts).
+    progress: show a tqdm bar (None: only for loads of a few hundred MB and more).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    folder = resolve_checkpoint(path_or_id)
+    config = read_config(folder, num_experts_per_tok=num_experts_per_tok)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device, config)
+    with torch.device("meta"):
+        model = Phixtral(config, backend=backend)
+    model = model.to(dtype).to_empty(device=device)  # one allocation, in the target dtype, on the target device
+    load_weights(model, folder, progress=progress)
+    model.eval().requires_grad_(False)
+    model.tokenizer = load_tokenizer(folder)
+    model.eos_token_ids = eos_token_ids(folder, config, model.tokenizer)
+    return model
+
+
+# --- writing ---------------------------------------------------------------------------------------------------------
+def save_msft_checkpoint(
+    folder,
+    state: Mapping[str, torch.Tensor],
+    config: PhixtralConfig,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: int = 4 * 2**30,
+) -> list[Path]:
+    """Write a model state in the phi-msft layout (what phixtral ships and what the merge tool produces).
+
+    state: tensors under the model's own names (`Phixtral.state_dict()`), experts stacked.
+    Writes model-0000i-of-0000n.safetensors (shards of at most max_shard_bytes, tensors whole), model.safetensors.index.json
+    and config.json (`config.to_msft_dict()`); MoE layout when config has more than one expert, dense otherwise.
+    Returns the shard paths.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    mapping = checkpoint_map(config, "phi-msft-moe" if config.is_moe else "phi-msft-dense")
+    needed = {t.param for t in mapping.values()}
+    missing = needed - state.keys()
+    if missing:
+        raise ValueError(f"state lacks tensors the phi-msft layout needs: {_name_list(missing)}")
+    dtype = dtype or state["wte.weight"].dtype
+
+    def tensor(name):
+        t = mapping[name]
+        return state[t.param][t.index]
+
+    # Group by size first (no data read), so that file names can carry the shard count.
+    shards, size = [[]], 0
+    for name in mapping:
+        nbytes = tensor(name).numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    weight_map, total, paths = {}, 0, []
+    for i, names in enumerate(shards, 1):
+        path = folder / f"model-{i:05d}-of-{n:05d}.safetensors"
+        # copy=True: expert slices share their stacked storage, which save_file refuses.
+        tensors = {name: tensor(name).detach().to(device="cpu", dtype=dtype, copy=True).contiguous() for name in names}
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({name: path.name for name in names})
+        paths.append(path)
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    config_dict = config.to_msft_dict()
+    config_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+    return paths
