@@ -1,0 +1,209 @@
+"""Sampling (against transformers' logits processors), stop strings, eos, streaming, seeds, chat and bad arguments."""
+
+import pytest
+import torch
+from helpers_models import msft_moe_checkpoint
+
+import phixtral
+from phixtral.generate import apply_repetition_penalty, filter_logits, sample
+
+PROMPT = "def f7(x, y):\n"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return phixtral.from_pretrained(msft_moe_checkpoint(), backend="torch")
+
+
+# --- sampling against transformers ------------------------------------------------------------------------------------
+def test_top_k_top_p_and_repetition_penalty_match_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g) * 3
+    ids = torch.randint(0, 50, (4, 7), generator=g)
+    for k, p in [(5, None), (None, 0.7), (10, 0.5), (60, 0.99), (None, 0.01)]:
+        expected = logits.clone()
+        if k:
+            expected = TopKLogitsWarper(k)(ids, expected)
+        if p is not None:
+            expected = TopPLogitsWarper(p)(ids, expected)
+        assert torch.equal(filter_logits(logits, k, p), expected), (k, p)
+    seen = torch.zeros(4, 50, dtype=torch.bool).scatter_(1, ids, True)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    assert torch.allclose(apply_repetition_penalty(logits, seen, 1.3), expected)
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(40_000, 4)
+    draws = sample(logits, 1.0, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    assert (freq - probs).abs().max() < 0.01
+    top2 = sample(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(top2.tolist()) == {0, 1}
+    assert torch.equal(sample(logits[:3], 0.0), torch.zeros(3, dtype=torch.long))
+
+
+# --- generation behaviour --------------------------------------------------------------------------------------------
+def test_seed_makes_sampling_reproducible(model):
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.95)
+    a, b = model.generate(PROMPT, seed=1, **kw), model.generate(PROMPT, seed=1, **kw)
+    assert a == b
+    others = {model.generate(PROMPT, seed=s, **kw) for s in (2, 3, 4)}
+    assert others - {a}, "different seeds should give different samples"
+
+
+def test_top_k_1_sampling_is_greedy(model):
+    greedy = model.generate(PROMPT, max_new_tokens=10)
+    assert model.generate(PROMPT, max_new_tokens=10, temperature=0.8, top_k=1, seed=0) == greedy
+
+
+def test_repetition_penalty_prevents_repeats(model):
+    ids = model.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    plain = model.generate(ids, max_new_tokens=30)[0].tolist()
+    assert len(set(plain)) < len(plain), "without a penalty this model repeats itself"
+    penalized = model.generate(ids, max_new_tokens=30, repetition_penalty=1e6)[0].tolist()
+    assert len(set(penalized)) == len(penalized)
+
+
+def test_stop_string_cuts_the_text(model):
+    full = model.generate(PROMPT, max_new_tokens=24)
+    stop = full[10:13]
+    assert len(full) > 13 and stop
+    cut = full[: full.find(stop)]
+    assert model.generate(PROMPT, max_new_tokens=24, stop=stop) == cut
+    assert model.generate(PROMPT, max_new_tokens=24, stop=["\x00never", stop]) == cut
+    assert "".join(model.generate(PROMPT, max_new_tokens=24, stop=stop, stream=True)) == cut
+    ids = model.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=24, stop=stop)
+    assert out.shape[1] < ids.shape[1] + 24, "tensor output stops after the token that completes the stop string"
+
+
+def test_stream_yields_the_same_text_in_pieces(model):
+    full = model.generate(PROMPT, max_new_tokens=20)
+    pieces = list(model.generate(PROMPT, max_new_tokens=20, stream=True))
+    assert len(pieces) > 1 and all(isinstance(p, str) for p in pieces)
+    assert "".join(pieces) == full
+    stats = model.last_generation_stats
+    assert stats.new_tokens == 20 and stats.prompt_tokens == len(model.tokenizer(PROMPT)["input_ids"])
+    assert stats.decode_tokens_per_s > 0 and stats.prompt_tokens_per_s > 0
+
+
+def test_generation_ends_at_eos():
+    model = phixtral.from_pretrained(msft_moe_checkpoint(), backend="torch")
+    eos = model.tokenizer.eos_token_id
+    ids = model.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    first = model.generate(ids, max_new_tokens=1)[0, -1].item()
+    with torch.no_grad():
+        model.lm_head.linear.bias[eos] = model.lm_head.linear.bias[first] + 1e3  # eos always wins
+    out = model.generate(ids, max_new_tokens=10)
+    assert out.shape == (1, ids.shape[1] + 1) and out[0, -1].item() == eos
+    assert model.generate(PROMPT, max_new_tokens=10) == ""
+    assert list(model.generate(PROMPT, max_new_tokens=10, stream=True)) == []
+
+
+def test_rows_that_end_early_are_padded(model):
+    """A batch where one row hits eos: as transformers, the row keeps its eos and is padded with the pad (= eos) id."""
+    texts = ["def f7(x", "seven wizards"]
+    rows = model.tokenizer(texts)["input_ids"]
+    n = min(map(len, rows))
+    batch = torch.tensor([r[:n] for r in rows])
+    greedy = model.generate(batch, max_new_tokens=6)[:, n:].tolist()
+    text_greedy = [model.generate(t, max_new_tokens=6) for t in texts]
+    eos = model.tokenizer.eos_token_id
+    stopper = greedy[0][2]
+    assert stopper not in greedy[1], "pick prompts where only row 0 meets the extra eos id"
+    model.eos_token_ids = [eos, stopper]  # row 0 ends at its third new token
+    try:
+        out = model.generate(batch, max_new_tokens=6)
+        text_ids = model.tokenizer(texts[0])["input_ids"]
+        first_text = model.generate(torch.tensor([text_ids]), max_new_tokens=6)[0, len(text_ids) :].tolist()
+        texts_out = model.generate(texts, max_new_tokens=6)
+    finally:
+        model.eos_token_ids = [eos]
+    assert out[0, n:].tolist() == greedy[0][:3] + [eos] * 3
+    assert out[1, n:].tolist() == greedy[1]
+    assert texts_out[1] == text_greedy[1]
+    ended = first_text[-1] in (eos, stopper)  # the text result leaves out the eos token
+    assert texts_out[0] == model.tokenizer.decode(first_text[:-1] if ended else first_text)
+
+
+def test_tensor_prompt_returns_prompt_and_new_ids(model):
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    out = model.generate(ids, max_new_tokens=5)
+    assert out.shape == (2, 9) and out.dtype == torch.int64 and torch.equal(out[:, :4], ids)
+
+
+def test_chat_uses_the_tokenizer_template(model):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "def f1(x"}]
+    text = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert model.chat(messages, max_new_tokens=8) == model.generate(text, max_new_tokens=8)
+    with pytest.raises(ValueError, match="each message must be a dict"):
+        model.chat([{"role": "user"}])
+    with pytest.raises(ValueError, match="non-empty list"):
+        model.chat([])
+
+
+def test_chat_without_template_is_an_error():
+    model = phixtral.from_pretrained(msft_moe_checkpoint(), backend="torch")
+    model.tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        model.chat([{"role": "user", "content": "hi"}])
+
+
+# --- bad arguments ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(max_new_tokens=0), ValueError, "max_new_tokens must be >= 1"),
+        (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an int"),
+        (dict(temperature=-0.1), ValueError, "temperature must be >= 0"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be finite"),
+        (dict(temperature="hot"), TypeError, "temperature must be a number"),
+        (dict(top_k=-1), ValueError, "top_k must be >= 0"),
+        (dict(top_k=2.0), TypeError, "top_k must be an int"),
+        (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
+        (dict(repetition_penalty=0.0), ValueError, "repetition_penalty must be > 0"),
+        (dict(stop=""), ValueError, "stop strings must not be empty"),
+        (dict(stop=[1]), TypeError, "stop must be a string"),
+        (dict(seed="1"), TypeError, "seed must be an int"),
+        (dict(stream="yes"), TypeError, "stream must be a bool"),
+    ],
+)
+def test_invalid_sampling_values(model, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        model.generate(PROMPT, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "prompt, kwargs, error, match",
+    [
+        ("", {}, ValueError, "empty prompt"),
+        (["ok", ""], {}, ValueError, r"empty prompt \(index 1\)"),
+        ([], {}, ValueError, "empty list of prompts"),
+        (["ok", 3], {}, TypeError, "only strings"),
+        (3.5, {}, TypeError, "prompt must be a str"),
+        (torch.zeros(1, 3), {}, ValueError, "int64 token ids"),
+        (torch.zeros(1, 0, dtype=torch.long), {}, ValueError, "int64 token ids"),
+        (torch.tensor([[1, 600]]), {}, ValueError, r"lie in \[0, vocab_size=512\)"),
+        (torch.tensor([[1, 2]]), dict(attention_mask=torch.tensor([[1, 0]])), ValueError, "left-padded"),
+        (torch.tensor([[1, 2]]), dict(attention_mask=torch.tensor([[1]])), ValueError, "attention_mask must be a tensor of shape"),
+        ("hi", dict(attention_mask=torch.tensor([[1]])), ValueError, "only for tensor prompts"),
+        (["a", "b"], dict(stream=True, max_new_tokens=4), ValueError, "single string prompt"),
+        ("hello " * 60, dict(max_new_tokens=100), ValueError, r"exceeds the model's n_positions \(128\)"),
+    ],
+)
+def test_invalid_prompts(model, prompt, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        model.generate(prompt, **kwargs)
+
+
+def test_text_prompt_without_tokenizer_is_an_error():
+    model = phixtral.from_pretrained(msft_moe_checkpoint(), backend="torch")
+    model.tokenizer = None
+    with pytest.raises(ValueError, match="ships no tokenizer"):
+        model.generate("hi")
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2).shape == (1, 5)
