@@ -13,7 +13,11 @@ from .weights import default_model_path
 
 
 def _add_generate(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="stream a completion of a prompt", description="Stream a completion of a prompt.")
+    p = subparsers.add_parser(
+        "generate",
+        help="stream a completion of a prompt",
+        description="Stream a completion of a prompt to stdout, then prompt and decode speeds to stderr.",
+    )
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (owner/name)")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -23,7 +27,7 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: float32 on CPU, checkpoint's on GPU)")
+    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: float32 on CPU, else the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="MoE implementation")
     p.add_argument("--experts-per-tok", type=int, default=None, help="override num_experts_per_tok")

@@ -70,7 +70,8 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' rule: logits [B, V] of tokens already seen ([B, V] bool) are divided by penalty if > 0, else multiplied."""
+    """transformers' rule: logits [B, V] of tokens already seen ([B, V] bool) are divided by penalty if > 0, else
+    multiplied by it."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
 
@@ -197,7 +198,9 @@ def _encode(model: Phixtral, prompt, attention_mask):
     V = model.config.vocab_size
     if isinstance(prompt, torch.Tensor):
         if prompt.dtype not in (torch.int64, torch.int32) or prompt.dim() != 2 or 0 in prompt.shape:
-            raise ValueError(f"a tensor prompt must be int64 token ids [B, S] with B, S >= 1, got {prompt.dtype} {tuple(prompt.shape)}")
+            raise ValueError(
+                f"a tensor prompt must be int64 token ids [B, S] with B, S >= 1, got {prompt.dtype} {tuple(prompt.shape)}"
+            )
         ids = prompt.to(model.device, torch.int64)
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(ids.shape):
@@ -271,6 +274,7 @@ def generate(
     temperature 0 is greedy; top_k / top_p filter before sampling; repetition_penalty as transformers (1 = off).
     Generation of a row ends at an eos id (tokenizer + config) or a stop string; text results exclude both.
     seed makes sampling reproducible. stream=True (one prompt) returns an iterator of text pieces instead.
+    The KV cache belongs to the model: run one generation at a time per model (finish or close a stream first).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     stops = _check_stop(stop)

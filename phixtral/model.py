@@ -50,6 +50,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
+    """Causal self-attention: fused qkv (HF's split q/k/v are concatenated into Wqkv at load), partial rotary, SDPA."""
+
     def __init__(self, config: PhixtralConfig):
         super().__init__()
         self.n_head, self.n_head_kv, self.head_dim = config.n_head, config.n_head_kv, config.head_dim
@@ -76,6 +78,8 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
         if q.dtype == torch.float16:
             # phi-2's q.k^T exceeds the fp16 range in the late layers (NaN logits); the original code upcasts the same way.
+            # Upcasting q, k, v costs an fp32 copy of the cache per step, small next to reading the weights; bf16 has the
+            # range and stays as it is.
             q, k, v = q.float(), k.float(), v.float()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=1.0 / math.sqrt(hd))
         y = y.transpose(1, 2).reshape(B, S, self.n_head * hd).to(x.dtype)  # [B, S, H * hd]
@@ -122,6 +126,8 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
+    """Parallel residual block: one LayerNorm feeds attention and the MoE, both added to the residual."""
+
     def __init__(self, config: PhixtralConfig):
         super().__init__()
         self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -134,6 +140,8 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
+    """Final LayerNorm + output projection (phi-msft's `lm_head.ln` / `lm_head.linear`)."""
+
     def __init__(self, config: PhixtralConfig):
         super().__init__()
         self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -259,7 +267,9 @@ class Phixtral(nn.Module):
                 mask = (torch.arange(L, device=slots.device)[None] <= slots[:, None])[None, None]  # [1, 1, S, L]
         else:
             if tuple(attention_mask.shape) != (B, L):
-                raise ValueError(f"attention_mask must have shape {(B, L)} (batch, cache slots), got {tuple(attention_mask.shape)}")
+                raise ValueError(
+                    f"attention_mask must have shape {(B, L)} (batch, cache slots), got {tuple(attention_mask.shape)}"
+                )
             valid = attention_mask.bool()  # [B, L], False at pad slots
             # Left padding: a prompt's positions start at 0 at its first real token.
             position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0).gather(1, slots[None].expand(B, S))  # [B, S]

@@ -208,8 +208,9 @@ def inspect_checkpoint(folder: Path, config: PhixtralConfig) -> tuple[list[Path]
     mapping = checkpoint_map(config, layout)
     present = {n for n in shapes if not n.endswith(_IGNORED_SUFFIXES)}
     missing, unexpected = mapping.keys() - present, present - mapping.keys()
-    wrong = [f"{n}: expected {mapping[n].shape}, got {shapes[n]}" for n in sorted(present & mapping.keys()) if shapes[n] != mapping[n].shape]
-    bad_dtype = [f"{n}: {dtypes[n]}" for n in sorted(present & mapping.keys()) if dtypes[n] not in _FLOAT_DTYPES]
+    known = sorted(present & mapping.keys())
+    wrong = [f"{n}: expected {mapping[n].shape}, got {shapes[n]}" for n in known if shapes[n] != mapping[n].shape]
+    bad_dtype = [f"{n}: {dtypes[n]}" for n in known if dtypes[n] not in _FLOAT_DTYPES]
     if missing or unexpected or wrong or bad_dtype:
         lines = [
             f"checkpoint {folder} does not match its config.json ({layout} layout, {config.n_layer} layers, "
@@ -222,7 +223,10 @@ def inspect_checkpoint(folder: Path, config: PhixtralConfig) -> tuple[list[Path]
         if wrong:
             lines.append(f"  mis-shaped tensors ({len(wrong)}): " + "; ".join(wrong[:20]))
         if bad_dtype:
-            lines.append(f"  non-float tensors ({len(bad_dtype)}), quantized checkpoints are not supported: " + "; ".join(bad_dtype[:20]))
+            lines.append(
+                f"  non-float tensors ({len(bad_dtype)}), quantized checkpoints are not supported: "
+                + "; ".join(bad_dtype[:20])
+            )
         raise ValueError("\n".join(lines))
     return files, layout, mapping
 

@@ -104,7 +104,7 @@ def hf_phi_checkpoint(
     torch.manual_seed(seed)
     model = PhiForCausalLM(config).eval()
     _randomize(model, seed)
-    folder = _ROOT / f"hf-{hidden}-{layers}-{heads}-{kv_heads}-{vocab}-{n_positions}-{partial_rotary_factor}-{rope_theta}-{seed}"
+    folder = _ROOT / "-".join(map(str, ("hf", hidden, layers, heads, kv_heads, vocab, n_positions, partial_rotary_factor, rope_theta, seed)))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -156,7 +156,8 @@ def msft_config(*, hidden, layers, heads, vocab, n_positions, rotary_dim, expert
 
 
 def write_checkpoint(folder: Path, tensors: dict, config: dict, n_shards: int = 2, tokenizer=True) -> Path:
-    """Write tensors (in the given order) as model-0000i-of-0000n.safetensors + model.safetensors.index.json + config.json."""
+    """Write tensors (in the given order) as model-0000i-of-0000n.safetensors, model.safetensors.index.json and
+    config.json, as mergekit did for phixtral."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     names = list(tensors)
@@ -268,7 +269,8 @@ def reference_phixtral_forward(t: dict, cfg: dict, ids: torch.Tensor) -> torch.T
         return torch.cat([z1 * cos - z2 * sin, z1 * sin + z2 * cos, z[..., rot:]], dim=-1)
 
     def expert(x, p):
-        return F.linear(F.gelu(F.linear(x, t[p + "fc1.weight"], t[p + "fc1.bias"]), approximate="tanh"), t[p + "fc2.weight"], t[p + "fc2.bias"])
+        h = F.gelu(F.linear(x, t[p + "fc1.weight"], t[p + "fc1.bias"]), approximate="tanh")  # gelu_new
+        return F.linear(h, t[p + "fc2.weight"], t[p + "fc2.bias"])
 
     x = t["transformer.embd.wte.weight"][ids]
     causal = torch.full((S, S), -10000.0).triu(1)
