@@ -1,0 +1,87 @@
+"""The benchmarks' CPU smoke tier for pytest-benchmark: `pytest benchmarks/ --benchmark-only`.
+
+Tiny shapes, so CI keeps the harness alive in seconds: every provider of both benchmarks is checked against its reference
+(a real assertion) and then timed by the `benchmark` fixture, and both scripts run end to end (table, plot, JSON last).
+No timing is asserted. The fused providers run backend="torch" on the CPU, whether or not tests/conftest.py has turned
+the Triton interpreter on in this process.
+"""
+
+import json
+
+import pytest
+import torch
+
+import bench_generate
+import bench_moe
+import common
+from phixtral import PhixtralConfig
+
+CPU = torch.device("cpu")
+SHAPE = bench_moe.QUICK_SHAPE
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core CI machine two threads wait on each other's time slices (10x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def layer():
+    return bench_moe.make_layer(16, SHAPE["D"], SHAPE["F"], SHAPE["E"], SHAPE["top_k"], torch.float32, CPU)
+
+
+@pytest.mark.parametrize("T", [1, 16])
+@pytest.mark.parametrize("name", ["fused", "naive", "gather_einsum", "grouped_mm"])
+def test_moe_provider(benchmark, layer, name, T):
+    plist, skipped = bench_moe.providers(CPU, torch.float32, layer, gather_cap_bytes=1e9)
+    if name in skipped:
+        pytest.skip(skipped[name])
+    provider = next(p for p in plist if p.name == name)
+    if name == "fused":
+        assert "torch" in provider.label  # never the interpreter on a CPU
+    run, mode = bench_moe.build(provider, layer.x[:T], layer)
+    ref = bench_moe.reference_moe(layer.x[:T], *layer.weights, layer.top_k)
+    check = common.rel_error(run(), ref, bench_moe.TOLERANCE[torch.float32])
+    assert check.ok, check
+    benchmark.extra_info.update(provider=name, T=T, mode=mode, rel_err=check.rel_err)
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return bench_generate.build_model(PhixtralConfig(**bench_generate.QUICK_MODEL), torch.float32, CPU)
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_generate_backend(benchmark, model, backend):
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    other = "naive" if backend == "torch" else "torch"
+    check = common.rel_error(bench_generate.last_logits(model, ids, backend), bench_generate.last_logits(model, ids, other),
+                             bench_generate.TOLERANCE[torch.float32])  # fmt: skip
+    assert check.ok, check
+    model.set_backend(backend)
+    out = benchmark.pedantic(model.generate, args=(ids,), kwargs={"max_new_tokens": 4}, rounds=3, warmup_rounds=1)
+    assert out.shape == (2, 16)
+    stats = model.last_generation_stats
+    benchmark.extra_info.update(backend=backend, prefill_s=stats.prefill_s, decode_s=stats.decode_s)
+
+
+def _last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("script", [bench_moe, bench_generate], ids=["bench_moe", "bench_generate"])
+def test_script_end_to_end(benchmark, script, tmp_path, capsys):
+    argv = ["--quick", "--device", "cpu", "--out", str(tmp_path)]
+    result = benchmark.pedantic(script.main, args=(argv,), rounds=1, iterations=1)
+    assert result["ok"], result["failed_checks"]
+    printed = _last_json(capsys.readouterr().out)
+    assert printed["bench"] == result["bench"] and printed["ok"]
+    timed = [r for r in printed["rows"] if r.get("median_s") or r.get("decode_s")]
+    assert timed and all(r["ok"] for r in timed)
+    assert (tmp_path / f"{script.__name__}.png").stat().st_size > 0
+    assert _last_json((tmp_path / f"{script.__name__}.json").read_text()) == printed
