@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from phixtral_kernels import BACKENDS
+from phixtral_kernels import BACKENDS, triton_unavailable_reason
 
 from .config import PhixtralConfig
 from .model import Phixtral
@@ -362,6 +362,8 @@ def from_pretrained(
     folder = resolve_checkpoint(path_or_id)
     config = read_config(folder, num_experts_per_tok=num_experts_per_tok)
     device = resolve_device(device)
+    if backend == "triton" and (reason := triton_unavailable_reason(device)) is not None:
+        raise RuntimeError(f"backend='triton' cannot run on {device}: {reason}")
     dtype = resolve_dtype(dtype, device, config)
     with torch.device("meta"):
         model = Phixtral(config, backend=backend)

@@ -1,5 +1,6 @@
 """Fused Triton kernels for the phixtral Mixture-of-Experts layer, with plain-PyTorch twins of every op."""
 
+from ._triton import triton_unavailable_reason
 from .grouped_gemm import GemmConfig, expert_gemm1, expert_gemm2, moe_gemm_configs
 from .moe import BACKENDS, check_moe_inputs, fused_moe
 from .reference import (
@@ -34,4 +35,5 @@ __all__ = [
     "moe_routing_torch",
     "naive_moe",
     "topk_softmax_torch",
+    "triton_unavailable_reason",
 ]

@@ -254,6 +254,13 @@ def test_devices_and_dtypes_that_are_not_available():
         phixtral.from_pretrained(folder, dtype=16)
 
 
+def test_triton_backend_that_cannot_run_fails_at_load(monkeypatch):
+    monkeypatch.setattr(phixtral.weights, "triton_unavailable_reason", lambda device: "no driver here")
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run on cpu: no driver here"):
+        phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", backend="triton")
+    assert phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", backend="torch").backend == "torch"
+
+
 # --- hub ids ---------------------------------------------------------------------------------------------------------
 def test_hub_id_is_fetched_with_snapshot_download(monkeypatch):
     import huggingface_hub
