@@ -6,7 +6,7 @@ GPU: a phixtral-4x2_8-sized model (D=2560, 32 layers, 32 heads, E=4, top_k=2, F=
      15.6 GB in fp16) built on the GPU with random weights (no host copy, no checkpoint); batch 1, 8 and 32, prompt of
      256 tokens, 64 new tokens, greedy.
 CPU: a small random model (D=256, 4 layers, 8 heads, E=4, top_k=2, F=1024, vocab 1024) in fp32; batch 1, 8, 32, prompt
-     64, 16 new tokens. There the fused provider is backend="torch" (the Triton kernels would run in the interpreter).
+     64, 32 new tokens. There the fused provider is backend="torch" (the Triton kernels would run in the interpreter).
 
 Providers:
     fused        model.generate(ids) with the MoE backend "triton" (GPU) or "torch" (CPU): the public path, as a user runs it
@@ -385,7 +385,7 @@ def parse_args(argv=None):
     if args.prompt is None:
         args.prompt = 16 if args.quick else (256 if gpu else 64)
     if args.new_tokens is None:
-        args.new_tokens = 4 if args.quick else (64 if gpu else 16)
+        args.new_tokens = 4 if args.quick else (64 if gpu else 32)
     if args.quick:
         args.reps = min(args.reps, 2)
     return args

@@ -3,9 +3,10 @@
     python benchmarks/bench_moe.py [--out DIR]          # GPU: phixtral-4x2_8 shapes, bf16 and fp16; CPU: reduced shapes
 
 GPU: D=2560, F=10240, E=4, top_k=2 (phixtral-4x2_8), T = 1 ... 16384, bf16 then fp16.
-CPU: the phixtral shape is too slow for many T, so D=512, F=2048, E=4, top_k=2 and T = 1, 8, 64, 512 in fp32. There the
-     fused provider is backend="torch" (the sorted pipeline in PyTorch): the Triton kernels would run in the interpreter,
-     a test tool, not something to time.
+CPU: the phixtral shape is too slow for many T, so D=1024, F=4096, E=4, top_k=2 and T = 1, 8, 64, 512 in fp32 (one
+     expert is 33.6 MB, so even T=1 streams weights from memory rather than from a 32 MB L3). There the fused provider
+     is backend="torch" (the sorted pipeline in PyTorch): the Triton kernels would run in the interpreter, a test tool,
+     not something to time.
 
 Providers, each checked against an fp32 reference (‖out - ref‖ / ‖ref‖, routed on the same logits) before it is timed:
     fused          GPU: fused_moe(backend="triton") replayed from a CUDA graph (the path has no host sync; a model's
@@ -40,7 +41,7 @@ import common  # noqa: E402
 from phixtral_kernels import fused_moe, gelu_tanh, naive_moe, topk_softmax_torch  # noqa: E402
 
 GPU_SHAPE = dict(D=2560, F=10240, E=4, top_k=2)
-CPU_SHAPE = dict(D=512, F=2048, E=4, top_k=2)
+CPU_SHAPE = dict(D=1024, F=4096, E=4, top_k=2)  # 4 experts = 134 MB in fp32: larger than the L3 of a server CPU
 QUICK_SHAPE = dict(D=128, F=256, E=4, top_k=2)
 GPU_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384]
 CPU_TOKENS = [1, 8, 64, 512]
@@ -333,6 +334,7 @@ def report(result: dict, out: Path) -> None:
         series_t, series_p = {}, {}
         for name in names:
             pts = [r for r in rows if r["provider"] == name]
+            name = pts[0]["label"]
             series_t[name] = ([r["T"] for r in pts], [1e3 * r["median_s"] if "median_s" in r else None for r in pts])
             series_p[name] = ([r["T"] for r in pts], [r.get("pct_floor") for r in pts])
         floors = {r["T"]: 1e3 * r["floor_s"] for r in rows}

@@ -29,15 +29,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def layer():
-    return bench_moe.make_layer(16, SHAPE["D"], SHAPE["F"], SHAPE["E"], SHAPE["top_k"], torch.float32, CPU)
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def layer(request):
+    return bench_moe.make_layer(16, SHAPE["D"], SHAPE["F"], SHAPE["E"], SHAPE["top_k"], request.param, CPU)
 
 
 @pytest.mark.parametrize("T", [1, 16])
 @pytest.mark.parametrize("name", ["fused", "naive", "gather_einsum", "grouped_mm"])
 def test_moe_provider(benchmark, layer, name, T):
-    plist, skipped = bench_moe.providers(CPU, torch.float32, layer, gather_cap_bytes=1e9)
+    dtype = layer.x.dtype
+    plist, skipped = bench_moe.providers(CPU, dtype, layer, gather_cap_bytes=1e9)
     if name in skipped:
         pytest.skip(skipped[name])
     provider = next(p for p in plist if p.name == name)
@@ -45,9 +46,9 @@ def test_moe_provider(benchmark, layer, name, T):
         assert "torch" in provider.label  # never the interpreter on a CPU
     run, mode = bench_moe.build(provider, layer.x[:T], layer)
     ref = bench_moe.reference_moe(layer.x[:T], *layer.weights, layer.top_k)
-    check = common.rel_error(run(), ref, bench_moe.TOLERANCE[torch.float32])
+    check = common.rel_error(run(), ref, bench_moe.TOLERANCE[dtype])
     assert check.ok, check
-    benchmark.extra_info.update(provider=name, T=T, mode=mode, rel_err=check.rel_err)
+    benchmark.extra_info.update(provider=name, T=T, dtype=str(dtype), mode=mode, rel_err=check.rel_err)
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
 
 
