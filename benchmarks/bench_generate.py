@@ -181,6 +181,11 @@ def reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
+
+
 def median(xs):
     return common.summarize(xs).median_s
 
@@ -237,32 +242,55 @@ def run_benchmark(args) -> dict:
     # Checks: last-position logits of a short prompt, each backend against another one.
     g = torch.Generator(device=device).manual_seed(args.seed + 1)
     check_ids = torch.randint(0, config.vocab_size, (2, min(S, 32)), device=device, generator=g)
-    ref = {b: last_logits(model, check_ids, b) for b in dict.fromkeys((fused_backend, "naive", "torch"))}
-    checks = {"fused": common.rel_error(ref[fused_backend], ref["naive"], tol),
-              "naive": common.rel_error(ref["naive"], ref["torch"], tol)}  # fmt: skip
+    ref = {}
+    for backend in dict.fromkeys((fused_backend, "naive", "torch")):
+        try:
+            ref[backend] = last_logits(model, check_ids, backend)
+        except Exception as exc:  # noqa: BLE001: the provider's row reports it
+            ref[backend] = f"backend {backend} raised {_first_line(exc)}"
+
+    def compare(a, b):  # a Check, or why there is none
+        bad = [ref[x] for x in (a, b) if isinstance(ref[x], str)]
+        return bad[0] if bad else common.rel_error(ref[a], ref[b], tol)
+
+    checks = {"fused": compare(fused_backend, "naive"), "naive": compare("naive", "torch")}
     del ref
     names = ["fused", "naive"] + (["fused_graph"] if gpu and not args.no_graph else [])
     if args.providers:
         names = [n for n in names if n in args.providers]
     rows = []
+    lost = None  # why CUDA can no longer run anything in this process
     for B in args.batches:
+        if lost:
+            break
         ids = torch.randint(0, config.vocab_size, (B, S), device=device, generator=g)
         fl = floors(model, B, S, N, ceilings)
         for name in names:
             row = {"B": B, "provider": name, "prompt": S, **fl}
             row["mode"] = {"fused": f"generate [{fused_backend}]", "naive": "generate [naive]", "fused_graph": "CUDA graph decode [triton]"}[name]
             try:
-                if time.monotonic() > deadline:
+                if lost:
+                    row["skipped"] = lost
+                elif time.monotonic() > deadline:
                     row["skipped"] = f"time budget (--budget-s={args.budget_s:g}) spent"
                 elif name == "fused_graph":
                     row.update(run_graph(model, ids, N, args.reps, device, tol))
+                elif isinstance(checks[name], str):
+                    row.update(skipped=checks[name], ok=False)
                 elif not checks[name].ok:
                     row["check"] = checks[name]
                 else:
                     row.update(run_eager(model, fused_backend if name == "fused" else "naive", ids, N, args.reps, device))
                     row["check"] = checks[name]
             except Exception as exc:  # noqa: BLE001: report it in the table and go on
-                row["skipped"] = f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                row.update(skipped=f"raised {_first_line(exc)}", ok=False)
+                if gpu:
+                    try:
+                        torch.cuda.synchronize()
+                    except Exception as sticky:  # noqa: BLE001: e.g. an illegal address poisons the context
+                        lost = f"CUDA context lost after B={B} {name}: {_first_line(sticky)}"
+            if lost and "skipped" not in row:
+                row["skipped"] = lost
             check = row.pop("check", None)
             if check is not None:
                 row.update(rel_err=check.rel_err, tol=check.tol, ok=check.ok)
@@ -276,9 +304,10 @@ def run_benchmark(args) -> dict:
                 if row["step_s"]:
                     row["pct_decode_floor"] = 100 * row["decode_floor_s"] / row["step_s"]
                 row["pct_prefill_floor"] = 100 * row["prefill_floor_s"] / row["ttft_s"]
-            model.clear_caches()
-            if gpu:
-                torch.cuda.empty_cache()
+            if not lost:
+                model.clear_caches()
+                if gpu:
+                    torch.cuda.empty_cache()
             rows.append(row)
             print(f"#   B={B} {name}: done ({time.monotonic() - start:.0f} s)", flush=True)
         naive = next((r.get("decode_tok_s") for r in rows if r["B"] == B and r["provider"] == "naive"), None)

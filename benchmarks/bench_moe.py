@@ -145,8 +145,16 @@ def grouped_mm_unavailable(dtype, device) -> str | None:
         if not check.ok:
             return f"torch._grouped_mm trial call gave rel. error {check.rel_err:.3g}"
     except Exception as exc:  # noqa: BLE001: any failure means "not usable on this build"
-        return f"torch._grouped_mm trial call failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        return f"torch._grouped_mm trial call failed: {_first_line(exc)}"
     return None
+
+
+OWN_PROVIDERS = ("fused", "fused_eager", "torch", "naive")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
 
 
 @dataclass
@@ -234,8 +242,11 @@ def run_benchmark(args) -> dict:
           f"{ceilings['matmul_tflops']:.2f} TFLOP/s ({'x'.join(map(str, ceilings['matmul_shape']))})")  # fmt: skip
     deadline = time.monotonic() + args.budget_s
     rows, notes = [], []
+    lost = None  # why CUDA can no longer run anything in this process
     D, F, E, top_k = shape["D"], shape["F"], shape["E"], shape["top_k"]
     for dtype in dtypes:
+        if lost:
+            break
         dname = str(dtype).replace("torch.", "")
         layer = make_layer(max(tokens), D, F, E, top_k, dtype, device, seed=args.seed)
         plist, skipped = providers(device, dtype, layer, args.gather_cap_gb * 1e9)
@@ -243,34 +254,43 @@ def run_benchmark(args) -> dict:
             plist = [p for p in plist if p.name in args.providers]
         notes += [f"{dname}: {name} skipped: {why}" for name, why in skipped.items()]
         for T in tokens:
+            if lost:
+                break
             x = layer.x[:T]
-            ref = reference_moe(x, *layer.weights, top_k)
+            ref = None  # computed for the first provider that is timed
             hit = experts_hit(x, layer.gate, top_k)
             weight_bytes = hit * layer.expert_bytes()
             nbytes = weight_bytes + 2 * x.numel() * x.element_size()
             flops = 4.0 * T * top_k * D * F
             floor = common.floor_s(nbytes, flops, ceilings)
+            bound = "memory" if floor == common.floor_s(nbytes, 0, ceilings) else "compute"
             base = {"dtype": dname, "T": T, "experts_hit": hit, "weight_bytes": weight_bytes, "flops": flops,
-                    "floor_s": floor, "floor_bound": "memory" if nbytes / ceilings["copy_gbps"] / 1e9 >= flops /
-                    ceilings["matmul_tflops"] / 1e12 else "compute"}  # fmt: skip
+                    "floor_s": floor, "floor_bound": bound}  # fmt: skip
             for p in plist:
                 row = dict(base, provider=p.name, label=p.label)
                 if p.max_tokens is not None and T > p.max_tokens:
                     row["skipped"] = f"T*top_k gathered experts exceed --gather-cap-gb={args.gather_cap_gb:g}"
                 elif time.monotonic() > deadline:
                     row["skipped"] = f"time budget (--budget-s={args.budget_s:g}) spent"
+                elif lost:
+                    row["skipped"] = lost
                 else:
                     try:
+                        if ref is None:
+                            ref = reference_moe(x, *layer.weights, top_k)
                         row.update(measure_one(p, layer, T, ref, device, dtype, args.rep_budget_s))
                     except Exception as exc:  # noqa: BLE001: report the failure in the table, go on with the others
-                        row["skipped"] = f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                        row.update(skipped=f"raised {_first_line(exc)}", error=True)
                         if gpu:
-                            torch.cuda.synchronize()
+                            try:
+                                torch.cuda.synchronize()
+                            except Exception as sticky:  # noqa: BLE001: e.g. an illegal address poisons the context
+                                lost = f"CUDA context lost after {dname} T={T} {p.name}: {_first_line(sticky)}"
                 if "median_s" in row:
                     m = row["median_s"]
                     row.update(tflops=flops / m / 1e12, weight_gbps=weight_bytes / m / 1e9, pct_floor=100 * floor / m)
                 rows.append(row)
-                if gpu:
+                if gpu and not lost:
                     torch.cuda.empty_cache()
             naive = next((r.get("median_s") for r in rows if r["dtype"] == dname and r["T"] == T and r["provider"] == "naive"), None)
             for r in rows:
@@ -278,9 +298,10 @@ def run_benchmark(args) -> dict:
                     r["speedup_vs_naive"] = naive / r["median_s"]
             print(f"#   {dname} T={T}: done ({time.monotonic() - deadline + args.budget_s:.0f} s)", flush=True)
         del layer
-        if gpu:
+        if gpu and not lost:
             torch.cuda.empty_cache()
-    failed = [r for r in rows if r.get("ok") is False]
+    # Failures that make the run not ok: any failed check, and errors of this project's own paths (not of the peers).
+    failed = [r for r in rows if r.get("ok") is False or (r.get("error") and r["provider"] in OWN_PROVIDERS)]
     return {
         "bench": "moe",
         "env": env,
@@ -289,7 +310,7 @@ def run_benchmark(args) -> dict:
         "ceilings": ceilings,
         "fused_backend": "triton" if gpu else "torch",
         "floor_note": "bytes = experts hit by the routing of these inputs (counted) + x + out; flops = 4*T*top_k*D*F",
-        "notes": notes,
+        "notes": notes + ([lost] if lost else []),
         "rows": rows,
         "ok": not failed,
         "failed_checks": [f"{r['dtype']} T={r['T']} {r['provider']}: {r.get('skipped')}" for r in failed],
