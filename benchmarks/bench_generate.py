@@ -24,7 +24,6 @@ Random weights spread tokens evenly over the experts; a real checkpoint need not
 """
 
 import argparse
-import math
 import resource
 import sys
 import time
@@ -47,6 +46,7 @@ QUICK_MODEL = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=1
 # fp16 2e-3; bf16 0.27, and each bf16 backend is 0.44 away from fp32 (the random stack amplifies bf16 rounding; the MoE
 # layer alone is held to 2e-2 in bench_moe).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 0.6}
+MODES = {"fused": "generate [{}]", "naive": "generate [naive]", "fused_graph": "CUDA graph decode [triton]"}
 
 
 # --- the model -------------------------------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def run_benchmark(args) -> dict:
         fl = floors(model, B, S, N, ceilings)
         for name in names:
             row = {"B": B, "provider": name, "prompt": S, **fl}
-            row["mode"] = {"fused": f"generate [{fused_backend}]", "naive": "generate [naive]", "fused_graph": "CUDA graph decode [triton]"}[name]
+            row["mode"] = MODES[name].format(fused_backend)
             try:
                 if lost:
                     row["skipped"] = lost

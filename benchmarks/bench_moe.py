@@ -27,7 +27,6 @@ Prints a markdown table per dtype, writes bench_moe.png and bench_moe.json, and 
 """
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -120,7 +119,8 @@ def grouped_mm_moe(x, gate, w1, b1, w2, b2, top_k):
     weights, ids = topk_softmax_torch(x @ gate.t(), top_k)
     flat = ids.reshape(-1).long()  # slot -> expert
     order = torch.sort(flat, stable=True).indices  # sorted row -> slot
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    ones = torch.ones_like(flat, dtype=torch.int32)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(0, flat, ones)
     offs = torch.cumsum(counts, 0, dtype=torch.int32)  # end row of each expert's group
     expert_of_row = flat[order]
     # w [E, N, K] -> [E, K, N] view, column-major per group: the layout the CUTLASS kernel takes without a copy.
@@ -292,9 +292,10 @@ def run_benchmark(args) -> dict:
                 rows.append(row)
                 if gpu and not lost:
                     torch.cuda.empty_cache()
-            naive = next((r.get("median_s") for r in rows if r["dtype"] == dname and r["T"] == T and r["provider"] == "naive"), None)
-            for r in rows:
-                if r["dtype"] == dname and r["T"] == T and naive and "median_s" in r:
+            here = [r for r in rows if r["dtype"] == dname and r["T"] == T]
+            naive = next((r.get("median_s") for r in here if r["provider"] == "naive"), None)
+            for r in here:
+                if naive and "median_s" in r:
                     r["speedup_vs_naive"] = naive / r["median_s"]
             print(f"#   {dname} T={T}: done ({time.monotonic() - deadline + args.budget_s:.0f} s)", flush=True)
         del layer

@@ -227,16 +227,16 @@ def measure_ceilings(device: torch.device, *, quick: bool = False) -> dict:
     """
     gen = torch.Generator(device=device).manual_seed(1234)
     if device.type == "cuda":
-        copy_elems, copy_dtype, n, mm_dtype = 1 << 30, torch.bfloat16, 8192, torch.bfloat16
+        copy_elems, n, dtype = 1 << 30, 8192, torch.bfloat16
     else:
-        copy_elems, copy_dtype, n, mm_dtype = (1 << 24 if quick else 1 << 26), torch.float32, (1024 if quick else 2048), torch.float32
-    src = torch.randn(copy_elems, device=device, generator=gen, dtype=copy_dtype)
+        copy_elems, n, dtype = (1 << 24 if quick else 1 << 26), (1024 if quick else 2048), torch.float32
+    src = torch.randn(copy_elems, device=device, generator=gen, dtype=dtype)
     dst = torch.empty_like(src)
     t_copy = time_fn(lambda: dst.copy_(src), device, budget_s=0.2 if quick else 0.5)
     nbytes = 2 * src.numel() * src.element_size()
     del src, dst
-    a = torch.randn(n, n, device=device, generator=gen, dtype=mm_dtype)
-    b = torch.randn(n, n, device=device, generator=gen, dtype=mm_dtype)
+    a = torch.randn(n, n, device=device, generator=gen, dtype=dtype)
+    b = torch.randn(n, n, device=device, generator=gen, dtype=dtype)
     t_mm = time_fn(lambda: a @ b, device, budget_s=0.2 if quick else 0.5, min_reps=3)
     del a, b
     if device.type == "cuda":
@@ -247,7 +247,7 @@ def measure_ceilings(device: torch.device, *, quick: bool = False) -> dict:
         "copy_spread": t_copy.spread,
         "matmul_tflops": 2 * n**3 / t_mm.median_s / 1e12,
         "matmul_shape": [n, n, n],
-        "matmul_dtype": str(mm_dtype).replace("torch.", ""),
+        "matmul_dtype": str(dtype).replace("torch.", ""),
         "matmul_spread": t_mm.spread,
     }
 
