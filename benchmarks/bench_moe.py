@@ -174,10 +174,11 @@ def providers(device, dtype, layer: Layer, gather_cap_bytes: float) -> tuple[lis
     def fused(backend):
         return lambda x, *w: fused_moe(x, *w, backend=backend)
 
-    out = [Provider("naive", naive_moe, False, "naive_moe (original loop)")]
-    out.append(Provider("fused", fused(fused_backend), gpu, f"fused_moe[{fused_backend}]" + (" CUDA graph" if gpu else "")))
+    out = [Provider("fused", fused(fused_backend), gpu, f"fused_moe[{fused_backend}]" + (" CUDA graph" if gpu else ""))]
     if gpu:
         out.append(Provider("fused_eager", fused("triton"), False, "fused_moe[triton] eager"))
+    out.append(Provider("naive", naive_moe, False, "naive_moe (original loop)"))
+    if gpu:
         out.append(Provider("torch", fused("torch"), False, "fused_moe[torch] eager"))
     slot_bytes = layer.expert_bytes()  # gather_einsum copies one expert per token slot
     out.append(Provider("gather_einsum", gather_einsum_moe, gpu, "gather + einsum (gpt-fast)",
@@ -253,20 +254,21 @@ def run_benchmark(args) -> dict:
         if args.providers:
             plist = [p for p in plist if p.name in args.providers]
         notes += [f"{dname}: {name} skipped: {why}" for name, why in skipped.items()]
+        points = {}  # T -> (x, its fp32 reference or None until a provider is timed, the row fields shared by providers)
         for T in tokens:
-            if lost:
-                break
             x = layer.x[:T]
-            ref = None  # computed for the first provider that is timed
             hit = experts_hit(x, layer.gate, top_k)
             weight_bytes = hit * layer.expert_bytes()
             nbytes = weight_bytes + 2 * x.numel() * x.element_size()
             flops = 4.0 * T * top_k * D * F
             floor = common.floor_s(nbytes, flops, ceilings)
             bound = "memory" if floor == common.floor_s(nbytes, 0, ceilings) else "compute"
-            base = {"dtype": dname, "T": T, "experts_hit": hit, "weight_bytes": weight_bytes, "flops": flops,
-                    "floor_s": floor, "floor_bound": bound}  # fmt: skip
-            for p in plist:
+            points[T] = [x, None, {"dtype": dname, "T": T, "experts_hit": hit, "weight_bytes": weight_bytes,
+                                   "flops": flops, "floor_s": floor, "floor_bound": bound}]  # fmt: skip
+        # Provider by provider (fused first), so that a peer that breaks the CUDA context cannot cost the fused rows.
+        for p in plist:
+            for T in tokens:
+                x, ref, base = points[T]
                 row = dict(base, provider=p.name, label=p.label)
                 if p.max_tokens is not None and T > p.max_tokens:
                     row["skipped"] = f"T*top_k gathered experts exceed --gather-cap-gb={args.gather_cap_gb:g}"
@@ -277,7 +279,7 @@ def run_benchmark(args) -> dict:
                 else:
                     try:
                         if ref is None:
-                            ref = reference_moe(x, *layer.weights, top_k)
+                            ref = points[T][1] = reference_moe(x, *layer.weights, top_k)
                         row.update(measure_one(p, layer, T, ref, device, dtype, args.rep_budget_s))
                     except Exception as exc:  # noqa: BLE001: report the failure in the table, go on with the others
                         row.update(skipped=f"raised {_first_line(exc)}", error=True)
@@ -288,17 +290,19 @@ def run_benchmark(args) -> dict:
                                 lost = f"CUDA context lost after {dname} T={T} {p.name}: {_first_line(sticky)}"
                 if "median_s" in row:
                     m = row["median_s"]
-                    row.update(tflops=flops / m / 1e12, weight_gbps=weight_bytes / m / 1e9, pct_floor=100 * floor / m)
+                    row.update(tflops=base["flops"] / m / 1e12, weight_gbps=base["weight_bytes"] / m / 1e9,
+                               pct_floor=100 * base["floor_s"] / m)  # fmt: skip
                 rows.append(row)
                 if gpu and not lost:
                     torch.cuda.empty_cache()
+            print(f"#   {dname} {p.name}: done ({time.monotonic() - deadline + args.budget_s:.0f} s)", flush=True)
+        for T in tokens:
             here = [r for r in rows if r["dtype"] == dname and r["T"] == T]
             naive = next((r.get("median_s") for r in here if r["provider"] == "naive"), None)
             for r in here:
                 if naive and "median_s" in r:
                     r["speedup_vs_naive"] = naive / r["median_s"]
-            print(f"#   {dname} T={T}: done ({time.monotonic() - deadline + args.budget_s:.0f} s)", flush=True)
-        del layer
+        del layer, points
         if gpu and not lost:
             torch.cuda.empty_cache()
     # Failures that make the run not ok: any failed check, and errors of this project's own paths (not of the peers).
@@ -336,8 +340,9 @@ FORMATS = {
 
 def report(result: dict, out: Path) -> None:
     env = result["env"]
+    order = {name: i for i, name in enumerate(dict.fromkeys(r["provider"] for r in result["rows"]))}
     for dname in dict.fromkeys(r["dtype"] for r in result["rows"]):
-        rows = [r for r in result["rows"] if r["dtype"] == dname]
+        rows = sorted((r for r in result["rows"] if r["dtype"] == dname), key=lambda r: (r["T"], order[r["provider"]]))
         s = result["shape"]
         print(f"\n## MoE layer, {dname}, D={s['D']} F={s['F']} E={s['E']} top_k={s['top_k']}: {common.describe(env)}")
         print(f"ceilings: copy {result['ceilings']['copy_gbps']:.1f} GB/s, matmul {result['ceilings']['matmul_tflops']:.2f} "
