@@ -1,0 +1,197 @@
+"""`phixtral inspect --model DIR [--prompt TEXT]`: what a checkpoint holds and whether its router can route.
+
+Without --prompt nothing but the file headers and the router weights is read, so it is quick even for phixtral-4x2_8:
+    config        the checkpoint's config, as this package reads it
+    parameters    total, and active per token (the shared weights plus top_k of the E experts in every layer)
+    dtype         of the tensors in the files
+    router        per layer: the largest cosine similarity between two experts' gate rows, the gate row norms, and
+                  pairs flagged IDENTICAL (the same direction: their logits tie on every token, so only the lower index
+                  ever runs) or near-identical (cosine >= 0.99: they are picked almost always together or not at all).
+With --prompt the model runs on the prompt and, per layer, counts the tokens routed to each expert (top_k slots per
+token, ties to the lowest index as in phixtral_kernels).
+"""
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from phixtral_kernels import BACKENDS
+
+from .merge import IDENTICAL_COSINE, gate_similarity
+
+NEAR_IDENTICAL_COSINE = 0.99
+
+
+def checkpoint_summary(folder) -> dict:
+    """Config, parameter counts and dtypes from the file headers, and the router weights (the only tensors read)."""
+    from safetensors import safe_open
+
+    from .weights import inspect_checkpoint, read_config, resolve_checkpoint
+
+    folder = resolve_checkpoint(folder)
+    config = read_config(folder)
+    files, layout, mapping = inspect_checkpoint(folder, config)
+    E, k, L = config.num_local_experts, config.num_experts_per_tok, config.n_layer
+    total, expert, dtypes, gates = 0, 0, Counter(), {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                target = mapping.get(name)
+                if target is None:
+                    continue
+                s = f.get_slice(name)
+                n = 1
+                for d in s.get_shape():
+                    n *= d
+                total += n
+                dtypes[s.get_dtype()] += n
+                if ".moe.fc" in target.param:
+                    expert += n
+                if target.param.endswith(".moe.gate.weight"):
+                    gates[int(target.param.split(".")[1])] = f.get_tensor(name).float()  # [E, D]
+    per_expert = expert // E  # one expert's fc1 + fc2 over all layers
+    return {
+        "folder": folder,
+        "layout": layout,
+        "config": config,
+        "params_total": total,
+        "params_active": total - (E - k) * per_expert,
+        "params_per_expert": per_expert,
+        "dtypes": dict(dtypes),
+        "gates": [gates[i] for i in range(L)] if gates else [],
+    }
+
+
+def router_health(gates: list[torch.Tensor]) -> list[dict]:
+    """Per layer: max pairwise cosine, row norms, identical and near-identical expert pairs."""
+    rows = []
+    for layer, g in enumerate(gates):
+        sim = gate_similarity(g)
+        E = sim.shape[0]
+        pairs = [(i, j, float(sim[i, j])) for i in range(E) for j in range(i + 1, E)]
+        rows.append(
+            {
+                "layer": layer,
+                "max_cosine": max(c for _, _, c in pairs),
+                "norms": [float(x) for x in g.norm(dim=-1)],
+                "identical": [(i, j) for i, j, c in pairs if c >= IDENTICAL_COSINE],
+                "near_identical": [(i, j) for i, j, c in pairs if NEAR_IDENTICAL_COSINE <= c < IDENTICAL_COSINE],
+            }
+        )
+    return rows
+
+
+@torch.no_grad()
+def expert_token_counts(model, prompt: str) -> list[list[int]]:
+    """Per layer, the number of prompt tokens routed to each expert: [L][E] (each token counts in top_k experts)."""
+    from phixtral_kernels import topk_softmax_torch
+
+    if model.tokenizer is None:
+        raise ValueError("the checkpoint has no tokenizer files: --prompt needs them")
+    ids = model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)  # [1, S]
+    if ids.numel() == 0:
+        raise ValueError("--prompt encodes to no tokens")
+    inputs = []
+    hooks = [block.ln.register_forward_hook(lambda mod, inp, out: inputs.append(out)) for block in model.h]
+    try:
+        model.hidden_states(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    E, k = model.config.num_local_experts, model.config.num_experts_per_tok
+    counts = []
+    for block, x in zip(model.h, inputs):
+        logits = x.reshape(-1, x.shape[-1]) @ block.moe.gate.weight.T  # [T, E], as fused_moe computes them
+        _, topk_ids = topk_softmax_torch(logits, k)  # [T, k], ties to the lowest index
+        counts.append(torch.bincount(topk_ids.flatten().long(), minlength=E).tolist())
+    return counts
+
+
+def _fmt_count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "inspect",
+        help="config, parameter counts, dtype and router health of a checkpoint",
+        description="Print a checkpoint's config, parameter counts (total and active per token), dtype and, per layer, "
+        "the router's health (identical or near-identical gate rows flagged); with --prompt, how many tokens each expert "
+        "receives in each layer.",
+    )
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled model)")
+    p.add_argument("--prompt", default=None, help="count the tokens routed to each expert on this text")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    p.add_argument("--device", default=None, help="where --prompt runs (default: cuda when available)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="MoE implementation for --prompt")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from .weights import default_model_path, from_pretrained
+
+    path = args.model if args.model is not None else default_model_path()
+    if path is None:
+        raise ValueError("no --model given and no bundled model")
+    s = checkpoint_summary(path)
+    config, E, k = s["config"], s["config"].num_local_experts, s["config"].num_experts_per_tok
+    health = router_health(s["gates"])
+    counts = None
+    if args.prompt is not None and E > 1:
+        model = from_pretrained(s["folder"], device=args.device, backend=args.backend)
+        counts = expert_token_counts(model, args.prompt)
+    if args.json:
+        out = {
+            "folder": str(s["folder"]), "layout": s["layout"], "config": config.to_msft_dict(),
+            "params_total": s["params_total"], "params_active": s["params_active"], "params_per_expert": s["params_per_expert"],
+            "dtypes": s["dtypes"], "router": health, "expert_tokens": counts,
+        }  # fmt: skip
+        print(json.dumps(out))
+        return 0
+    print(f"checkpoint  {s['folder']}  ({s['layout']} layout)")
+    print("config      " + json.dumps(config.to_msft_dict()))
+    print(f"parameters  {_fmt_count(s['params_total'])} total, {_fmt_count(s['params_active'])} active per token "
+          f"({E} expert(s), top-{k}; one expert's fc1 + fc2 in all layers: {_fmt_count(s['params_per_expert'])})")  # fmt: skip
+    print("dtype       " + ", ".join(f"{d} ({_fmt_count(n)} parameters)" for d, n in s["dtypes"].items()))
+    if E == 1:
+        print("router      none: a dense model (one expert)")
+        return 0
+    print(f"router      per layer: largest cosine between two gate rows (IDENTICAL >= {IDENTICAL_COSINE}, "
+          f"near-identical >= {NEAR_IDENTICAL_COSINE}), gate row norms")  # fmt: skip
+    bad_layers = 0
+    for row in health:
+        flags = [f"IDENTICAL experts {i} and {j}" for i, j in row["identical"]]
+        flags += [f"near-identical experts {i} and {j}" for i, j in row["near_identical"]]
+        bad_layers += bool(row["identical"])
+        norms = " ".join(f"{x:.3g}" for x in row["norms"])
+        print(f"  layer {row['layer']:3d}  max cosine {row['max_cosine']:.4f}  norms [{norms}]" + ("  " + "; ".join(flags) if flags else "  ok"))
+    if bad_layers:
+        print(f"WARNING: {bad_layers} of {len(health)} layers have identical gate rows: their router logits tie on every "
+              "token, so top-k always picks the lowest index and the other expert never runs there.")  # fmt: skip
+    if counts is not None:
+        n_tok = sum(counts[0]) // k
+        print(f"tokens per expert on the prompt ({n_tok} tokens, top-{k}: {n_tok * k} slots per layer)")
+        print("  layer  " + "  ".join(f"e{e:<5d}" for e in range(E)))
+        for layer, c in enumerate(counts):
+            print(f"  {layer:5d}  " + "  ".join(f"{x:<6d}" for x in c))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="phixtral")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as e:
+        print(f"phixtral inspect: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
