@@ -165,6 +165,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: float32 on CPU)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="MoE implementation")
+    p.add_argument("--experts-per-tok", type=int, default=None, help="override num_experts_per_tok of every model")
     p.set_defaults(func=run)
     return p
 
@@ -178,7 +179,11 @@ def run(args) -> int:
     datasets = load_datasets(args.data, args.stdlib_slice, args.split)
     results = []
     for path, name in zip(models, _names([str(m) for m in models])):
-        model = from_pretrained(path, device=args.device, dtype=args.dtype, backend=args.backend)
+        model = from_pretrained(
+            path, device=args.device, dtype=args.dtype, backend=args.backend, num_experts_per_tok=args.experts_per_tok
+        )
+        if args.experts_per_tok is not None and model.config.is_moe:
+            name = f"{name} (top-{args.experts_per_tok})"
         for data, texts in datasets.items():
             r = evaluate(
                 model, texts, name=name, data=data, seq_len=args.seq_len, batch_size=args.batch_size,

@@ -7,8 +7,9 @@ Without --prompt nothing but the file headers and the router weights is read, so
     router        per layer: the largest cosine similarity between two experts' gate rows, the gate row norms, and
                   pairs flagged IDENTICAL (the same direction: their logits tie on every token, so only the lower index
                   ever runs) or near-identical (cosine >= 0.99: they are picked almost always together or not at all).
-With --prompt the model runs on the prompt and, per layer, counts the tokens routed to each expert (top_k slots per
-token, ties to the lowest index as in phixtral_kernels).
+With --prompt (or --stdlib-slice, the first --max-tokens of a slice's held-out text) the model runs on that text and,
+per layer, counts the tokens routed to each expert (top_k slots per token, ties to the lowest index as in
+phixtral_kernels).
 """
 
 import argparse
@@ -86,29 +87,49 @@ def router_health(gates: list[torch.Tensor]) -> list[dict]:
 
 
 @torch.no_grad()
-def expert_token_counts(model, prompt: str) -> list[list[int]]:
-    """Per layer, the number of prompt tokens routed to each expert: [L][E] (each token counts in top_k experts)."""
+def expert_token_counts(model, ids: torch.Tensor) -> tuple[list[list[int]], list[float]]:
+    """Per layer, the number of tokens routed to each expert and the mean routing weight of the first pick.
+
+    ids [B, S] -> ([L][E] counts, each token counting in its top_k experts; [L] mean weight of each token's first pick).
+    """
     from phixtral_kernels import topk_softmax_torch
 
-    if model.tokenizer is None:
-        raise ValueError("the checkpoint has no tokenizer files: --prompt needs them")
-    ids = model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)  # [1, S]
-    if ids.numel() == 0:
-        raise ValueError("--prompt encodes to no tokens")
     inputs = []
     hooks = [block.ln.register_forward_hook(lambda mod, inp, out: inputs.append(out)) for block in model.h]
     try:
-        model.hidden_states(ids)
+        model.hidden_states(ids.to(model.device))
     finally:
         for h in hooks:
             h.remove()
     E, k = model.config.num_local_experts, model.config.num_experts_per_tok
-    counts = []
+    counts, first = [], []
     for block, x in zip(model.h, inputs):
         logits = x.reshape(-1, x.shape[-1]) @ block.moe.gate.weight.T  # [T, E], as fused_moe computes them
-        _, topk_ids = topk_softmax_torch(logits, k)  # [T, k], ties to the lowest index
+        topk_weights, topk_ids = topk_softmax_torch(logits, k)  # [T, k], ties to the lowest index
         counts.append(torch.bincount(topk_ids.flatten().long(), minlength=E).tolist())
-    return counts
+        first.append(float(topk_weights[:, 0].mean()))
+    return counts, first
+
+
+def routing_input(model, prompt=None, stdlib_slice=None, max_tokens: int = 4096) -> tuple[str, torch.Tensor]:
+    """(description, ids [B, S]): the prompt's tokens, or the first max_tokens of a slice's held-out text in windows."""
+    from .evaluate import encode_documents
+    from .stdlib_data import slice_texts
+
+    if model.tokenizer is None:
+        raise ValueError("the checkpoint has no tokenizer files: routing counts need them")
+    if prompt is not None:
+        ids = model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]  # [1, S]
+        if ids.numel() == 0:
+            raise ValueError("--prompt encodes to no tokens")
+        return "the prompt", ids
+    try:
+        stream = encode_documents(model.tokenizer, slice_texts(stdlib_slice, "heldout"))[:max_tokens]
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from e
+    S = min(model.config.n_positions, 512, stream.numel())
+    n = stream.numel() // S * S
+    return f"the held-out {stdlib_slice} slice", stream[:n].view(-1, S)  # [B, S], the tail that fills no window dropped
 
 
 def _fmt_count(n: int) -> str:
@@ -125,6 +146,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled model)")
     p.add_argument("--prompt", default=None, help="count the tokens routed to each expert on this text")
+    p.add_argument("--stdlib-slice", default=None, help="... or on the held-out text of this stdlib slice")
+    p.add_argument("--max-tokens", type=int, default=4096, help="tokens of --stdlib-slice to route (default 4096)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     p.add_argument("--device", default=None, help="where --prompt runs (default: cuda when available)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="MoE implementation for --prompt")
@@ -141,15 +164,18 @@ def run(args) -> int:
     s = checkpoint_summary(path)
     config, E, k = s["config"], s["config"].num_local_experts, s["config"].num_experts_per_tok
     health = router_health(s["gates"])
-    counts = None
-    if args.prompt is not None and E > 1:
+    counts = first_weight = None
+    if args.prompt is not None and args.stdlib_slice is not None:
+        raise ValueError("pass --prompt or --stdlib-slice, not both")
+    if (args.prompt is not None or args.stdlib_slice is not None) and E > 1:
         model = from_pretrained(s["folder"], device=args.device, backend=args.backend)
-        counts = expert_token_counts(model, args.prompt)
+        what, ids = routing_input(model, args.prompt, args.stdlib_slice, args.max_tokens)
+        counts, first_weight = expert_token_counts(model, ids)
     if args.json:
         out = {
             "folder": str(s["folder"]), "layout": s["layout"], "config": config.to_msft_dict(),
             "params_total": s["params_total"], "params_active": s["params_active"], "params_per_expert": s["params_per_expert"],
-            "dtypes": s["dtypes"], "router": health, "expert_tokens": counts,
+            "dtypes": s["dtypes"], "router": health, "expert_tokens": counts, "first_pick_weight": first_weight,
         }  # fmt: skip
         print(json.dumps(out))
         return 0
@@ -174,11 +200,12 @@ def run(args) -> int:
         print(f"WARNING: {bad_layers} of {len(health)} layers have identical gate rows: their router logits tie on every "
               "token, so top-k always picks the lowest index and the other expert never runs there.")  # fmt: skip
     if counts is not None:
-        n_tok = sum(counts[0]) // k
-        print(f"tokens per expert on the prompt ({n_tok} tokens, top-{k}: {n_tok * k} slots per layer)")
-        print("  layer  " + "  ".join(f"e{e:<5d}" for e in range(E)))
+        slots = sum(counts[0])
+        print(f"tokens per expert on {what} ({slots // k} tokens, top-{k}: {slots} slots per layer; share of the slots; "
+              "mean routing weight of each token's first pick)")  # fmt: skip
+        print("  layer  " + "  ".join(f"{'e' + str(e):>13s}" for e in range(E)) + "  first pick")
         for layer, c in enumerate(counts):
-            print(f"  {layer:5d}  " + "  ".join(f"{x:<6d}" for x in c))
+            print(f"  {layer:5d}  " + "  ".join(f"{x:>6d} ({100 * x / slots:3.0f}%)" for x in c) + f"  {first_weight[layer]:10.2f}")
     return 0
 
 

@@ -106,12 +106,13 @@ def test_inspect_counts_parameters_and_routed_tokens(moe, capsys):
     shared = 2 * V * D + V + L * (3 * D * D + 3 * D + D * D + D + 2 * D + E * D) + 2 * D
     assert f"parameters  {(shared + E * expert) / 1e6:.2f} M total, {(shared + 2 * expert) / 1e6:.2f} M active per token" in out
     assert "dtype       F16" in out and "layer   0  max cosine" in out and "IDENTICAL experts" not in out
-    assert "tokens per expert on the prompt" in out
+    assert "tokens per expert on the prompt" in out and "first pick" in out
     assert inspect_model.main(["inspect", "--model", str(moe), "--prompt", prompt, "--backend", "torch", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     n_tokens = len(from_pretrained(moe, device="cpu", backend="torch").tokenizer(prompt)["input_ids"])
     assert report["params_total"] == shared + E * expert and report["params_active"] == shared + 2 * expert
     assert [sum(c) for c in report["expert_tokens"]] == [2 * n_tokens] * L
+    assert all(0.5 <= w <= 1.0 for w in report["first_pick_weight"])
     assert report["config"]["num_local_experts"] == 3 and len(report["router"]) == L
 
 
