@@ -16,7 +16,6 @@ import argparse
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 

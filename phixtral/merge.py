@@ -15,10 +15,12 @@ same n_embd, n_inner and n_layer. Relative paths are tried from the working dire
 Gate rows (one per expert and layer, each normalized to unit length; router logits = gate @ x, no bias):
     hidden       mean over the positive prompts of the base model's hidden state at each layer's MoE input, minus the same
                  mean over the negative prompts. For phi-2 the MoE input is the block's LayerNorm output ln(x), which is
-                 also the attention input (parallel block). Each prompt is averaged over all its tokens, then prompts are
-                 averaged. mergekit averages the residual stream *before* the layer (its Mixtral target normalizes after
-                 attention, which it skips) and averages over padded batches; here the vector is the exact MoE input and
-                 padding never enters the mean.
+                 also the attention input (parallel block). Each prompt is averaged over all its tokens (as mergekit's
+                 default; it can also take the last token only, not offered here), then the prompts are averaged.
+                 mergekit takes the residual stream entering each layer instead: for its Mixtral target the MoE input is
+                 a LayerNorm of that stream plus the attention output, so that is an approximation; for phi-2 this
+                 vector is the exact MoE input. mergekit also averages over right-padded batches; here padding never
+                 enters the mean.
     cheap_embed  mean token embedding of the prompts (same averaging), the same row in every layer.
     random       standard normal rows, not normalized (as mergekit), seeded by --seed.
 As in mergekit, every prompt is prefixed with the tokenizer's bos token (`<|endoftext|>` for phi-2). So an empty
