@@ -9,6 +9,7 @@ import sys
 
 from phixtral_kernels import BACKENDS
 
+from . import evaluate, inspect_model, merge
 from .weights import default_model_path
 
 
@@ -38,8 +39,6 @@ def cmd_generate(args) -> int:
     from .weights import from_pretrained
 
     model_path = args.model if args.model is not None else default_model_path()
-    if model_path is None:
-        raise ValueError("no --model given: pass a checkpoint folder or a hub id, e.g. --model mlabonne/phixtral-2x2_8")
     model = from_pretrained(
         model_path, device=args.device, dtype=args.dtype, backend=args.backend, num_experts_per_tok=args.experts_per_tok
     )
@@ -69,7 +68,7 @@ def cmd_generate(args) -> int:
 
 
 # Each adds one subcommand to the subparsers and sets its `func`.
-COMMANDS = [_add_generate]
+COMMANDS = [_add_generate, merge.add_parser, evaluate.add_parser, inspect_model.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,9 +42,9 @@ _DTYPES = {
 }  # fmt: skip
 
 
-def default_model_path() -> Optional[Path]:
-    """The model `phixtral generate` uses without --model: none is bundled yet."""
-    return None
+def default_model_path() -> Path:
+    """The model `phixtral generate` uses without --model: the tiny phixtral bundled in phixtral/assets."""
+    return Path(__file__).resolve().parent / "assets" / "tiny-phixtral"
 
 
 # --- key layouts -----------------------------------------------------------------------------------------------------

@@ -31,10 +31,11 @@ def test_parser_has_generate_with_every_option():
         build_parser().parse_args([])  # a subcommand is required
 
 
-def test_no_model_is_a_clear_error(capsys):
-    assert phixtral.default_model_path() is None
-    assert main(["generate", "--prompt", "hi"]) == 1
-    assert "no --model given" in capsys.readouterr().err
+def test_missing_model_folder_is_a_clear_error(capsys, tmp_path):
+    missing = tmp_path / "no-such-model"
+    assert main(["generate", "--model", str(missing), "--prompt", "hi", "--backend", "torch"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("phixtral generate: error:") and "no-such-model" in err
 
 
 def test_generate_streams_the_same_text_as_the_api(capsys):
