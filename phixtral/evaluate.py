@@ -196,17 +196,3 @@ def run(args) -> int:
     print(json.dumps({"results": [{**asdict(r), "perplexity": r.perplexity, "bits_per_byte": r.bits_per_byte} for r in results]}))
     return 0
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="phixtral")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, RuntimeError) as e:
-        print(f"phixtral eval: error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

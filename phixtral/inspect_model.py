@@ -14,7 +14,6 @@ phixtral_kernels).
 
 import argparse
 import json
-import sys
 from collections import Counter
 
 import torch
@@ -207,17 +206,3 @@ def run(args) -> int:
             print(f"  {layer:5d}  " + "  ".join(f"{x:>6d} ({100 * x / slots:3.0f}%)" for x in c) + f"  {first_weight[layer]:10.2f}")
     return 0
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="phixtral")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, RuntimeError) as e:
-        print(f"phixtral inspect: error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

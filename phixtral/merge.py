@@ -447,17 +447,3 @@ def run(args) -> int:
     print("largest cosine between two gate rows, per layer: " + " ".join(f"{x:.4f}" for x in report.max_gate_cosine))
     return 0
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="phixtral")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, RuntimeError) as e:
-        print(f"phixtral merge: error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

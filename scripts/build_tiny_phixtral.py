@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from phixtral import evaluate, merge  # noqa: E402
+from phixtral import cli  # noqa: E402
 from phixtral.stdlib_data import EXPERT_SLICES, describe_slices, python_version, slice_texts  # noqa: E402
 
 EOS = "<|endoftext|>"
@@ -179,11 +179,11 @@ def write_recipe(work: Path, prompts: dict, negatives: bool) -> Path:
     return path
 
 
-def run_cli(module, argv: list[str], log: Log) -> str:
+def run_cli(argv: list[str], log: Log) -> str:
     """Run a phixtral subcommand in-process, log its stdout, fail loudly on a non-zero exit."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = module.main(argv)
+        code = cli.main(argv)
     out = buf.getvalue()
     for line in out.rstrip().splitlines():
         log("    " + line)
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     prompts = {s: snippets(train_texts[s], args.prompts, 600) for s in EXPERT_SLICES}
     recipe = write_recipe(work, prompts, negatives=not args.no_negatives)
     t = time.time()
-    run_cli(merge, ["merge", str(recipe), "--out", str(out), "--overwrite", "--max-shard-size", str(10 / 1024)], log)
+    run_cli(["merge", str(recipe), "--out", str(out), "--overwrite", "--max-shard-size", str(10 / 1024)], log)
     shutil.copy2(recipe, out / "merge-recipe.yaml")
     times["merge"] = time.time() - t
     log(f"    merge took {times['merge']:.0f} s; recipe copied to merge-recipe.yaml (model paths relative to {work.relative_to(ROOT) if work.is_relative_to(ROOT) else work})")
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
         command = "python -m phixtral " + " ".join(argv_eval)
         log(f"[5] {command}")
         t = time.time()
-        out_text = run_cli(evaluate, argv_eval, log)
+        out_text = run_cli(argv_eval, log)
         times["eval"] = time.time() - t
         table = "\n".join(line for line in out_text.splitlines() if line.startswith("|"))
         eval_md = out / "EVAL.md"

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from phixtral import evaluate, inspect_model, stdlib_data
+from phixtral import evaluate, stdlib_data
+from phixtral.cli import main as cli_main
 from phixtral.merge import parse_recipe, merge
 from phixtral.weights import from_pretrained, save_msft_checkpoint
 from phi_checkpoints import make_phi
@@ -68,7 +69,7 @@ def test_eval_command_prints_a_table_and_json(dense, moe, tmp_path, capsys):
     data.write_text("def add(a, b):\n    return a + b\n" * 20)
     argv = ["eval", "--model", str(dense), "--model", str(moe), "--data", str(data), "--stdlib-slice", "asyncio",
             "--max-tokens", "200", "--backend", "torch", "--markdown"]  # fmt: skip
-    assert evaluate.main(argv) == 0
+    assert cli_main(argv) == 0
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     assert lines[0] == "| model | asyncio | snippet.py | mean |"
@@ -82,11 +83,11 @@ def test_eval_command_prints_a_table_and_json(dense, moe, tmp_path, capsys):
 
 
 def test_eval_errors(dense, capsys):
-    assert evaluate.main(["eval", "--model", str(dense)]) == 1
+    assert cli_main(["eval", "--model", str(dense)]) == 1
     assert "nothing to evaluate" in capsys.readouterr().err
-    assert evaluate.main(["eval", "--model", str(dense), "--stdlib-slice", "nope"]) == 1
+    assert cli_main(["eval", "--model", str(dense), "--stdlib-slice", "nope"]) == 1
     assert "unknown stdlib slice 'nope'" in capsys.readouterr().err
-    assert evaluate.main(["eval", "--model", str(dense), "--data", "/no/such/file"]) == 1
+    assert cli_main(["eval", "--model", str(dense), "--data", "/no/such/file"]) == 1
     assert "no such file" in capsys.readouterr().err
 
 
@@ -99,7 +100,7 @@ def test_format_table():
 # --- inspect ---------------------------------------------------------------------------------------------------------
 def test_inspect_counts_parameters_and_routed_tokens(moe, capsys):
     prompt = "async def main():\n    await asyncio.sleep(1)\n"
-    assert inspect_model.main(["inspect", "--model", str(moe), "--prompt", prompt, "--backend", "torch"]) == 0
+    assert cli_main(["inspect", "--model", str(moe), "--prompt", prompt, "--backend", "torch"]) == 0
     out = capsys.readouterr().out
     D, F, L, V, E = 32, 128, 2, 320, 3
     expert = L * (2 * D * F + F + D)
@@ -107,7 +108,7 @@ def test_inspect_counts_parameters_and_routed_tokens(moe, capsys):
     assert f"parameters  {(shared + E * expert) / 1e6:.2f} M total, {(shared + 2 * expert) / 1e6:.2f} M active per token" in out
     assert "dtype       F16" in out and "layer   0  max cosine" in out and "IDENTICAL experts" not in out
     assert "tokens per expert on the prompt" in out and "first pick" in out
-    assert inspect_model.main(["inspect", "--model", str(moe), "--prompt", prompt, "--backend", "torch", "--json"]) == 0
+    assert cli_main(["inspect", "--model", str(moe), "--prompt", prompt, "--backend", "torch", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     n_tokens = len(from_pretrained(moe, device="cpu", backend="torch").tokenizer(prompt)["input_ids"])
     assert report["params_total"] == shared + E * expert and report["params_active"] == shared + 2 * expert
@@ -124,7 +125,7 @@ def test_inspect_flags_identical_and_near_identical_gates(moe, tmp_path, capsys)
     g2 = state["h.1.moe.gate.weight"]
     g2[2] = g2[1] + 0.01 * g2[1].norm() * torch.nn.functional.normalize(torch.randn_like(g2[1]), dim=0)  # near-identical
     save_msft_checkpoint(tmp_path, state, model.config)
-    assert inspect_model.main(["inspect", "--model", str(tmp_path)]) == 0
+    assert cli_main(["inspect", "--model", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "layer   0  max cosine 1.0000" in out and "IDENTICAL experts 0 and 1" in out
     assert "near-identical experts 1 and 2" in out
@@ -132,6 +133,6 @@ def test_inspect_flags_identical_and_near_identical_gates(moe, tmp_path, capsys)
 
 
 def test_inspect_dense_model(dense, capsys):
-    assert inspect_model.main(["inspect", "--model", str(dense), "--prompt", "x"]) == 0
+    assert cli_main(["inspect", "--model", str(dense), "--prompt", "x"]) == 0
     out = capsys.readouterr().out
     assert "(hf layout)" in out and "router      none: a dense model" in out

@@ -7,7 +7,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from phixtral import merge as merge_mod
+from phixtral.cli import main as cli_main
 from phixtral.merge import RecipeError, load_recipe, merge, parse_recipe
 from phixtral.weights import from_pretrained
 from phi_checkpoints import EOS, hf_model, make_phi, tokenizer
@@ -166,7 +166,7 @@ def test_identical_gate_rows_warn_loudly(sources, tmp_path, capsys):
     assert report.identical_gates == {(0, 1): [0, 1], (0, 2): [0, 1], (1, 2): [0, 1]}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(d))
-    assert merge_mod.main(["merge", str(path), "--out", str(tmp_path / "moe2")]) == 0
+    assert cli_main(["merge", str(path), "--out", str(tmp_path / "moe2")]) == 0
     err = capsys.readouterr().err
     assert "WARNING: THE ROUTER CANNOT ROUTE" in err and "!!!!" in err
 
@@ -179,7 +179,7 @@ def test_command_line_and_relative_paths(sources, tmp_path, capsys, monkeypatch)
     path = base.parent / "recipe.yaml"
     path.write_text(yaml.safe_dump(d))
     monkeypatch.chdir(tmp_path)
-    assert merge_mod.main(["merge", str(path), "--out", "moe"]) == 0
+    assert cli_main(["merge", str(path), "--out", "moe"]) == 0
     out = capsys.readouterr().out
     assert "wrote moe: 3 experts, top-2, 2 layers" in out and "largest cosine" in out
     assert (tmp_path / "moe" / "config.json").is_file()
@@ -246,7 +246,7 @@ def test_bad_recipe_on_the_command_line(sources, tmp_path, capsys):
     base, experts = sources
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe_dict(base, experts, "nearest")))
-    assert merge_mod.main(["merge", str(path), "--out", str(tmp_path / "out")]) == 1
+    assert cli_main(["merge", str(path), "--out", str(tmp_path / "out")]) == 1
     assert "phixtral merge: error: unknown gate_mode 'nearest'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     path.write_text("base_model: [unclosed")
