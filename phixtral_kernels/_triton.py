@@ -14,11 +14,6 @@ except ImportError:  # macOS / Windows wheels of torch come without Triton: the 
 # @triton.jit reads TRITON_INTERPRET when a kernel is decorated, so this flag must be read at import time too.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-if tl is not None:
-    # The interpreter runs bf16 arithmetic on raw uint16 bit patterns (wrong by ~1e9): kernels upcast under it.
-    # Compiled for a GPU the branch folds away and the bf16 tensor-core path stays.
-    INTERPRET_CONST = tl.constexpr(INTERPRET)
-
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on `device` in this process, or None when they can."""

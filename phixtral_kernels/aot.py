@@ -176,7 +176,7 @@ def compile_report(tokens=(1, 64, 4096), dtypes=(torch.float16, torch.bfloat16),
                             registers=regs,
                             spill_bytes=spills,
                             tensor_core=bool(re.search(r"\bwgmma\.mma_async|\bmma\.sync", ptx)),
-                            needs_tensor_core=is_gemm,
+                            needs_tensor_core=is_gemm and dtype != torch.float32,  # fp32 runs as ieee FMA
                         )
                     )
     return rows

@@ -32,6 +32,16 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
 
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"GemmConfig.{name} must be a power of two >= 16 (tl.dot's smallest tile), got {v!r}")
+        for name in ("split_k", "group_m", "num_warps", "num_stages"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"GemmConfig.{name} must be a positive int, got {v!r}")
+
 
 def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int) -> tuple[GemmConfig, GemmConfig]:
     """(GEMM 1, GEMM 2) configs for T tokens, chosen by the mean rows per expert.
@@ -93,6 +103,7 @@ if triton is not None:
         ACTIVATION: tl.constexpr,  # "gelu_tanh" or ""
         MUL_ROUTING_WEIGHT: tl.constexpr,
         DOT_IN_FP32: tl.constexpr,  # interpreter + bf16 only: its bf16 arithmetic is wrong, upcast first
+        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (GPUs would otherwise round them to tf32)
         SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -147,7 +158,7 @@ if triton is not None:
             if DOT_IN_FP32:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_a_k
             b_ptrs += BLOCK_K * stride_b_k
 
@@ -185,6 +196,9 @@ def _check_gemm_inputs(name: str, a: torch.Tensor, w: torch.Tensor, bias: torch.
         )
     if a.dtype != w.dtype:
         raise TypeError(f"{name}: activations are {a.dtype} but weights are {w.dtype}")
+    for what, t in (("weights", w), ("bias", bias), ("routing map", routing.sorted_token_ids)):
+        if t.device != a.device:
+            raise ValueError(f"{name}: activations are on {a.device} but the {what} on {t.device}")
     if config.block_m != routing.block_m:
         raise ValueError(f"{name}: config.block_m={config.block_m} but the routing map is aligned to {routing.block_m}")
     reason = triton_unavailable_reason(a.device)
@@ -208,6 +222,7 @@ def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a,
         TOP_K=routing.top_k, E_PAD=next_power_of_2(E),
         GATHER_A=gather_a, SCATTER_C=scatter_c, ACTIVATION=activation, MUL_ROUTING_WEIGHT=mul_routing_weight,
         DOT_IN_FP32=INTERPRET and a.dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         SPLIT_K=config.split_k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import INTERPRET, next_power_of_2, tl, triton, triton_unavailable_reason
+from ._triton import next_power_of_2, tl, triton, triton_unavailable_reason
 
 # Every program of the align kernel loads the whole [num_blocks, E] count table: keep at most this many blocks.
 _MAX_TOKEN_BLOCKS = 128
@@ -103,15 +103,20 @@ if triton is not None:
         weights = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
         ids = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
         counts = tl.zeros([E_PAD], dtype=tl.int32)
+        is_nan = logits != logits
         for k in tl.static_range(TOP_K):
-            free = tl.where(taken, float("-inf"), logits)
+            # torch.topk's order: NaN above everything, then by value; ties to the lowest index. tl.max skips NaN,
+            # so free NaNs are picked first explicitly (else a NaN row would run out of picks).
+            free_nan = is_nan & (taken == 0)
+            has_nan = tl.max(free_nan.to(tl.int32), axis=1) > 0
+            free = tl.where(taken | is_nan, float("-inf"), logits)
             best = tl.max(free, axis=1)
-            # lowest free index holding the max; a NaN row falls back to the lowest free index
-            hit = ((free == best[:, None]) | (best != best)[:, None]) & (taken == 0)
+            hit = tl.where(has_nan[:, None], free_nan, (free == best[:, None]) & (taken == 0))
             idx = tl.min(tl.where(hit, offs_e[None, :], E_PAD), axis=1)
+            best = tl.where(has_nan, float("nan"), best)
             picked = offs_e[None, :] == idx[:, None]
             taken = taken | picked
-            # exp(l - l_max), l_max the first pick: the softmax over the k picks once normalized below
+            # exp(l - l_max), l_max the first pick: the softmax over the k picks once normalized below (NaN in, NaN out)
             weights = tl.where(offs_k[None, :] == k, tl.exp(best - top_logit)[:, None], weights)
             ids = tl.where(offs_k[None, :] == k, idx[:, None], ids)
             counts += tl.sum((picked & mask_t[:, None]).to(tl.int32), axis=0)
@@ -198,10 +203,10 @@ def moe_routing(router_logits: torch.Tensor, top_k: int, block_m: int) -> Routin
     if router_logits.dim() != 2 or not router_logits.is_floating_point():
         raise ValueError(f"router_logits must be a float tensor [T, E], got {tuple(router_logits.shape)} {router_logits.dtype}")
     T, E = router_logits.shape
-    if not 1 <= top_k <= E:
-        raise ValueError(f"top_k must be in [1, E={E}], got {top_k}")
-    if block_m < 1 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a power of two, got {block_m}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
+    if isinstance(block_m, bool) or not isinstance(block_m, int) or block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16 (tl.dot needs M >= 16), got {block_m!r}")
     reason = triton_unavailable_reason(router_logits.device)
     if reason is not None:
         raise RuntimeError(f"moe_routing cannot run: {reason}")
@@ -234,4 +239,4 @@ def moe_routing(router_logits: torch.Tensor, top_k: int, block_m: int) -> Routin
     return RoutingMap(topk_weights, topk_ids, sorted_token_ids, expert_offsets, block_m)
 
 
-__all__ = ["RoutingMap", "moe_routing", "INTERPRET"]
+__all__ = ["RoutingMap", "moe_routing"]
