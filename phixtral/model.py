@@ -258,6 +258,11 @@ class Phixtral(nn.Module):
         else:
             if self.cache_length == 0:
                 raise RuntimeError("input_pos given but no KV cache: call setup_caches(batch_size, length) first")
+            cache_batch = self.h[0].mixer.kv_cache.k_cache.shape[0]
+            if input_pos.dim() != 1 or input_pos.shape[0] != S:
+                raise ValueError(f"input_pos must have shape [S={S}] (one cache slot per new token), got {tuple(input_pos.shape)}")
+            if B > cache_batch:
+                raise ValueError(f"batch of {B} exceeds the KV cache's batch size {cache_batch}: call setup_caches again")
             slots = input_pos
             L = self.cache_length
         if attention_mask is None:

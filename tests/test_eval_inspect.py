@@ -8,6 +8,7 @@ import torch
 
 from phixtral import evaluate, stdlib_data
 from phixtral.cli import main as cli_main
+from phixtral_kernels import moe_routing_torch
 from phixtral.merge import parse_recipe, merge
 from phixtral.weights import from_pretrained, save_msft_checkpoint
 from phi_checkpoints import make_phi
@@ -113,7 +114,17 @@ def test_inspect_counts_parameters_and_routed_tokens(moe, capsys):
     n_tokens = len(from_pretrained(moe, device="cpu", backend="torch").tokenizer(prompt)["input_ids"])
     assert report["params_total"] == shared + E * expert and report["params_active"] == shared + 2 * expert
     assert [sum(c) for c in report["expert_tokens"]] == [2 * n_tokens] * L
-    assert all(0.5 <= w <= 1.0 for w in report["first_pick_weight"])
+    # The same numbers from the MoE layers' own inputs, routed by the kernels' reference.
+    model = from_pretrained(moe, device="cpu", backend="torch")
+    seen = []
+    hooks = [b.moe.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].reshape(-1, inp[0].shape[-1]))) for b in model.h]
+    model(model.tokenizer(prompt, return_tensors="pt")["input_ids"])
+    for h in hooks:
+        h.remove()
+    for layer, (block, x) in enumerate(zip(model.h, seen)):
+        r = moe_routing_torch(x @ block.moe.gate.weight.T, 2, 16)
+        assert report["expert_tokens"][layer] == torch.bincount(r.topk_ids.flatten().long(), minlength=E).tolist()
+        assert report["first_pick_weight"][layer] == pytest.approx(r.topk_weights[:, 0].mean().item(), rel=1e-6)
     assert report["config"]["num_local_experts"] == 3 and len(report["router"]) == L
 
 

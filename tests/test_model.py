@@ -206,3 +206,12 @@ def test_forward_rejects_bad_input(model):
         model(torch.zeros(1, 3))
     with pytest.raises(ValueError, match=r"\[B, S\]"):
         model(torch.zeros(3, dtype=torch.long))
+
+
+@torch.inference_mode()
+def test_cached_forward_rejects_positions_and_batches_the_cache_cannot_hold(moe_model):
+    moe_model.setup_caches(1, 16)
+    with pytest.raises(ValueError, match=r"input_pos must have shape \[S=3\]"):
+        moe_model(random_ids(1, 3), input_pos=torch.arange(2))
+    with pytest.raises(ValueError, match="batch of 2 exceeds the KV cache's batch size 1"):
+        moe_model(random_ids(2, 3), input_pos=torch.arange(3))
