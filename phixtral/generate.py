@@ -15,6 +15,8 @@ from .model import Phixtral
 
 # The KV cache length is rounded up to this, so that prompts of similar length reuse one allocation.
 _CACHE_ROUND = 64
+# Devices whose next decode step is queued before the host reads the current token (asynchronous devices).
+LOOKAHEAD_DEVICE_TYPES = ("cuda",)
 
 
 @dataclass
@@ -158,7 +160,7 @@ def generate_tokens(
     input_pos = torch.arange(S, device=device)
     tok = next_token(model.hidden_states(input_ids, valid, input_pos))  # prefill
     input_pos = input_pos[-1:] + 1
-    lookahead = device.type == "cuda"
+    lookahead = device.type in LOOKAHEAD_DEVICE_TYPES
     for step in range(max_new_tokens):
         read = _host_reader(tok)
         if lookahead and step + 1 < max_new_tokens:  # queue step + 1 before waiting for this token

@@ -1,5 +1,7 @@
 """Sampling (against transformers' logits processors), stop strings, eos, streaming, seeds, chat and bad arguments."""
 
+import importlib
+
 import pytest
 import torch
 from helpers_models import msft_moe_checkpoint
@@ -207,3 +209,15 @@ def test_text_prompt_without_tokenizer_is_an_error():
     with pytest.raises(ValueError, match="ships no tokenizer"):
         model.generate("hi")
     assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2).shape == (1, 5)
+
+
+def test_queued_next_step_gives_the_same_tokens(model, monkeypatch):
+    """On CUDA the next decode step is queued before the host reads the current token: same tokens, same stats."""
+    prompts = ["def f(x):", "import os"]
+    greedy = model.generate(prompts, max_new_tokens=10)
+    sampled = model.generate(prompts[0], max_new_tokens=10, temperature=0.8, seed=3)
+    monkeypatch.setattr(importlib.import_module("phixtral.generate"), "LOOKAHEAD_DEVICE_TYPES", ("cpu",))
+    assert model.generate(prompts, max_new_tokens=10) == greedy
+    assert model.generate(prompts[0], max_new_tokens=10, temperature=0.8, seed=3) == sampled
+    assert "".join(model.generate(prompts[0], max_new_tokens=10, temperature=0.8, seed=3, stream=True)) == sampled
+    assert model.last_generation_stats.new_tokens == 10
