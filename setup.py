@@ -6,14 +6,15 @@ setup(
     description="Fused Triton Mixture-of-Experts kernels and a lean decoder for the phixtral / phi-2 family",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["phixtral_kernels", "phixtral", "phixtral.*"]),
     package_data={"phixtral": ["assets/*/*"]},
     install_requires=[
         # Kept open on purpose: users bring the torch build (CPU or CUDA) that fits their machine.
         "torch>=2.3",
-        # Triton ships with CUDA builds of torch; never ask for more than what torch 2.11 pins (3.6).
-        "triton>=3.2; platform_system == 'Linux'",
+        # Triton ships with CUDA builds of torch (2.11 pins 3.6): never ask for more. Tested from 3.3 (torch 2.7) on;
+        # with an older triton, backend="auto" falls back to the torch path.
+        "triton>=3.3; platform_system == 'Linux'",
         "transformers>=4.40",
         "safetensors",
         "tokenizers",

@@ -403,3 +403,15 @@ def test_configs_share_block_m():
     for T in (1, 8, 64, 512, 16384):
         gemm1, gemm2 = moe_gemm_configs(T, 2, 4)
         assert gemm1.block_m == gemm2.block_m and gemm1.split_k == 1
+
+
+def test_triton_older_than_tested_falls_back_to_torch(monkeypatch):
+    import phixtral_kernels._triton as triton_support
+    from phixtral_kernels import triton_unavailable_reason
+
+    monkeypatch.setattr(triton_support.triton, "__version__", "3.2.0")
+    assert "triton 3.2.0 is older than 3.3" in triton_unavailable_reason(torch.device(DEVICE))
+    layer = moe_layer(5, 64, 64, 4)
+    with pytest.raises(RuntimeError, match="older than 3.3"):
+        fused_moe(*layer, 2, backend="triton")
+    assert_close_to_reference(fused_moe(*layer, 2), *layer, 2)  # auto: the torch path
