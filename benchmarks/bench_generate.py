@@ -181,11 +181,6 @@ def reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
-
-
 def median(xs):
     return common.summarize(xs).median_s
 
@@ -247,7 +242,7 @@ def run_benchmark(args) -> dict:
         try:
             ref[backend] = last_logits(model, check_ids, backend)
         except Exception as exc:  # noqa: BLE001: the provider's row reports it
-            ref[backend] = f"backend {backend} raised {_first_line(exc)}"
+            ref[backend] = f"backend {backend} raised {common.first_line(exc)}"
 
     def compare(a, b):  # a Check, or why there is none
         bad = [ref[x] for x in (a, b) if isinstance(ref[x], str)]
@@ -283,12 +278,12 @@ def run_benchmark(args) -> dict:
                     row.update(run_eager(model, fused_backend if name == "fused" else "naive", ids, N, args.reps, device))
                     row["check"] = checks[name]
             except Exception as exc:  # noqa: BLE001: report it in the table and go on
-                row.update(skipped=f"raised {_first_line(exc)}", ok=False)
+                row.update(skipped=f"raised {common.first_line(exc)}", ok=False)
                 if gpu:
                     try:
                         torch.cuda.synchronize()
                     except Exception as sticky:  # noqa: BLE001: e.g. an illegal address poisons the context
-                        lost = f"CUDA context lost after B={B} {name}: {_first_line(sticky)}"
+                        lost = f"CUDA context lost after B={B} {name}: {common.first_line(sticky)}"
             if lost and "skipped" not in row:
                 row["skipped"] = lost
             check = row.pop("check", None)
@@ -421,14 +416,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = common.out_dir(args.out)
-    result = run_benchmark(args)
-    report(result, out)
-    print(common.dump_json(result, out / "bench_generate.json"))
-    return result
+    return common.run_script(parse_args(argv), run_benchmark, report, "bench_generate.json")
 
 
 if __name__ == "__main__":

@@ -145,16 +145,11 @@ def grouped_mm_unavailable(dtype, device) -> str | None:
         if not check.ok:
             return f"torch._grouped_mm trial call gave rel. error {check.rel_err:.3g}"
     except Exception as exc:  # noqa: BLE001: any failure means "not usable on this build"
-        return f"torch._grouped_mm trial call failed: {_first_line(exc)}"
+        return f"torch._grouped_mm trial call failed: {common.first_line(exc)}"
     return None
 
 
 OWN_PROVIDERS = ("fused", "fused_eager", "torch", "naive")
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
 
 
 @dataclass
@@ -282,12 +277,12 @@ def run_benchmark(args) -> dict:
                             ref = points[T][1] = reference_moe(x, *layer.weights, top_k)
                         row.update(measure_one(p, layer, T, ref, device, dtype, args.rep_budget_s))
                     except Exception as exc:  # noqa: BLE001: report the failure in the table, go on with the others
-                        row.update(skipped=f"raised {_first_line(exc)}", error=True)
+                        row.update(skipped=f"raised {common.first_line(exc)}", error=True)
                         if gpu:
                             try:
                                 torch.cuda.synchronize()
                             except Exception as sticky:  # noqa: BLE001: e.g. an illegal address poisons the context
-                                lost = f"CUDA context lost after {dname} T={T} {p.name}: {_first_line(sticky)}"
+                                lost = f"CUDA context lost after {dname} T={T} {p.name}: {common.first_line(sticky)}"
                 if "median_s" in row:
                     m = row["median_s"]
                     row.update(tflops=base["flops"] / m / 1e12, weight_gbps=base["weight_bytes"] / m / 1e9,
@@ -400,14 +395,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = common.out_dir(args.out)
-    result = run_benchmark(args)
-    report(result, out)
-    print(common.dump_json(result, out / "bench_moe.json"))
-    return result
+    return common.run_script(parse_args(argv), run_benchmark, report, "bench_moe.json")
 
 
 if __name__ == "__main__":

@@ -258,6 +258,23 @@ def floor_s(nbytes: float, flops: float, ceilings: dict) -> float:
 
 
 # --- output ----------------------------------------------------------------------------------------------------------
+def first_line(exc: Exception) -> str:
+    """The exception's type and the first line of its message, for a table cell."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
+
+
+def run_script(args, run_benchmark, report, json_name: str) -> dict:
+    """A benchmark script's main: threads, run, the tables and plot, then its JSON (file and last line of output)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = out_dir(args.out)
+    result = run_benchmark(args)
+    report(result, out)
+    print(dump_json(result, out / json_name))
+    return result
+
+
 def out_dir(arg: str | None) -> Path:
     """--out if given, else $OUT when set, else ./out."""
     path = Path(arg or os.environ.get("OUT") or "out")
