@@ -27,24 +27,26 @@ def moe_layer(T, D, F, E, dtype=torch.float32, *, device=DEVICE, seed=0, gate=No
     return x, gate_weight, w1, b1, w2, b2
 
 
-def fp64_reference(x, gate_weight, w1, b1, w2, b2, top_k):
-    """The MoE in fp64 on the CPU, with the routing decided on the logits of the test dtype (as every backend does)."""
-    # Near-equal logits may order differently once rounded: route on the very logits the backends see.
-    logits = (x @ gate_weight.t()).double().cpu()
-    values, experts = topk_lowest_index(logits, top_k)
+def reference_moe(x, gate_weight, w1, b1, w2, b2, top_k, *, dtype=torch.float64, device="cpu"):
+    """The MoE computed in `dtype` on `device` (fp64 on the CPU by default), expert by expert.
+
+    Routed on the logits of the test dtype, as every backend routes: near-equal logits may order differently once rounded.
+    """
+    logits = (x @ gate_weight.t()).to(device, dtype)
+    values, experts = topk_lowest_index(logits, top_k)  # [T, top_k]
     weights = torch.softmax(values, dim=-1)
-    xd, w1d, b1d, w2d, b2d = (t.double().cpu() for t in (x, w1, b1, w2, b2))
-    out = torch.zeros_like(xd)
-    for k in range(top_k):
-        e = experts[:, k]
-        h = gelu_tanh(torch.einsum("td,tfd->tf", xd, w1d[e]) + b1d[e])
-        out += weights[:, k, None] * (torch.einsum("tf,tdf->td", h, w2d[e]) + b2d[e])
+    x, w1, b1, w2, b2 = (t.to(device, dtype) for t in (x, w1, b1, w2, b2))
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        tokens, picks = torch.where(experts == e)
+        h = gelu_tanh(torch.addmm(b1[e], x[tokens], w1[e].t()))
+        out.index_add_(0, tokens, weights[tokens, picks, None] * torch.addmm(b2[e], h, w2[e].t()))
     return out
 
 
 def assert_close_to_reference(out, x, gate_weight, w1, b1, w2, b2, top_k):
     """Error of `out` <= 2x the error of the naive loop run in the same dtype, plus the dtype's floor."""
-    ref = fp64_reference(x, gate_weight, w1, b1, w2, b2, top_k)
+    ref = reference_moe(x, gate_weight, w1, b1, w2, b2, top_k)
     assert out.shape == ref.shape and out.dtype == x.dtype
     err = (out.double().cpu() - ref).abs().max().item() if out.numel() else 0.0
     if x.dtype == torch.float32 and DEVICE == "cpu":
