@@ -13,7 +13,7 @@ import torch
 
 from ._triton import triton_unavailable_reason
 from .grouped_gemm import expert_gemm1, expert_gemm2, moe_gemm_configs
-from .reference import gelu_tanh, naive_moe, topk_lowest_index
+from .reference import gelu_tanh, naive_moe, topk_softmax_torch
 from .routing import moe_routing
 from .unpermute import moe_combine
 
@@ -60,9 +60,9 @@ def _moe_triton(x, gate_weight, w1, b1, w2, b2, top_k):
 def _moe_torch(x, gate_weight, w1, b1, w2, b2, top_k):
     T, D = x.shape
     E = w1.shape[0]
-    values, experts = topk_lowest_index(x @ gate_weight.t(), top_k)  # [T, top_k]
-    weights = torch.softmax(values.float(), dim=-1).to(x.dtype)
-    flat_experts = experts.reshape(-1)  # slot -> expert
+    weights, experts = topk_softmax_torch(x @ gate_weight.t(), top_k)  # [T, top_k] fp32, int32
+    weights = weights.to(x.dtype)
+    flat_experts = experts.reshape(-1).long()  # slot -> expert
     order = torch.sort(flat_experts, stable=True).indices  # sorted row -> slot
     counts = torch.bincount(flat_experts, minlength=E).tolist()  # host read: this path is for CPUs
     x_sorted = x[order // top_k]  # [S, D]
