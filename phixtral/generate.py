@@ -5,7 +5,9 @@ a non-blocking copy issued before the next step is queued, so the GPU computes s
 token i. Sampling draws with exponential noise (argmax(p / q), q ~ Exp(1)) instead of torch.multinomial, which syncs.
 """
 
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -38,6 +40,53 @@ class GenerationStats:
         # The first new token comes out of prefill; decode steps produce the others.
         steps = self.new_tokens - 1
         return self.batch_size * steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+    def __str__(self) -> str:
+        return (
+            f"batch {self.batch_size}: prompt {self.prompt_tokens} tokens in {self.prefill_s:.3f} s "
+            f"({self.prompt_tokens_per_s:.1f} tokens/s); decode {self.new_tokens} tokens in {self.decode_s:.3f} s "
+            f"({self.decode_tokens_per_s:.1f} tokens/s)"
+        )
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The model produced NaN or inf logits: its weights or its arithmetic (e.g. fp16 overflow) are broken."""
+
+
+# --- one generation per model at a time --------------------------------------------------------------------------------
+# The KV cache belongs to the model, so two generations on one model would overwrite each other's keys and values.
+# Each model gets a lock: a generation holds it from the call until it ends (a stream: until it is exhausted or
+# closed). Another thread waits for it; the thread that holds it gets an error instead, since waiting would deadlock.
+_LOCKS: "weakref.WeakKeyDictionary[Phixtral, _GenerationLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+class _GenerationLock:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.holder: Optional[int] = None  # thread id of the generation that holds the lock
+
+    def acquire(self) -> None:
+        if self.holder == threading.get_ident():
+            raise RuntimeError(
+                "this model is already generating in this thread (a stream still open?): exhaust or close() it "
+                "before starting another generation"
+            )
+        self._lock.acquire()
+        self.holder = threading.get_ident()
+
+    def release(self) -> None:
+        self.holder = None
+        self._lock.release()
+
+
+def generation_lock(model: Phixtral) -> _GenerationLock:
+    """The lock that serializes generations on `model` (see above)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = _GenerationLock()
+        return lock
 
 
 # --- sampling --------------------------------------------------------------------------------------------------------
@@ -94,8 +143,10 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[fl
 
 def sample(logits: torch.Tensor, temperature: float, top_k=None, top_p=None, generator=None) -> torch.Tensor:
     """logits [B, V] fp32 -> token ids [B] int64: argmax when temperature is 0, else a draw from the filtered softmax."""
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that fp32 would hold it as 0
         return logits.argmax(-1)
+    # Shift the maximum to 0 before dividing: a tiny temperature then sends the others to -inf, never inf - inf = NaN.
+    logits = logits - logits.amax(-1, keepdim=True)
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
     noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(-1)  # a draw from probs, without a host sync
@@ -148,32 +199,65 @@ def generate_tokens(
         seen = seen.scatter_(1, ids, True)[:, :V]
 
     def next_token(hidden):
+        """-> (tok [B], the same with -1 on rows whose logits are not all finite: what the host reads)."""
         logits = model.lm_head(hidden[:, -1]).float()  # [B, V]: only the last position is needed
+        finite = torch.isfinite(logits).all(-1)  # [B], read with the token: no extra sync
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         tok = sample(logits, temperature, top_k, top_p, generator)  # [B]
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
-        return tok
+        return tok, torch.where(finite, tok, -1)
 
     clock = time.perf_counter()
     input_pos = torch.arange(S, device=device)
-    tok = next_token(model.hidden_states(input_ids, valid, input_pos))  # prefill
+    tok, checked = next_token(model.hidden_states(input_ids, valid, input_pos))  # prefill
     input_pos = input_pos[-1:] + 1
     lookahead = device.type in LOOKAHEAD_DEVICE_TYPES
     for step in range(max_new_tokens):
-        read = _host_reader(tok)
+        read = _host_reader(checked)
         if lookahead and step + 1 < max_new_tokens:  # queue step + 1 before waiting for this token
-            tok = next_token(model.hidden_states(tok[:, None], valid, input_pos))
+            tok, checked = next_token(model.hidden_states(tok[:, None], valid, input_pos))
             input_pos = input_pos + 1
         host = read()
+        if min(host) < 0:
+            raise NonFiniteLogitsError(
+                f"non-finite logits (NaN or inf) at generation step {step} in row {host.index(min(host))}: "
+                f"{locate_nonfinite(model, input_ids, attention_mask)}"
+            )
         if stats is not None:
             stats["prefill_s" if step == 0 else "decode_s"] += time.perf_counter() - clock
         yield host
         clock = time.perf_counter()
         if not lookahead and step + 1 < max_new_tokens:
-            tok = next_token(model.hidden_states(tok[:, None], valid, input_pos))
+            tok, checked = next_token(model.hidden_states(tok[:, None], valid, input_pos))
             input_pos = input_pos + 1
+
+
+@torch.inference_mode()
+def locate_nonfinite(model: Phixtral, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> str:
+    """Name the first module whose output holds a NaN or inf in a forward over input_ids [B, S] (no cache).
+
+    A diagnosis for an error message: one forward with a hook (and a host read) per module, so never on a hot path.
+    """
+    found = []
+
+    def check(name):
+        def hook(module, args, out):
+            if not found and isinstance(out, torch.Tensor) and out.is_floating_point() and not out.isfinite().all():
+                found.append(name)
+
+        return hook
+
+    handles = [m.register_forward_hook(check(name)) for name, m in model.named_modules() if name]
+    try:
+        model(input_ids, attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    if found:
+        return f"the first non-finite value is in the output of {found[0]} (on the prompt's forward)"
+    return "the prompt's forward is finite: the overflow happened on a generated token"
 
 
 # --- text in, text out -----------------------------------------------------------------------------------------------
@@ -276,7 +360,9 @@ def generate(
     temperature 0 is greedy; top_k / top_p filter before sampling; repetition_penalty as transformers (1 = off).
     Generation of a row ends at an eos id (tokenizer + config) or a stop string; text results exclude both.
     seed makes sampling reproducible. stream=True (one prompt) returns an iterator of text pieces instead.
-    The KV cache belongs to the model: run one generation at a time per model (finish or close a stream first).
+    The KV cache belongs to the model, so generations on one model run one at a time: a call from another thread waits
+    for the running one (a stream holds the model until it is exhausted or closed); a second generation started by the
+    thread that holds an open stream raises a RuntimeError. Non-finite logits raise NonFiniteLogitsError.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     stops = _check_stop(stop)
@@ -284,6 +370,8 @@ def generate(
         raise TypeError(f"stream must be a bool, got {type(stream).__name__}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     kind, ids, mask = _encode(model, prompt, attention_mask)
     B, S = ids.shape
     if S + max_new_tokens > model.config.n_positions:
@@ -301,6 +389,8 @@ def generate(
     else:
         generator.manual_seed(seed)
     timing = {"prefill_s": 0.0, "decode_s": 0.0}
+    lock = generation_lock(model)
+    lock.acquire()
     steps = generate_tokens(
         model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, generator=generator, stats=timing,
@@ -311,7 +401,7 @@ def generate(
         model.last_generation_stats = GenerationStats(B, S, new_tokens, timing["prefill_s"], timing["decode_s"])
 
     if stream:
-        return _stream(model, steps, eos, stops, record)
+        return _LockedStream(_stream(model, steps, eos, stops, record), lock)
     rows, done, n = [[] for _ in range(B)], [False] * B, 0
     try:
         for step in steps:
@@ -326,6 +416,7 @@ def generate(
     finally:
         steps.close()
         record(n)
+        lock.release()
     if kind == "tensor":
         pad = _pad_id(model)
         new = torch.tensor([r + [pad] * (n - len(r)) for r in rows], dtype=torch.int64, device=ids.device)
@@ -336,6 +427,36 @@ def generate(
         cut = _find_stop(text, stops)
         texts.append(text if cut < 0 else text[:cut])
     return texts[0] if kind == "str" else texts
+
+
+class _LockedStream:
+    """The iterator of text pieces that generate(stream=True) returns: holds the model's generation lock until it is
+    exhausted, fails or is closed (or garbage-collected)."""
+
+    def __init__(self, pieces: Iterator[str], lock: _GenerationLock):
+        self._pieces, self._lock = pieces, lock
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop generating and free the model for the next generation."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            try:
+                self._pieces.close()
+            finally:
+                lock.release()
+
+    def __del__(self):
+        self.close()
 
 
 def _stream(model, steps, eos, stops, record) -> Iterator[str]:

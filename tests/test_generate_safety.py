@@ -1,0 +1,111 @@
+"""Generation under concurrent use, and clear errors where the arithmetic breaks (NaN weights, tiny temperatures)."""
+
+import threading
+
+import pytest
+import torch
+from helpers_models import msft_moe_checkpoint
+
+import phixtral
+from phixtral.generate import NonFiniteLogitsError, generation_lock
+
+PROMPTS = ["def f7(x, y):\n", "import os\nclass A", "for i in range(10):", "while True:\n    x"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return phixtral.from_pretrained(msft_moe_checkpoint(), backend="torch")
+
+
+def test_threads_generating_on_one_model_get_their_own_results(model):
+    expected = [model.generate(p, max_new_tokens=16) for p in PROMPTS]
+    sampled = model.generate(PROMPTS[0], max_new_tokens=16, temperature=0.9, seed=5)
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            if i == len(PROMPTS):
+                results[i] = model.generate(PROMPTS[0], max_new_tokens=16, temperature=0.9, seed=5)
+            elif i % 2:
+                results[i] = "".join(model.generate(PROMPTS[i], max_new_tokens=16, stream=True))
+            else:
+                results[i] = model.generate(PROMPTS[i], max_new_tokens=16)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    for _ in range(3):
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(PROMPTS) + 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors
+        assert [results[i] for i in range(len(PROMPTS))] == expected
+        assert results[len(PROMPTS)] == sampled
+
+
+def test_second_generation_while_a_stream_is_open_is_an_error(model):
+    expected = model.generate(PROMPTS[1], max_new_tokens=8)
+    stream = model.generate(PROMPTS[0], max_new_tokens=8, stream=True)
+    first = next(stream)
+    with pytest.raises(RuntimeError, match="already generating in this thread"):
+        model.generate(PROMPTS[1], max_new_tokens=8)
+    with pytest.raises(RuntimeError, match="a stream still open"):
+        model.generate(PROMPTS[1], max_new_tokens=8, stream=True)
+    rest = "".join(stream)  # the open stream was not disturbed
+    assert first + rest == model.generate(PROMPTS[0], max_new_tokens=8)
+    assert model.generate(PROMPTS[1], max_new_tokens=8) == expected  # exhausted: the model is free again
+
+
+def test_closed_or_dropped_streams_free_the_model(model):
+    stream = model.generate(PROMPTS[0], max_new_tokens=8, stream=True)
+    next(stream)
+    stream.close()
+    assert generation_lock(model).holder is None
+    model.generate(PROMPTS[0], max_new_tokens=8, stream=True)  # never iterated, dropped at once
+    assert generation_lock(model).holder is None
+    assert isinstance(model.generate(PROMPTS[0], max_new_tokens=4), str)
+
+
+def test_a_stream_waits_in_another_thread_until_the_first_is_closed(model):
+    stream = model.generate(PROMPTS[0], max_new_tokens=8, stream=True)
+    next(stream)
+    done = threading.Event()
+    out = []
+    worker = threading.Thread(target=lambda: (out.append(model.generate(PROMPTS[2], max_new_tokens=8)), done.set()))
+    worker.start()
+    assert not done.wait(0.5), "the other thread must wait while the stream holds the model"
+    stream.close()
+    worker.join(timeout=60)
+    assert done.is_set() and out == [model.generate(PROMPTS[2], max_new_tokens=8)]
+
+
+def test_nan_weight_raises_naming_the_first_bad_module():
+    model = phixtral.from_pretrained(msft_moe_checkpoint(), backend="torch")
+    with torch.no_grad():
+        model.h[1].mixer.out_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLogitsError, match=r"non-finite logits .* step 0 .*output of h\.1\.mixer\.out_proj"):
+        model.generate(PROMPTS[0], max_new_tokens=4)
+    with pytest.raises(NonFiniteLogitsError):
+        "".join(model.generate(PROMPTS[0], max_new_tokens=4, stream=True))
+    assert generation_lock(model).holder is None  # the error freed the model
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 5e-324])
+def test_tiny_temperature_samples_the_argmax(model, temperature):
+    greedy = model.generate(PROMPTS[0], max_new_tokens=12)
+    assert greedy
+    assert model.generate(PROMPTS[0], max_new_tokens=12, temperature=temperature, seed=0) == greedy
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**70, -1])
+def test_seed_out_of_range_names_the_argument(model, seed):
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
+        model.generate(PROMPTS[0], max_new_tokens=2, seed=seed)
+    assert model.generate(PROMPTS[0], max_new_tokens=2, seed=2**64 - 1, temperature=1.0)
+
+
+def test_generation_stats_print_their_rates(model):
+    model.generate(PROMPTS[0], max_new_tokens=6)
+    text = str(model.last_generation_stats)
+    assert "prompt" in text and "decode 6 tokens" in text and text.count("tokens/s") == 2
