@@ -82,6 +82,8 @@ class PhixtralConfig:
             raise ValueError(f"config: rotary_dim must be an even int in [0, head_dim={self.head_dim}], got {r!r}")
         if not self.rope_theta > 0:
             raise ValueError(f"config: rope_theta must be > 0, got {self.rope_theta!r}")
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(f"config: layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
         if self.activation_function not in TANH_GELUS:
             raise ValueError(
                 f"config: activation_function {self.activation_function!r} is not supported; the MoE kernels compute "
@@ -156,6 +158,16 @@ class PhixtralConfig:
         return d
 
 
+def _number(d: dict, key: str, default: float) -> float:
+    """d[key] as a float (default when absent or null), or a ValueError naming the key."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise ValueError(f"config: {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _missing(d: dict, keys) -> None:
     missing = [k for k in keys if d.get(k) is None]
     if missing:
@@ -180,8 +192,8 @@ def _from_msft(d: dict) -> dict:
         n_inner=d.get("n_inner"),
         n_positions=d["n_positions"],
         rotary_dim=d["rotary_dim"],
-        rope_theta=float(d.get("rope_theta") or 10000.0),
-        layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+        rope_theta=_number(d, "rope_theta", 10000.0),
+        layer_norm_epsilon=_number(d, "layer_norm_epsilon", 1e-5),
         activation_function=d.get("activation_function", "gelu_new"),
         num_local_experts=1 if experts is None else experts,
         num_experts_per_tok=1 if experts is None else d.get("num_experts_per_tok"),
@@ -199,9 +211,13 @@ def _from_hf(d: dict) -> dict:
     if rope_type != "default" or scaling:
         raise ValueError(f"config: only default RoPE is supported, got rope_parameters={rope} rope_scaling={scaling}")
     # transformers 5 moves these two into rope_parameters; PhiConfig's default factor is 0.5 when neither place has it.
-    factor = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5))
-    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    factor = _number(rope, "partial_rotary_factor", _number(d, "partial_rotary_factor", 0.5))
+    theta = _number(rope, "rope_theta", _number(d, "rope_theta", 10000.0))
     hidden, heads = d["hidden_size"], d["num_attention_heads"]
+    for key in ("hidden_size", "num_attention_heads", "head_dim"):
+        value = d.get(key)
+        if key in d and value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"config: {key} must be a positive int, got {value!r}")
     head_dim = d.get("head_dim") or hidden // heads
     if head_dim * heads != hidden:
         raise ValueError(f"config: head_dim={head_dim} * num_attention_heads={heads} != hidden_size={hidden}")
@@ -214,8 +230,8 @@ def _from_hf(d: dict) -> dict:
         n_inner=d["intermediate_size"],
         n_positions=d["max_position_embeddings"],
         rotary_dim=int(head_dim * factor),  # as transformers: int(head_dim * partial_rotary_factor)
-        rope_theta=float(theta),
-        layer_norm_epsilon=float(d.get("layer_norm_eps", 1e-5)),
+        rope_theta=theta,
+        layer_norm_epsilon=_number(d, "layer_norm_eps", 1e-5),
         activation_function=d.get("hidden_act", "gelu_new"),
         num_local_experts=1,
         num_experts_per_tok=1,

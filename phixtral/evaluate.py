@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from phixtral_kernels import BACKENDS
 
+from .cli_args import int_at_least
 from .stdlib_data import EXPERT_SLICES, SLICES, slice_texts
 
 
@@ -157,15 +158,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=None, help="a UTF-8 text file, one document (repeatable)")
     p.add_argument("--stdlib-slice", action="append", default=None, help="a stdlib slice name or 'all' (repeatable)")
     p.add_argument("--split", default="heldout", choices=("heldout", "train"), help="which part of the stdlib slices")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: n_positions, at most 1024)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens per dataset")
+    p.add_argument("--seq-len", type=int_at_least(2), default=None, help="window length (default: n_positions, at most 1024)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=4, help="windows per forward")
+    p.add_argument("--max-tokens", type=int_at_least(1), default=None, help="score at most this many tokens per dataset (default: all)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: float32 on CPU)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="MoE implementation")
-    p.add_argument("--experts-per-tok", type=int, default=None, help="override num_experts_per_tok of every model")
+    p.add_argument("--experts-per-tok", type=int_at_least(1), default=None, help="override num_experts_per_tok of every model (default: the config's)")
     p.set_defaults(func=run)
     return p
 

@@ -315,7 +315,7 @@ def _encode(model: Phixtral, prompt, attention_mask):
         raise TypeError(f"prompt must be a str, a list of str or a LongTensor [B, S], got {type(prompt).__name__}")
     if model.tokenizer is None:
         raise ValueError("this checkpoint ships no tokenizer: pass token ids as a LongTensor [B, S]")
-    rows = [model.tokenizer(p)["input_ids"] for p in prompts]
+    rows = [model.tokenizer(p, verbose=False)["input_ids"] for p in prompts]  # the length check below names the limit
     empty = [i for i, (p, r) in enumerate(zip(prompts, rows)) if not p or not r]
     if empty:
         raise ValueError(f"empty prompt (index {empty[0]}): give at least one token of text")

@@ -5,8 +5,8 @@ Without --prompt nothing but the file headers and the router weights is read, so
     parameters    total, and active per token (the shared weights plus top_k of the E experts in every layer)
     dtype         of the tensors in the files
     router        per layer: the largest cosine similarity between two experts' gate rows, the gate row norms, and
-                  pairs flagged IDENTICAL (the same direction: their logits tie on every token, so only the lower index
-                  ever runs) or near-identical (cosine >= 0.99: they are picked almost always together or not at all).
+                  pairs flagged IDENTICAL (the same direction: their logits tie on every token; what that costs
+                  depends on top_k, see `merge.tie_consequence`) or near-identical (cosine >= 0.99: they are picked almost always together or not at all).
 With --prompt (or --stdlib-slice, the first --max-tokens of a slice's held-out text) the model runs on that text and,
 per layer, counts the tokens routed to each expert (top_k slots per token, ties to the lowest index as in
 phixtral_kernels).
@@ -20,16 +20,15 @@ import torch
 
 from phixtral_kernels import BACKENDS
 
-from .merge import IDENTICAL_COSINE, gate_similarity
+from .cli_args import int_at_least
+from .merge import IDENTICAL_COSINE, gate_similarity, tie_consequence
 
 NEAR_IDENTICAL_COSINE = 0.99
 
 
 def checkpoint_summary(folder) -> dict:
     """Config, parameter counts and dtypes from the file headers, and the router weights (the only tensors read)."""
-    from safetensors import safe_open
-
-    from .weights import inspect_checkpoint, read_config, resolve_checkpoint
+    from .weights import inspect_checkpoint, open_safetensors, read_config, resolve_checkpoint
 
     folder = resolve_checkpoint(folder)
     config = read_config(folder)
@@ -37,7 +36,7 @@ def checkpoint_summary(folder) -> dict:
     E, k, L = config.num_local_experts, config.num_experts_per_tok, config.n_layer
     total, expert, dtypes, gates = 0, 0, Counter(), {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 target = mapping.get(name)
                 if target is None:
@@ -117,7 +116,7 @@ def routing_input(model, prompt=None, stdlib_slice=None, max_tokens: int = 4096)
     if model.tokenizer is None:
         raise ValueError("the checkpoint has no tokenizer files: routing counts need them")
     if prompt is not None:
-        ids = model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]  # [1, S]
+        ids = model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"]  # [1, S]
         if ids.numel() == 0:
             raise ValueError("--prompt encodes to no tokens")
         return "the prompt", ids
@@ -143,9 +142,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "receives in each layer.",
     )
     p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled model)")
-    p.add_argument("--prompt", default=None, help="count the tokens routed to each expert on this text")
-    p.add_argument("--stdlib-slice", default=None, help="... or on the held-out text of this stdlib slice")
-    p.add_argument("--max-tokens", type=int, default=4096, help="tokens of --stdlib-slice to route (default 4096)")
+    p.add_argument("--prompt", default=None, help="count the tokens routed to each expert on this text (default: none, headers and router only)")
+    p.add_argument("--stdlib-slice", default=None, help="... or on the held-out text of this stdlib slice (default: none)")
+    p.add_argument("--max-tokens", type=int_at_least(1), default=4096, help="tokens of --stdlib-slice to route")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     p.add_argument("--device", default=None, help="where --prompt runs (default: cuda when available)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="MoE implementation for --prompt")
@@ -195,8 +194,7 @@ def run(args) -> int:
         norms = " ".join(f"{x:.3g}" for x in row["norms"])
         print(f"  layer {row['layer']:3d}  max cosine {row['max_cosine']:.4f}  norms [{norms}]" + ("  " + "; ".join(flags) if flags else "  ok"))
     if bad_layers:
-        print(f"WARNING: {bad_layers} of {len(health)} layers have identical gate rows: their router logits tie on every "
-              "token, so top-k always picks the lowest index and the other expert never runs there.")  # fmt: skip
+        print(f"WARNING: {bad_layers} of {len(health)} layers have identical gate rows: {tie_consequence(E, k)}.")
     if counts is not None:
         slots = sum(counts[0])
         print(f"tokens per expert on {what} ({slots // k} tokens, top-{k}: {slots} slots per layer; share of the slots; "

@@ -44,6 +44,7 @@ from typing import Optional
 
 import torch
 
+from .cli_args import float_in, seed
 from .config import PhixtralConfig
 
 GATE_MODES = ("hidden", "cheap_embed", "random")
@@ -218,14 +219,12 @@ def read_params(source: Source, wanted, dtype: torch.dtype, shapes: dict) -> dic
 
     shapes: {param name: full shape} of a Phixtral of the source's config (for HF's q/k/v, which fill Wqkv row blocks).
     """
-    from safetensors import safe_open
-
-    from .weights import checkpoint_files
+    from .weights import checkpoint_files, open_safetensors
 
     wanted = set(wanted)
     out = {name: torch.empty(shapes[name], dtype=dtype) for name in wanted}
     for file in checkpoint_files(source.path):
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 target = source.mapping.get(name)
                 if target is not None and target.param in wanted:
@@ -246,7 +245,7 @@ def _encode_prompts(tokenizer, prompts: list[str], max_len: int) -> list[torch.T
     bos = tokenizer.bos_token or ""
     ids = []
     for p in prompts:
-        t = tokenizer(bos + p, add_special_tokens=False)["input_ids"][:max_len]
+        t = tokenizer(bos + p, add_special_tokens=False, verbose=False)["input_ids"][:max_len]
         if not t:
             raise RecipeError(f"prompt {p!r} encodes to no tokens and the tokenizer has no bos token to stand for it")
         ids.append(torch.tensor(t, dtype=torch.long))
@@ -328,15 +327,29 @@ def identical_gate_pairs(gates, threshold: float = IDENTICAL_COSINE) -> dict:
     return pairs
 
 
-def router_warning(pairs: dict, n_layer: int) -> str:
+def tie_consequence(num_experts: int, top_k: int) -> str:
+    """What identical gate rows do to routing at this top-k, in words."""
+    if top_k >= num_experts:
+        return (
+            f"with top-{top_k} of {num_experts} experts every expert runs on every token anyway, but experts with "
+            "identical rows always get equal routing weights: the router cannot weigh one above the other"
+        )
+    return (
+        "their router logits tie on every token, so the higher-index expert of a pair runs only together with the "
+        "lower one, at the same weight, and never where the tie decides the last of the top-k picks (the lower index "
+        "wins); if all rows are identical, only experts 0 to top_k - 1 ever run"
+    )
+
+
+def router_warning(pairs: dict, n_layer: int, num_experts: int, top_k: int) -> str:
     lines = []
     for (i, j), layers in sorted(pairs.items()):
         where = "every layer" if len(layers) == n_layer else f"layers {layers}"
         lines.append(f"experts {i} and {j} have the same gate vector in {where}")
+    head = "THE ROUTER CANNOT ROUTE" if top_k < num_experts else "THE ROUTER CANNOT WEIGH"
     return (
-        "THE ROUTER CANNOT ROUTE: " + "; ".join(lines) + ". Their router logits tie on every token, so top-k always "
-        "picks the lower index and the other expert never runs (phixtral-4x2_8's empty prompts did exactly this). "
-        "Give each expert prompts of its own."
+        f"{head}: " + "; ".join(lines) + f". {tie_consequence(num_experts, top_k).capitalize()} "
+        "(phixtral-4x2_8's empty prompts did exactly this). Give each expert prompts of its own."
     )
 
 
@@ -402,7 +415,7 @@ def merge(recipe: Recipe, out, *, overwrite: bool = False, seed: int = 0, device
     stored = [state[f"h.{i}.moe.gate.weight"] for i in range(config.n_layer)]  # as written, after rounding to dtype
     pairs = identical_gate_pairs(stored)
     if pairs:
-        warnings.warn(router_warning(pairs, config.n_layer), stacklevel=2)
+        warnings.warn(router_warning(pairs, config.n_layer, E, config.num_experts_per_tok), stacklevel=2)
     max_cos = []
     for g in stored:
         sim = gate_similarity(g) - 2 * torch.eye(E)
@@ -421,9 +434,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("recipe", help="the recipe YAML file")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    p.add_argument("--seed", type=int, default=0, help="seed of gate_mode random (default 0)")
-    p.add_argument("--device", default="cpu", help="where the base model runs for gate_mode hidden (default cpu)")
-    p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors shard (default 2)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of gate_mode random")
+    p.add_argument("--device", default="cpu", help="where the base model runs for gate_mode hidden")
+    p.add_argument("--max-shard-size", type=float_in(0, low_open=True), default=2.0, help="GiB per safetensors shard")
     p.set_defaults(func=run)
     return p
 

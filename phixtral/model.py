@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phixtral_kernels import BACKENDS, fused_moe
+from phixtral_kernels import BACKENDS, fused_moe, triton_unavailable_reason
 
 from .config import PhixtralConfig
 
@@ -204,6 +204,8 @@ class Phixtral(nn.Module):
         """Choose the MoE implementation of every layer: "auto", "triton", "torch" or "naive" (see phixtral_kernels)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton" and self.device.type != "meta" and (reason := triton_unavailable_reason(self.device)):
+            raise RuntimeError(f"backend='triton' cannot run on {self.device}: {reason}")
         for block in self.h:
             block.moe.backend = backend
 

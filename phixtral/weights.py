@@ -14,12 +14,13 @@ tensor by tensor out of the memory-mapped safetensors files: peak host memory st
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from phixtral_kernels import BACKENDS, triton_unavailable_reason
@@ -125,6 +126,28 @@ def detect_layout(names) -> str:
     )
 
 
+# --- reading files, with errors that name them ---------------------------------------------------------------------
+def read_json(path: Path) -> dict:
+    """The JSON object in `path`, or a ValueError naming the file."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(d).__name__}")
+    return d
+
+
+@contextmanager
+def open_safetensors(file: Path, device: str = "cpu"):
+    """safetensors' safe_open; a truncated or corrupt file (on open or on a tensor read) raises a ValueError naming it."""
+    try:
+        with safe_open(file, framework="pt", device=device) as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
 # --- finding the files -------------------------------------------------------------------------------------------------
 def resolve_checkpoint(path_or_id: Union[str, os.PathLike]) -> Path:
     """A local checkpoint folder, or a hub id fetched with huggingface_hub (json, safetensors and tokenizer files only)."""
@@ -153,11 +176,11 @@ def read_config(folder: Path, *, num_experts_per_tok: Optional[int] = None) -> P
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ValueError(f"{folder} has no config.json")
+    d = read_json(path)
     try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    return PhixtralConfig.from_dict(d, num_experts_per_tok=num_experts_per_tok)
+        return PhixtralConfig.from_dict(d, num_experts_per_tok=num_experts_per_tok)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -165,7 +188,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no weight_map")
         files = [folder / f for f in dict.fromkeys(weight_map.values())]
@@ -192,7 +215,7 @@ def inspect_checkpoint(folder: Path, config: PhixtralConfig) -> tuple[list[Path]
     files = checkpoint_files(folder)
     shapes, dtypes, owner = {}, {}, {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 if name in owner:
                     raise ValueError(f"tensor {name!r} is in both {owner[name].name} and {file.name}")
@@ -288,7 +311,7 @@ def load_weights(model: Phixtral, folder: Path, *, progress: Optional[bool] = No
     show = total >= _PROGRESS_MIN_BYTES if progress is None else progress
     with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not show) as bar:
         for file in files:
-            with safe_open(file, framework="pt", device=read_device) as f:
+            with open_safetensors(file, device=read_device) as f:
                 for name in f.keys():
                     target = mapping.get(name)
                     if target is None:  # an ignored buffer
@@ -336,7 +359,7 @@ def eos_token_ids(folder: Path, config: PhixtralConfig, tokenizer) -> list[int]:
     add(config.eos_token_id)
     gen = Path(folder) / "generation_config.json"
     if gen.is_file():
-        add(json.loads(gen.read_text()).get("eos_token_id"))
+        add(read_json(gen).get("eos_token_id"))
     return ids
 
 

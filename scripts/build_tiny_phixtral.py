@@ -141,6 +141,17 @@ def train(model, stream: torch.Tensor, *, steps: int, lr: float, warmup: int, ba
     return last
 
 
+# phi-2's question-answer format ("Instruct: ...\nOutput:"), the format of the phixtral family's base models. The tiny
+# model never saw a dialogue, so its replies are code-like text; the template lets chat() run on it like on the others.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}Instruct: {{ message['content'] }}\n"
+    "{% else %}Output: {{ message['content'] }}<|endoftext|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Output:{% endif %}"
+)
+
+
 def save_hf(model, tokenizer, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
@@ -149,6 +160,7 @@ def save_hf(model, tokenizer, folder: Path) -> None:
     path = folder / "tokenizer_config.json"
     d = json.loads(path.read_text())
     d["tokenizer_class"] = "PreTrainedTokenizerFast"
+    d["chat_template"] = CHAT_TEMPLATE
     path.write_text(json.dumps(d, indent=2) + "\n")
 
 
