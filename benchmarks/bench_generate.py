@@ -304,7 +304,8 @@ def run_benchmark(args) -> dict:
                 if gpu:
                     torch.cuda.empty_cache()
             rows.append(row)
-            print(f"#   B={B} {name}: done ({time.monotonic() - start:.0f} s)", flush=True)
+            status = "timed" if "decode_s" in row else f"not timed: {row.get('skipped')}"
+            print(f"#   B={B} {name}: {status} ({time.monotonic() - start:.0f} s)", flush=True)
         naive = next((r.get("decode_tok_s") for r in rows if r["B"] == B and r["provider"] == "naive"), None)
         naive_ttft = next((r.get("ttft_s") for r in rows if r["B"] == B and r["provider"] == "naive"), None)
         for r in rows:

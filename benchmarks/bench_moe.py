@@ -290,7 +290,10 @@ def run_benchmark(args) -> dict:
                 rows.append(row)
                 if gpu and not lost:
                     torch.cuda.empty_cache()
-            print(f"#   {dname} {p.name}: done ({time.monotonic() - deadline + args.budget_s:.0f} s)", flush=True)
+            mine = [r for r in rows if r["dtype"] == dname and r["provider"] == p.name]
+            timed = sum("median_s" in r for r in mine)
+            print(f"#   {dname} {p.name}: {timed} of {len(mine)} points timed "
+                  f"({time.monotonic() - deadline + args.budget_s:.0f} s)", flush=True)  # fmt: skip
         for T in tokens:
             here = [r for r in rows if r["dtype"] == dname and r["T"] == T]
             naive = next((r.get("median_s") for r in here if r["provider"] == "naive"), None)
