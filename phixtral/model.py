@@ -181,14 +181,16 @@ class Phixtral(nn.Module):
     def save_pretrained(self, folder, *, dtype=None, max_shard_bytes: int = 4 * 2**30, overwrite: bool = True):
         """Write this model (phi-msft layout, sharded safetensors + index + config.json) and its tokenizer to `folder`.
 
+        dtype: None (the model's), torch.float16 / bfloat16 / float32 or their names ("float16", "bf16", ...).
         The checkpoint is written to a temporary folder next to `folder` that replaces it whole once complete: a failure
         (full disk, Ctrl-C) leaves `folder` as it was, and no file of an earlier checkpoint survives a successful save.
         overwrite: replace an existing checkpoint folder (one with a config.json and no subfolders; any other non-empty
-        folder is refused); False refuses every non-empty folder.
+        folder is refused); False refuses every non-empty folder. Arguments are checked before anything is written.
         Returns the shard paths.
         """
-        from .weights import check_checkpoint_destination, write_msft_files
+        from .weights import check_checkpoint_destination, checkpoint_dtype, write_msft_files
 
+        dtype = checkpoint_dtype(dtype)
         check_checkpoint_destination(folder, overwrite=overwrite)
         with atomic_folder(folder, overwrite=overwrite) as tmp:
             paths = write_msft_files(tmp, self.state_dict(), self.config, dtype=dtype, max_shard_bytes=max_shard_bytes)

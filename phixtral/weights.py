@@ -41,6 +41,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }  # fmt: skip
+_SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def default_model_path() -> Path:
@@ -377,6 +378,20 @@ def from_pretrained(
 
 
 # --- writing ---------------------------------------------------------------------------------------------------------
+def checkpoint_dtype(dtype) -> Optional[torch.dtype]:
+    """The dtype to write a checkpoint in: None (keep the model's), torch.float16 / bfloat16 / float32 or one of their
+    names ("float16", "fp16", "bf16", ...). Anything else is a ValueError naming `dtype`."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in _SAVE_DTYPES:
+        return dtype
+    raise ValueError(
+        f"dtype must be None, torch.float16, torch.bfloat16, torch.float32 or one of {sorted(_DTYPES)}; got {dtype!r}"
+    )
+
+
 def check_checkpoint_destination(folder, *, overwrite: bool, sources=()) -> Path:
     """`folder` resolved if a checkpoint may be written there, else one ValueError naming it (nothing is written).
 
@@ -412,7 +427,7 @@ def write_msft_files(
     missing = needed - state.keys()
     if missing:
         raise ValueError(f"state lacks tensors the phi-msft layout needs: {_name_list(missing)}")
-    dtype = dtype or state["wte.weight"].dtype
+    dtype = checkpoint_dtype(dtype) or state["wte.weight"].dtype
 
     def tensor(name):
         t = mapping[name]
@@ -451,13 +466,14 @@ def save_msft_checkpoint(
     state: Mapping[str, torch.Tensor],
     config: PhixtralConfig,
     *,
-    dtype: Optional[torch.dtype] = None,
+    dtype=None,
     max_shard_bytes: int = 4 * 2**30,
     overwrite: bool = True,
 ) -> list[Path]:
     """Write a model state in the phi-msft layout (what phixtral ships and what the merge tool produces).
 
     state: tensors under the model's own names (`Phixtral.state_dict()`), experts stacked.
+    dtype: None (the state's), torch.float16 / bfloat16 / float32 or their names ("float16", "bf16", ...).
     Writes model-0000i-of-0000n.safetensors (shards of at most max_shard_bytes, tensors whole), model.safetensors.index.json
     and config.json (`config.to_msft_dict()`); MoE layout when config has more than one expert, dense otherwise.
     The files go to a temporary folder next to `folder` that replaces it whole once complete (`phixtral.atomic`): a
@@ -465,6 +481,7 @@ def save_msft_checkpoint(
     overwrite: replace an existing checkpoint folder (see `check_checkpoint_destination`); False refuses a non-empty one.
     Returns the shard paths.
     """
+    dtype = checkpoint_dtype(dtype)
     check_checkpoint_destination(folder, overwrite=overwrite)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         written = write_msft_files(tmp, state, config, dtype=dtype, max_shard_bytes=max_shard_bytes)

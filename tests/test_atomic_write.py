@@ -218,6 +218,32 @@ def test_save_refuses_folders_it_would_wrongly_replace(models, saved, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "notes"]
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float64, "float99", "int8", 16], ids=str)
+def test_save_rejects_a_bad_dtype_before_writing(models, tmp_path, dtype):
+    allowed = r"^dtype must be None, torch.float16, torch.bfloat16, torch.float32 or one of \[.*'fp16'.*\]; got"
+    with pytest.raises(ValueError, match=allowed):
+        models[0].save_pretrained(tmp_path / "a" / "out", dtype=dtype)
+    with pytest.raises(ValueError, match="^dtype must be"):
+        phixtral.save_msft_checkpoint(tmp_path / "b", models[0].state_dict(), models[0].config, dtype=dtype)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "dtype, stored, torch_dtype",
+    [("float16", "F16", torch.float16), ("bf16", "BF16", torch.bfloat16), (torch.float32, "F32", torch.float32)],
+)
+def test_save_accepts_dtype_names(models, tmp_path, dtype, stored, torch_dtype):
+    from safetensors import safe_open
+
+    (path,) = models[0].save_pretrained(tmp_path / "out", dtype=dtype)
+    with safe_open(path, framework="pt") as f:
+        assert {f.get_slice(n).get_dtype() for n in f.keys()} == {stored}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == str(torch_dtype)[6:]
+    again = phixtral.from_pretrained(tmp_path / "out", backend="torch").state_dict()
+    for name, t in models[0].state_dict().items():
+        assert torch.equal(again[name], t.to(torch_dtype).float()), name
+
+
 # --- merge -----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def merge_sources(tmp_path_factory):
