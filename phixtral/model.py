@@ -10,6 +10,7 @@ lm_head.ln, lm_head.linear) so that weights.py is a short name map. Shapes: B ba
 D model dim, H heads, hd head dim, V vocab.
 """
 
+import json
 import math
 from pathlib import Path
 from typing import Optional
@@ -186,9 +187,10 @@ class Phixtral(nn.Module):
         (full disk, Ctrl-C) leaves `folder` as it was, and no file of an earlier checkpoint survives a successful save.
         overwrite: replace an existing checkpoint folder (one with a config.json and no subfolders; any other non-empty
         folder is refused); False refuses every non-empty folder. Arguments are checked before anything is written.
+        A generation_config.json carries `eos_token_ids` when the tokenizer and config.json do not already name them all.
         Returns the shard paths.
         """
-        from .weights import check_checkpoint_destination, checkpoint_dtype, write_msft_files
+        from .weights import check_checkpoint_destination, checkpoint_dtype, eos_token_ids, write_msft_files
 
         dtype = checkpoint_dtype(dtype)
         check_checkpoint_destination(folder, overwrite=overwrite)
@@ -196,6 +198,8 @@ class Phixtral(nn.Module):
             paths = write_msft_files(tmp, self.state_dict(), self.config, dtype=dtype, max_shard_bytes=max_shard_bytes)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp))
+            if set(self.eos_token_ids) - set(eos_token_ids(tmp, self.config, self.tokenizer)):
+                (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": self.eos_token_ids}) + "\n")
         return [Path(folder) / p.name for p in paths]
 
     @property

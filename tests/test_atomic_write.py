@@ -200,6 +200,18 @@ def test_save_over_a_checkpoint_leaves_no_stale_file(models, saved):
     assert siblings(folder) == [folder.name]
 
 
+def test_eos_ids_from_a_generation_config_are_saved(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(msft_moe_checkpoint(), src)
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    model = phixtral.from_pretrained(src, backend="torch")
+    model.save_pretrained(tmp_path / "out")
+    assert phixtral.from_pretrained(tmp_path / "out", backend="torch").eos_token_ids == model.eos_token_ids
+    plain = phixtral.from_pretrained(msft_moe_checkpoint(), backend="torch")
+    plain.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "generation_config.json").exists()  # tokenizer and config already say it all
+
+
 def test_save_refuses_folders_it_would_wrongly_replace(models, saved, tmp_path):
     folder, files, logits = saved
     with pytest.raises(ValueError, match="ckpt exists and is not empty; pass overwrite=True"):
