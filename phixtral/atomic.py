@@ -17,7 +17,8 @@ and no half-written file of the new one is ever visible under `out`. The old con
 in place. A process killed outright (SIGKILL, power loss) can leave:
     - during the write: a `.<name>.tmp-*` folder next to the untouched `out`: an incomplete write, delete it;
     - between the two renames (a few microseconds): no `out`, a complete `.<name>.old-*` (the previous content) and a
-      complete `.<name>.tmp-*` (the new content): rename either one to `out` (`leftovers` lists them);
+      complete `.<name>.tmp-*` (the new content): rename either one to `out` (`leftovers` lists them, and loading a
+      missing `out` names them in its error);
     - after the second rename: the new `out` and a `.<name>.old-*` left to delete.
 Nothing deletes these leftovers automatically: they may be the only copy of a checkpoint.
 """

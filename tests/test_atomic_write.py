@@ -256,6 +256,20 @@ def test_save_accepts_dtype_names(models, tmp_path, dtype, stored, torch_dtype):
         assert torch.equal(again[name], t.to(torch_dtype).float()), name
 
 
+def test_a_save_killed_between_the_renames_is_recoverable(saved):
+    """Kill between `out -> .out.old-*` and `.out.tmp-* -> out`: both are complete, and loading says which is which."""
+    folder, files, logits = saved
+    old = folder.parent / f".{folder.name}.old-0123abcd"
+    os.rename(folder, old)
+    new = folder.parent / f".{folder.name}.tmp-4567ef01"
+    shutil.copytree(old, new)
+    assert leftovers(folder) == [old, new]
+    with pytest.raises(ValueError, match=r"interrupted save left .*\.old-0123abcd.* rename the \.old-\* one"):
+        phixtral.from_pretrained(folder, backend="torch")
+    os.rename(old, folder)  # the documented recovery
+    assert snapshot(folder) == files and torch.equal(phixtral.from_pretrained(folder, backend="torch")(IDS), logits)
+
+
 # --- merge -----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def merge_sources(tmp_path_factory):
