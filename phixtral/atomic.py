@@ -1,6 +1,7 @@
 """Crash-safe folder writes: build the new content in a temporary sibling folder, swap it in only when complete.
 
-Every writer of a checkpoint folder (save_pretrained / save_msft_checkpoint, merge) writes through `atomic_folder`:
+Every writer of a checkpoint folder (save_pretrained / save_msft_checkpoint, merge, and any new one such as a quantizer)
+writes through `atomic_folder`:
 
     with atomic_folder(out, overwrite=True, sources=[base]) as tmp:
         ...write every file into tmp...
@@ -12,8 +13,8 @@ Every writer of a checkpoint folder (save_pretrained / save_msft_checkpoint, mer
        temporary folder to `out`, fsyncs the parent, and only then deletes the old folder;
     4. on any exception, KeyboardInterrupt included: deletes the temporary folder and re-raises. `out` is untouched.
 
-So `out` always holds either the old content, whole, or the new content, whole: no stale file of the old one survives,
-and no half-written file of the new one is ever visible under `out`. The old content is never deleted before the new is
+So `out`, whenever it exists, holds either the old content, whole, or the new content, whole: no stale file of the old
+one survives, and no half-written file of the new one is ever visible under `out`. The old content is never deleted before the new is
 in place. A process killed outright (SIGKILL, power loss) can leave:
     - during the write: a `.<name>.tmp-*` folder next to the untouched `out`: an incomplete write, delete it;
     - between the two renames (a few microseconds): no `out`, a complete `.<name>.old-*` (the previous content) and a
