@@ -29,7 +29,8 @@ that cannot route (all logits tie, top-k falls back to the lowest indices). The 
 
 Output: the phi-msft MoE layout with phixtral's tensor names, sharded safetensors + model.safetensors.index.json,
 config.json (model_type phi-msft, num_local_experts, num_experts_per_tok), and the base model's tokenizer files.
-Every check runs before anything is written.
+Every check runs before anything is written. The files go to a temporary folder next to --out that replaces it whole
+once complete (phixtral.atomic): a failure leaves --out as it was. --out may not be, contain or lie inside a source.
 """
 
 import argparse
@@ -199,10 +200,17 @@ def check_source(path: Path, what: str) -> Source:
     return Source(path, config, layout, mapping)
 
 
+def source_paths(recipe: Recipe) -> tuple[Path, list[Path]]:
+    """The folders of the base model and of every expert (RecipeError for one that does not exist)."""
+    base = _resolve(recipe.base_model, recipe, "base_model")
+    return base, [_resolve(e.source_model, recipe, f"experts[{i}]") for i, e in enumerate(recipe.experts)]
+
+
 def check_sources(recipe: Recipe) -> tuple[Source, list[Source]]:
     """Resolve and check the base and every expert; one RecipeError listing every mismatch with the base."""
-    base = check_source(_resolve(recipe.base_model, recipe, "base_model"), "base_model")
-    experts = [check_source(_resolve(e.source_model, recipe, f"experts[{i}]"), f"experts[{i}]") for i, e in enumerate(recipe.experts)]
+    base_path, expert_paths = source_paths(recipe)
+    base = check_source(base_path, "base_model")
+    experts = [check_source(p, f"experts[{i}]") for i, p in enumerate(expert_paths)]
     problems = []
     for i, src in enumerate(experts):
         for key in ("n_embd", "n_inner", "n_layer"):
@@ -354,11 +362,18 @@ def router_warning(pairs: dict, n_layer: int, num_experts: int, top_k: int) -> s
 
 
 # --- the merge -------------------------------------------------------------------------------------------------------
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise RecipeError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise RecipeError(f"--out {out} exists and is not empty; pass --overwrite to replace its files")
+def _check_out(out: Path, overwrite: bool, sources) -> None:
+    """--out is writable: not a source (nor inside or around one), empty or, with --overwrite, a checkpoint folder."""
+    from .atomic import check_destination
+    from .weights import check_checkpoint_destination
+
+    try:
+        check_destination(out, overwrite=True, sources=sources)  # a file or a source: refused even with --overwrite
+        if not overwrite and out.is_dir() and any(out.iterdir()):
+            raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        check_checkpoint_destination(out, overwrite=overwrite)
+    except ValueError as e:
+        raise RecipeError(f"--out: {e}") from e
 
 
 def merge(recipe: Recipe, out, *, overwrite: bool = False, seed: int = 0, device="cpu", max_shard_bytes: int = 2 * 2**30,
@@ -366,10 +381,13 @@ def merge(recipe: Recipe, out, *, overwrite: bool = False, seed: int = 0, device
     """Build the MoE the recipe describes and write it to `out` (see the module docstring). Returns a MergeReport."""
     from tqdm.auto import tqdm
 
-    from .weights import save_msft_checkpoint
+    from .atomic import atomic_folder
+    from .weights import write_msft_files
 
     out = Path(out)
-    _check_out(out, overwrite)
+    base_path, expert_paths = source_paths(recipe)
+    sources = [base_path, *expert_paths]
+    _check_out(out, overwrite, sources)
     base, experts = check_sources(recipe)
     dtype = DTYPES[recipe.dtype]
     E = len(experts)
@@ -399,16 +417,17 @@ def merge(recipe: Recipe, out, *, overwrite: bool = False, seed: int = 0, device
     for i in range(config.n_layer):
         state[f"h.{i}.moe.gate.weight"] = gates[i].to(dtype)  # [E, D]
 
-    out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("*.safetensors")) + [out / "model.safetensors.index.json"]:
-        old.unlink(missing_ok=True)  # --overwrite: no stale shard may outlive the new index
-    files = save_msft_checkpoint(out, state, config, dtype=dtype, max_shard_bytes=max_shard_bytes)
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps({**cfg, **{k: v for k, v in _MSFT_EXTRA_KEYS.items() if k not in cfg}}, indent=2) + "\n")
     copied = [f for f in TOKENIZER_FILES if (base.path / f).is_file()]
-    for f in copied:
-        shutil.copy2(base.path / f, out / f)
+    # Into a temporary folder next to `out`, swapped in when complete: a failure leaves `out` as it was.
+    with atomic_folder(out, overwrite=overwrite, sources=sources) as tmp:
+        written = write_msft_files(tmp, state, config, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        extra = {k: v for k, v in _MSFT_EXTRA_KEYS.items() if k not in cfg}
+        cfg_path.write_text(json.dumps({**cfg, **extra}, indent=2) + "\n")
+        for f in copied:
+            shutil.copy2(base.path / f, tmp / f)
+    files = [out / p.name for p in written]
     if not copied:
         warnings.warn(f"base model {base.path} has no tokenizer files; {out} will have none", stacklevel=2)
 
@@ -433,7 +452,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("recipe", help="the recipe YAML file")
     p.add_argument("--out", required=True, help="output checkpoint folder")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the checkpoint in a non-empty --out (whole, once the new one is complete)",
+    )  # fmt: skip
     p.add_argument("--seed", type=seed, default=0, help="seed of gate_mode random")
     p.add_argument("--device", default="cpu", help="where the base model runs for gate_mode hidden")
     p.add_argument("--max-shard-size", type=float_in(0, low_open=True), default=2.0, help="GiB per safetensors shard")

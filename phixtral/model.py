@@ -10,7 +10,9 @@ lm_head.ln, lm_head.linear) so that weights.py is a short name map. Shapes: B ba
 D model dim, H heads, hd head dim, V vocab.
 """
 
+import json
 import math
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 
 from phixtral_kernels import BACKENDS, fused_moe, triton_unavailable_reason
 
+from .atomic import atomic_folder
 from .config import PhixtralConfig
 
 
@@ -176,17 +179,28 @@ class Phixtral(nn.Module):
 
         return from_pretrained(path_or_id, **kwargs)
 
-    def save_pretrained(self, folder, **kwargs):
+    def save_pretrained(self, folder, *, dtype=None, max_shard_bytes: int = 4 * 2**30, overwrite: bool = True):
         """Write this model (phi-msft layout, sharded safetensors + index + config.json) and its tokenizer to `folder`.
 
-        kwargs go to `phixtral.weights.save_msft_checkpoint` (dtype, max_shard_bytes).
+        dtype: None (the model's), torch.float16 / bfloat16 / float32 or their names ("float16", "bf16", ...).
+        The checkpoint is written to a temporary folder next to `folder` that replaces it whole once complete: a failure
+        (full disk, Ctrl-C) leaves `folder` as it was, and no file of an earlier checkpoint survives a successful save.
+        overwrite: replace an existing checkpoint folder (one with a config.json and no subfolders; any other non-empty
+        folder is refused); False refuses every non-empty folder. Arguments are checked before anything is written.
+        A generation_config.json carries `eos_token_ids` when the tokenizer and config.json do not already name them all.
+        Returns the shard paths.
         """
-        from .weights import save_msft_checkpoint
+        from .weights import check_checkpoint_destination, checkpoint_dtype, eos_token_ids, write_msft_files
 
-        paths = save_msft_checkpoint(folder, self.state_dict(), self.config, **kwargs)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(folder))
-        return paths
+        dtype = checkpoint_dtype(dtype)
+        check_checkpoint_destination(folder, overwrite=overwrite)
+        with atomic_folder(folder, overwrite=overwrite) as tmp:
+            paths = write_msft_files(tmp, self.state_dict(), self.config, dtype=dtype, max_shard_bytes=max_shard_bytes)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(tmp))
+            if set(self.eos_token_ids) - set(eos_token_ids(tmp, self.config, self.tokenizer)):
+                (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": self.eos_token_ids}) + "\n")
+        return [Path(folder) / p.name for p in paths]
 
     @property
     def device(self) -> torch.device:

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from phixtral_kernels import BACKENDS, triton_unavailable_reason
 
+from .atomic import atomic_folder, check_destination, leftovers
 from .config import PhixtralConfig
 from .model import Phixtral
 
@@ -41,6 +42,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }  # fmt: skip
+_SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def default_model_path() -> Path:
@@ -158,6 +160,12 @@ def resolve_checkpoint(path_or_id: Union[str, os.PathLike]) -> Path:
         return path
     if path.exists():
         raise ValueError(f"{path} is a file; pass the checkpoint folder (with config.json and *.safetensors)")
+    left = leftovers(path)
+    if any(".old-" in p.name for p in left):  # a save killed between its two renames (see phixtral.atomic)
+        raise ValueError(
+            f"no checkpoint folder {path}, but an interrupted save left {', '.join(p.name for p in left)} next to it: "
+            f"rename the .old-* one (the previous checkpoint) or the .tmp-* one (the new, complete one) to {path.name}"
+        )
     name = str(path_or_id)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or name.startswith((".", "-")):
         raise ValueError(f"no checkpoint folder {name!r}, and it is not a hub id of the form 'owner/name'")
@@ -399,29 +407,56 @@ def from_pretrained(
 
 
 # --- writing ---------------------------------------------------------------------------------------------------------
-def save_msft_checkpoint(
-    folder,
+def checkpoint_dtype(dtype) -> Optional[torch.dtype]:
+    """The dtype to write a checkpoint in: None (keep the model's), torch.float16 / bfloat16 / float32 or one of their
+    names ("float16", "fp16", "bf16", ...). Anything else is a ValueError naming `dtype`."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in _SAVE_DTYPES:
+        return dtype
+    raise ValueError(
+        f"dtype must be None, torch.float16, torch.bfloat16, torch.float32 or one of {sorted(_DTYPES)}; got {dtype!r}"
+    )
+
+
+def check_checkpoint_destination(folder, *, overwrite: bool, sources=()) -> Path:
+    """`folder` resolved if a checkpoint may be written there, else one ValueError naming it (nothing is written).
+
+    A missing or empty folder is always fine. With `overwrite`, an existing folder is replaced whole, so it must look
+    like a checkpoint: a config.json and no subfolders (a `.git`, a folder of runs, ... are never deleted).
+    Without `overwrite` a non-empty folder is refused. `sources`: see `phixtral.atomic.check_destination`.
+    """
+    real = check_destination(folder, overwrite=overwrite, sources=sources)
+    if real.is_dir() and any(real.iterdir()):
+        sub = sorted(p.name for p in real.iterdir() if p.is_dir())
+        if sub or not (real / "config.json").is_file():
+            why = f"it holds the subfolder {sub[0]!r}" if sub else "it has no config.json"
+            raise ValueError(
+                f"{folder} is not empty and does not look like a checkpoint folder ({why}); refusing to replace it: "
+                "choose a new or empty folder"
+            )
+    return real
+
+
+def write_msft_files(
+    folder: Path,
     state: Mapping[str, torch.Tensor],
     config: PhixtralConfig,
     *,
     dtype: Optional[torch.dtype] = None,
     max_shard_bytes: int = 4 * 2**30,
 ) -> list[Path]:
-    """Write a model state in the phi-msft layout (what phixtral ships and what the merge tool produces).
-
-    state: tensors under the model's own names (`Phixtral.state_dict()`), experts stacked.
-    Writes model-0000i-of-0000n.safetensors (shards of at most max_shard_bytes, tensors whole), model.safetensors.index.json
-    and config.json (`config.to_msft_dict()`); MoE layout when config has more than one expert, dense otherwise.
-    Returns the shard paths.
-    """
+    """The files of `save_msft_checkpoint`, written straight into an existing folder (the temporary one of
+    `atomic_folder`): shards, index and config.json. Returns the shard paths."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     mapping = checkpoint_map(config, "phi-msft-moe" if config.is_moe else "phi-msft-dense")
     needed = {t.param for t in mapping.values()}
     missing = needed - state.keys()
     if missing:
         raise ValueError(f"state lacks tensors the phi-msft layout needs: {_name_list(missing)}")
-    dtype = dtype or state["wte.weight"].dtype
+    dtype = checkpoint_dtype(dtype) or state["wte.weight"].dtype
 
     def tensor(name):
         t = mapping[name]
@@ -453,3 +488,30 @@ def save_msft_checkpoint(
     config_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     return paths
+
+
+def save_msft_checkpoint(
+    folder,
+    state: Mapping[str, torch.Tensor],
+    config: PhixtralConfig,
+    *,
+    dtype=None,
+    max_shard_bytes: int = 4 * 2**30,
+    overwrite: bool = True,
+) -> list[Path]:
+    """Write a model state in the phi-msft layout (what phixtral ships and what the merge tool produces).
+
+    state: tensors under the model's own names (`Phixtral.state_dict()`), experts stacked.
+    dtype: None (the state's), torch.float16 / bfloat16 / float32 or their names ("float16", "bf16", ...).
+    Writes model-0000i-of-0000n.safetensors (shards of at most max_shard_bytes, tensors whole), model.safetensors.index.json
+    and config.json (`config.to_msft_dict()`); MoE layout when config has more than one expert, dense otherwise.
+    The files go to a temporary folder next to `folder` that replaces it whole once complete (`phixtral.atomic`): a
+    failure leaves `folder` as it was, and no file of an earlier checkpoint there survives a successful save.
+    overwrite: replace an existing checkpoint folder (see `check_checkpoint_destination`); False refuses a non-empty one.
+    Returns the shard paths.
+    """
+    dtype = checkpoint_dtype(dtype)
+    check_checkpoint_destination(folder, overwrite=overwrite)
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        written = write_msft_files(tmp, state, config, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return [Path(folder) / p.name for p in written]

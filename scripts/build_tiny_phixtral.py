@@ -306,6 +306,11 @@ def main(argv=None) -> int:
         + ("" if args.no_negatives else ", the other experts' prompts as negative prompts"))  # fmt: skip
     prompts = {s: snippets(train_texts[s], args.prompts, 600) for s in EXPERT_SLICES}
     recipe = write_recipe(work, prompts, negatives=not args.no_negatives)
+    # The discussion below EVAL.md's table is written by hand; a rebuild keeps it (and should reread it against the new
+    # table). Read it now: the merge replaces --out whole.
+    eval_md = out / "EVAL.md"
+    old_eval = eval_md.read_text() if eval_md.is_file() else ""
+    notes = old_eval.partition(NOTES_HEADING)[2]
     t = time.time()
     run_cli(["merge", str(recipe), "--out", str(out), "--overwrite", "--max-shard-size", str(10 / 1024)], log)
     shutil.copy2(recipe, out / "merge-recipe.yaml")
@@ -329,9 +334,6 @@ def main(argv=None) -> int:
         out_text = run_cli(argv_eval, log)
         times["eval"] = time.time() - t
         table = "\n".join(line for line in out_text.splitlines() if line.startswith("|"))
-        eval_md = out / "EVAL.md"
-        # The discussion below the table is written by hand; a rebuild keeps it (and should reread it against the new table).
-        notes = eval_md.read_text().partition(NOTES_HEADING)[2] if eval_md.is_file() else ""
         eval_md.write_text(
             "# Perplexity of the tiny phixtral, its base and its experts\n\n"
             f"Held-out pieces (every 10th ~16 KB piece) of each stdlib slice, Python {python_version()}; windows of "
@@ -340,6 +342,8 @@ def main(argv=None) -> int:
             + (f"\n{NOTES_HEADING}{notes}" if notes else "")
         )
         log(f"    eval took {times['eval']:.0f} s")
+    elif old_eval:
+        eval_md.write_text(old_eval)  # as it was before the merge (its table is the previous build's)
     log()
     log("times: " + "  ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"  total {log.elapsed():.0f} s ({log.elapsed() / 60:.1f} min)")
     log("```")

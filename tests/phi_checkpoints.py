@@ -68,13 +68,10 @@ def make_phi(folder, seed: int, layout: str = "hf", **shape) -> Path:
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer().save_pretrained(str(folder))
     if layout == "msft":
-        from phixtral.weights import from_pretrained, save_msft_checkpoint
+        from phixtral.weights import from_pretrained
 
         dense = from_pretrained(folder, device="cpu", dtype=torch.float32, backend="torch")
-        for f in folder.glob("*.safetensors"):
-            f.unlink()
-        (folder / "config.json").unlink()
-        save_msft_checkpoint(folder, dense.state_dict(), dense.config, dtype=torch.float32)
+        dense.save_pretrained(folder, dtype=torch.float32)  # replaces the HF files whole, keeps the tokenizer
         assert json.loads((folder / "config.json").read_text())["model_type"] == "phi-msft"
     return folder
 

@@ -258,11 +258,20 @@ def test_bad_recipe_on_the_command_line(sources, tmp_path, capsys):
 
 def test_non_empty_out_needs_overwrite(sources, tmp_path):
     base, experts = sources
+    recipe = parse_recipe(recipe_dict(base, experts, "random"))
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(RecipeError, match="not empty; pass --overwrite"):
-        merge(parse_recipe(recipe_dict(base, experts, "random")), out, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    merge(parse_recipe(recipe_dict(base, experts, "random")), out, overwrite=True, progress=False)
-    assert (out / "config.json").is_file()
+        merge(recipe, out, progress=False)
+    # --overwrite replaces a folder whole, so it only replaces a checkpoint: notes, a .git, ... are never deleted.
+    with pytest.raises(RecipeError, match=r"does not look like a checkpoint folder \(it has no config.json\)"):
+        merge(recipe, out, overwrite=True, progress=False)
+    (out / "config.json").write_text("{}")
+    (out / ".git").mkdir()
+    with pytest.raises(RecipeError, match="it holds the subfolder '.git'"):
+        merge(recipe, out, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [".git", "config.json", "keep.txt"]
+    (out / ".git").rmdir()
+    merge(recipe, out, overwrite=True, progress=False)
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "keep.txt").exists()
