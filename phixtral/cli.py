@@ -9,8 +9,8 @@ import sys
 
 from phixtral_kernels import BACKENDS
 
-from . import evaluate, inspect_model, merge
-from .cli_args import float_in, int_at_least, seed
+from .commands import evaluate, inspect_model, merge
+from .commands.args import float_in, int_at_least, seed
 from .weights import default_model_path
 
 

@@ -179,7 +179,8 @@ class Phixtral(nn.Module):
 
         return from_pretrained(path_or_id, **kwargs)
 
-    def save_pretrained(self, folder, *, dtype=None, max_shard_bytes: int = 4 * 2**30, overwrite: bool = True):
+    def save_pretrained(self, folder, *, dtype=None, max_shard_bytes: int = 4 * 2**30, overwrite: bool = True,
+                        sources=(), extra_files: Optional[dict] = None):  # fmt: skip
         """Write this model (phi-msft layout, sharded safetensors + index + config.json) and its tokenizer to `folder`.
 
         dtype: None (the model's), torch.float16 / bfloat16 / float32 or their names ("float16", "bf16", ...).
@@ -188,13 +189,21 @@ class Phixtral(nn.Module):
         overwrite: replace an existing checkpoint folder (one with a config.json and no subfolders; any other non-empty
         folder is refused); False refuses every non-empty folder. Arguments are checked before anything is written.
         A generation_config.json carries `eos_token_ids` when the tokenizer and config.json do not already name them all.
+        sources: folders `folder` may not be, contain or lie inside (what a command read its inputs from).
+        extra_files: {file name: text} written beside the checkpoint, in the same atomic write (e.g. a training log).
         Returns the shard paths.
         """
         from .weights import check_checkpoint_destination, checkpoint_dtype, eos_token_ids, write_msft_files
 
         dtype = checkpoint_dtype(dtype)
-        check_checkpoint_destination(folder, overwrite=overwrite)
-        with atomic_folder(folder, overwrite=overwrite) as tmp:
+        extra_files = dict(extra_files or {})
+        for name in extra_files:
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"extra_files: {name!r} is not a plain file name")
+        check_checkpoint_destination(folder, overwrite=overwrite, sources=sources)
+        with atomic_folder(folder, overwrite=overwrite, sources=sources) as tmp:
+            for name, text in extra_files.items():
+                (tmp / name).write_text(text, encoding="utf-8")
             paths = write_msft_files(tmp, self.state_dict(), self.config, dtype=dtype, max_shard_bytes=max_shard_bytes)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp))

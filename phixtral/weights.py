@@ -477,7 +477,10 @@ def write_msft_files(
         path = folder / f"model-{i:05d}-of-{n:05d}.safetensors"
         # copy=True: expert slices share their stacked storage, which save_file refuses.
         tensors = {name: tensor(name).detach().to(device="cpu", dtype=dtype, copy=True).contiguous() for name in names}
-        save_file(tensors, str(path), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(path), metadata={"format": "pt"})
+        except SafetensorError as e:  # safetensors reports a full disk as its own error, not as an OSError
+            raise OSError(f"writing {path.name}: {e}") from e
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({name: path.name for name in names})
         paths.append(path)

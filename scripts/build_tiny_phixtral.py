@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from phixtral import cli  # noqa: E402
-from phixtral.stdlib_data import EXPERT_SLICES, describe_slices, python_version, slice_texts  # noqa: E402
+from phixtral.commands.stdlib_data import EXPERT_SLICES, describe_slices, python_version, slice_texts  # noqa: E402
 
 EOS = "<|endoftext|>"
 NOTES_HEADING = "## Reading the table"

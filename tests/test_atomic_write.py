@@ -24,7 +24,7 @@ import phixtral.atomic
 import phixtral.weights
 from phixtral.atomic import atomic_folder, leftovers
 from phixtral.cli import main as cli_main
-from phixtral.merge import RecipeError, merge, parse_recipe
+from phixtral.commands.merge import RecipeError, merge, parse_recipe
 
 IDS = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(0))
 

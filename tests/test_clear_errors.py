@@ -16,7 +16,7 @@ from phi_checkpoints import make_phi
 
 import phixtral
 from phixtral.cli import build_parser, main
-from phixtral.merge import router_warning
+from phixtral.commands.merge import router_warning
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

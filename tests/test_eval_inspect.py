@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from phixtral import evaluate, stdlib_data
+from phixtral.commands import evaluate, stdlib_data
 from phixtral.cli import main as cli_main
 from phixtral_kernels import moe_routing_torch
-from phixtral.merge import parse_recipe, merge
+from phixtral.commands.merge import parse_recipe, merge
 from phixtral.weights import from_pretrained, save_msft_checkpoint
 from phi_checkpoints import make_phi
 

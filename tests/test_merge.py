@@ -8,7 +8,7 @@ import yaml
 from safetensors import safe_open
 
 from phixtral.cli import main as cli_main
-from phixtral.merge import RecipeError, load_recipe, merge, parse_recipe
+from phixtral.commands.merge import RecipeError, load_recipe, merge, parse_recipe
 from phixtral.weights import from_pretrained
 from phi_checkpoints import EOS, hf_model, make_phi, tokenizer
 

@@ -9,10 +9,10 @@ import torch
 
 import phixtral
 from phixtral import cli
-from phixtral.evaluate import evaluate
-from phixtral.inspect_model import checkpoint_summary, router_health
+from phixtral.commands.evaluate import evaluate
+from phixtral.commands.inspect_model import checkpoint_summary, router_health
 from phixtral.model import Phixtral
-from phixtral.stdlib_data import slice_texts
+from phixtral.commands.stdlib_data import slice_texts
 
 BUNDLED = Path(phixtral.__file__).parent / "assets" / "tiny-phixtral"
 

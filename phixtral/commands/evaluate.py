@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from phixtral_kernels import BACKENDS
 
-from .cli_args import int_at_least
+from .args import int_at_least
 from .stdlib_data import EXPERT_SLICES, SLICES, slice_texts
 
 
@@ -172,7 +172,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from .weights import default_model_path, from_pretrained
+    from ..weights import default_model_path, from_pretrained
 
     models = args.model or [default_model_path()]
     if models[0] is None:

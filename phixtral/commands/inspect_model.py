@@ -20,7 +20,7 @@ import torch
 
 from phixtral_kernels import BACKENDS
 
-from .cli_args import int_at_least
+from .args import int_at_least
 from .merge import IDENTICAL_COSINE, gate_similarity, tie_consequence
 
 NEAR_IDENTICAL_COSINE = 0.99
@@ -28,7 +28,7 @@ NEAR_IDENTICAL_COSINE = 0.99
 
 def checkpoint_summary(folder) -> dict:
     """Config, parameter counts and dtypes from the file headers, and the router weights (the only tensors read)."""
-    from .weights import inspect_checkpoint, open_safetensors, read_config, resolve_checkpoint
+    from ..weights import inspect_checkpoint, open_safetensors, read_config, resolve_checkpoint
 
     folder = resolve_checkpoint(folder)
     config = read_config(folder)
@@ -153,7 +153,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from .weights import default_model_path, from_pretrained
+    from ..weights import default_model_path, from_pretrained
 
     path = args.model if args.model is not None else default_model_path()
     if path is None:

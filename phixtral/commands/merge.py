@@ -45,8 +45,8 @@ from typing import Optional
 
 import torch
 
-from .cli_args import float_in, seed
-from .config import PhixtralConfig
+from .args import float_in, seed
+from ..config import PhixtralConfig
 
 GATE_MODES = ("hidden", "cheap_embed", "random")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -188,7 +188,7 @@ def _resolve(name: str, recipe: Recipe, what: str) -> Path:
 
 def check_source(path: Path, what: str) -> Source:
     """Read a source's config and check its tensors from the file headers (nothing is loaded)."""
-    from .weights import inspect_checkpoint, read_config
+    from ..weights import inspect_checkpoint, read_config
 
     try:
         config = read_config(path)
@@ -227,7 +227,7 @@ def read_params(source: Source, wanted, dtype: torch.dtype, shapes: dict) -> dic
 
     shapes: {param name: full shape} of a Phixtral of the source's config (for HF's q/k/v, which fill Wqkv row blocks).
     """
-    from .weights import checkpoint_files, open_safetensors
+    from ..weights import checkpoint_files, open_safetensors
 
     wanted = set(wanted)
     out = {name: torch.empty(shapes[name], dtype=dtype) for name in wanted}
@@ -241,7 +241,7 @@ def read_params(source: Source, wanted, dtype: torch.dtype, shapes: dict) -> dic
 
 
 def _meta_shapes(config: PhixtralConfig) -> dict[str, tuple]:
-    from .model import Phixtral
+    from ..model import Phixtral
 
     with torch.device("meta"):
         model = Phixtral(config, backend="torch")
@@ -286,7 +286,7 @@ def gate_vectors(recipe: Recipe, base: Source, *, device="cpu", seed: int = 0, p
     """The router weights of every layer, [L, E, D] fp32, as the recipe's gate_mode defines them (see the module docstring)."""
     from tqdm.auto import tqdm
 
-    from .weights import load_tokenizer
+    from ..weights import load_tokenizer
 
     L, D, E = base.config.n_layer, base.config.n_embd, len(recipe.experts)
     if recipe.gate_mode == "random":
@@ -296,7 +296,7 @@ def gate_vectors(recipe: Recipe, base: Source, *, device="cpu", seed: int = 0, p
     if tokenizer is None:
         raise RecipeError(f"gate_mode {recipe.gate_mode!r} needs the base model's tokenizer, and {base.path} has none")
     if recipe.gate_mode == "hidden":
-        from .weights import from_pretrained
+        from ..weights import from_pretrained
 
         model = from_pretrained(base.path, device=device, dtype=torch.float32, backend="torch")
         vector = lambda ids: _mean_hidden(model, ids)  # noqa: E731
@@ -364,8 +364,8 @@ def router_warning(pairs: dict, n_layer: int, num_experts: int, top_k: int) -> s
 # --- the merge -------------------------------------------------------------------------------------------------------
 def _check_out(out: Path, overwrite: bool, sources) -> None:
     """--out is writable: not a source (nor inside or around one), empty or, with --overwrite, a checkpoint folder."""
-    from .atomic import check_destination
-    from .weights import check_checkpoint_destination
+    from ..atomic import check_destination
+    from ..weights import check_checkpoint_destination
 
     try:
         check_destination(out, overwrite=True, sources=sources)  # a file or a source: refused even with --overwrite
@@ -381,8 +381,8 @@ def merge(recipe: Recipe, out, *, overwrite: bool = False, seed: int = 0, device
     """Build the MoE the recipe describes and write it to `out` (see the module docstring). Returns a MergeReport."""
     from tqdm.auto import tqdm
 
-    from .atomic import atomic_folder
-    from .weights import write_msft_files
+    from ..atomic import atomic_folder
+    from ..weights import write_msft_files
 
     out = Path(out)
     base_path, expert_paths = source_paths(recipe)
