@@ -6,7 +6,7 @@ Backends:
     "torch"   the same sorted pipeline in vectorized PyTorch (one GEMM pair per expert, no loop over tokens): the fast path
               on CPUs. It reads the per-expert counts on the host, so it syncs on CUDA tensors.
     "naive"   the original phixtral loop (`naive_moe`).
-    "auto"    "triton" where it can run (CUDA, or the interpreter on CPU), else "torch".
+    "auto"    "triton" where it can run (CUDA, or the interpreter on CPU) and the dtype is fp16, bf16 or fp32, else "torch".
 
 Every backend is differentiable. "triton" runs its own backward (`moe_backward.FusedMoEFunction`) when grad mode is on
 and an input requires grad; otherwise it runs the plain forward, with no autograd bookkeeping. "torch" and "naive" are
@@ -20,6 +20,8 @@ from .moe_backward import FusedMoEFunction, triton_moe_forward
 from .reference import gelu_tanh, naive_moe, topk_softmax_torch
 
 BACKENDS = ("auto", "triton", "torch", "naive")
+# The Triton path computes in fp32 at most (fp32 accumulators, fp32 routing weights): float64 goes to the torch backend.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_moe_inputs(x, gate_weight, w1, b1, w2, b2, top_k) -> None:
@@ -86,7 +88,7 @@ def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_moe_inputs(x, gate_weight, w1, b1, w2, b2, top_k)
     if backend == "auto":
-        backend = "triton" if triton_unavailable_reason(x.device) is None else "torch"
+        backend = "triton" if triton_unavailable_reason(x.device) is None and x.dtype in TRITON_DTYPES else "torch"
     if backend == "naive":
         return naive_moe(x, gate_weight, w1, b1, w2, b2, top_k)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_weight, w1, b1, w2, b2))
@@ -97,6 +99,8 @@ def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
     reason = triton_unavailable_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"backend='triton' cannot run: {reason}")
+    if x.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' takes float16, bfloat16 or float32 tensors, got {x.dtype} (backend='torch' takes any)")
     if needs_grad:
         return FusedMoEFunction.apply(x, gate_weight, w1, b1, w2, b2, top_k)
     return triton_moe_forward(x, gate_weight, w1, b1, w2, b2, top_k)[0]

@@ -415,3 +415,14 @@ def test_triton_older_than_tested_falls_back_to_torch(monkeypatch):
     with pytest.raises(RuntimeError, match="older than 3.3"):
         fused_moe(*layer, 2, backend="triton")
     assert_close_to_reference(fused_moe(*layer, 2), *layer, 2)  # auto: the torch path
+
+
+def test_float64_goes_to_the_torch_backend():
+    """The Triton path computes in fp32 at most (its interpreter's fp64 tl.dot even returned garbage): "auto" takes the
+    torch backend for float64, "triton" refuses it."""
+    layer = moe_layer(9, 64, 64, 4, torch.float64)
+    out = fused_moe(*layer, 2)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, naive_moe(*layer, 2), rtol=1e-6, atol=1e-6)  # torch routes with fp32 weights
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        fused_moe(*layer, 2, backend="triton")
