@@ -2,7 +2,7 @@
 
 No GPU needed: `fused_moe` runs on meta tensors with the kernels swapped for recorders, so the report covers the very
 arguments, constexprs and configs the launchers pick. `--backward` reports the launches of fused_moe's backward instead
-(the backward GEMMs over transposed weight views, the row pass, the combine). Each recorded launch is then compiled with `triton.compile` for
+(the backward GEMMs over transposed weight views, the row pass, the combine, the weight gradients). Each recorded launch is then compiled with `triton.compile` for
 each target, and the report gives shared memory, registers, spill stores and whether tensor-core instructions
 (mma.sync on sm_80, wgmma on sm_90) made it into the PTX.
 
@@ -34,6 +34,7 @@ _KERNEL_MODULES = {
     "_grouped_gemm_kernel": grouped_gemm,
     "_combine_kernel": unpermute,
     "_act_backward_kernel": moe_backward,
+    "_weight_grad_kernel": moe_backward,
 }
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
@@ -96,8 +97,7 @@ def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: i
 
 
 def record_backward_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int) -> list:
-    """The kernel launches of one fused_moe backward with every gradient asked for, on meta tensors of these shapes.
-    The weight gradients' per-expert torch matmuls launch none of these kernels and are left out."""
+    """The kernel launches of one fused_moe backward with every gradient asked for, on meta tensors of these shapes."""
     meta = dict(device="meta", dtype=dtype)
     gemm1, gemm2 = grouped_gemm.moe_gemm_configs(T, top_k, E)
     S, block_m = T * top_k, gemm1.block_m
@@ -114,6 +114,7 @@ def record_backward_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int,
         a = moe_backward.expert_preact(x, w1, b1, routing_map, gemm1)
         da, _ = moe_backward.act_backward(u, a, h, dout, b2, routing_map, compute_da=True, compute_dwts=True)
         moe_backward.expert_grad_input(da, w1, routing_map, gemm2)
+        moe_backward.expert_weight_grads(x, dout, h, da, routing_map, (True, True, True, True))
     return launches
 
 
@@ -169,6 +170,9 @@ def compile_launch(launch: Launch, capability: int):
 
 def _variant(launch: Launch) -> str:
     kw = launch.kwargs
+    if "GATHER_P" in kw:
+        name = "w1/b1" if not kw["GATHER_P"] else "w2/b2"
+        return f"{name} {kw['BLOCK_N']}x{kw['BLOCK_K']}x{kw['BLOCK_R']}"
     if "BLOCK_M" in kw and "GATHER_A" in kw:
         if kw["GATHER_A"]:
             name = "gemm1" if kw["ACTIVATION"] else "preact" if kw["HAS_BIAS"] else "grad_hidden"
@@ -190,7 +194,7 @@ def compile_report(tokens=(1, 64, 4096), dtypes=(torch.float16, torch.bfloat16),
                     compiled = compile_launch(launch, cap)
                     ptx = compiled.asm["ptx"]
                     regs, spills = _resource_usage(compiled.asm["cubin"])
-                    is_gemm = launch.kernel.__name__ == "_grouped_gemm_kernel"
+                    is_gemm = launch.kernel.__name__ in ("_grouped_gemm_kernel", "_weight_grad_kernel")
                     rows.append(
                         CompileRow(
                             kernel=launch.kernel.__name__.strip("_"),

@@ -13,7 +13,8 @@ Backward, g = dout [T, D], r the sorted row of slot s (R rows by upper bound):
     dlogits = w * (dwts - sum_k w dwts) at the k picked experts, 0 elsewhere      torch, [T, E]
     dgate   = dlogits^T x,  dx += dlogits @ gate                              torch, [E, D] and [T, D]
     dw1[e]  = sum_r da_r^T x[t],  db1[e] = sum_r da_r,  dw2[e] = sum_r (w_s g[t])^T h_r,  db2[e] = sum_r w_s g[t]
-                                                torch, one matmul per expert over its rows of the sorted map
+                                                `_weight_grad_kernel`: one program per output tile of one expert, looping
+                                                over the expert's rows (bounds read on the device), bias sums alongside
 
 Only what the requested gradients need runs: router training with only gate_weight requiring grad launches the u GEMM
 and the row pass, no recompute and no dx GEMM. Everything accumulates in fp32; gradients come back in their input's dtype.
@@ -22,8 +23,8 @@ Why a is recomputed rather than kept: the forward is the inference forward uncha
 would hold another [R, F] tensor per layer from forward to backward (335 MB in fp32 at T = 4096, top_k = 2, F = 10240)
 for a GEMM that is one fifth of the backward's work. The recompute also gives a in fp32, straight from the accumulator.
 
-Host sync: one. The weight gradients read expert_offsets on the host to slice each expert's rows; everything else,
-including dx and dgate, is sync-free. Not differentiable twice (`once_differentiable`).
+No host sync, as in the forward: every grid is an upper bound and every row range is read on the device. Sums have a
+fixed order (no atomics), so gradients are bit-identical run to run. Not differentiable twice (`once_differentiable`).
 """
 
 import torch
@@ -124,6 +125,99 @@ if triton is not None:
             tl.store(dwts_ptr + slots, dwts, mask=mask_m)
 
 
+    @triton.jit
+    def _weight_grad_kernel(
+        # pointers
+        p_ptr,  # GATHER_P: [T, N] read by token; else [R, N] sorted rows
+        q_ptr,  # GATHER_Q: [T, K] read by token; else [R, K] sorted rows
+        dweight_ptr,  # [E, N, K] out (WEIGHT_GRAD): sum over the expert's rows of p'^T q
+        dbias_ptr,  # [E, N] out (BIAS_GRAD): sum over the expert's rows of p'
+        sorted_token_ids_ptr,  # [R] int32: sorted row -> slot, sentinel S on padding rows
+        expert_offsets_ptr,  # [E + 1] int32
+        topk_weights_ptr,  # [S] fp32 (read when SCALE_P: p' = w_s p)
+        # sizes
+        N,
+        K,
+        num_slots,
+        # strides
+        stride_p_r,
+        stride_p_n,
+        stride_q_r,
+        stride_q_k,
+        stride_dw_e,
+        stride_dw_n,
+        stride_dw_k,
+        stride_db_e,
+        stride_db_n,
+        # meta
+        TOP_K: tl.constexpr,
+        GATHER_P: tl.constexpr,
+        GATHER_Q: tl.constexpr,
+        SCALE_P: tl.constexpr,
+        WEIGHT_GRAD: tl.constexpr,
+        BIAS_GRAD: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr,  # interpreter + bf16 only: its bf16 arithmetic is wrong, upcast first
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """Grid: (E * cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)), or (E * cdiv(N, BLOCK_N), 1) without WEIGHT_GRAD. Each program
+        owns one [BLOCK_N, BLOCK_K] tile of one expert's gradient and loops over that expert's rows: no atomics, a fixed
+        summation order, and an expert with no rows writes zeros."""
+        # --- program -> (expert, output tile), and the expert's rows from the map (read on the device)
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        expert = pid // num_pid_n
+        offs_n = (pid % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_n = offs_n < N
+        mask_k = offs_k < K
+        row_begin = tl.load(expert_offsets_ptr + expert)
+        row_end = tl.load(expert_offsets_ptr + expert + 1)
+
+        # --- loop over the expert's rows, fp32 accumulators
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        bias_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for r in tl.range(row_begin, row_end, BLOCK_R):
+            offs_r = r + tl.arange(0, BLOCK_R)
+            slots = tl.load(sorted_token_ids_ptr + offs_r, mask=offs_r < row_end, other=num_slots)
+            mask_r = slots < num_slots  # padding rows and the next expert's rows join no sum
+            if GATHER_P:
+                p_rows = (slots // TOP_K).to(tl.int64)
+            else:
+                p_rows = offs_r.to(tl.int64)
+            p = tl.load(p_ptr + p_rows[:, None] * stride_p_r + offs_n[None, :] * stride_p_n, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            if SCALE_P:
+                weight = tl.load(topk_weights_ptr + slots, mask=mask_r, other=0.0)
+                p_f32 = p.to(tl.float32) * weight[:, None]
+                p = p_f32.to(p_ptr.dtype.element_ty)  # the dot's operands share q's dtype
+            else:
+                p_f32 = p.to(tl.float32)
+            if BIAS_GRAD:
+                bias_acc += tl.sum(p_f32, axis=0)
+            if WEIGHT_GRAD:
+                if GATHER_Q:
+                    q_rows = (slots // TOP_K).to(tl.int64)
+                else:
+                    q_rows = offs_r.to(tl.int64)
+                q = tl.load(q_ptr + q_rows[:, None] * stride_q_r + offs_k[None, :] * stride_q_k, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+                if DOT_IN_FP32:
+                    p = p_f32
+                    q = q.to(tl.float32)
+                acc = tl.dot(tl.trans(p), q, acc, input_precision=DOT_PRECISION)
+
+        # --- stores, cast once; the bias gradient from the first K tile only
+        if WEIGHT_GRAD:
+            dw_ptrs = dweight_ptr + expert.to(tl.int64) * stride_dw_e + offs_n[:, None] * stride_dw_n + offs_k[None, :] * stride_dw_k
+            tl.store(dw_ptrs, acc.to(dweight_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+        if BIAS_GRAD:
+            if pid_k == 0:
+                db_ptrs = dbias_ptr + expert.to(tl.int64) * stride_db_e + offs_n * stride_db_n
+                tl.store(db_ptrs, bias_acc.to(dbias_ptr.dtype.element_ty), mask=mask_n)
+
+
 # ------------------------------------------------------------------------------------------------------- launchers
 
 
@@ -181,43 +275,52 @@ def act_backward(u, a, h, g, b2, routing: RoutingMap, *, compute_da: bool, compu
     return da, None if dwts is None else dwts.view(T, routing.top_k)
 
 
-def expert_weight_grads(x, g, h, da, routing: RoutingMap, needs: tuple[bool, bool, bool, bool]):
-    """(dw1, db1, dw2, db2) in fp32, None where `needs` (w1, b1, w2, b2) is False; each expert sums over its rows.
+def _weight_grad_config() -> dict:
+    """Tiles of the weight-gradient kernel. Interpreter: big tiles (its cost is per op). GPU: 128 x 128 output tiles for
+    the tensor cores, 32 rows per step (a decode step's experts hold a row or two). A starting point, not tuned."""
+    if INTERPRET:
+        return dict(BLOCK_R=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1)
+    return dict(BLOCK_R=32, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
 
-    da [R, F] (zero on padding rows; None when neither dw1 nor db1 is needed), h [R, F] the forward's (padding rows
-    unwritten), g [T, D]. Reads expert_offsets on the host (the backward's one sync) to slice each expert's rows.
+
+def expert_weight_grad(p, q, routing: RoutingMap, *, gather_p: bool, gather_q: bool, scale_p: bool, weight: bool, bias: bool):
+    """Per expert, over its rows r of the sorted map: dweight[e] = sum_r p'_r^T q_r [E, N, K] and dbias[e] = sum_r p'_r
+    [E, N], p'_r = w_s p_r if scale_p else p_r. p [T or R, N], q [T or R, K]: gathered by token (slot // top_k) when
+    gather_*, else sorted rows. Returns (dweight or None, dbias or None) in p's dtype, summed in fp32. No host sync."""
+    N, K, E = p.shape[1], q.shape[1], routing.num_experts
+    dweight = torch.empty(E, N, K, dtype=p.dtype, device=p.device) if weight else None
+    dbias = torch.empty(E, N, dtype=p.dtype, device=p.device) if bias else None
+    if not (weight or bias):
+        return dweight, dbias
+    dw_arg = dweight if weight else p.new_empty(1, 1, 1)
+    db_arg = dbias if bias else p.new_empty(1, 1)
+    cfg = _weight_grad_config()
+    grid = (E * triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]) if weight else 1)
+    _weight_grad_kernel[grid](
+        p, q, dw_arg, db_arg, routing.sorted_token_ids, routing.expert_offsets, routing.topk_weights,
+        N, K, routing.num_slots,
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        dw_arg.stride(0), dw_arg.stride(1), dw_arg.stride(2), db_arg.stride(0), db_arg.stride(1),
+        TOP_K=routing.top_k, GATHER_P=gather_p, GATHER_Q=gather_q, SCALE_P=scale_p, WEIGHT_GRAD=weight, BIAS_GRAD=bias,
+        DOT_IN_FP32=INTERPRET and p.dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if p.dtype == torch.float32 else "tf32",
+        **cfg,
+    )  # fmt: skip
+    return dweight, dbias
+
+
+def expert_weight_grads(x, g, h, da, routing: RoutingMap, needs: tuple[bool, bool, bool, bool]):
+    """(dw1, db1, dw2, db2) in x's dtype, None where `needs` (w1, b1, w2, b2) is False: two launches, no host sync.
+
+    x [T, D], g [T, D] (dout), h [R, F] (the forward's; padding rows never read), da [R, F] (None when neither dw1 nor
+    db1 is needed). dw1[e] = sum da^T x[t], db1[e] = sum da; dw2[e] = sum (w_s g[t])^T h, db2[e] = sum w_s g[t].
     """
     need_w1, need_b1, need_w2, need_b2 = needs
-    E, F, D = routing.num_experts, h.shape[1], x.shape[1]
-    offsets = routing.expert_offsets.tolist()
-    rows = offsets[E]
-    slots = routing.sorted_token_ids[:rows].long()
-    valid = (slots < routing.num_slots)[:, None]  # [rows, 1]; padding rows join no sum
-    tokens = torch.where(valid[:, 0], slots // routing.top_k, 0)
-    zeros = dict(dtype=torch.float32, device=x.device)
-    dw1 = torch.zeros(E, F, D, **zeros) if need_w1 else None
-    db1 = torch.zeros(E, F, **zeros) if need_b1 else None
-    dw2 = torch.zeros(E, D, F, **zeros) if need_w2 else None
-    db2 = torch.zeros(E, D, **zeros) if need_b2 else None
+    dw1 = db1 = dw2 = db2 = None
     if need_w1 or need_b1:
-        x_rows = torch.where(valid, x[tokens].float(), 0.0)  # [rows, D]
-        da_rows = da[:rows].float()  # [rows, F]
+        dw1, db1 = expert_weight_grad(da, x, routing, gather_p=False, gather_q=True, scale_p=False, weight=need_w1, bias=need_b1)
     if need_w2 or need_b2:
-        weights = routing.topk_weights.reshape(-1)[torch.where(valid[:, 0], slots, 0)]
-        wg_rows = torch.where(valid, weights[:, None] * g[tokens].float(), 0.0)  # [rows, D]: w_s g[t]
-        h_rows = torch.where(valid, h[:rows].float(), 0.0)  # [rows, F]
-    for e in range(E):
-        seg = slice(offsets[e], offsets[e + 1])
-        if seg.start == seg.stop:
-            continue
-        if need_w1:
-            torch.mm(da_rows[seg].t(), x_rows[seg], out=dw1[e])
-        if need_b1:
-            db1[e] = da_rows[seg].sum(0)
-        if need_w2:
-            torch.mm(wg_rows[seg].t(), h_rows[seg], out=dw2[e])
-        if need_b2:
-            db2[e] = wg_rows[seg].sum(0)
+        dw2, db2 = expert_weight_grad(g, h, routing, gather_p=True, gather_q=False, scale_p=True, weight=need_w2, bias=need_b2)
     return dw1, db1, dw2, db2
 
 
@@ -277,11 +380,17 @@ class FusedMoEFunction(torch.autograd.Function):
         if need_x:
             dx = dx + expert_grad_input(da, w1, routing, gemm2)
             dx = dx.to(x.dtype)
-        weight_grads = (None,) * 4
-        if need_w1 or need_b1 or need_w2 or need_b2:
-            weight_grads = expert_weight_grads(x, g, h, da, routing, (need_w1, need_b1, need_w2, need_b2))
-        dw1, db1, dw2, db2 = (None if grad is None else grad.to(t.dtype) for grad, t in zip(weight_grads, (w1, b1, w2, b2)))
+        dw1, db1, dw2, db2 = expert_weight_grads(x, g, h, da, routing, (need_w1, need_b1, need_w2, need_b2))
         return dx, dgate, dw1, db1, dw2, db2, None
 
 
-__all__ = ["FusedMoEFunction", "act_backward", "expert_grad_hidden", "expert_grad_input", "expert_preact", "expert_weight_grads", "triton_moe_forward"]
+__all__ = [
+    "FusedMoEFunction",
+    "act_backward",
+    "expert_grad_hidden",
+    "expert_grad_input",
+    "expert_preact",
+    "expert_weight_grad",
+    "expert_weight_grads",
+    "triton_moe_forward",
+]

@@ -7,12 +7,12 @@ naive loop's own error in the test dtype, plus a floor of the dtype's rounding t
 
 import pytest
 import torch
-from kernel_cases import DEVICE, ERROR_FLOOR, moe_layer
+from kernel_cases import DEVICE, ERROR_FLOOR, HOST_SYNC_OPS, RecordOps, moe_layer
 
 from phixtral_kernels import fused_moe, moe_routing, naive_moe
 from phixtral_kernels import moe_backward as backward_module
 from phixtral_kernels.moe_backward import act_backward, expert_weight_grads, triton_moe_forward
-from phixtral_kernels.reference import expert_gemm1_torch, gelu_tanh, moe_routing_torch, topk_lowest_index
+from phixtral_kernels.reference import expert_gemm1_torch, expert_weight_grads_torch, gelu_tanh, moe_routing_torch, topk_lowest_index
 
 NAMES = ("x", "gate_weight", "w1", "b1", "w2", "b2")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -99,7 +99,7 @@ def test_expert_with_no_tokens_gets_zero_gradients():
 def test_router_training_gradients(requires, monkeypatch):
     """Router training: only the requested gradients, and only the launches they need (no recompute for the gate alone)."""
     calls = []
-    for name in ("expert_preact", "expert_grad_input", "expert_weight_grads"):
+    for name in ("expert_preact", "expert_grad_input", "expert_weight_grad"):
         real = getattr(backward_module, name)
         monkeypatch.setattr(backward_module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     layer = moe_layer(37, 64, 96, 4)
@@ -144,6 +144,13 @@ def test_inference_path_unchanged():
     assert with_grad.grad_fn is not None and torch.equal(with_grad.detach(), plain)
 
 
+def test_gradients_are_bit_identical_run_to_run():
+    layer = moe_layer(37, 64, 96, 4, torch.float16)
+    dout = torch.randn(37, 64, generator=torch.Generator().manual_seed(3)).to(layer[0])
+    first, second = (grads_of("triton", layer, 2, dout)[1] for _ in range(2))
+    assert all(torch.equal(first[name], second[name]) for name in NAMES)
+
+
 def test_zero_tokens_backward():
     layer = [t.requires_grad_() for t in moe_layer(0, 64, 64, 4)]
     out = fused_moe(*layer, 2, backend="triton")
@@ -153,7 +160,8 @@ def test_zero_tokens_backward():
 
 
 def test_padding_rows_join_no_sum():
-    """u, a and h hold NaN on every row the map does not fill: da, dwts and the weight gradients must stay finite."""
+    """u, a and h hold NaN on every row the map does not fill: da, dwts and the weight gradients must stay finite, and
+    the weight gradients match their torch twin."""
     T, D, F, E, top_k = 21, 64, 64, 4, 2
     x, gate, w1, b1, w2, b2 = moe_layer(T, D, F, E)
     routing = moe_routing_torch(x @ gate.t(), top_k, 32)  # rows past expert_offsets[E] hold the sentinel too
@@ -166,8 +174,26 @@ def test_padding_rows_join_no_sum():
     rows = int(routing.expert_offsets[-1])
     assert torch.isfinite(da[:rows]).all() and torch.isfinite(dwts).all()
     assert not da[:rows][~real[:rows, 0]].any(), "da is zero on padding rows"
-    for grad in expert_weight_grads(x, g, h, da, routing, (True, True, True, True)):
-        assert torch.isfinite(grad).all()
+    grads = expert_weight_grads(x, g, h, da, routing, (True, True, True, True))
+    for grad, ref, name in zip(grads, expert_weight_grads_torch(x, g, h, da, routing), ("w1", "b1", "w2", "b2")):
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_backward_has_no_host_sync(monkeypatch):
+    """No aten op that reads device data, and no .tolist() / .item() (below the dispatcher) in forward or backward."""
+    leaves = [t.requires_grad_() for t in moe_layer(9, 64, 64, 4)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read in the triton backward")
+
+    with RecordOps() as rec:
+        out = fused_moe(*leaves, 2, backend="triton")
+        monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+        monkeypatch.setattr(torch.Tensor, "item", refuse)
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+        monkeypatch.undo()
+    assert rec.ops and not rec.ops & HOST_SYNC_OPS, sorted(rec.ops & HOST_SYNC_OPS)
 
 
 # torch.autograd.gradcheck needs float64, and the Triton path does not compute in float64: its GEMMs accumulate and
