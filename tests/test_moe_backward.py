@@ -9,7 +9,7 @@ import pytest
 import torch
 from kernel_cases import DEVICE, ERROR_FLOOR, HOST_SYNC_OPS, RecordOps, moe_layer
 
-from phixtral_kernels import fused_moe, moe_routing, naive_moe
+from phixtral_kernels import fused_moe, moe_routing
 from phixtral_kernels import moe_backward as backward_module
 from phixtral_kernels.moe_backward import act_backward, expert_weight_grads, triton_moe_forward
 from phixtral_kernels.reference import expert_gemm1_torch, expert_weight_grads_torch, gelu_tanh, moe_routing_torch, topk_lowest_index
