@@ -1,11 +1,12 @@
 """Compile every kernel ahead of time for sm_80 and sm_90, with the exact launches fused_moe makes at phixtral shapes.
 
 No GPU needed: `fused_moe` runs on meta tensors with the kernels swapped for recorders, so the report covers the very
-arguments, constexprs and configs the launchers pick. Each recorded launch is then compiled with `triton.compile` for
+arguments, constexprs and configs the launchers pick. `--backward` reports the launches of fused_moe's backward instead
+(the backward GEMMs over transposed weight views, the row pass, the combine, the weight gradients). Each recorded launch is then compiled with `triton.compile` for
 each target, and the report gives shared memory, registers, spill stores and whether tensor-core instructions
 (mma.sync on sm_80, wgmma on sm_90) made it into the PTX.
 
-    python -m phixtral_kernels.aot [--tokens 1 64 4096] [--dtypes float16 bfloat16] [--json]
+    python -m phixtral_kernels.aot [--tokens 1 64 4096] [--dtypes float16 bfloat16] [--backward] [--json]
 
 Run it with TRITON_INTERPRET unset: the interpreter replaces the kernels with Python functions that cannot be compiled.
 """
@@ -23,7 +24,7 @@ from unittest import mock
 
 import torch
 
-from . import grouped_gemm, moe, routing, unpermute
+from . import grouped_gemm, moe, moe_backward, routing, unpermute
 from ._triton import INTERPRET, triton
 
 PHIXTRAL_SHAPE = dict(D=2560, F=10240, E=4, top_k=2)
@@ -32,6 +33,8 @@ _KERNEL_MODULES = {
     "_align_kernel": routing,
     "_grouped_gemm_kernel": grouped_gemm,
     "_combine_kernel": unpermute,
+    "_act_backward_kernel": moe_backward,
+    "_weight_grad_kernel": moe_backward,
 }
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
@@ -93,6 +96,28 @@ def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: i
     return launches
 
 
+def record_backward_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int) -> list:
+    """The kernel launches of one fused_moe backward with every gradient asked for, on meta tensors of these shapes."""
+    meta = dict(device="meta", dtype=dtype)
+    gemm1, gemm2 = grouped_gemm.moe_gemm_configs(T, top_k, E)
+    S, block_m = T * top_k, gemm1.block_m
+    index = dict(device="meta", dtype=torch.int32)
+    routing_map = routing.RoutingMap(
+        torch.empty(T, top_k, device="meta"), torch.empty(T, top_k, **index),
+        torch.empty(S + E * (block_m - 1), **index), torch.empty(E + 1, **index), block_m,
+    )  # fmt: skip
+    x, dout = torch.empty(T, D, **meta), torch.empty(T, D, **meta)
+    w1, b1, w2, b2 = torch.empty(E, F, D, **meta), torch.empty(E, F, **meta), torch.empty(E, D, F, **meta), torch.empty(E, D, **meta)
+    h = torch.empty(routing_map.max_rows, F, **meta)
+    with _recording() as launches:
+        u = moe_backward.expert_grad_hidden(dout, w2, routing_map, gemm1)
+        a = moe_backward.expert_preact(x, w1, b1, routing_map, gemm1)
+        da, _ = moe_backward.act_backward(u, a, h, dout, b2, routing_map, compute_da=True, compute_dwts=True)
+        moe_backward.expert_grad_input(da, w1, routing_map, gemm2)
+        moe_backward.expert_weight_grads(x, dout, h, da, routing_map, (True, True, True, True))
+    return launches
+
+
 def _signature(launch: Launch):
     """(signature, constexprs, attrs) as the JIT would specialize them: ints of 1 folded, 16-divisible values hinted."""
     fn = launch.kernel
@@ -145,24 +170,31 @@ def compile_launch(launch: Launch, capability: int):
 
 def _variant(launch: Launch) -> str:
     kw = launch.kwargs
+    if "GATHER_P" in kw:
+        name = "w1/b1" if not kw["GATHER_P"] else "w2/b2"
+        return f"{name} {kw['BLOCK_N']}x{kw['BLOCK_K']}x{kw['BLOCK_R']}"
     if "BLOCK_M" in kw and "GATHER_A" in kw:
-        name = "gemm1" if kw["GATHER_A"] else "gemm2"
+        if kw["GATHER_A"]:
+            name = "gemm1" if kw["ACTIVATION"] else "preact" if kw["HAS_BIAS"] else "grad_hidden"
+        else:
+            name = "gemm2" if kw["HAS_BIAS"] else "grad_input"
         return f"{name} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} split{kw['SPLIT_K']}"
     return ""
 
 
-def compile_report(tokens=(1, 64, 4096), dtypes=(torch.float16, torch.bfloat16), capabilities=(80, 90)) -> list:
+def compile_report(tokens=(1, 64, 4096), dtypes=(torch.float16, torch.bfloat16), capabilities=(80, 90), backward=False) -> list:
     if INTERPRET:
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     rows = []
     for dtype in dtypes:
         for T in tokens:
-            for launch in record_launches(T, dtype, **PHIXTRAL_SHAPE):
+            record = record_backward_launches if backward else record_launches
+            for launch in record(T, dtype, **PHIXTRAL_SHAPE):
                 for cap in capabilities:
                     compiled = compile_launch(launch, cap)
                     ptx = compiled.asm["ptx"]
                     regs, spills = _resource_usage(compiled.asm["cubin"])
-                    is_gemm = launch.kernel.__name__ == "_grouped_gemm_kernel"
+                    is_gemm = launch.kernel.__name__ in ("_grouped_gemm_kernel", "_weight_grad_kernel")
                     rows.append(
                         CompileRow(
                             kernel=launch.kernel.__name__.strip("_"),
@@ -198,9 +230,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 4096])
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--backward", action="store_true", help="the launches of fused_moe's backward instead")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
-    rows = compile_report(args.tokens, [getattr(torch, d) for d in args.dtypes])
+    rows = compile_report(args.tokens, [getattr(torch, d) for d in args.dtypes], backward=args.backward)
     bad = [r for r in rows if r.spill_bytes or (r.needs_tensor_core and not r.tensor_core)]
     if args.json:
         print(json.dumps({"rows": [asdict(r) for r in rows], "problems": len(bad)}))

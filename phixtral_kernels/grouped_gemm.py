@@ -8,8 +8,9 @@ K-splits. GEMM 1 gathers x's rows by slot inside the kernel, so no permuted copy
 so GEMM 2 streams its A rows contiguously, then scatters its rows back to slot order in the epilogue. Bias, GELU and the
 routing weight act on the fp32 accumulator. Padding rows (sentinel slot) are neither read as data nor written.
 
-One kernel serves both GEMMs; compile-time flags pick the prologue and epilogue. Its grid is an upper bound (every tile
-the map could need); tiles past expert_offsets[E] exit at once, so launching needs no host sync.
+One kernel serves both GEMMs, and the backward's (moe_backward.py: transposed weight views, no bias); compile-time flags
+pick the prologue and epilogue. Its grid is an upper bound (every tile the map could need); tiles past expert_offsets[E]
+exit at once, so launching needs no host sync.
 """
 
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ if triton is not None:
         # pointers
         a_ptr,  # GATHER_A: x [T, K]; else h [R, K] in sorted order
         b_ptr,  # [E, N, K] stacked torch Linear weights
-        bias_ptr,  # [E, N]
+        bias_ptr,  # [E, N] (read when HAS_BIAS)
         c_ptr,  # SCATTER_C: y [SPLIT_K, S, N] in slot order; else h [R, N] in sorted order
         sorted_token_ids_ptr,  # [R] int32: sorted row -> slot, sentinel S on padding rows
         expert_offsets_ptr,  # [E + 1] int32: first row of each expert, rows in use at [E]
@@ -100,6 +101,7 @@ if triton is not None:
         E_PAD: tl.constexpr,
         GATHER_A: tl.constexpr,
         SCATTER_C: tl.constexpr,
+        HAS_BIAS: tl.constexpr,  # False in the backward GEMMs, which have no bias
         ACTIVATION: tl.constexpr,  # "gelu_tanh" or ""
         MUL_ROUTING_WEIGHT: tl.constexpr,
         DOT_IN_FP32: tl.constexpr,  # interpreter + bf16 only: its bf16 arithmetic is wrong, upcast first
@@ -163,12 +165,13 @@ if triton is not None:
             b_ptrs += BLOCK_K * stride_b_k
 
         # --- epilogue on the fp32 accumulator: bias (first K-split only), activation, routing weight
-        bias = tl.load(
-            bias_ptr + expert.to(tl.int64) * stride_bias_e + offs_n * stride_bias_n,
-            mask=offs_n + pid_k * N < N,  # mask_n on split 0, all-false on the others
-            other=0.0,
-        )
-        acc += bias.to(tl.float32)[None, :]
+        if HAS_BIAS:
+            bias = tl.load(
+                bias_ptr + expert.to(tl.int64) * stride_bias_e + offs_n * stride_bias_n,
+                mask=offs_n + pid_k * N < N,  # mask_n on split 0, all-false on the others
+                other=0.0,
+            )
+            acc += bias.to(tl.float32)[None, :]
         if ACTIVATION == "gelu_tanh":
             # 0.5 x (1 + tanh(z)) == x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3)
             acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
@@ -186,17 +189,19 @@ if triton is not None:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _check_gemm_inputs(name: str, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, routing: RoutingMap, config):
-    if a.dim() != 2 or w.dim() != 3 or bias.dim() != 2:
-        raise ValueError(f"{name}: expected a [rows, K], w [E, N, K], bias [E, N]; got {tuple(a.shape)}, {tuple(w.shape)}, {tuple(bias.shape)}")
+def _check_gemm_inputs(name: str, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, routing: RoutingMap, config):
+    """bias None: a GEMM without bias (the backward's)."""
+    bias_shape = None if bias is None else tuple(bias.shape)
+    if a.dim() != 2 or w.dim() != 3 or (bias is not None and bias.dim() != 2):
+        raise ValueError(f"{name}: expected a [rows, K], w [E, N, K], bias [E, N]; got {tuple(a.shape)}, {tuple(w.shape)}, {bias_shape}")
     E, N, K = w.shape
-    if a.shape[1] != K or bias.shape != (E, N) or E != routing.num_experts:
+    if a.shape[1] != K or (bias is not None and bias_shape != (E, N)) or E != routing.num_experts:
         raise ValueError(
-            f"{name}: shapes disagree: a {tuple(a.shape)}, w {tuple(w.shape)}, bias {tuple(bias.shape)}, routing over {routing.num_experts} experts"
+            f"{name}: shapes disagree: a {tuple(a.shape)}, w {tuple(w.shape)}, bias {bias_shape}, routing over {routing.num_experts} experts"
         )
     if a.dtype != w.dtype:
         raise TypeError(f"{name}: activations are {a.dtype} but weights are {w.dtype}")
-    for what, t in (("weights", w), ("bias", bias), ("routing map", routing.sorted_token_ids)):
+    for what, t in (("weights", w), ("bias", w if bias is None else bias), ("routing map", routing.sorted_token_ids)):
         if t.device != a.device:
             raise ValueError(f"{name}: activations are on {a.device} but the {what} on {t.device}")
     if config.block_m != routing.block_m:
@@ -207,9 +212,14 @@ def _check_gemm_inputs(name: str, a: torch.Tensor, w: torch.Tensor, bias: torch.
 
 
 def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a, scatter_c, activation, mul_routing_weight):
+    """One grouped GEMM launch; w may be any strided [E, N] x K view (the backward passes transposed weights), bias None
+    for no bias."""
     E, N, K = w.shape
     c_split_stride = c.stride(0) if scatter_c else 0
     c_2d = c[0] if scatter_c else c
+    has_bias = bias is not None
+    if not has_bias:
+        bias = c_2d[:1, :1]  # any pointer: never read
     grid = (triton.cdiv(routing.max_rows, config.block_m) * triton.cdiv(N, config.block_n), config.split_k)
     k_per_split = triton.cdiv(triton.cdiv(K, config.block_k), config.split_k) * config.block_k
     _grouped_gemm_kernel[grid](
@@ -220,7 +230,7 @@ def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a,
         bias.stride(0), bias.stride(1),
         c_split_stride, c_2d.stride(0), c_2d.stride(1),
         TOP_K=routing.top_k, E_PAD=next_power_of_2(E),
-        GATHER_A=gather_a, SCATTER_C=scatter_c, ACTIVATION=activation, MUL_ROUTING_WEIGHT=mul_routing_weight,
+        GATHER_A=gather_a, SCATTER_C=scatter_c, HAS_BIAS=has_bias, ACTIVATION=activation, MUL_ROUTING_WEIGHT=mul_routing_weight,
         DOT_IN_FP32=INTERPRET and a.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         SPLIT_K=config.split_k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,

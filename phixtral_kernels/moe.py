@@ -6,18 +6,22 @@ Backends:
     "torch"   the same sorted pipeline in vectorized PyTorch (one GEMM pair per expert, no loop over tokens): the fast path
               on CPUs. It reads the per-expert counts on the host, so it syncs on CUDA tensors.
     "naive"   the original phixtral loop (`naive_moe`).
-    "auto"    "triton" where it can run (CUDA, or the interpreter on CPU), else "torch".
+    "auto"    "triton" where it can run (CUDA, or the interpreter on CPU) and the dtype is fp16, bf16 or fp32, else "torch".
+
+Every backend is differentiable. "triton" runs its own backward (`moe_backward.FusedMoEFunction`) when grad mode is on
+and an input requires grad; otherwise it runs the plain forward, with no autograd bookkeeping. "torch" and "naive" are
+differentiated by autograd through their PyTorch ops.
 """
 
 import torch
 
 from ._triton import triton_unavailable_reason
-from .grouped_gemm import expert_gemm1, expert_gemm2, moe_gemm_configs
+from .moe_backward import FusedMoEFunction, triton_moe_forward
 from .reference import gelu_tanh, naive_moe, topk_softmax_torch
-from .routing import moe_routing
-from .unpermute import moe_combine
 
 BACKENDS = ("auto", "triton", "torch", "naive")
+# The Triton path computes in fp32 at most (fp32 accumulators, fp32 routing weights): float64 goes to the torch backend.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_moe_inputs(x, gate_weight, w1, b1, w2, b2, top_k) -> None:
@@ -47,14 +51,6 @@ def check_moe_inputs(x, gate_weight, w1, b1, w2, b2, top_k) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
         raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
-
-
-def _moe_triton(x, gate_weight, w1, b1, w2, b2, top_k):
-    gemm1, gemm2 = moe_gemm_configs(x.shape[0], top_k, w1.shape[0])
-    routing = moe_routing(x @ gate_weight.t(), top_k, gemm1.block_m)  # [T, E] logits in x's dtype, as the original
-    h = expert_gemm1(x, w1, b1, routing, gemm1)  # [R, F] sorted rows
-    y = expert_gemm2(h, w2, b2, routing, gemm2)  # [P, S, D] fp32, slot order
-    return moe_combine(y, top_k, x.dtype)  # [T, D]
 
 
 def _moe_torch(x, gate_weight, w1, b1, w2, b2, top_k):
@@ -92,14 +88,19 @@ def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_moe_inputs(x, gate_weight, w1, b1, w2, b2, top_k)
     if backend == "auto":
-        backend = "triton" if triton_unavailable_reason(x.device) is None else "torch"
+        backend = "triton" if triton_unavailable_reason(x.device) is None and x.dtype in TRITON_DTYPES else "torch"
     if backend == "naive":
         return naive_moe(x, gate_weight, w1, b1, w2, b2, top_k)
-    if x.shape[0] == 0:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_weight, w1, b1, w2, b2))
+    if x.shape[0] == 0 and not needs_grad:
         return x.new_empty(0, x.shape[1])
     if backend == "torch":
         return _moe_torch(x, gate_weight, w1, b1, w2, b2, top_k)
     reason = triton_unavailable_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"backend='triton' cannot run: {reason}")
-    return _moe_triton(x, gate_weight, w1, b1, w2, b2, top_k)
+    if x.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' takes float16, bfloat16 or float32 tensors, got {x.dtype} (backend='torch' takes any)")
+    if needs_grad:
+        return FusedMoEFunction.apply(x, gate_weight, w1, b1, w2, b2, top_k)
+    return triton_moe_forward(x, gate_weight, w1, b1, w2, b2, top_k)[0]

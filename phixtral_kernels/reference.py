@@ -109,6 +109,24 @@ def expert_gemm2_torch(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, rout
     return y
 
 
+def expert_weight_grads_torch(x, g, h, da, routing: RoutingMap):
+    """Twin of `moe_backward.expert_weight_grads`, every gradient asked for: -> (dw1, db1, dw2, db2) in fp32.
+
+    x [T, D], g [T, D] (dout), h [R, F] and da [R, F] in sorted order (padding rows never read).
+    dw1[e] = sum da^T x[t], db1[e] = sum da; dw2[e] = sum (w_s g[t])^T h, db2[e] = sum w_s g[t], over expert e's slots.
+    """
+    E, F, D = routing.num_experts, h.shape[1], x.shape[1]
+    dw1, db1 = x.new_zeros(E, F, D, dtype=torch.float32), x.new_zeros(E, F, dtype=torch.float32)
+    dw2, db2 = x.new_zeros(E, D, F, dtype=torch.float32), x.new_zeros(E, D, dtype=torch.float32)
+    weights = routing.topk_weights.reshape(-1)
+    for e, rows, slots in _expert_groups(routing):
+        x_rows, da_rows = x[slots // routing.top_k].float(), da[rows].float()
+        wg_rows = weights[slots, None] * g[slots // routing.top_k].float()  # [rows, D]: w_s g[t]
+        dw1[e], db1[e] = da_rows.t() @ x_rows, da_rows.sum(0)
+        dw2[e], db2[e] = wg_rows.t() @ h[rows].float(), wg_rows.sum(0)
+    return dw1, db1, dw2, db2
+
+
 def moe_combine_torch(y: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:
     """Twin of `moe_combine`: y [S, D] (or split partials [P, S, D]) -> out [T, D] in `dtype`, summed in fp32."""
     y = y.float().reshape(-1, y.shape[-2], y.shape[-1]).sum(0)

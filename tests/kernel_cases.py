@@ -1,6 +1,8 @@
-"""Shared builders for kernel tests: random MoE layers, routings with chosen shapes, and the dtype-aware tolerance."""
+"""Shared builders for kernel tests: random MoE layers, routings with chosen shapes, the dtype-aware tolerance, and a
+recorder of the aten ops a call runs (to find host syncs)."""
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from phixtral_kernels import naive_moe
 from phixtral_kernels.reference import gelu_tanh, topk_lowest_index
@@ -56,3 +58,24 @@ def assert_close_to_reference(out, x, gate_weight, w1, b1, w2, b2, top_k):
         naive_err = (naive.double().cpu() - ref).abs().max().item() if out.numel() else 0.0
     bound = 2 * naive_err + ERROR_FLOOR[x.dtype]
     assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (naive loop in {x.dtype}: {naive_err:.3g})"
+
+
+class RecordOps(TorchDispatchMode):
+    """Names of the aten ops run; indexing with a boolean mask is recorded as "bool_index"."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("index", "index_put", "index_put_") and len(args) > 1:
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+                name = "bool_index"
+        self.ops.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+# aten ops that read device data on the host (.item(), boolean-mask indexing, data-dependent shapes). `.tolist()`
+# reads the data below the dispatcher, so no mode sees it: the GPU tier's CUDA-graph capture covers it.
+HOST_SYNC_OPS = {"_local_scalar_dense", "bool_index", "nonzero", "masked_select", "masked_scatter", "unique", "_unique2", "bincount"}

@@ -32,3 +32,22 @@ def test_kernels_compile_for_sm80_and_sm90_with_tensor_cores_and_no_spills():
         limit = 227 * 1024 if r["arch"] == "sm_90" else 163 * 1024  # opt-in shared memory per block
         assert 0 <= r["shared_bytes"] <= limit, r
     assert report["problems"] == 0 and proc.returncode == 0
+
+
+def test_backward_kernels_compile_with_tensor_cores_and_no_spills():
+    """fused_moe's backward launches (GEMMs over transposed weight views, the row pass, the combine, the weight
+    gradients), decode and prefill."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "phixtral_kernels.aot", "--backward", "--tokens", "1", "4096", "--dtypes", "bfloat16", "--json"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.stdout, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = report["rows"]
+    assert {r["kernel"] for r in rows} == {"grouped_gemm_kernel", "act_backward_kernel", "combine_kernel", "weight_grad_kernel"}
+    gemms = {r["variant"].split()[0] for r in rows if r["kernel"] == "grouped_gemm_kernel"}
+    assert gemms == {"grad_hidden", "preact", "grad_input"}
+    assert all(r["tensor_core"] for r in rows if r["kernel"] in ("grouped_gemm_kernel", "weight_grad_kernel"))
+    assert not [r for r in rows if r["spill_bytes"]]
+    assert report["problems"] == 0 and proc.returncode == 0

@@ -8,8 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_cases import DEVICE, ERROR_FLOOR, assert_close_to_reference, moe_layer
-from torch.utils._python_dispatch import TorchDispatchMode
+from kernel_cases import DEVICE, ERROR_FLOOR, HOST_SYNC_OPS, RecordOps, assert_close_to_reference, moe_layer
 
 from phixtral_kernels import (
     GemmConfig,
@@ -325,33 +324,12 @@ def test_fused_moe_random_shapes(T, D, F, E, data):
 # --------------------------------------------------------------------------------------------------- host syncs
 
 
-class _RecordOps(TorchDispatchMode):
-    """Names of the aten ops run; indexing with a boolean mask is recorded as "bool_index"."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in ("index", "index_put", "index_put_") and len(args) > 1:
-            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
-                name = "bool_index"
-        self.ops.add(name)
-        return func(*args, **(kwargs or {}))
-
-
-# aten ops that read device data on the host (.item(), boolean-mask indexing, data-dependent shapes). `.tolist()`
-# reads the data below the dispatcher, so no mode sees it: the GPU tier's CUDA-graph capture covers it.
-HOST_SYNC_OPS = {"_local_scalar_dense", "bool_index", "nonzero", "masked_select", "masked_scatter", "unique", "_unique2", "bincount"}
-
-
 def test_triton_path_has_no_host_sync():
     layer = moe_layer(9, 64, 64, 4)
-    with _RecordOps() as rec:
+    with RecordOps() as rec:
         fused_moe(*layer, 2, backend="triton")
     assert rec.ops and not rec.ops & HOST_SYNC_OPS, sorted(rec.ops & HOST_SYNC_OPS)
-    with _RecordOps() as control:  # the recorder sees the naive loop's boolean masks
+    with RecordOps() as control:  # the recorder sees the naive loop's boolean masks
         fused_moe(*layer, 2, backend="naive")
     assert "bool_index" in control.ops
 
@@ -415,3 +393,14 @@ def test_triton_older_than_tested_falls_back_to_torch(monkeypatch):
     with pytest.raises(RuntimeError, match="older than 3.3"):
         fused_moe(*layer, 2, backend="triton")
     assert_close_to_reference(fused_moe(*layer, 2), *layer, 2)  # auto: the torch path
+
+
+def test_float64_goes_to_the_torch_backend():
+    """The Triton path computes in fp32 at most (its interpreter's fp64 tl.dot even returned garbage): "auto" takes the
+    torch backend for float64, "triton" refuses it."""
+    layer = moe_layer(9, 64, 64, 4, torch.float64)
+    out = fused_moe(*layer, 2)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, naive_moe(*layer, 2), rtol=1e-6, atol=1e-6)  # torch routes with fp32 weights
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        fused_moe(*layer, 2, backend="triton")
