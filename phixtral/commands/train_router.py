@@ -1,0 +1,323 @@
+"""`phixtral train-router`: train only the routers of a merged phixtral; every expert, attention and embedding stays frozen.
+
+A mergekit MoE's router is never trained: `hidden` gate rows are prompt centroids, `cheap_embed` rows token embeddings,
+and phixtral-4x2_8's rows are identical in every layer. This command fits the gate rows [E, D] of every layer to the
+next-token loss of the whole model, plus an optional load-balancing loss:
+
+    loss = cross-entropy(next token) + aux_loss_coef * mean over layers of E * sum_e f_e * P_e     (Switch Transformer)
+
+f_e is the share of the layer's top-k slots that expert e receives and P_e the mean softmax probability of e over all E
+router logits. Gradients reach a gate row through the routing weights of the tokens that picked its expert (softmax over
+the top-k logits), and through the loss-balancing term for all tokens. Data: windows of --seq-len tokens drawn at random
+(seeded) from the training text, the same number from each dataset, so a small slice weighs as much as a large one.
+Held-out loss: fixed windows from each dataset's held-out text, measured before training, every --eval-every steps and
+after. The result is written atomically: the checkpoint plus `router_training.json` (settings, losses, the log).
+
+--add-base-expert BASE appends BASE's MLP (a dense phi-2 of the same shapes, usually the merge's base model) as one more
+expert, with a gate row of zeros, so that tokens no expert claims can keep the general MLP.
+"""
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .args import float_in, int_at_least, seed
+from .stdlib_data import SLICES, slice_texts
+
+LOG_FILE = "router_training.json"
+
+
+@dataclass
+class RouterTrainingSettings:
+    """Everything that decides the result of a run (written to LOG_FILE with it)."""
+
+    steps: int = 300
+    lr: float = 3e-3
+    aux_loss_coef: float = 0.0
+    experts_per_tok: Optional[int] = None  # None: the checkpoint's num_experts_per_tok
+    seed: int = 0
+    seq_len: int = 256
+    batch_size: int = 8
+    eval_every: int = 50
+    eval_tokens: int = 16384  # held-out tokens per dataset
+    add_base_expert: Optional[str] = None
+
+    def validate(self) -> None:
+        for name in ("steps", "seq_len", "batch_size", "eval_every", "eval_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (isinstance(self.aux_loss_coef, (int, float)) and math.isfinite(self.aux_loss_coef) and self.aux_loss_coef >= 0):
+            raise ValueError(f"aux_loss_coef must be a finite number >= 0, got {self.aux_loss_coef!r}")
+
+
+@dataclass
+class TokenData:
+    """Per dataset: a training stream and a held-out stream of token ids, both [N] int64."""
+
+    train: dict[str, torch.Tensor] = field(default_factory=dict)
+    heldout: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# --- data ------------------------------------------------------------------------------------------------------------
+def load_token_data(tokenizer, data: list[str], *, min_tokens: int) -> TokenData:
+    """data: "stdlib" (the four expert slices and `general`, train / held-out splits) and / or text files (the last
+    10% of each file's tokens held out). Every stream must hold at least min_tokens + 1 tokens."""
+    from .evaluate import encode_documents
+
+    out = TokenData()
+    for item in data:
+        if item == "stdlib":
+            for name in SLICES:
+                try:
+                    out.train[name] = encode_documents(tokenizer, slice_texts(name, "train"))
+                    out.heldout[name] = encode_documents(tokenizer, slice_texts(name, "heldout"))
+                except FileNotFoundError as e:
+                    raise ValueError(str(e)) from e
+            continue
+        path = Path(item)
+        if not path.is_file():
+            raise ValueError(f"--data {item}: no such file (pass 'stdlib' or text files)")
+        stream = encode_documents(tokenizer, [path.read_bytes().decode("utf-8", errors="replace")])
+        cut = int(stream.numel() * 0.9)
+        out.train[path.name], out.heldout[path.name] = stream[:cut], stream[cut:]
+    if not out.train:
+        raise ValueError("no training data: pass --data stdlib and / or text files")
+    for split, streams in (("training", out.train), ("held-out", out.heldout)):
+        for name, s in streams.items():
+            if s.numel() < min_tokens + 1:
+                raise ValueError(f"{name}: its {split} text has {s.numel()} tokens, fewer than one window of {min_tokens + 1}")
+    return out
+
+
+def sample_batch(streams: dict[str, torch.Tensor], batch_size: int, seq_len: int, rng: random.Random) -> torch.Tensor:
+    """[batch_size, seq_len + 1] windows: the datasets in turn (round robin from a random start), each window at a
+    random offset of its stream."""
+    names = sorted(streams)
+    first = rng.randrange(len(names))
+    rows = []
+    for b in range(batch_size):
+        s = streams[names[(first + b) % len(names)]]
+        start = rng.randrange(s.numel() - seq_len)
+        rows.append(s[start : start + seq_len + 1])
+    return torch.stack(rows)
+
+
+def heldout_windows(streams: dict[str, torch.Tensor], seq_len: int, max_tokens: int) -> dict[str, torch.Tensor]:
+    """{dataset: [n, seq_len + 1]}: consecutive windows from the start of each held-out stream, about max_tokens each."""
+    out = {}
+    for name, s in streams.items():
+        n = max(1, min(max_tokens // seq_len, (s.numel() - 1) // seq_len))
+        out[name] = torch.stack([s[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)])
+    return out
+
+
+# --- losses ----------------------------------------------------------------------------------------------------------
+def load_balancing_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss for one layer: E * sum_e f_e * P_e; router_logits [T, E] -> scalar.
+
+    1.0 when the slots and the probabilities are spread evenly; E when every token goes to one expert.
+    """
+    E = router_logits.shape[-1]
+    probs = router_logits.float().softmax(-1)  # [T, E]
+    picks = torch.topk(router_logits, top_k, dim=-1).indices  # [T, top_k]
+    share = F.one_hot(picks, E).float().sum(1).mean(0) / top_k  # [E]: f_e, no gradient (a count)
+    return E * (share * probs.mean(0)).sum()
+
+
+class RouterLogits:
+    """Collects each MoE layer's router logits [T, E] during a forward (a pre-hook on every MoE module)."""
+
+    def __init__(self, model):
+        self.logits: list[torch.Tensor] = []
+        self._handles = [block.moe.register_forward_pre_hook(self._hook) for block in model.h]
+
+    def _hook(self, moe, args):
+        x = args[0]
+        self.logits.append(x.reshape(-1, x.shape[-1]) @ moe.gate.weight.t())
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.logits = self.logits, []
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def next_token_loss(model, windows: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of windows [B, S + 1]: predict tokens 1..S from 0..S-1."""
+    windows = windows.to(model.device)
+    logits = model(windows[:, :-1])  # [B, S, V] fp32
+    return F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+
+
+@torch.no_grad()
+def heldout_loss(model, windows: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
+    """{dataset: mean next-token loss}, plus "mean" over the datasets."""
+    out = {}
+    for name, w in windows.items():
+        total = sum(float(next_token_loss(model, w[i : i + batch_size])) * len(w[i : i + batch_size]) for i in range(0, len(w), batch_size))
+        out[name] = total / len(w)
+    out["mean"] = sum(out.values()) / len(windows)
+    return out
+
+
+# --- the model -------------------------------------------------------------------------------------------------------
+def append_base_expert(model, base_path) -> None:
+    """Append the MLP of a dense phi-2 checkpoint (same n_embd / n_inner / n_layer) as the last expert of every layer,
+    with a zero gate row."""
+    from ..weights import from_pretrained
+
+    base = from_pretrained(base_path, device=model.device, dtype=model.dtype, backend="torch")
+    c, b = model.config, base.config
+    if b.is_moe:
+        raise ValueError(f"--add-base-expert {base_path}: a dense phi-2 checkpoint is needed, got {b.num_local_experts} experts")
+    if (b.n_embd, b.n_inner, b.n_layer) != (c.n_embd, c.n_inner, c.n_layer):
+        raise ValueError(
+            f"--add-base-expert {base_path}: shapes differ (n_embd, n_inner, n_layer) {(b.n_embd, b.n_inner, b.n_layer)} "
+            f"vs the model's {(c.n_embd, c.n_inner, c.n_layer)}"
+        )
+    with torch.no_grad():
+        for mine, theirs in zip(model.h, base.h):
+            moe, dense = mine.moe, theirs.moe
+            for name in ("fc1", "fc2"):
+                for p in ("weight", "bias"):
+                    old = getattr(getattr(moe, name), p)
+                    new = torch.cat([old, getattr(getattr(dense, name), p)[:1]])  # [E + 1, ...]
+                    setattr(getattr(moe, name), p, torch.nn.Parameter(new, requires_grad=False))
+            gate = torch.cat([moe.gate.weight, torch.zeros_like(moe.gate.weight[:1])])
+            moe.gate = torch.nn.Linear(c.n_embd, gate.shape[0], bias=False, device=gate.device, dtype=gate.dtype)
+            moe.gate.weight = torch.nn.Parameter(gate, requires_grad=False)
+    c.num_local_experts += 1
+
+
+def train_router(model, data: TokenData, settings: RouterTrainingSettings, *, progress: bool = True, log=print) -> dict:
+    """Train the gate rows of `model` in place (everything else frozen); returns the record written to LOG_FILE."""
+    from tqdm.auto import tqdm
+
+    settings.validate()
+    if not model.config.is_moe:
+        raise ValueError("the model has one expert: there is no router to train")
+    if settings.experts_per_tok is not None:
+        if not 1 <= settings.experts_per_tok <= model.config.num_local_experts:
+            raise ValueError(
+                f"experts_per_tok must be in [1, {model.config.num_local_experts}], got {settings.experts_per_tok}"
+            )
+        model.config.num_experts_per_tok = settings.experts_per_tok
+        for block in model.h:
+            block.moe.top_k = settings.experts_per_tok
+    top_k = model.config.num_experts_per_tok
+    torch.manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
+    model.requires_grad_(False)
+    gates = [block.moe.gate.weight for block in model.h]
+    for g in gates:
+        g.requires_grad_(True)
+    optimizer = torch.optim.Adam(gates, lr=settings.lr)
+    windows = heldout_windows(data.heldout, settings.seq_len, settings.eval_tokens)
+    record = {"settings": asdict(settings), "top_k": top_k, "num_experts": model.config.num_local_experts, "log": []}
+    before = heldout_loss(model, windows, settings.batch_size)
+    record["heldout_before"] = before
+    log(f"held-out loss before: {before['mean']:.4f} (" + ", ".join(f"{k} {v:.3f}" for k, v in before.items() if k != "mean") + ")")
+    collector = RouterLogits(model)
+    clock = time.perf_counter()
+    try:
+        for step in tqdm(range(1, settings.steps + 1), desc="train-router", unit="step", disable=not progress):
+            batch = sample_batch(data.train, settings.batch_size, settings.seq_len, rng)
+            with torch.enable_grad():
+                lm = next_token_loss(model, batch)
+                aux = torch.stack([load_balancing_loss(lg, top_k) for lg in collector.take()]).mean()
+                loss = lm + settings.aux_loss_coef * aux if settings.aux_loss_coef else lm
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+            entry = {"step": step, "loss": lm.item(), "aux_loss": aux.item()}
+            if step % settings.eval_every == 0 or step == settings.steps:
+                collector.remove()
+                entry["heldout"] = heldout_loss(model, windows, settings.batch_size)
+                collector = RouterLogits(model)
+                log(f"step {step}: train loss {entry['loss']:.4f}, aux {entry['aux_loss']:.3f}, held-out {entry['heldout']['mean']:.4f}")
+            record["log"].append(entry)
+    finally:
+        collector.remove()
+        for g in gates:
+            g.requires_grad_(False)
+            g.grad = None
+    record["train_seconds"] = time.perf_counter() - clock
+    record["heldout_after"] = record["log"][-1]["heldout"]
+    return record
+
+
+# --- the command -----------------------------------------------------------------------------------------------------
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train-router",
+        help="train only the router of a merged phixtral",
+        description="Train the gate rows of every MoE layer (everything else frozen) on the next-token loss plus an "
+        "optional load-balancing loss, and write the result (checkpoint + router_training.json) atomically to --out.",
+    )
+    p.add_argument("--model", required=True, help="the merged phixtral checkpoint folder or hub id")
+    p.add_argument("--data", nargs="+", default=["stdlib"],
+                   help=f"'stdlib' (the slices {', '.join(SLICES)}) and / or UTF-8 text files")  # fmt: skip
+    p.add_argument("--steps", type=int_at_least(1), default=300, help="optimizer steps")
+    p.add_argument("--lr", type=float_in(0, low_open=True), default=3e-3, help="Adam learning rate")
+    p.add_argument("--aux-loss-coef", type=float_in(0), default=0.0, help="weight of the load-balancing loss")
+    p.add_argument("--experts-per-tok", type=int_at_least(1), default=None, help="top-k to train and save (default: the config's)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the window sampling")
+    p.add_argument("--seq-len", type=int_at_least(2), default=256, help="tokens per training window")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per step")
+    p.add_argument("--eval-every", type=int_at_least(1), default=50, help="steps between held-out measurements")
+    p.add_argument("--eval-tokens", type=int_at_least(1), default=16384, help="held-out tokens per dataset")
+    p.add_argument("--add-base-expert", default=None, help="a dense phi-2 folder whose MLP becomes one more expert (default: none)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"), help="MoE implementation")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    from ..weights import check_checkpoint_destination, from_pretrained, resolve_checkpoint
+
+    settings = RouterTrainingSettings(
+        steps=args.steps, lr=args.lr, aux_loss_coef=args.aux_loss_coef, experts_per_tok=args.experts_per_tok,
+        seed=args.seed, seq_len=args.seq_len, batch_size=args.batch_size, eval_every=args.eval_every,
+        eval_tokens=args.eval_tokens, add_base_expert=args.add_base_expert,
+    )  # fmt: skip
+    settings.validate()
+    source = resolve_checkpoint(args.model)
+    sources = [source] + ([resolve_checkpoint(args.add_base_expert)] if args.add_base_expert else [])
+    check_checkpoint_destination(args.out, overwrite=args.overwrite, sources=sources)  # refuse before training
+    model = from_pretrained(source, device=args.device, dtype="float32", backend=args.backend)
+    if model.tokenizer is None:
+        raise ValueError(f"{source} has no tokenizer files: train-router needs them to encode the text")
+    if args.add_base_expert:
+        append_base_expert(model, sources[1])
+    data = load_token_data(model.tokenizer, args.data, min_tokens=settings.seq_len)
+    say = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    record = train_router(model, data, settings, progress=not args.no_progress, log=say)
+    record["source"] = str(args.model)
+    model.save_pretrained(
+        args.out, dtype=model.config.torch_dtype, overwrite=args.overwrite, sources=sources,
+        extra_files={LOG_FILE: json.dumps(record, indent=2) + "\n"},
+    )  # the checkpoint's own dtype, not the float32 it trained in
+    b, a = record["heldout_before"]["mean"], record["heldout_after"]["mean"]
+    print(f"wrote {args.out}: held-out loss {b:.4f} -> {a:.4f} ({record['train_seconds']:.0f} s of training)")
+    return 0
+
+
+__all__ = ["RouterTrainingSettings", "append_base_expert", "load_balancing_loss", "train_router"]

@@ -1,0 +1,171 @@
+"""phixtral train-router on tiny checkpoints: only the gates move, the loss falls, runs repeat, the output loads."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers_models import msft_moe_checkpoint
+from phi_checkpoints import make_phi
+
+import phixtral
+from phixtral.cli import main
+from phixtral.commands.train_router import (
+    LOG_FILE,
+    RouterTrainingSettings,
+    append_base_expert,
+    load_balancing_loss,
+    load_token_data,
+    train_router,
+)
+
+SETTINGS = dict(steps=12, lr=0.05, seq_len=32, batch_size=4, eval_every=6, eval_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """About 60 KB of Python: the bodies of two standard library modules."""
+    import inspect
+    import json as json_module
+    import textwrap
+
+    path = tmp_path_factory.mktemp("data") / "code.py"
+    path.write_text(inspect.getsource(json_module.decoder) + inspect.getsource(textwrap))
+    return path
+
+
+def model():
+    return phixtral.from_pretrained(msft_moe_checkpoint(), backend="torch")
+
+
+def test_load_balancing_loss_is_one_when_even_and_e_when_collapsed():
+    E = 4
+    even = torch.zeros(8, E)
+    even[torch.arange(8), torch.arange(8) % E] = 5.0  # each expert first for 2 tokens, probabilities spread evenly
+    assert load_balancing_loss(torch.zeros(8, E) + torch.arange(E) * 0, 2).item() == pytest.approx(1.0)
+    assert load_balancing_loss(even, 1).item() == pytest.approx(1.0, abs=1e-6)
+    collapsed = torch.zeros(8, E)
+    collapsed[:, 0] = 50.0
+    assert load_balancing_loss(collapsed, 1).item() == pytest.approx(E, rel=1e-4)
+
+
+def test_only_the_gates_train_and_the_loss_falls(text_file):
+    m = model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    data = load_token_data(m.tokenizer, [str(text_file)], min_tokens=32)
+    record = train_router(m, data, RouterTrainingSettings(**SETTINGS), progress=False, log=lambda s: None)
+    after = m.state_dict()
+    for name, t in before.items():
+        if name.endswith("moe.gate.weight"):
+            assert not torch.equal(t, after[name]), f"{name} did not train"
+        else:
+            assert torch.equal(t, after[name]), f"{name} changed but should be frozen"
+    assert record["heldout_after"]["mean"] < record["heldout_before"]["mean"]
+    assert [e["step"] for e in record["log"]] == list(range(1, 13)) and "heldout" in record["log"][5]
+    assert not any(p.requires_grad for p in m.parameters())  # frozen again, ready for inference
+
+
+def test_same_seed_same_gates_other_seed_other_gates(text_file):
+    def gates(seed):
+        m = model()
+        data = load_token_data(m.tokenizer, [str(text_file)], min_tokens=32)
+        train_router(m, data, RouterTrainingSettings(**{**SETTINGS, "steps": 4, "seed": seed}), progress=False, log=lambda s: None)
+        return torch.stack([b.moe.gate.weight for b in m.h])
+
+    a = gates(0)
+    assert torch.equal(a, gates(0))
+    assert not torch.equal(a, gates(1))
+
+
+def test_aux_loss_spreads_a_collapsed_router(text_file):
+    m = model()
+    data = load_token_data(m.tokenizer, [str(text_file)], min_tokens=32)
+    inputs = []
+    handles = [b.moe.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].flatten(0, 1).mean(0))) for b in m.h]
+    m(data.train[text_file.name][None, :64])
+    for h in handles:
+        h.remove()
+    with torch.no_grad():  # gate row 0 = the mean MoE input, scaled up: (nearly) every token picks expert 0 first
+        for block, mean in zip(m.h, inputs):
+            block.moe.gate.weight.zero_()
+            block.moe.gate.weight[0] = 50 * mean / mean.norm() ** 2
+    settings = RouterTrainingSettings(**{**SETTINGS, "aux_loss_coef": 10.0, "steps": 20, "lr": 0.1})
+    record = train_router(m, data, settings, progress=False, log=lambda s: None)
+    first, last = record["log"][0]["aux_loss"], record["log"][-1]["aux_loss"]
+    assert first > 1.5 and last < first - 0.3
+
+
+def test_command_writes_a_checkpoint_that_loads_with_its_log(tmp_path, text_file, capsys):
+    out = tmp_path / "trained"
+    argv = ["train-router", "--model", str(msft_moe_checkpoint()), "--data", str(text_file), "--steps", "6",
+            "--lr", "0.05", "--seq-len", "32", "--batch-size", "4", "--eval-every", "3", "--eval-tokens", "256",
+            "--backend", "torch", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "held-out loss" in capsys.readouterr().out
+    record = json.loads((out / LOG_FILE).read_text())
+    assert record["settings"]["steps"] == 6 and record["heldout_after"]["mean"] <= record["heldout_before"]["mean"] + 1e-3
+    trained = phixtral.from_pretrained(out, backend="torch")
+    source = model()
+    for mine, theirs in zip(trained.h, source.h):
+        assert not torch.equal(mine.moe.gate.weight, theirs.moe.gate.weight)
+        assert torch.equal(mine.moe.fc1.weight, theirs.moe.fc1.weight)
+    assert main(argv) == 1  # --out is not empty now
+    assert "pass overwrite" in capsys.readouterr().err or "not empty" in capsys.readouterr().err
+
+
+def test_command_refuses_to_write_over_its_source(tmp_path, text_file, capsys):
+    src = tmp_path / "moe"
+    shutil.copytree(msft_moe_checkpoint(), src)
+    argv = ["train-router", "--model", str(src), "--data", str(text_file), "--steps", "2", "--out", str(src),
+            "--overwrite", "--backend", "torch", "--no-progress"]  # fmt: skip
+    assert main(argv) == 1
+    assert "refusing to write" in capsys.readouterr().err
+
+
+def test_add_base_expert_appends_the_dense_mlp(tmp_path):
+    m = model()
+    E = m.config.num_local_experts
+    base = make_phi(tmp_path / "base", seed=0, layout="msft", n_embd=64, n_layer=2, n_head=4)  # MLP shapes as the MoE
+    dense = phixtral.from_pretrained(base, backend="torch")
+    append_base_expert(m, base)
+    assert m.config.num_local_experts == E + 1
+    for mine, theirs in zip(m.h, dense.h):
+        assert mine.moe.gate.weight.shape[0] == E + 1 and not mine.moe.gate.weight[E].any()
+        assert torch.equal(mine.moe.fc1.weight[E], theirs.moe.fc1.weight[0])
+        assert torch.equal(mine.moe.fc2.bias[E], theirs.moe.fc2.bias[0])
+    m.save_pretrained(tmp_path / "five")
+    reloaded = phixtral.from_pretrained(tmp_path / "five", backend="torch")
+    assert reloaded.config.num_local_experts == E + 1
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    torch.testing.assert_close(reloaded(ids), m(ids))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [(dict(steps=0), "steps must be a positive int"), (dict(lr=0.0), "lr must be"), (dict(aux_loss_coef=-1.0), "aux_loss_coef")],
+)
+def test_bad_settings_name_the_field(change, match):
+    with pytest.raises(ValueError, match=match):
+        RouterTrainingSettings(**{**SETTINGS, **change}).validate()
+
+
+def test_dense_model_has_no_router_to_train(tmp_path, text_file):
+    base = make_phi(tmp_path / "base", seed=0, layout="msft")
+    dense = phixtral.from_pretrained(base, backend="torch")
+    data = load_token_data(dense.tokenizer, [str(text_file)], min_tokens=32)
+    with pytest.raises(ValueError, match="no router to train"):
+        train_router(dense, data, RouterTrainingSettings(**SETTINGS), progress=False)
+
+
+def test_triton_backend_trains_the_same_gates_as_torch(text_file):
+    """The CUDA path (the fused kernels' backward), run here under the Triton interpreter."""
+
+    def gates(backend):
+        m = model()
+        m.set_backend(backend)
+        data = load_token_data(m.tokenizer, [str(text_file)], min_tokens=32)
+        settings = RouterTrainingSettings(**{**SETTINGS, "steps": 3, "eval_every": 3})
+        train_router(m, data, settings, progress=False, log=lambda s: None)
+        return torch.stack([b.moe.gate.weight for b in m.h])
+
+    torch.testing.assert_close(gates("triton"), gates("torch"), atol=1e-4, rtol=1e-3)
