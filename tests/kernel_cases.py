@@ -56,3 +56,12 @@ def assert_close_to_reference(out, x, gate_weight, w1, b1, w2, b2, top_k):
         naive_err = (naive.double().cpu() - ref).abs().max().item() if out.numel() else 0.0
     bound = 2 * naive_err + ERROR_FLOOR[x.dtype]
     assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (naive loop in {x.dtype}: {naive_err:.3g})"
+
+
+def assert_same_routing(a, b):
+    """Integer outputs exactly; rows past expert_offsets[E] are unspecified."""
+    assert torch.equal(a.topk_ids, b.topk_ids)
+    torch.testing.assert_close(a.topk_weights, b.topk_weights, rtol=1e-6, atol=1e-6)
+    assert torch.equal(a.expert_offsets.cpu(), b.expert_offsets.cpu())
+    rows = int(b.expert_offsets[-1])
+    assert torch.equal(a.sorted_token_ids[:rows].cpu(), b.sorted_token_ids[:rows].cpu())
