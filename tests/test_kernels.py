@@ -7,6 +7,7 @@ tests run the compiled kernels on CUDA tensors.
 import pytest
 import torch
 from kernel_cases import DEVICE, ERROR_FLOOR, assert_close_to_reference, assert_same_routing, moe_layer
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from phixtral_kernels import (
@@ -387,3 +388,43 @@ def test_triton_older_than_tested_falls_back_to_torch(monkeypatch):
         fused_moe(*layer, 2, backend="triton")
     assert_close_to_reference(fused_moe(*layer, 2), *layer, 2)  # auto: the torch path
 
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """use(capability, name): triton_unavailable_reason then sees a CUDA GPU of that capability."""
+    from phixtral_kernels import _triton
+
+    def use(capability, name):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
+        _triton._cuda_reason.cache_clear()
+
+    yield use
+    _triton._cuda_reason.cache_clear()  # before monkeypatch restores torch.cuda: the next call asks the real GPU
+
+
+def _fake_cuda_layer(dtype=torch.float16, T=8, D=64, F=96, E=4):
+    """Empty MoE tensors that claim device cuda:0: FakeTensorMode needs no GPU, and nothing here reads their data."""
+    with FakeTensorMode():
+        shapes = [(T, D), (E, D), (E, F, D), (E, F), (E, D, F), (E, D)]
+        return [torch.empty(shape, dtype=dtype, device="cuda:0") for shape in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpus_below_sm80_fall_back_to_torch(fake_gpu, monkeypatch, dtype):
+    """T4 (sm_75): no tensor-core path in Triton and no bf16. "auto" takes the torch path; "triton" says why it cannot."""
+    from phixtral_kernels import moe, triton_unavailable_reason
+
+    monkeypatch.setattr(moe, "_moe_torch", lambda *args: "torch path")
+    monkeypatch.setattr(moe, "_moe_triton", lambda *args: "triton path")
+    layer = _fake_cuda_layer(dtype)
+    fake_gpu((7, 5), "Tesla T4")
+    reason = triton_unavailable_reason(torch.device("cuda", 0))
+    assert "cuda:0 (Tesla T4) is sm_75" in reason and "sm_80 or newer" in reason
+    assert fused_moe(*layer, 2) == "torch path"
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run: cuda:0 \\(Tesla T4\\) is sm_75"):
+        fused_moe(*layer, 2, backend="triton")
+    for capability, name in (((8, 0), "NVIDIA A100"), ((9, 0), "NVIDIA H200"), ((12, 0), "NVIDIA RTX PRO 6000")):
+        fake_gpu(capability, name)
+        assert triton_unavailable_reason(torch.device("cuda", 0)) is None
+        assert fused_moe(*layer, 2) == "triton path" == fused_moe(*layer, 2, backend="triton")
