@@ -1,15 +1,29 @@
 #!/usr/bin/env bash
-# One command for a machine with one CUDA GPU (sized for an H200): the GPU test tier, then both benchmarks.
+# One command for a machine with one CUDA GPU (sized for an H200): warm Triton's cache, the GPU test tier, both benchmarks.
 #
 #   bash benchmarks/gpu_check.sh
+#   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh     # any machine, no GPU: each stage's collection or a quick CPU run
 #
-# Runs from the repository root with PYTHONPATH=. and installs nothing (python3 must have torch with CUDA, triton,
-# pytest, pytest-benchmark, matplotlib). Each stage runs under its own time limit and the benchmarks stop starting new
-# points once their --budget-s is spent, so the whole run ends in about 6.5 minutes at worst (stage limits 30 + 180 +
-# 100 + 100 s), usually well before. Files, under $OUT when it is set, else ./out (eight, so they fit a lease's limit):
-#   tests.log  bench_moe.log  bench_moe.json  bench_moe.png  bench_generate.log  bench_generate.json  bench_generate.png
-#   summary.txt (environment, stage times, the targets table)
+# Runs from the repository root with PYTHONPATH=. and installs nothing: python3 needs torch with CUDA, triton and pytest.
+# hypothesis, pytest-benchmark and matplotlib are optional: without them the random-shape test and the plots are skipped.
+# Stages, each under its own time limit (seconds; then 5 s of grace before a kill):
+#   env             nvidia-smi and the versions; stops here when torch sees no GPU                      15 + 40
+#   warm            python -m phixtral_kernels.aot --warm: every launch the GPU tests and the benchmarks make at
+#                   phixtral shapes (~60 variants), compiled into Triton's cache by one process per CPU     45
+#   tests           the GPU tier in GPU_CHECK_SHARDS pytest processes at once (pytest --shard I/N): its ~200
+#                   small-shape variants compile one per process at a time, not one after another         140
+#   bench_moe       stops starting new points after --budget-s 70                                           100
+#   bench_generate  stops starting new points after --budget-s 60                                            95
+#   summary                                                                                                  20
+# so the whole run ends within 8 minutes at worst (about 4 when nothing hits a limit). A stage stopped at its limit says
+# so in its log and the later stages still run. Logs are written as the output comes, so a run cut short still leaves
+# them. Files, under $OUT when it is set, else ./out (eight at most, the limit of what a lease brings back):
+#   tests.log (the warm stage, then the tests)  bench_moe.log  bench_moe.json  bench_moe.png  bench_generate.log
+#   bench_generate.json  bench_generate.png  summary.txt (environment, stage times, the targets table)
 # The summary table is printed last. Exit status: 0 when every stage passed, 1 otherwise.
+#
+# Environment: GPU_CHECK_DRY_RUN=1 (see above); GPU_CHECK_SHARDS (test processes, default half the CPUs, 1 to 8);
+# GPU_CHECK_LIMIT_<STAGE> (a stage's limit in seconds, e.g. GPU_CHECK_LIMIT_TESTS=300); PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,49 +36,118 @@ export PYTHONUNBUFFERED=1
 # The GPU tier compiles the kernels; under the interpreter every timing would be meaningless.
 unset TRITON_INTERPRET
 PY="${PYTHON:-python3}"
-STAGES="$(mktemp)"
-trap 'rm -f "$STAGES"' EXIT
+DRY="${GPU_CHECK_DRY_RUN:-0}"
+CPUS="$(nproc 2>/dev/null || echo 2)"
+SHARDS="${GPU_CHECK_SHARDS:-$((CPUS / 2))}"
+((SHARDS < 1)) && SHARDS=1
+((SHARDS > 8)) && SHARDS=8
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+STAGES="$WORK/stages.tsv"
+: >"$STAGES"
 status=0
 
-# stage NAME SECONDS CMD...: run CMD under a time limit, its output to the screen and to $OUT_DIR/NAME.log.
-stage() {
-  local name=$1 limit=$2
-  shift 2
-  local start=$SECONDS
-  echo "=== $name (limit ${limit} s): $*"
-  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
-  local rc=$?
+# limit_for NAME SECONDS: GPU_CHECK_LIMIT_<NAME> when set, else SECONDS.
+limit_for() {
+  local var="GPU_CHECK_LIMIT_${1^^}"
+  echo "${!var:-$2}"
+}
+
+# finish NAME LOG RC START LIMIT: say in LOG when the stage was stopped at its limit; add its row to the stage table.
+finish() {
+  local name=$1 log=$2 rc=$3 start=$4 limit=$5
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-    echo "=== $name: stopped at its ${limit} s limit" | tee -a "$OUT_DIR/$name.log"
+    echo "=== $name: stopped at its ${limit} s limit" | tee -a "$log"
   fi
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >>"$STAGES"
   [ "$rc" -eq 0 ] || status=1
 }
 
+# stage NAME LOG SECONDS CMD...: CMD under a time limit, its output to the screen and, line by line, to LOG.
+stage() {
+  local name=$1 log=$2 limit start=$SECONDS
+  limit="$(limit_for "$1" "$3")"
+  shift 3
+  echo "=== $name (limit ${limit} s): $*" | tee -a "$log"
+  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$log"
+  finish "$name" "$log" "${PIPESTATUS[0]}" "$start" "$limit"
+}
+
+# test_shards NAME LOG SECONDS PYTEST_ARGS...: SHARDS pytest processes at once, process I on every SHARDS-th test from
+# the I-th (--shard, tests/conftest.py), each under the time limit. Lines reach LOG as they come, tagged [I/SHARDS];
+# once all have ended, LOG holds them again process after process.
+test_shards() {
+  local name=$1 log=$2 limit start=$SECONDS i rc=0 shard_rc before
+  limit="$(limit_for "$1" "$3")"
+  shift 3
+  local threads=$((CPUS / SHARDS > 0 ? CPUS / SHARDS : 1))
+  echo "=== $name (limit ${limit} s, $SHARDS processes of $threads threads): pytest $*" | tee -a "$log"
+  before="$(wc -l <"$log")"
+  for ((i = 0; i < SHARDS; i++)); do
+    (
+      OMP_NUM_THREADS=$threads timeout --kill-after=5 "$limit" "$PY" -m pytest --shard "$i/$SHARDS" "$@" 2>&1 |
+        sed -u "s|^|[$i/$SHARDS] |" | tee "$WORK/shard$i.log" | tee -a "$log"
+      shard_rc=${PIPESTATUS[0]}
+      if [ "$shard_rc" -eq 124 ] || [ "$shard_rc" -eq 137 ]; then
+        echo "[$i/$SHARDS] === stopped at the ${limit} s limit" | tee -a "$WORK/shard$i.log" | tee -a "$log"
+      fi
+      echo "$shard_rc" >"$WORK/shard$i.rc"
+    ) &
+  done
+  wait
+  {
+    head -n "$before" "$log"
+    for ((i = 0; i < SHARDS; i++)); do cat "$WORK/shard$i.log"; done
+  } >"$WORK/ordered.log"
+  cat "$WORK/ordered.log" >"$log"
+  for ((i = 0; i < SHARDS; i++)); do
+    shard_rc="$(cat "$WORK/shard$i.rc" 2>/dev/null || echo 1)"
+    if [ "$shard_rc" -eq 124 ] || [ "$shard_rc" -eq 137 ]; then
+      rc=$shard_rc
+    elif [ "$shard_rc" -ne 0 ] && [ "$rc" -eq 0 ]; then
+      rc=$shard_rc
+    fi
+  done
+  finish "$name" "$log" "$rc" "$start" "$limit"
+}
+
 ENV_TEXT="$(
-  echo "gpu_check: $(date -Is), git $(git rev-parse --short HEAD 2>/dev/null || echo '?'), host $(hostname)"
-  timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem,temperature.gpu,power.draw \
+  echo "gpu_check: $(date -Is), git $(git rev-parse --short HEAD 2>/dev/null || echo '?'), host $(hostname), $CPUS CPUs"
+  timeout 15 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem,temperature.gpu,power.draw \
     --format=csv 2>&1
-  timeout 60 "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
-'| cuda', torch.version.cuda, '| triton', triton.__version__, '| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1
+  timeout 40 "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| cuda', torch.version.cuda, '| triton', triton.__version__, '| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None); \
+sys.exit(0 if torch.cuda.is_available() else 3)" 2>&1
+  echo $? >"$WORK/cuda.rc"
 )"
 echo "$ENV_TEXT"
-if ! timeout 60 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if [ "$DRY" = 1 ]; then
+  echo "gpu_check: dry run (GPU_CHECK_DRY_RUN=1): tests collected only, warm stage listed only, benchmarks --quick on the CPU"
+elif [ "$(cat "$WORK/cuda.rc")" != 0 ]; then
   echo "gpu_check: no CUDA GPU visible to $PY; nothing to check here (the CPU runs are: python benchmarks/bench_moe.py, bench_generate.py)"
+  echo "$ENV_TEXT" >"$OUT_DIR/summary.txt"
   exit 1
 fi
 
-# pytest-xdist, where the image has it, compiles the kernels of several tests at once (the Triton cache is shared).
-XDIST=()
-if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
-stage tests 180 "$PY" -m pytest -q "${XDIST[@]}" --durations=10 tests/test_kernels.py tests/test_kernels_gpu.py
-stage bench_moe 100 "$PY" benchmarks/bench_moe.py --out "$OUT_DIR" --budget-s 70
-stage bench_generate 100 "$PY" benchmarks/bench_generate.py --out "$OUT_DIR" --budget-s 65
+# The token counts of tests/test_kernels_gpu.py (1 2 5 16 64 200 1024 4096), bench_moe (1 ... 16384) and bench_generate
+# (decode B = 1 8 32, prefill B x 256, its checks 2 x 32), in fp16 and bf16.
+WARM=(-m phixtral_kernels.aot --warm --jobs "$CPUS" --tokens 1 2 4 5 8 16 32 64 128 200 256 512 1024 2048 4096 8192 16384)
+TESTS=(tests/test_kernels.py tests/test_kernels_random.py tests/test_moe_backward.py tests/test_kernels_gpu.py)
+BENCH=()
+if [ "$DRY" = 1 ]; then
+  WARM+=(--dry-run)
+  TESTS=(--collect-only "${TESTS[@]}")
+  BENCH=(--quick --device cpu)
+fi
+stage warm "$OUT_DIR/tests.log" 45 "$PY" "${WARM[@]}"
+test_shards tests "$OUT_DIR/tests.log" 140 -q --durations=5 "${TESTS[@]}"
+stage bench_moe "$OUT_DIR/bench_moe.log" 100 "$PY" benchmarks/bench_moe.py --out "$OUT_DIR" --budget-s 70 ${BENCH[@]+"${BENCH[@]}"}
+stage bench_generate "$OUT_DIR/bench_generate.log" 95 "$PY" benchmarks/bench_generate.py --out "$OUT_DIR" --budget-s 60 ${BENCH[@]+"${BENCH[@]}"}
 
 {
   echo "$ENV_TEXT"
   echo
-  timeout 60 "$PY" benchmarks/summarize.py "$OUT_DIR" --stages "$STAGES" 2>&1
+  timeout 20 "$PY" benchmarks/summarize.py "$OUT_DIR" --stages "$STAGES" 2>&1
 } >"$OUT_DIR/summary.txt"
 echo
 cat "$OUT_DIR/summary.txt"

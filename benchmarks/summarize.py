@@ -26,6 +26,37 @@ def _row(rows, dtype, T, provider):
     return next((r for r in rows if r["dtype"] == dtype and r["T"] == T and r["provider"] == provider), None)
 
 
+# The counts on pytest's last line ("12 passed, 1 skipped, 2 warnings in 3.40s"; "57/170 tests collected (113 deselected)
+# in 0.74s" with --collect-only --shard).
+_COUNT = re.compile(r"(\d+)(?:/\d+)? (passed|failed|errors?|skipped|xfailed|xpassed|deselected|tests? collected)\b")
+_FINAL = re.compile(r"\bin [\d.]+s\b")
+
+
+def count_tests(log: str) -> tuple[dict, list[str]]:
+    """Counts summed over the test processes of tests.log, and the processes that printed no final line.
+
+    gpu_check.sh tags each process's lines [I/N]; an untagged log is one process. Deselected tests are left out once
+    there are several processes: each deselects the others' share.
+    """
+    last, count = {}, None
+    for line in log.splitlines():
+        tag = re.match(r"\[(\d+)/(\d+)\] (.*)", line)
+        shard, body = (tag.group(1), tag.group(3)) if tag else (None, line)
+        if tag:
+            count = int(tag.group(2))
+        if _FINAL.search(body) and _COUNT.search(body):
+            last[shard] = body
+    shards = [str(i) for i in range(count)] if count else [None]
+    totals = {}
+    for shard in shards:
+        for n, word in _COUNT.findall(last.get(shard, "")):
+            word = "collected" if "collected" in word else word.rstrip("s") if word.startswith("error") else word
+            if not (word == "deselected" and len(shards) > 1):
+                totals[word] = totals.get(word, 0) + int(n)
+    missing = [f"{shard}/{count}" for shard in shards if count and shard not in last]
+    return totals, missing
+
+
 def _status(ok) -> str:
     return "-" if ok is None else ("PASS" if ok else "MISS")
 
@@ -98,10 +129,14 @@ def main(argv=None) -> None:
     rows = []
     log = args.out / "tests.log"
     if log.exists():
-        counts = re.findall(r"((?:\d+ \w+(?:, )?)+) in [\d.]+s", log.read_text())
-        passed = bool(counts) and "failed" not in counts[-1] and "error" not in counts[-1] and exits.get("tests", "0") == "0"
-        rows.append(("GPU tests (tests/test_kernels.py, test_kernels_gpu.py)", counts[-1] if counts else "no summary line",
-                     "all pass", _status(passed)))  # fmt: skip
+        totals, missing = count_tests(log.read_text())
+        measured = ", ".join(f"{n} {word}" for word, n in totals.items())
+        if missing:
+            measured += ("; " if measured else "") + f"no summary line from process {', '.join(missing)}"
+        measured = measured or "no summary line"
+        passed = bool(totals) and not missing and not totals.get("failed") and not totals.get("error")
+        passed = passed and exits.get("tests", "0") == "0"
+        rows.append(("GPU tests (tests/test_kernels*.py, test_moe_backward.py)", measured, "all pass", _status(passed)))
     moe = _load(args.out / "bench_moe.json")
     if moe is None:
         rows.append(("bench_moe", "no JSON", "", "MISS"))

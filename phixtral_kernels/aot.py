@@ -1,25 +1,39 @@
 """Compile every kernel ahead of time for sm_80 and sm_90, with the exact launches fused_moe makes at phixtral shapes.
 
 No GPU needed: `fused_moe` runs on meta tensors with the kernels swapped for recorders, so the report covers the very
-arguments, constexprs and configs the launchers pick. `--backward` reports the launches of fused_moe's backward instead
-(the backward GEMMs over transposed weight views, the row pass, the combine, the weight gradients). Each recorded launch is then compiled with `triton.compile` for
-each target, and the report gives shared memory, registers, spill stores and whether tensor-core instructions
-(mma.sync on sm_80, wgmma on sm_90) made it into the PTX.
+arguments, constexprs and configs the launchers pick. Each distinct recorded launch is then compiled with
+`triton.compile` for each target, in a pool of processes (Triton's compile holds the GIL, so threads do not overlap),
+and the report gives shared memory, registers, stack bytes per thread (register spills: the kernels keep no local
+arrays) and whether tensor-core instructions (mma.sync on sm_80, wgmma on sm_90) made it into the PTX. sm_75 (T4) is
+reported for information only: Triton has no tensor-core path below sm_80 and `triton_unavailable_reason` gates it off.
 
-    python -m phixtral_kernels.aot [--tokens 1 64 4096] [--dtypes float16 bfloat16] [--backward] [--json]
+    python -m phixtral_kernels.aot [--tokens 1 64 128 4096] [--dtypes float16 bfloat16] [--backward] [--jobs N] [--json]
+
+`--backward` reports the launches of fused_moe's backward instead (the backward GEMMs over transposed weight views, the
+row pass, the combine, the weight gradients).
+
+On a CUDA machine, `--warm` instead compiles the launches of these shapes for the GPU present into Triton's cache, the
+same way a first launch would (`JITFunction.warmup` on empty CUDA tensors), so that later processes start warm:
+
+    python -m phixtral_kernels.aot --warm [--tokens ...] [--dtypes ...] [--jobs N]
 
 Run it with TRITON_INTERPRET unset: the interpreter replaces the kernels with Python functions that cannot be compiled.
+Progress goes to stderr, one line per compile.
 """
 
 import argparse
+import functools
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from unittest import mock
 
 import torch
@@ -37,6 +51,11 @@ _KERNEL_MODULES = {
     "_weight_grad_kernel": moe_backward,
 }
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+# Checked targets: tensor cores in every fp16/bf16 GEMM, no spills, shared memory within the opt-in limit.
+CAPABILITIES = (80, 90)
+# Reported for information, never counted as a problem: (capability, dtypes). The kernels refuse sm_75 (T4, no bf16,
+# no tensor-core path in Triton below sm_80: its 128x128 GEMM tiles fall back to FMA and spill); its row shows why.
+INFO_CAPABILITIES = ((75, (torch.float16,)),)
 
 
 @dataclass
@@ -60,22 +79,37 @@ class CompileRow:
     spill_bytes: int
     tensor_core: bool
     needs_tensor_core: bool
+    info_only: bool = False  # a target reported for information (sm_75), not held to the checks
+
+    @property
+    def problem(self) -> bool:
+        return not self.info_only and bool(self.spill_bytes or (self.needs_tensor_core and not self.tensor_core))
 
 
 class _Recorder:
-    def __init__(self, kernel, launches):
-        self.kernel, self.launches = kernel, launches
+    """Stands in for a kernel: records each launch; the launch numbered `warm_index` is compiled for the current GPU
+    (JITFunction.warmup: the JIT's own cache key, so a later launch with the same arguments finds it) but not run."""
+
+    def __init__(self, kernel, launches, warm_index=None):
+        self.kernel, self.launches, self.warm_index = kernel, launches, warm_index
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append(Launch(self.kernel, args, kwargs))
+        def launch(*args, **kwargs):
+            if len(self.launches) == self.warm_index:
+                self.kernel.warmup(*args, grid=grid, **kwargs)
+            self.launches.append(Launch(self.kernel, args, kwargs))
+
+        return launch
 
 
 @contextmanager
-def _recording():
+def _recording(warm_index=None):
     """Swap every kernel for a recorder and let the launchers accept meta tensors."""
     launches = []
-    patches = [mock.patch.object(mod, name, _Recorder(getattr(mod, name), launches)) for name, mod in _KERNEL_MODULES.items()]
-    patches += [mock.patch.object(mod, "triton_unavailable_reason", lambda device: None) for mod in (routing, grouped_gemm, unpermute, moe)]
+    patches = [
+        mock.patch.object(mod, name, _Recorder(getattr(mod, name), launches, warm_index)) for name, mod in _KERNEL_MODULES.items()
+    ]
+    patches += [mock.patch.object(mod, "triton_unavailable_reason", lambda *args: None) for mod in (routing, grouped_gemm, unpermute, moe)]
     for p in patches:
         p.start()
     try:
@@ -85,13 +119,13 @@ def _recording():
             p.stop()
 
 
-def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int) -> list:
-    """The kernel launches of one fused_moe call on meta tensors of these shapes."""
-    meta = dict(device="meta", dtype=dtype)
-    x = torch.empty(T, D, **meta)
-    weights = (torch.empty(E, D, **meta), torch.empty(E, F, D, **meta), torch.empty(E, F, **meta))
-    weights += (torch.empty(E, D, F, **meta), torch.empty(E, D, **meta))
-    with _recording() as launches:
+def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int, *, device="meta", warm_index=None) -> list:
+    """The kernel launches of one fused_moe call on empty tensors of these shapes (meta tensors: nothing runs)."""
+    alloc = dict(device=device, dtype=dtype)
+    x = torch.empty(T, D, **alloc)
+    weights = (torch.empty(E, D, **alloc), torch.empty(E, F, D, **alloc), torch.empty(E, F, **alloc))
+    weights += (torch.empty(E, D, F, **alloc), torch.empty(E, D, **alloc))
+    with _recording(warm_index) as launches:
         moe.fused_moe(x, *weights, top_k, backend="triton")
     return launches
 
@@ -147,15 +181,21 @@ def _signature(launch: Launch):
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, spill store bytes) from cuobjdump."""
+    """(registers, stack bytes) per thread, from cuobjdump.
+
+    cuobjdump prints no spill count: the stack frame is where spilled registers go (these kernels keep no local arrays),
+    0 B for every kernel on sm_80 / sm_90, 7312 B for the 128x128 FMA GEMM on sm_75.
+    """
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
     regs = re.search(r"REG:(\d+)", text)
-    spills = re.search(r"STORE:(\d+)", text)
-    return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0
+    stack = re.search(r"STACK:(\d+)", text)
+    if not regs or not stack:
+        raise RuntimeError(f"cuobjdump printed no REG / STACK figures:\n{text}")
+    return int(regs.group(1)), int(stack.group(1))
 
 
 def compile_launch(launch: Launch, capability: int):
@@ -163,9 +203,12 @@ def compile_launch(launch: Launch, capability: int):
     from triton.compiler import ASTSource
 
     signature, constexprs, attrs = _signature(launch)
-    options = {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
     src = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=_options(launch))
+
+
+def _options(launch: Launch) -> dict:
+    return {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
 
 
 def _variant(launch: Launch) -> str:
@@ -182,45 +225,178 @@ def _variant(launch: Launch) -> str:
     return ""
 
 
-def compile_report(tokens=(1, 64, 4096), dtypes=(torch.float16, torch.bfloat16), capabilities=(80, 90), backward=False) -> list:
+def _key(launch: Launch) -> str:
+    """What a compile depends on besides the target: launches with equal keys compile to the same binary."""
+    signature, constexprs, attrs = _signature(launch)
+    parts = (launch.kernel.__name__, signature, {k: repr(v) for k, v in constexprs.items()}, sorted(attrs), _options(launch))
+    return repr(parts)
+
+
+# --- work in a pool of processes: a task names its launch (dtype, T, index into record_launches, shape), since kernels
+# and tensors do not cross process boundaries; each process records the launches again (milliseconds, meta tensors).
+@functools.lru_cache(maxsize=None)
+def _launches(T: int, dtype_name: str, shape: tuple) -> list:
+    """shape: the layer's (name, size) items, plus ("backward", True) for the launches of the backward."""
+    sizes = dict(shape)
+    record = record_backward_launches if sizes.pop("backward", False) else record_launches
+    return record(T, getattr(torch, dtype_name), **sizes)
+
+
+def _describe(dtype_name: str, T: int, index: int, shape: tuple) -> str:
+    launch = _launches(T, dtype_name, shape)[index]
+    return " ".join(filter(None, (launch.kernel.__name__.strip("_"), _variant(launch), dtype_name, f"T={T}")))
+
+
+def _compile_task(task) -> CompileRow:
+    dtype_name, T, index, shape, capability, info_only = task
+    launch = _launches(T, dtype_name, shape)[index]
+    compiled = compile_launch(launch, capability)
+    regs, stack = _resource_usage(compiled.asm["cubin"])
+    is_gemm = launch.kernel.__name__ in ("_grouped_gemm_kernel", "_weight_grad_kernel")
+    return CompileRow(
+        kernel=launch.kernel.__name__.strip("_"),
+        variant=_variant(launch),
+        arch=f"sm_{capability}",
+        dtype=dtype_name,
+        tokens=T,
+        num_warps=compiled.metadata.num_warps,
+        num_stages=compiled.metadata.num_stages,
+        shared_bytes=compiled.metadata.shared,
+        registers=regs,
+        spill_bytes=stack,
+        tensor_core=bool(re.search(r"\bwgmma\.mma_async|\bmma\.sync", compiled.asm["ptx"])),
+        needs_tensor_core=is_gemm and dtype_name != "float32" and capability >= 80,  # fp32 runs as ieee FMA
+        info_only=info_only,
+    )
+
+
+def default_jobs() -> int:
+    """Processes for a pool: the CPUs this process may run on (each compile keeps one busy)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _run_tasks(fn, tasks: list, jobs: int, describe, verb: str) -> list:
+    """fn(task) for every task, in `jobs` spawned processes when jobs > 1; results in task order.
+
+    One progress line per task on stderr: a cold run is a minute or more of compiles. Spawned, not forked: the parent
+    may hold CUDA or OpenMP state that a forked child must not inherit. GEMM tasks go first, being the slowest.
+    """
+    results = [None] * len(tasks)
+    start = time.monotonic()
+
+    def progress(i: int, done: int) -> None:
+        print(f"aot: {verb} {done}/{len(tasks)}: {describe(tasks[i])} ({time.monotonic() - start:.1f} s)", file=sys.stderr, flush=True)
+
+    if jobs <= 1 or len(tasks) <= 1:
+        for i, task in enumerate(tasks):
+            results[i] = fn(task)
+            progress(i, i + 1)
+        return results
+    order = sorted(range(len(tasks)), key=lambda i: "gemm" not in describe(tasks[i]))
+    pool = ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {pool.submit(fn, tasks[i]): i for i in order}
+        for done, future in enumerate(as_completed(futures), 1):
+            i = futures[future]
+            results[i] = future.result()
+            progress(i, done)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+# One token count per GEMM config moe_gemm_configs picks at phixtral's E=4, top_k=2 (rows per expert <= 16, <= 32,
+# <= 64, more): every distinct launch fused_moe makes, each compiled once.
+TOKENS = (1, 64, 128, 4096)
+
+
+def _report_tasks(tokens, dtypes, capabilities, info_capabilities, shape: tuple):
+    """(every task, {(launch key, capability): index of the first task that compiles it})."""
+    targets = [(cap, False, None) for cap in capabilities] + [(cap, True, only) for cap, only in info_capabilities]
+    tasks, first = [], {}
+    for dtype in dtypes:
+        name = str(dtype).replace("torch.", "")
+        for T in tokens:
+            for index, launch in enumerate(_launches(T, name, shape)):
+                for cap, info_only, only in targets:
+                    if only is None or dtype in only:
+                        first.setdefault((_key(launch), cap), len(tasks))
+                        tasks.append((name, T, index, shape, cap, info_only))
+    return tasks, first
+
+
+def _describe_compile(task) -> str:
+    return f"{_describe(*task[:4])} sm_{task[4]}"
+
+
+def compile_report(
+    tokens=TOKENS,
+    dtypes=(torch.float16, torch.bfloat16),
+    capabilities=CAPABILITIES,
+    info_capabilities=INFO_CAPABILITIES,
+    jobs: int | None = None,
+    shape: dict = PHIXTRAL_SHAPE,
+    backward: bool = False,
+) -> list:
+    """One CompileRow per (dtype, T, launch of fused_moe or, with `backward`, of its backward, target). Each distinct
+    launch compiles once per target."""
     if INTERPRET:
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    items = tuple(shape.items()) + ((("backward", True),) if backward else ())
+    tasks, first = _report_tasks(tokens, dtypes, capabilities, info_capabilities, items)
+    unique = sorted(set(first.values()))
+    results = _run_tasks(_compile_task, [tasks[i] for i in unique], jobs or default_jobs(), _describe_compile, "compiled")
+    compiled = dict(zip(unique, results))
     rows = []
-    for dtype in dtypes:
-        for T in tokens:
-            record = record_backward_launches if backward else record_launches
-            for launch in record(T, dtype, **PHIXTRAL_SHAPE):
-                for cap in capabilities:
-                    compiled = compile_launch(launch, cap)
-                    ptx = compiled.asm["ptx"]
-                    regs, spills = _resource_usage(compiled.asm["cubin"])
-                    is_gemm = launch.kernel.__name__ in ("_grouped_gemm_kernel", "_weight_grad_kernel")
-                    rows.append(
-                        CompileRow(
-                            kernel=launch.kernel.__name__.strip("_"),
-                            variant=_variant(launch),
-                            arch=f"sm_{cap}",
-                            dtype=str(dtype).replace("torch.", ""),
-                            tokens=T,
-                            num_warps=compiled.metadata.num_warps,
-                            num_stages=compiled.metadata.num_stages,
-                            shared_bytes=compiled.metadata.shared,
-                            registers=regs,
-                            spill_bytes=spills,
-                            tensor_core=bool(re.search(r"\bwgmma\.mma_async|\bmma\.sync", ptx)),
-                            needs_tensor_core=is_gemm and dtype != torch.float32,  # fp32 runs as ieee FMA
-                        )
-                    )
+    for name, T, index, shape_items, cap, _ in tasks:
+        row = compiled[first[(_key(_launches(T, name, shape_items)[index]), cap)]]
+        rows.append(replace(row, tokens=T))
     return rows
 
 
+def _warm_task(task) -> float:
+    dtype_name, T, index, shape = task
+    start = time.monotonic()
+    record_launches(T, getattr(torch, dtype_name), **dict(shape), device="cuda", warm_index=index)
+    return time.monotonic() - start
+
+
+def _warm_tasks(tokens, dtypes, shape: tuple) -> list:
+    """One task per distinct launch, the first (dtype, T) that makes it."""
+    tasks, seen = [], set()
+    for dtype in dtypes:
+        name = str(dtype).replace("torch.", "")
+        for T in tokens:
+            for index, launch in enumerate(_launches(T, name, shape)):
+                if _key(launch) not in seen:
+                    seen.add(_key(launch))
+                    tasks.append((name, T, index, shape))
+    return tasks
+
+
+def warm_cache(tokens, dtypes, jobs: int | None = None, shape: dict = PHIXTRAL_SHAPE) -> int:
+    """Compile every distinct launch fused_moe makes at these shapes for this machine's GPU, into Triton's cache.
+
+    The launchers run on empty CUDA tensors with each kernel swapped for `JITFunction.warmup`, so the cache key is the
+    JIT's own and a later process launching the same shapes finds the binary. Returns the number of compiles.
+    """
+    if INTERPRET:
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--warm compiles for the GPU of this machine, and torch sees no CUDA GPU")
+    tasks = _warm_tasks(tokens, dtypes, tuple(shape.items()))
+    _run_tasks(_warm_task, tasks, jobs or default_jobs(), lambda t: _describe(*t), "warmed")
+    return len(tasks)
+
+
 def format_table(rows) -> str:
-    head = "| kernel | variant | arch | dtype | T | warps | stages | shared KB | regs | spills B | tensor cores |"
+    head = "| kernel | variant | arch | dtype | T | warps | stages | shared KB | regs | stack B | tensor cores |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         tc = ("wgmma" if r.arch == "sm_90" else "mma") if r.tensor_core else "-"
+        arch = f"{r.arch} (info)" if r.info_only else r.arch
         lines.append(
-            f"| {r.kernel} | {r.variant} | {r.arch} | {r.dtype} | {r.tokens} | {r.num_warps} | {r.num_stages} | "
+            f"| {r.kernel} | {r.variant} | {arch} | {r.dtype} | {r.tokens} | {r.num_warps} | {r.num_stages} | "
             f"{r.shared_bytes / 1024:.1f} | {r.registers} | {r.spill_bytes} | {tc} |"
         )
     return "\n".join(lines)
@@ -228,20 +404,47 @@ def format_table(rows) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 4096])
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--backward", action="store_true", help="the launches of fused_moe's backward instead")
+    parser.add_argument("--jobs", type=int, default=None, help="compiles at once, in processes (default: the CPUs available)")
+    parser.add_argument("--warm", action="store_true", help="compile for this machine's GPU into Triton's cache instead of reporting")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--dry-run", action="store_true", help="list the compiles, compile nothing (no GPU needed)")
     args = parser.parse_args(argv)
-    rows = compile_report(args.tokens, [getattr(torch, d) for d in args.dtypes], backward=args.backward)
-    bad = [r for r in rows if r.spill_bytes or (r.needs_tensor_core and not r.tensor_core)]
+    if INTERPRET:
+        parser.error("unset TRITON_INTERPRET: under the interpreter the kernels are Python functions and the configs differ")
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    start = time.monotonic()
+    if args.dry_run:
+        shape = tuple(PHIXTRAL_SHAPE.items()) + ((("backward", True),) if args.backward and not args.warm else ())
+        if args.warm:
+            lines = [_describe(*t) for t in _warm_tasks(args.tokens, dtypes, shape)]
+        else:
+            tasks, first = _report_tasks(args.tokens, dtypes, CAPABILITIES, INFO_CAPABILITIES, shape)
+            lines = [_describe_compile(tasks[i]) for i in sorted(set(first.values()))]
+        print("\n".join(lines + [f"aot --dry-run: {len(lines)} distinct compiles{' (--warm)' if args.warm else ''}"]))
+        return 0
+    if args.warm:
+        count = warm_cache(args.tokens, dtypes, args.jobs)
+        print(f"aot --warm: {count} distinct launches compiled for {torch.cuda.get_device_name()} in {time.monotonic() - start:.1f} s")
+        return 0
+    rows = compile_report(args.tokens, dtypes, jobs=args.jobs, backward=args.backward)
+    bad = [r for r in rows if r.problem]
     if args.json:
         print(json.dumps({"rows": [asdict(r) for r in rows], "problems": len(bad)}))
     else:
         print(format_table(rows))
-        print(f"\n{len(rows)} compiles, {len(bad)} with spills or without tensor-core instructions", file=sys.stderr)
+    print(
+        f"\n{len(rows)} rows in {time.monotonic() - start:.0f} s, {len(bad)} with spills or without tensor-core instructions"
+        f" (sm_75 rows are information: the kernels are gated off below sm_80)",
+        file=sys.stderr,
+    )
     return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the package, not this file's __main__: the pool's workers import the same module by its name.
+    from phixtral_kernels.aot import main as package_main
+
+    sys.exit(package_main())

@@ -79,3 +79,12 @@ class RecordOps(TorchDispatchMode):
 # aten ops that read device data on the host (.item(), boolean-mask indexing, data-dependent shapes). `.tolist()`
 # reads the data below the dispatcher, so no mode sees it: the GPU tier's CUDA-graph capture covers it.
 HOST_SYNC_OPS = {"_local_scalar_dense", "bool_index", "nonzero", "masked_select", "masked_scatter", "unique", "_unique2", "bincount"}
+
+
+def assert_same_routing(a, b):
+    """Integer outputs exactly; rows past expert_offsets[E] are unspecified."""
+    assert torch.equal(a.topk_ids, b.topk_ids)
+    torch.testing.assert_close(a.topk_weights, b.topk_weights, rtol=1e-6, atol=1e-6)
+    assert torch.equal(a.expert_offsets.cpu(), b.expert_offsets.cpu())
+    rows = int(b.expert_offsets[-1])
+    assert torch.equal(a.sorted_token_ids[:rows].cpu(), b.sorted_token_ids[:rows].cpu())

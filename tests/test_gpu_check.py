@@ -1,0 +1,138 @@
+"""benchmarks/gpu_check.sh without a GPU: its syntax, the GPU tier's collection without the optional packages, and a dry
+run of every stage, whole and cut short at its limits.
+
+The GPU machine has pytest but may lack hypothesis, pytest-benchmark and matplotlib. Here they are hidden from a
+subprocess: a stub package of each name that raises ImportError comes first on PYTHONPATH, and pytest loads no plugin
+through entry points (pytest-benchmark's and hypothesis' own).
+"""
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+GPU_TIER = ["tests/test_kernels.py", "tests/test_kernels_random.py", "tests/test_moe_backward.py", "tests/test_kernels_gpu.py"]  # as in gpu_check.sh
+OPTIONAL = ("hypothesis", "pytest_benchmark", "matplotlib")
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT") and not k.startswith("GPU_CHECK_")}
+    env["PYTHONPATH"] = str(ROOT)  # this checkout's packages, not an installed copy's
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def hidden_env(tmp_path_factory) -> dict:
+    """Environment of a Python in which hypothesis, pytest_benchmark and matplotlib cannot be imported."""
+    stubs = tmp_path_factory.mktemp("stubs")
+    for name in OPTIONAL:
+        (stubs / name).mkdir()
+        (stubs / name / "__init__.py").write_text(f"raise ImportError('{name} is hidden by tests/test_gpu_check.py')\n")
+    return _env(PYTHONPATH=os.pathsep.join([str(stubs), str(ROOT)]), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+
+
+def _run(cmd, env, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _collected(proc) -> list[str]:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [line for line in proc.stdout.splitlines() if "::" in line]
+
+
+def test_script_parses():
+    proc = _run(["bash", "-n", str(SCRIPT)], _env())
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_tier_runs_without_the_optional_packages(hidden_env):
+    probe = _run([sys.executable, "-c", "import " + ", ".join(OPTIONAL)], hidden_env)
+    assert "hidden by tests/test_gpu_check.py" in probe.stderr, "the stubs must shadow the real packages"
+    run = _run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_kernels_random.py", "tests/test_kernels_gpu.py"], hidden_env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "needs hypothesis" in run.stdout and re.search(r"\d+ skipped", run.stdout), run.stdout[-2000:]
+
+
+def test_dry_run_of_every_stage(hidden_env, tmp_path):
+    """Each stage runs its collection (tests, in two processes: together the tests collected with every package
+    there), its list of compiles (warm) or a quick CPU run (benchmarks); every file lands in $OUT; no plot without
+    matplotlib, and the benchmarks say so."""
+    expected = _collected(_run([sys.executable, "-m", "pytest", "--collect-only", "-q", *GPU_TIER], _env()))
+    env = dict(hidden_env, GPU_CHECK_DRY_RUN="1", GPU_CHECK_SHARDS="2", OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = _run(["bash", str(SCRIPT)], env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = {p.name for p in tmp_path.iterdir()}
+    assert files == {"tests.log", "bench_moe.log", "bench_moe.json", "bench_generate.log", "bench_generate.json", "summary.txt"}
+    tests_log = (tmp_path / "tests.log").read_text()
+    assert re.search(r"aot --dry-run: \d+ distinct compiles \(--warm\)", tests_log)
+    collected = [re.search(r"(\d+)/(\d+) tests collected", line) for line in tests_log.splitlines() if line.startswith("[")]
+    counts = [m.groups() for m in collected if m]
+    assert len(counts) == 2 and sum(int(n) for n, _ in counts) == int(counts[0][1]) == len(expected), "the same tests, shared"
+    for bench in ("bench_moe", "bench_generate"):
+        assert "plot not written: matplotlib is not installed" in (tmp_path / f"{bench}.log").read_text()
+    summary = (tmp_path / "summary.txt").read_text()
+    assert re.search(rf"\| GPU tests \(tests/test_kernels\*\.py, test_moe_backward\.py\) \| {counts[0][1]} collected \| all pass \| PASS \|", summary), summary
+    assert re.search(r"\| bench_generate \| 0 \| \d+ \|", summary), summary
+
+
+def test_a_stage_cut_at_its_limit_leaves_its_log(tmp_path):
+    env = _env(GPU_CHECK_DRY_RUN="1", GPU_CHECK_SHARDS="2", OUT=str(tmp_path), PYTHON=sys.executable)
+    env.update({f"GPU_CHECK_LIMIT_{stage}": "1" for stage in ("WARM", "TESTS", "BENCH_MOE", "BENCH_GENERATE")})
+    proc = _run(["bash", str(SCRIPT)], env)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    tests_log = (tmp_path / "tests.log").read_text()
+    assert "=== warm: stopped at its 1 s limit" in tests_log and "=== tests: stopped at its 1 s limit" in tests_log
+    assert "[0/2] === stopped at the 1 s limit" in tests_log and "[1/2] === stopped at the 1 s limit" in tests_log
+    assert "=== bench_moe: stopped at its 1 s limit" in (tmp_path / "bench_moe.log").read_text()
+    summary = (tmp_path / "summary.txt").read_text()
+    for stage in ("warm", "tests", "bench_moe", "bench_generate"):
+        assert re.search(rf"\| {stage} \| 124 \| \d+ \|", summary), summary
+    assert "no summary line from process 0/2, 1/2" in summary and "| bench_moe | no JSON |  | MISS |" in summary
+
+
+def test_warm_index_compiles_that_launch_alone(monkeypatch):
+    """aot --warm: of one fused_moe call, exactly the chosen launch goes to JITFunction.warmup, with its own arguments."""
+    import torch
+
+    from phixtral_kernels import aot
+
+    calls = []
+    for name, module in aot._KERNEL_MODULES.items():
+        kernel = getattr(module, name)
+        monkeypatch.setattr(kernel, "warmup", lambda *a, _k=kernel, **kw: calls.append((_k, a, kw)), raising=False)
+    shape = dict(D=64, F=128, E=4, top_k=2)
+    launches = aot.record_launches(5, torch.float16, **shape)
+    assert [launch.kernel.__name__ for launch in launches] == [
+        "_topk_softmax_kernel", "_align_kernel", "_grouped_gemm_kernel", "_grouped_gemm_kernel", "_combine_kernel",
+    ]  # fmt: skip
+    for index, launch in enumerate(launches):
+        calls.clear()
+        aot.record_launches(5, torch.float16, **shape, warm_index=index)
+        assert len(calls) == 1
+        kernel, args, kwargs = calls[0]
+        assert kernel is launch.kernel and "grid" in kwargs
+        assert [getattr(a, "shape", a) for a in args] == [getattr(a, "shape", a) for a in launch.args]
+        assert {k: v for k, v in kwargs.items() if k != "grid"} == launch.kwargs
+
+
+def test_summary_sums_the_test_processes():
+    spec = importlib.util.spec_from_file_location("summarize", ROOT / "benchmarks" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    log = "=== tests\n[0/2] ..s.\n[1/2] ..F\n[0/2] 3 passed, 1 skipped in 3.40s\n[1/2] 2 passed, 1 failed, 2 warnings in 2.01s\n"
+    assert summarize.count_tests(log) == ({"passed": 5, "skipped": 1, "failed": 1}, [])
+    assert summarize.count_tests("[0/3] 3 passed in 1.00s\n[1/3] ..\n") == ({"passed": 3}, ["1/3", "2/3"])
+    assert summarize.count_tests("aot --warm: 59 compiled in 9.1 s\n== 12 passed, 3 deselected in 1.00s ==\n") == (
+        {"passed": 12, "deselected": 3},
+        [],
+    )
