@@ -24,7 +24,9 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        # `phixtral serve`: the OpenAI-compatible HTTP server.
+        "serve": ["fastapi>=0.100", "uvicorn>=0.29"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "openai>=1.0", "fastapi>=0.100", "uvicorn>=0.29"],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["phixtral = phixtral.cli:main"]},

@@ -11,6 +11,7 @@ from phixtral_kernels import BACKENDS
 
 from . import evaluate, inspect_model, merge
 from .cli_args import float_in, int_at_least, seed
+from .serve import command as serve_command
 from .weights import default_model_path
 
 
@@ -69,7 +70,7 @@ def cmd_generate(args) -> int:
 
 
 # Each adds one subcommand to the subparsers and sets its `func`.
-COMMANDS = [_add_generate, merge.add_parser, evaluate.add_parser, inspect_model.add_parser]
+COMMANDS = [_add_generate, merge.add_parser, evaluate.add_parser, inspect_model.add_parser, serve_command.add_parser]
 
 
 class HelpWithDefaults(argparse.HelpFormatter):
