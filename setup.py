@@ -26,7 +26,10 @@ setup(
     extras_require={
         # `phixtral serve`: the OpenAI-compatible HTTP server.
         "serve": ["fastapi>=0.100", "uvicorn>=0.29"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "openai>=1.0", "fastapi>=0.100", "uvicorn>=0.29"],
+        # `phixtral.integrations.lm_eval`: the lm-evaluation-harness model. lm-eval asks for torch>=1.8 and keeps the
+        # torch already installed (CPU or CUDA). Tested with 0.4.10 and 0.4.13.
+        "lm_eval": ["lm-eval>=0.4.10"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "openai>=1.0", "fastapi>=0.100", "uvicorn>=0.29", "lm-eval>=0.4.10"],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["phixtral = phixtral.cli:main"]},
