@@ -25,7 +25,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 from phixtral.serve.app import Server, create_app  # noqa: E402  needs fastapi, as uvicorn
 from phixtral.serve.command import served_name  # noqa: E402
-from phixtral.serve.engine import Done, Engine, Piece, Request, SamplingParams  # noqa: E402
+from phixtral.serve import engine as engine_module  # noqa: E402
+from phixtral.serve.engine import Done, Engine, Failed, Piece, Request, SamplingParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-phixtral"
@@ -314,6 +315,38 @@ def test_engine_batches_in_arrival_order_within_the_context(server):
     text = "".join(e.text for e in events[4] if isinstance(e, Piece))
     assert text == model.generate(PROMPTS[0], max_new_tokens=2) and rs[4].completion_tokens == 2
     assert [r.finish_reason for r in rs] == ["length"] * 5
+
+
+def test_a_failing_batch_fails_its_requests_and_the_engine_goes_on(server, monkeypatch):
+    model = server.model
+    engine = Engine(model, max_batch_size=4)
+    real = engine_module.generate_tokens
+    calls = []
+
+    def broken_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "generate_tokens", broken_once)
+    ids = model.tokenizer(PROMPTS[0])["input_ids"]
+    first, second = [], []
+    engine.submit(Request(ids, SamplingParams(max_tokens=3), first.append))
+    engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not first:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        engine.submit(Request(ids, SamplingParams(max_tokens=3), second.append))
+        while not second or not isinstance(second[-1], Done):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert isinstance(first[0], Failed) and "device lost" in str(first[0].error)
+    assert "".join(e.text for e in second if isinstance(e, Piece)) == model.generate(PROMPTS[0], max_new_tokens=3)
 
 
 # --- the command ---------------------------------------------------------------------------------------------------------
