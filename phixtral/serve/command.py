@@ -3,6 +3,7 @@ server. SIGTERM and Ctrl-C stop it gracefully: it stops accepting connections, a
 batch with a 503, gives the running batch --graceful-shutdown seconds to finish, ends the streams still open with an
 error event (a plain request gets a 503), and exits (0 on SIGTERM, 130 on Ctrl-C; a second Ctrl-C exits at once)."""
 
+import argparse
 import logging
 import signal
 import sys
@@ -38,8 +39,6 @@ def add_parser(subparsers) -> None:
 def _port(text: str) -> int:
     value = int_at_least(0)(text)
     if value > 65535:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"must be <= 65535, got {value}")
     return value
 

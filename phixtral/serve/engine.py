@@ -15,7 +15,6 @@ Each row samples with its own settings and its own generator, so a request's tok
 its batch: greedy rows equal `model.generate(prompt)` and a seeded row draws as `model.generate(prompt, seed=...)`.
 """
 
-import itertools
 import logging
 import threading
 import time
@@ -67,14 +66,10 @@ class Failed:
     error: BaseException
 
 
-_ids = itertools.count()
-
-
 class Request:
     """One generation: prompt ids in, events out through `emit` (called on the engine thread, must not block)."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[object], None]):
-        self.id = next(_ids)
         self.prompt_ids, self.params, self.emit = list(prompt_ids), params, emit
         self.cancelled = False  # set by cancel() from any thread; read by the engine between steps
         self.completion_tokens = 0  # tokens generated for this row, the eos or stop-completing token included
@@ -99,7 +94,10 @@ class _RowSampler:
             p = r.params
             if p.temperature > 0:
                 g = torch.Generator(device=device)
-                g.manual_seed(p.seed) if p.seed is not None else g.seed()
+                if p.seed is None:
+                    g.seed()
+                else:
+                    g.manual_seed(p.seed)
                 self.rows.append((b, p, g))
         self.live = [True] * len(batch)  # rows still generating, updated by the engine
 
