@@ -1,5 +1,11 @@
 from setuptools import find_packages, setup
 
+# `phixtral serve`: the OpenAI-compatible HTTP server.
+SERVE = ["fastapi>=0.100", "pydantic>=2", "uvicorn>=0.29"]
+# `phixtral.integrations.lm_eval`: the lm-evaluation-harness model (tested with lm-eval 0.4.10 and 0.4.13). lm-eval 0.4.13
+# does not ask for torch at all, so it keeps the torch already installed (CPU or CUDA).
+LM_EVAL = ["lm-eval>=0.4.10"]
+
 setup(
     name="phixtral-kernels",
     version="0.1.0",
@@ -24,7 +30,10 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "serve": SERVE,
+        "lm_eval": LM_EVAL,
+        # The tests start the server and talk to it with OpenAI's own client, and run the real lm_eval.
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "openai>=1.0", *SERVE, *LM_EVAL],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["phixtral = phixtral.cli:main"]},

@@ -11,6 +11,7 @@ from phixtral_kernels import BACKENDS
 
 from .commands import evaluate, inspect_model, merge, train_router
 from .commands.args import float_in, int_at_least, seed
+from .serve import command as serve_command
 from .weights import default_model_path
 
 
@@ -69,7 +70,10 @@ def cmd_generate(args) -> int:
 
 
 # Each adds one subcommand to the subparsers and sets its `func`.
-COMMANDS = [_add_generate, merge.add_parser, evaluate.add_parser, inspect_model.add_parser, train_router.add_parser]
+COMMANDS = [
+    _add_generate, merge.add_parser, evaluate.add_parser, inspect_model.add_parser, train_router.add_parser,
+    serve_command.add_parser,
+]  # fmt: skip
 
 
 class HelpWithDefaults(argparse.HelpFormatter):

@@ -9,7 +9,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -176,11 +176,14 @@ def generate_tokens(
     top_p: Optional[float] = None,
     repetition_penalty: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    sampler: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     stats: Optional[dict] = None,
 ) -> Iterator[list[int]]:
     """Yield each step's new token of every row as a host list [B]; stop early by closing the iterator.
 
     input_ids [B, S] on the model's device, left-padded where attention_mask [B, S] (1 real, 0 pad) says so.
+    sampler, when given, replaces `sample` (and temperature, top_k, top_p, generator): logits [B, V] fp32 -> token ids
+    [B] int64, called once per step in step order; a server uses it to sample each row with its own settings.
     stats, when given, receives prefill_s and decode_s (time spent in here, not in the consumer).
     """
     B, S = input_ids.shape
@@ -204,7 +207,7 @@ def generate_tokens(
         finite = torch.isfinite(logits).all(-1)  # [B], read with the token: no extra sync
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        tok = sample(logits, temperature, top_k, top_p, generator)  # [B]
+        tok = sample(logits, temperature, top_k, top_p, generator) if sampler is None else sampler(logits)  # [B]
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
         return tok, torch.where(finite, tok, -1)
@@ -459,33 +462,68 @@ class _LockedStream:
         self.close()
 
 
+class TextStream:
+    """Incremental text of one generated row: push each new token, get the text that can be shown now.
+
+    Text is held back while it ends in a partial UTF-8 character or in a prefix of a stop string; generation of the row
+    ends at an eos id (not part of the text) or at a stop string (the text ends before it), and `finish_reason` becomes
+    "stop". The pieces joined equal `generate`'s text for the same tokens. decode: token ids -> text.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], eos, stops: list[str]):
+        self._decode, self._eos, self._stops = decode, eos, stops
+        self.ids: list[int] = []  # the row's tokens so far, without eos
+        self.emitted = 0  # characters of the decoded text already returned
+        self.finish_reason: Optional[str] = None  # "stop" once eos or a stop string ended the row
+
+    def push(self, token: int) -> str:
+        """Take the row's next token; return the new text that is safe to show ("" while it is held back)."""
+        if token in self._eos:
+            self.finish_reason = "stop"
+            return self._rest()
+        self.ids.append(token)
+        text = self._decode(self.ids)
+        cut = _find_stop(text, self._stops)
+        if cut >= 0:
+            self.finish_reason = "stop"
+            piece = text[self.emitted : cut]
+            self.emitted = max(self.emitted, cut)
+            return piece
+        safe = len(text.rstrip("\ufffd"))  # a byte-level token can end inside a multi-byte character
+        for s in self._stops:  # a stop string may be completed by the next token
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        if safe <= self.emitted:
+            return ""
+        piece, self.emitted = text[self.emitted : safe], safe
+        return piece
+
+    def flush(self) -> str:
+        """The text held back so far, at the end of a row that ran out of tokens ("" once the row has stopped)."""
+        return "" if self.finish_reason is not None else self._rest()
+
+    def _rest(self) -> str:
+        text = self._decode(self.ids)
+        piece, self.emitted = text[self.emitted :], max(self.emitted, len(text))
+        return piece
+
+
 def _stream(model, steps, eos, stops, record) -> Iterator[str]:
-    """Yield the new text piece by piece: held back while it ends in a partial UTF-8 character or a stop-string prefix."""
-    ids, emitted, n = [], 0, 0
+    """Yield the new text of the first row piece by piece (see TextStream)."""
+    text, n = TextStream(lambda ids: _decode(model, ids), eos, stops), 0
     try:
         for step in steps:
             n += 1
-            if step[0] in eos:
-                break
-            ids.append(step[0])
-            text = _decode(model, ids)
-            cut = _find_stop(text, stops)
-            if cut >= 0:
-                if cut > emitted:
-                    yield text[emitted:cut]
+            piece = text.push(step[0])
+            if piece:
+                yield piece
+            if text.finish_reason is not None:
                 return
-            safe = len(text.rstrip("\ufffd"))  # a byte-level token can end inside a multi-byte character
-            for s in stops:  # a stop string may be completed by the next token
-                for k in range(min(len(s) - 1, safe), 0, -1):
-                    if text[:safe].endswith(s[:k]):
-                        safe -= k
-                        break
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        text = _decode(model, ids)
-        if len(text) > emitted:
-            yield text[emitted:]
+        piece = text.flush()
+        if piece:
+            yield piece
     finally:
         steps.close()
         record(n)

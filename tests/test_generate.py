@@ -7,7 +7,7 @@ import torch
 from helpers_models import msft_moe_checkpoint
 
 import phixtral
-from phixtral.generate import apply_repetition_penalty, filter_logits, sample
+from phixtral.generate import TextStream, apply_repetition_penalty, filter_logits, sample
 
 PROMPT = "def f7(x, y):\n"
 
@@ -90,6 +90,22 @@ def test_stream_yields_the_same_text_in_pieces(model):
     stats = model.last_generation_stats
     assert stats.new_tokens == 20 and stats.prompt_tokens == len(model.tokenizer(PROMPT)["input_ids"])
     assert stats.decode_tokens_per_s > 0 and stats.prompt_tokens_per_s > 0
+
+
+def test_text_stream_holds_back_what_a_stop_string_or_eos_may_change():
+    pieces = {1: "ab", 2: "<", 3: "/s", 4: ">", 5: "c", 6: "\ufffd", 0: ""}
+    decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
+    text = TextStream(decode, eos={0}, stops=["</s>"])
+    assert [text.push(t) for t in (1, 2, 3, 5)] == ["ab", "", "", "</sc"]  # "<", "</s": prefixes of the stop string
+    assert text.finish_reason is None and text.flush() == ""
+    text = TextStream(decode, eos={0}, stops=["</s>"])
+    assert [text.push(t) for t in (1, 2, 3, 4)] == ["ab", "", "", ""] and text.finish_reason == "stop"
+    assert text.flush() == ""
+    text = TextStream(decode, eos={0}, stops=[])
+    assert [text.push(t) for t in (1, 6)] == ["ab", ""]  # a partial UTF-8 character waits for the next token
+    assert text.push(0) == "\ufffd" and text.finish_reason == "stop"  # eos: the rest, as generate() returns it
+    text = TextStream(decode, eos={0}, stops=["</s>"])
+    assert [text.push(t) for t in (5, 2)] == ["c", ""] and text.flush() == "<"  # out of tokens: the rest
 
 
 def test_generation_ends_at_eos():

@@ -1,0 +1,106 @@
+"""`phixtral serve [--model DIR_OR_ID] [--host 127.0.0.1] [--port 8000] [--max-batch-size N] ...`: the OpenAI-compatible
+server. SIGTERM and Ctrl-C stop it gracefully: it stops accepting connections, answers the requests still waiting for a
+batch with a 503, gives the running batch --graceful-shutdown seconds to finish, ends the streams still open with an
+error event (a plain request gets a 503), and exits (0 on SIGTERM, 130 on Ctrl-C; a second Ctrl-C exits at once)."""
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from phixtral_kernels import BACKENDS
+
+from ..commands.args import float_in, int_at_least
+from ..weights import default_model_path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over HTTP with OpenAI's API",
+        description="Serve a model over HTTP: OpenAI's /v1/completions and /v1/chat/completions (streamed or not), "
+        "/v1/models and /health. Needs the serve extra: pip install 'phixtral-kernels[serve]'.",
+    )
+    p.add_argument("--model", default=None, help="checkpoint folder or hub id owner/name (default: the bundled tiny phixtral)")
+    p.add_argument("--served-model-name", default=None, help="the name clients use (default: the folder's name or the hub id)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (0: any free port)")
+    p.add_argument("--max-batch-size", type=int_at_least(1), default=8, help="requests decoded together at most")
+    p.add_argument("--graceful-shutdown", type=float_in(0), default=5.0, metavar="SECONDS",
+                   help="on SIGTERM / Ctrl-C, how long the running batch may go on")  # fmt: skip
+    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: float32 on CPU, else the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="MoE implementation")
+    p.add_argument("--experts-per-tok", type=int_at_least(1), default=None, help="override num_experts_per_tok (default: the config's)")
+    p.set_defaults(func=run)
+
+
+def _port(text: str) -> int:
+    value = int_at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be <= 65535, got {value}")
+    return value
+
+
+def served_name(model_arg) -> str:
+    """The model's name in the API: the hub id as given, or a local folder's name."""
+    if model_arg is None:
+        return default_model_path().name
+    path = Path(model_arg).expanduser()
+    return path.resolve().name if path.is_dir() else str(model_arg)
+
+
+class _Terminated(Exception):
+    """SIGTERM, after uvicorn's graceful shutdown (uvicorn raises the signal again once it is done)."""
+
+
+def run(args) -> int:
+    try:
+        import uvicorn
+
+        from .app import Server, create_app
+    except ImportError as e:
+        raise RuntimeError(f"the server needs the serve extra ({e}): pip install 'phixtral-kernels[serve]'") from e
+    from ..weights import from_pretrained
+    from .engine import Engine
+
+    _setup_logging()
+    model_path = args.model if args.model is not None else default_model_path()
+    model = from_pretrained(
+        model_path, device=args.device, dtype=args.dtype, backend=args.backend, num_experts_per_tok=args.experts_per_tok
+    )
+    name = args.served_model_name or served_name(args.model)
+    engine = Engine(model, max_batch_size=args.max_batch_size)
+    logging.getLogger("phixtral.serve").info(
+        "serving %s as %r [%s, %s, backend %s, max batch %d, context %d tokens]", model_path, name, model.device,
+        str(model.dtype).removeprefix("torch."), model.backend, args.max_batch_size, model.config.n_positions,
+    )  # fmt: skip
+    config = uvicorn.Config(
+        create_app(engine, name), host=args.host, port=args.port, log_level="info", access_log=False,
+        timeout_graceful_shutdown=args.graceful_shutdown + 5,  # a backstop: the engine ends its streams before that
+    )  # fmt: skip
+    server = Server(config, engine, grace=args.graceful_shutdown)
+
+    def terminated(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        server.run()
+    except _Terminated:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.stop()
+    return 0 if server.started else 1
+
+
+def _setup_logging() -> None:
+    log = logging.getLogger("phixtral.serve")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False

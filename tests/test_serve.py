@@ -1,0 +1,401 @@
+"""`phixtral serve`: one server per module on a free port of 127.0.0.1, talked to with the official openai client (answers
+equal the model's own generate), raw HTTP for the errors, 32 concurrent requests, a client that leaves mid-stream, and
+the command itself (SIGTERM)."""
+
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import phixtral
+from phixtral.cli import build_parser
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+from phixtral.serve.app import Server, create_app  # noqa: E402  needs fastapi, as uvicorn
+from phixtral.serve.command import served_name  # noqa: E402
+from phixtral.serve import engine as engine_module  # noqa: E402
+from phixtral.serve.engine import Done, Engine, Failed, Piece, Request, SamplingParams  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "tiny-phixtral"
+PROMPTS = ["def fib(n):", "import os\nclass Config", "for i in range(10):\n    ", "The asyncio event loop"]
+MESSAGES = [{"role": "user", "content": "Write a function that adds two numbers."}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    model = phixtral.from_pretrained(phixtral.default_model_path(), backend="torch")
+    engine = Engine(model, max_batch_size=8)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(create_app(engine, NAME), log_level="warning", timeout_graceful_shutdown=5)
+    srv = Server(config, engine, grace=1)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    port = sock.getsockname()[1]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    yield SimpleNamespace(port=port, model=model, engine=engine, client=client)
+    srv.should_exit = True
+    thread.join(timeout=30)
+    assert not thread.is_alive() and not engine.alive
+
+
+def raw(server, method, path, body=None, *, headers=None):
+    """(status, parsed JSON) of one plain HTTP request; body: a dict (sent as JSON) or bytes (sent as they are)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    status, payload = resp.status, resp.read()
+    conn.close()
+    return status, json.loads(payload)
+
+
+def settle(engine, timeout=30):
+    """Wait until the engine has no request running or waiting."""
+    deadline = time.monotonic() + timeout
+    while engine.running or engine.waiting:
+        assert time.monotonic() < deadline, "the engine did not go idle"
+        time.sleep(0.02)
+
+
+# --- answers equal the model's own generate ----------------------------------------------------------------------------
+def test_models_and_health(server):
+    assert [m.id for m in server.client.models.list().data] == [NAME]
+    assert server.client.models.retrieve(NAME).id == NAME
+    assert raw(server, "GET", "/health") == (200, {"status": "ok", "running": 0, "waiting": 0})
+
+
+def test_completions_equal_greedy_generate(server):
+    model, client = server.model, server.client
+    for prompt in PROMPTS[:2]:
+        expected = model.generate(prompt, max_new_tokens=12)
+        out = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+        assert out.choices[0].text == expected and out.model == NAME and out.object == "text_completion"
+        assert out.choices[0].finish_reason == "length"
+        n_prompt = len(model.tokenizer(prompt)["input_ids"])
+        assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
+        stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True)
+        chunks = list(stream)
+        assert "".join(c.choices[0].text for c in chunks) == expected
+        assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+        assert all(c.choices[0].finish_reason is None for c in chunks[:-1]) and len(chunks) > 2
+    several = client.completions.create(model=NAME, prompt=PROMPTS, max_tokens=8, temperature=0)  # one batch
+    assert [c.text for c in sorted(several.choices, key=lambda c: c.index)] == model.generate(PROMPTS, max_new_tokens=8)
+    ids = model.tokenizer(PROMPTS[0])["input_ids"]
+    by_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0, echo=True)
+    assert by_ids.choices[0].text == PROMPTS[0] + model.generate(PROMPTS[0], max_new_tokens=8)
+
+
+def test_chat_equals_model_chat(server):
+    expected = server.model.chat(MESSAGES, max_new_tokens=10)
+    out = server.client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=10, temperature=0)
+    assert out.choices[0].message.content == expected and out.choices[0].message.role == "assistant"
+    assert out.object == "chat.completion" and out.usage.completion_tokens == 10
+    stream = server.client.chat.completions.create(
+        model=NAME, messages=MESSAGES, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10  # include_usage: a last usage chunk
+    default_budget = server.client.chat.completions.create(model=NAME, messages=MESSAGES, max_completion_tokens=3, temperature=0)
+    assert default_budget.usage.completion_tokens == 3
+
+
+def test_stop_strings_end_the_text_with_finish_reason_stop(server):
+    full = server.model.generate(PROMPTS[0], max_new_tokens=24)
+    stop = full[10:14]
+    expected = server.model.generate(PROMPTS[0], max_new_tokens=24, stop=stop)
+    assert expected == full[: full.find(stop)]
+    out = server.client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=[stop, "\x00"])
+    assert out.choices[0].text == expected and out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens < 24
+    chunks = list(server.client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=stop,
+                                                   stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == expected and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible_and_equals_generate(server):
+    kw = dict(temperature=0.9, top_p=0.95, seed=7)
+    expected = server.model.generate(PROMPTS[1], max_new_tokens=16, **kw)
+    first = server.client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=16, **kw).choices[0].text
+    # The same request inside a batch of others samples the same tokens: each row has its own generator.
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(server.client.completions.create, model=NAME, prompt=p, max_tokens=16, **kw) for p in PROMPTS]
+        batched = futures[1].result().choices[0].text
+    assert first == batched == expected
+    other = server.client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=16, temperature=0.9, top_p=0.95,
+                                             seed=8)  # fmt: skip
+    assert other.choices[0].text != expected
+
+
+# --- errors ------------------------------------------------------------------------------------------------------------
+BAD_REQUESTS = [
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model_not_found", "model"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "model": "nope"}, 404, "model_not_found", "model"),
+    ("/v1/completions", {"prompt": "x " * 600}, 400, "context_length_exceeded", "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 600}, 400, "context_length_exceeded", "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 600}]}, 400, "context_length_exceeded", "messages"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, None, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, None, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, None, "top_p"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, None, "top_p"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, None, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2.5}, 400, None, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, None, "n"),
+    ("/v1/completions", {"prompt": "x", "seed": -1}, 400, None, "seed"),
+    ("/v1/completions", {"prompt": "x", "stop": ""}, 400, None, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": [1]}, 400, None, "stop"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, None, "stream"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, None, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, None, "logprobs"),
+    ("/v1/completions", {"prompt": ""}, 400, None, "prompt"),
+    ("/v1/completions", {"prompt": [5, 10**9]}, 400, None, "prompt"),
+    ("/v1/completions", {"max_tokens": 3}, 400, None, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, 400, None, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, None, "messages"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stream_options": {"include_usage": True}}, 400, None, "stream_options"),
+    ("/v1/completions", b'{"prompt": "x", ', 400, None, None),
+    ("/v1/completions", b"[1, 2]", 400, None, None),
+    ("/v1/completions", b"\xff\xfe", 400, None, None),
+]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_stays_healthy(server):
+    for path, body, status, code, param in BAD_REQUESTS:
+        got, payload = raw(server, "POST", path, body)
+        assert got == status, (path, body, payload)
+        error = payload["error"]
+        assert isinstance(error["message"], str) and error["message"], body
+        assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", code, param), (body, error)
+    assert raw(server, "GET", "/v1/nothing-here")[0] == 404
+    assert raw(server, "GET", "/v1/completions")[0] == 405
+    with pytest.raises(openai.NotFoundError):
+        server.client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        server.client.completions.create(model=NAME, prompt="x " * 600, max_tokens=2)
+    assert raw(server, "GET", "/health")[0] == 200
+    ok = server.client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    assert ok.choices[0].text == server.model.generate(PROMPTS[0], max_new_tokens=4)
+
+
+def test_text_without_content_type_header_is_read_as_json(server):  # curl -d sends form encoding
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0}),
+                 headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read())["choices"][0]["text"]
+    conn.close()
+
+
+# --- load and disconnects ------------------------------------------------------------------------------------------------
+def test_32_concurrent_requests_are_all_answered_correctly(server):
+    model, client, engine = server.model, server.client, server.engine
+    jobs = []
+    for i in range(32):
+        prompt, n = PROMPTS[i % len(PROMPTS)], 4 + i % 5
+        jobs.append((i % 4, prompt, n, 11 + i if i % 8 == 7 else None))
+    expected = {}
+    for kind, prompt, n, seed in jobs:
+        kw = dict(temperature=0.8, seed=seed) if seed is not None else {}
+        key = (kind >= 2, prompt, n, seed)  # kinds: 0 completion, 1 streamed completion, 2 chat, 3 streamed chat
+        if key not in expected:
+            expected[key] = model.chat([{"role": "user", "content": prompt}], max_new_tokens=n, **kw) if kind >= 2 else (
+                model.generate(prompt, max_new_tokens=n, **kw))  # fmt: skip
+    batches_before = engine.batches
+
+    def ask(job):
+        kind, prompt, n, seed = job
+        kw = dict(model=NAME, max_tokens=n, temperature=0.8 if seed is not None else 0, seed=seed)
+        if kind == 2:
+            return client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **kw).choices[0].message.content
+        if kind == 3:
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                messages=[{"role": "user", "content": prompt}], stream=True, **kw) if c.choices)  # fmt: skip
+        if kind == 1:
+            return "".join(c.choices[0].text for c in client.completions.create(prompt=prompt, stream=True, **kw))
+        return client.completions.create(prompt=prompt, **kw).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, jobs, timeout=120))
+    for (kind, prompt, n, seed), answer in zip(jobs, answers):
+        assert answer == expected[(kind >= 2, prompt, n, seed)], (kind, prompt, n, seed)
+    assert engine.largest_batch > 1, "concurrent requests should share batches"
+    assert engine.batches - batches_before < 32
+    settle(engine)
+    assert raw(server, "GET", "/health") == (200, {"status": "ok", "running": 0, "waiting": 0})
+
+
+def _open_stream(server, body):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    return conn, resp
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(server):
+    engine = server.engine
+    settle(engine)
+    cancelled = engine.cancelled
+    conn, resp = _open_stream(server, {"prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "stream": True})
+    assert resp.readline().startswith(b"data: ")  # generation has started
+    left = time.monotonic()
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    settle(engine)
+    assert engine.cancelled == cancelled + 1
+    assert time.monotonic() - left < 1.5, "the row should be freed at once, not after 480 tokens"
+    out = server.client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=5, temperature=0)
+    assert out.choices[0].text == server.model.generate(PROMPTS[2], max_new_tokens=5)
+
+
+def test_a_client_that_leaves_before_a_plain_answer_frees_its_row(server):
+    engine = server.engine
+    settle(engine)
+    cancelled = engine.cancelled
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": PROMPTS[1], "max_tokens": 480, "temperature": 0}),
+                 headers={"Content-Type": "application/json"})  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not engine.running:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    settle(engine)
+    assert engine.cancelled == cancelled + 1
+    assert raw(server, "GET", "/health")[0] == 200
+
+
+# --- the engine's batching policy, without HTTP ----------------------------------------------------------------------
+def test_engine_batches_in_arrival_order_within_the_context(server):
+    model = server.model
+    engine = Engine(model, max_batch_size=2)
+    events = {}
+
+    def submit(prompt_ids, max_tokens):
+        r = Request(prompt_ids, SamplingParams(max_tokens=max_tokens), lambda e, k=len(events): events[k].append(e))
+        events[len(events)] = []
+        engine.submit(r)
+        return r
+
+    short = model.tokenizer(PROMPTS[0])["input_ids"]
+    long_prompt = (short * 100)[:400]
+    rs = [submit(short, 3), submit(short, 3), submit(long_prompt, 5), submit(short, 200), submit(short, 2)]
+    engine.start()  # everything waits already: batches are [0, 1], [2] (400 + 200 > 512), [3, 4]
+    try:
+        deadline = time.monotonic() + 60
+        while not all(ev and isinstance(ev[-1], Done) for ev in events.values()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        engine.stop()
+    assert [r.batch_size for r in rs] == [2, 2, 1, 2, 2]
+    assert rs[0].started == rs[1].started < rs[2].started < rs[3].started == rs[4].started
+    text = "".join(e.text for e in events[4] if isinstance(e, Piece))
+    assert text == model.generate(PROMPTS[0], max_new_tokens=2) and rs[4].completion_tokens == 2
+    assert [r.finish_reason for r in rs] == ["length"] * 5
+
+
+def test_a_failing_batch_fails_its_requests_and_the_engine_goes_on(server, monkeypatch):
+    model = server.model
+    engine = Engine(model, max_batch_size=4)
+    real = engine_module.generate_tokens
+    calls = []
+
+    def broken_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "generate_tokens", broken_once)
+    ids = model.tokenizer(PROMPTS[0])["input_ids"]
+    first, second = [], []
+    engine.submit(Request(ids, SamplingParams(max_tokens=3), first.append))
+    engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not first:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        engine.submit(Request(ids, SamplingParams(max_tokens=3), second.append))
+        while not second or not isinstance(second[-1], Done):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert isinstance(first[0], Failed) and "device lost" in str(first[0].error)
+    assert "".join(e.text for e in second if isinstance(e, Piece)) == model.generate(PROMPTS[0], max_new_tokens=3)
+
+
+# --- the command ---------------------------------------------------------------------------------------------------------
+def test_serve_parser_and_served_name(tmp_path):
+    args = build_parser().parse_args(["serve", "--port", "0", "--host", "0.0.0.0", "--max-batch-size", "4", "--model", "a/b"])
+    assert (args.port, args.host, args.max_batch_size, args.model) == (0, "0.0.0.0", 4, "a/b")
+    defaults = build_parser().parse_args(["serve"])
+    assert (defaults.host, defaults.port, defaults.max_batch_size, defaults.model) == ("127.0.0.1", 8000, 8, None)
+    for bad in (["--port", "70000"], ["--max-batch-size", "0"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", *bad])
+    assert served_name(None) == NAME and served_name("owner/model") == "owner/model"
+    assert served_name(str(tmp_path) + "/") == tmp_path.name
+
+
+def test_serve_command_answers_logs_and_stops_on_sigterm():
+    """A plain request, then SIGTERM while a stream is open: the stream ends with an error event and [DONE] after the
+    grace period, and the process exits 0 with one log line per request."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "phixtral", "serve", "--port", "0", "--backend", "torch", "--graceful-shutdown", "0.2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        port = None
+        deadline = time.monotonic() + 60
+        while port is None:
+            line = proc.stderr.readline()
+            assert line and time.monotonic() < deadline, "".join(lines)
+            lines.append(line)
+            if m := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
+                port = int(m.group(1))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0}))
+        assert conn.getresponse().status == 200
+        conn.close()
+        stream = SimpleNamespace(port=port)
+        conn, resp = _open_stream(stream, {"prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "stream": True})
+        assert resp.readline().startswith(b"data: ")
+        proc.send_signal(signal.SIGTERM)
+        events = [line for line in resp.read().decode().split("\n\n") if line]
+        conn.close()
+        rest = proc.communicate(timeout=30)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = "".join(lines) + rest
+    assert proc.returncode == 0, log
+    assert events[-1] == "data: [DONE]" and "the server is shutting down" in events[-2], events[-3:]
+    assert re.search(r"POST /v1/completions 200 .*prompt \d+ \+ completion 5 tokens in .* s \([\d.]+ tokens/s\)", log), log
+    assert re.search(r"POST /v1/completions 200 .*finish cancelled", log), log
+    assert "Shutting down" in log and "Traceback" not in log
