@@ -221,23 +221,24 @@ if triton is not None:
 # ------------------------------------------------------------------------------------------------------- launchers
 
 
+def _gathered_gemm_fp32(name, a, w, bias, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
+    """c[r] = a[slot_r // top_k] @ w[e_r]^T (+ bias[e_r]) per sorted row, no activation: c [R, N] fp32, padding rows
+    unwritten. w [E, N, K] may be a transposed view: the kernel takes strides."""
+    _check_gemm_inputs(name, a, w, bias, routing, config)
+    c = torch.empty(routing.max_rows, w.shape[1], dtype=torch.float32, device=a.device)
+    if routing.num_slots:
+        _launch(a, w, bias, c, routing, config, gather_a=True, scatter_c=False, activation="", mul_routing_weight=False)
+    return c
+
+
 def expert_preact(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
     """a = x[slot // top_k] @ w1[e]^T + b1[e] per sorted row: GEMM 1 without its activation. Returns a [R, F] fp32."""
-    _check_gemm_inputs("expert_preact", x, w1, b1, routing, config)
-    a = torch.empty(routing.max_rows, w1.shape[1], dtype=torch.float32, device=x.device)
-    if routing.num_slots:
-        _launch(x, w1, b1, a, routing, config, gather_a=True, scatter_c=False, activation="", mul_routing_weight=False)
-    return a
+    return _gathered_gemm_fp32("expert_preact", x, w1, b1, routing, config)
 
 
 def expert_grad_hidden(g: torch.Tensor, w2: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
     """u = g[slot // top_k] @ w2[e] per sorted row: g [T, D], w2 [E, D, F]. Returns u [R, F] fp32, padding rows unwritten."""
-    w2_t = w2.transpose(1, 2)  # [E, F, D] view: the kernel takes strides
-    _check_gemm_inputs("expert_grad_hidden", g, w2_t, None, routing, config)
-    u = torch.empty(routing.max_rows, w2.shape[2], dtype=torch.float32, device=g.device)
-    if routing.num_slots:
-        _launch(g, w2_t, None, u, routing, config, gather_a=True, scatter_c=False, activation="", mul_routing_weight=False)
-    return u
+    return _gathered_gemm_fp32("expert_grad_hidden", g, w2.transpose(1, 2), None, routing, config)  # [E, F, D] view
 
 
 def expert_grad_input(da: torch.Tensor, w1: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
