@@ -11,9 +11,11 @@ Steps (every one seeded; the data are the slices of phixtral/stdlib_data.py):
      experts' fc1 / fc2, so experts are trained against exactly the weights they will be merged with;
   4. `phixtral merge` with gate_mode hidden, top-2: each expert's positive prompts are 16 snippets of its slice's train
      text, its negative prompts the other experts' snippets (so the gate row points from the other slices to its own);
-  5. `phixtral eval` of the base, the experts and the MoE on the held-out part of every slice -> EVAL.md.
-The intermediate checkpoints (base, experts, recipe) stay in --work (build/ is git-ignored); the MoE, BUILD_LOG.md and
-EVAL.md go to --out.
+  5. `phixtral train-router` on the merged MoE: only the gate rows train, on windows of all five slices' train text;
+  6. `phixtral eval` of the base, the experts and the MoE before and after step 5 on the held-out part of every slice
+     -> EVAL.md.
+The intermediate checkpoints (base, experts, recipe, the merged MoE with its untrained router) stay in --work (build/ is
+git-ignored); the trained MoE, its router_training.json, BUILD_LOG.md and EVAL.md go to --out.
 """
 
 import argparse
@@ -37,6 +39,8 @@ from phixtral import cli  # noqa: E402
 from phixtral.commands.stdlib_data import EXPERT_SLICES, describe_slices, python_version, slice_texts  # noqa: E402
 
 EOS = "<|endoftext|>"
+# Step 5's settings (train-router): chosen by held-out loss on the slices, see EVAL.md.
+ROUTER = dict(steps=300, lr=3e-3, aux_loss_coef=0.0, seq_len=256, batch_size=8, eval_every=50)
 NOTES_HEADING = "## Reading the table"
 
 
@@ -208,46 +212,9 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ROOT / "phixtral" / "assets" / "tiny-phixtral")
-    p.add_argument("--work", type=Path, default=ROOT / "build" / "tiny-phixtral")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=512, help="training window = n_positions")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--pretrain-steps", type=int, default=500)
-    p.add_argument("--pretrain-lr", type=float, default=3e-3)
-    p.add_argument("--expert-steps", type=int, default=70)
-    p.add_argument("--expert-lr", type=float, default=1e-3)
-    p.add_argument("--prompts", type=int, default=16, help="positive prompts per expert")
-    p.add_argument("--no-negatives", action="store_true", help="no negative prompts in the recipe")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-eval", action="store_true", help="skip step 5 (EVAL.md)")
-    args = p.parse_args(argv)
-
-    import tokenizers
-    import transformers
+def build_merged(args, work: Path, merged: Path, log: "Log") -> tuple[dict, Path]:
+    """Steps 1-4: tokenizer, base, experts, merge into `merged`. Returns (times, recipe path)."""
     from transformers import PhiForCausalLM
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    log = Log()
-    work, out = args.work.resolve(), args.out.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    log("# Build log of the bundled tiny phixtral")
-    log()
-    cli = "".join(" " + a for a in (argv if argv is not None else sys.argv[1:]))
-    log(f"Written by `python scripts/build_tiny_phixtral.py{cli}`; the numbers below are that run's.")
-    log()
-    log("```")
-    log(f"started   {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    log(f"python {python_version()}  torch {torch.__version__}  transformers {transformers.__version__}  tokenizers {tokenizers.__version__}")
-    log(f"machine   {platform.machine()} {platform.processor() or ''}  torch threads {torch.get_num_threads()}")
-    log(f"args      {json.dumps({k: str(v) for k, v in vars(args).items()})}")
 
     # 1. data and tokenizer
     log()
@@ -306,30 +273,104 @@ def main(argv=None) -> int:
         + ("" if args.no_negatives else ", the other experts' prompts as negative prompts"))  # fmt: skip
     prompts = {s: snippets(train_texts[s], args.prompts, 600) for s in EXPERT_SLICES}
     recipe = write_recipe(work, prompts, negatives=not args.no_negatives)
-    # The discussion below EVAL.md's table is written by hand; a rebuild keeps it (and should reread it against the new
-    # table). Read it now: the merge replaces --out whole.
-    eval_md = out / "EVAL.md"
+    t = time.time()
+    run_cli(["merge", str(recipe), "--out", str(merged), "--overwrite", "--max-shard-size", str(10 / 1024)], log)
+    times["merge"] = time.time() - t
+    log(f"    merge took {times['merge']:.0f} s")
+    return times, recipe
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "phixtral" / "assets" / "tiny-phixtral")
+    p.add_argument("--work", type=Path, default=ROOT / "build" / "tiny-phixtral")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512, help="training window = n_positions")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--pretrain-steps", type=int, default=500)
+    p.add_argument("--pretrain-lr", type=float, default=3e-3)
+    p.add_argument("--expert-steps", type=int, default=70)
+    p.add_argument("--expert-lr", type=float, default=1e-3)
+    p.add_argument("--prompts", type=int, default=16, help="positive prompts per expert")
+    p.add_argument("--no-negatives", action="store_true", help="no negative prompts in the recipe")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--router-steps", type=int, default=ROUTER["steps"], help="train-router steps")
+    p.add_argument("--router-lr", type=float, default=ROUTER["lr"])
+    p.add_argument("--router-aux-loss-coef", type=float, default=ROUTER["aux_loss_coef"])
+    p.add_argument("--no-eval", action="store_true", help="skip step 6 (EVAL.md)")
+    p.add_argument("--reuse-work", action="store_true", help="reuse steps 1-4 (base, experts, merge) from --work when there")
+    args = p.parse_args(argv)
+
+    import tokenizers
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    log = Log()
+    work, out = args.work.resolve(), args.out.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    log("# Build log of the bundled tiny phixtral")
+    log()
+    cli = "".join(" " + a for a in (argv if argv is not None else sys.argv[1:]))
+    log(f"Written by `python scripts/build_tiny_phixtral.py{cli}`; the numbers below are that run's.")
+    log()
+    log("```")
+    log(f"started   {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    log(f"python {python_version()}  torch {torch.__version__}  transformers {transformers.__version__}  tokenizers {tokenizers.__version__}")
+    log(f"machine   {platform.machine()} {platform.processor() or ''}  torch threads {torch.get_num_threads()}")
+    log(f"args      {json.dumps({k: str(v) for k, v in vars(args).items()})}")
+
+    eval_md = out / "EVAL.md"  # its discussion below the table is written by hand: a rebuild keeps it
     old_eval = eval_md.read_text() if eval_md.is_file() else ""
     notes = old_eval.partition(NOTES_HEADING)[2]
+    merged, steps_log = work / "merged", work / "BUILD_LOG.steps-1-4.md"
+    if args.reuse_work and (merged / "config.json").is_file() and steps_log.is_file():
+        log()
+        log(f"[1-4] reused from {work.relative_to(ROOT) if work.is_relative_to(ROOT) else work} (--reuse-work): the log of the run that built them")
+        for line in steps_log.read_text().splitlines():
+            log(line)
+        times = {}
+        recipe = work / "recipe.yaml"
+    else:
+        first = len(log.lines)
+        times, recipe = build_merged(args, work, merged, log)
+        steps_log.write_text("\n".join(log.lines[first:]) + "\n")
+
+    # 5. router
+    log()
+    argv_router = ["train-router", "--model", str(merged), "--data", "stdlib", "--steps", str(args.router_steps),
+                   "--lr", str(args.router_lr), "--aux-loss-coef", str(args.router_aux_loss_coef), "--seed", str(args.seed),
+                   "--seq-len", str(ROUTER["seq_len"]), "--batch-size", str(ROUTER["batch_size"]),
+                   "--eval-every", str(ROUTER["eval_every"]), "--backend", "torch", "--device", "cpu",
+                   "--out", str(out), "--overwrite", "--no-progress"]  # fmt: skip
+    log(f"[5] phixtral {' '.join(argv_router[:1] + argv_router[3:])} (--model {merged.name})")
     t = time.time()
-    run_cli(["merge", str(recipe), "--out", str(out), "--overwrite", "--max-shard-size", str(10 / 1024)], log)
+    with contextlib.redirect_stderr(io.StringIO()) as progress:
+        run_cli(argv_router, log)
+    for line in progress.getvalue().splitlines():
+        if line.startswith(("held-out", "step")):
+            log("    " + line)
+    times["router"] = time.time() - t
     shutil.copy2(recipe, out / "merge-recipe.yaml")
-    times["merge"] = time.time() - t
-    log(f"    merge took {times['merge']:.0f} s; recipe copied to merge-recipe.yaml (model paths relative to {work.relative_to(ROOT) if work.is_relative_to(ROOT) else work})")
+    log(f"    train-router took {times['router']:.0f} s; recipe copied to merge-recipe.yaml (model paths relative to {work.relative_to(ROOT) if work.is_relative_to(ROOT) else work})")
     size = 0
     for f in sorted(out.iterdir()):
         size += f.stat().st_size
         log(f"    {f.name:40s} {f.stat().st_size:>11,d} bytes  sha256 {sha256(f)[:16]}")
     log(f"    total {size / 1e6:.2f} MB")
 
-    # 5. eval
+    # 6. eval
     if not args.no_eval:
         log()
-        models = [work / "base"] + [work / f"expert-{s}" for s in EXPERT_SLICES] + [out]
+        models = [work / "base"] + [work / f"expert-{s}" for s in EXPERT_SLICES] + [merged, out]
         rel = lambda q: str(q.relative_to(ROOT)) if q.is_relative_to(ROOT) else str(q)  # noqa: E731
         argv_eval = ["eval"] + [a for m in models for a in ("--model", rel(m))] + ["--stdlib-slice", "all", "--markdown", "--no-progress"]
         command = "python -m phixtral " + " ".join(argv_eval)
-        log(f"[5] {command}")
+        log(f"[6] {command}")
         t = time.time()
         out_text = run_cli(argv_eval, log)
         times["eval"] = time.time() - t
