@@ -169,3 +169,44 @@ def test_triton_backend_trains_the_same_gates_as_torch(text_file):
         return torch.stack([b.moe.gate.weight for b in m.h])
 
     torch.testing.assert_close(gates("triton"), gates("torch"), atol=1e-4, rtol=1e-3)
+
+
+def test_domain_loss_pulls_each_dataset_to_its_own_expert(tmp_path, text_file):
+    """Two datasets, experts 0 and 1: with the domain loss the router's first pick follows the dataset."""
+    import codecs
+    import this  # noqa: F401 - the Zen of Python, as prose far from the code of text_file
+
+    other = tmp_path / "prose.txt"
+    other.write_text((codecs.decode(this.s, "rot13") + "\n") * 40)
+    m = model()
+    data = load_token_data(m.tokenizer, [str(text_file), str(other)], min_tokens=32)
+    names = [text_file.name, other.name]
+
+    def first_pick_share():
+        from phixtral.commands.train_router import RouterLogits
+
+        shares = []
+        with torch.no_grad():
+            for e, name in enumerate(names):
+                collector = RouterLogits(m)
+                m(data.heldout[name][None, :128])
+                logits = collector.take()
+                collector.remove()
+                shares.append(sum(float((lg.argmax(-1) == e).float().mean()) for lg in logits) / len(logits))
+        return shares
+
+    before = first_pick_share()
+    settings = RouterTrainingSettings(**{**SETTINGS, "steps": 40, "lr": 0.1, "domain_loss_coef": 1.0, "expert_data": names})
+    record = train_router(m, data, settings, progress=False, log=lambda s: None)
+    after = first_pick_share()
+    assert record["log"][-1]["domain_loss"] < record["log"][0]["domain_loss"]
+    assert all(a > b + 0.15 for a, b in zip(after, before)), (before, after)  # 4 experts: 0.25 is chance
+
+
+def test_domain_loss_needs_known_datasets(text_file):
+    m = model()
+    data = load_token_data(m.tokenizer, [str(text_file)], min_tokens=32)
+    with pytest.raises(ValueError, match="domain_loss_coef needs expert_data"):
+        train_router(m, data, RouterTrainingSettings(**{**SETTINGS, "domain_loss_coef": 1.0}), progress=False)
+    with pytest.raises(ValueError, match=r"expert_data names \['nope'\]"):
+        train_router(m, data, RouterTrainingSettings(**{**SETTINGS, "expert_data": ["nope"]}), progress=False)

@@ -50,6 +50,8 @@ class RouterTrainingSettings:
     eval_every: int = 50
     eval_tokens: int = 16384  # held-out tokens per dataset
     add_base_expert: Optional[str] = None
+    domain_loss_coef: float = 0.0  # weight of the cross-entropy of the router against each dataset's own expert
+    expert_data: Optional[list] = None  # the dataset of expert 0, 1, ... (for the domain loss)
 
     def validate(self) -> None:
         for name in ("steps", "seq_len", "batch_size", "eval_every", "eval_tokens"):
@@ -58,8 +60,10 @@ class RouterTrainingSettings:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not (isinstance(self.aux_loss_coef, (int, float)) and math.isfinite(self.aux_loss_coef) and self.aux_loss_coef >= 0):
-            raise ValueError(f"aux_loss_coef must be a finite number >= 0, got {self.aux_loss_coef!r}")
+        for name in ("aux_loss_coef", "domain_loss_coef"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 @dataclass
@@ -101,17 +105,18 @@ def load_token_data(tokenizer, data: list[str], *, min_tokens: int) -> TokenData
     return out
 
 
-def sample_batch(streams: dict[str, torch.Tensor], batch_size: int, seq_len: int, rng: random.Random) -> torch.Tensor:
-    """[batch_size, seq_len + 1] windows: the datasets in turn (round robin from a random start), each window at a
-    random offset of its stream."""
+def sample_batch(streams: dict[str, torch.Tensor], batch_size: int, seq_len: int, rng: random.Random):
+    """([batch_size, seq_len + 1] windows, the dataset name of each row): the datasets in turn (round robin from a
+    random start), each window at a random offset of its stream."""
     names = sorted(streams)
     first = rng.randrange(len(names))
-    rows = []
+    rows, sources = [], []
     for b in range(batch_size):
-        s = streams[names[(first + b) % len(names)]]
-        start = rng.randrange(s.numel() - seq_len)
-        rows.append(s[start : start + seq_len + 1])
-    return torch.stack(rows)
+        name = names[(first + b) % len(names)]
+        start = rng.randrange(streams[name].numel() - seq_len)
+        rows.append(streams[name][start : start + seq_len + 1])
+        sources.append(name)
+    return torch.stack(rows), sources
 
 
 def heldout_windows(streams: dict[str, torch.Tensor], seq_len: int, max_tokens: int) -> dict[str, torch.Tensor]:
@@ -124,6 +129,13 @@ def heldout_windows(streams: dict[str, torch.Tensor], seq_len: int, max_tokens: 
 
 
 # --- losses ----------------------------------------------------------------------------------------------------------
+def domain_loss(router_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of one layer's router logits [T, E] against each token's own expert, labels [T] (-1: none)."""
+    if not (labels >= 0).any():
+        return router_logits.new_zeros(())
+    return F.cross_entropy(router_logits.float(), labels, ignore_index=-1)
+
+
 def load_balancing_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Switch Transformer's auxiliary loss for one layer: E * sum_e f_e * P_e; router_logits [T, E] -> scalar.
 
@@ -227,6 +239,14 @@ def train_router(model, data: TokenData, settings: RouterTrainingSettings, *, pr
         g.requires_grad_(True)
     optimizer = torch.optim.Adam(gates, lr=settings.lr)
     windows = heldout_windows(data.heldout, settings.seq_len, settings.eval_tokens)
+    own_expert = {name: e for e, name in enumerate(settings.expert_data or [])}  # dataset -> the expert it belongs to
+    unknown = [name for name in own_expert if name not in data.train]
+    if unknown:
+        raise ValueError(f"expert_data names {unknown}, which are not among the datasets {sorted(data.train)}")
+    if settings.expert_data and len(settings.expert_data) > model.config.num_local_experts:
+        raise ValueError(f"expert_data names {len(settings.expert_data)} datasets for {model.config.num_local_experts} experts")
+    if settings.domain_loss_coef and not own_expert:
+        raise ValueError("domain_loss_coef needs expert_data: the dataset of each expert, in expert order")
     record = {"settings": asdict(settings), "top_k": top_k, "num_experts": model.config.num_local_experts, "log": []}
     before = heldout_loss(model, windows, settings.batch_size)
     record["heldout_before"] = before
@@ -235,15 +255,20 @@ def train_router(model, data: TokenData, settings: RouterTrainingSettings, *, pr
     clock = time.perf_counter()
     try:
         for step in tqdm(range(1, settings.steps + 1), desc="train-router", unit="step", disable=not progress):
-            batch = sample_batch(data.train, settings.batch_size, settings.seq_len, rng)
+            batch, sources = sample_batch(data.train, settings.batch_size, settings.seq_len, rng)
+            labels = torch.tensor([own_expert.get(name, -1) for name in sources]).repeat_interleave(settings.seq_len)
             with torch.enable_grad():
                 lm = next_token_loss(model, batch)
-                aux = torch.stack([load_balancing_loss(lg, top_k) for lg in collector.take()]).mean()
+                logits = collector.take()
+                aux = torch.stack([load_balancing_loss(lg, top_k) for lg in logits]).mean()
                 loss = lm + settings.aux_loss_coef * aux if settings.aux_loss_coef else lm
+                dom = torch.stack([domain_loss(lg, labels.to(lg.device)) for lg in logits]).mean()
+                if settings.domain_loss_coef:
+                    loss = loss + settings.domain_loss_coef * dom
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             optimizer.step()
-            entry = {"step": step, "loss": lm.item(), "aux_loss": aux.item()}
+            entry = {"step": step, "loss": lm.item(), "aux_loss": aux.item(), "domain_loss": dom.item()}
             if step % settings.eval_every == 0 or step == settings.steps:
                 collector.remove()
                 entry["heldout"] = heldout_loss(model, windows, settings.batch_size)
@@ -274,6 +299,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int_at_least(1), default=300, help="optimizer steps")
     p.add_argument("--lr", type=float_in(0, low_open=True), default=3e-3, help="Adam learning rate")
     p.add_argument("--aux-loss-coef", type=float_in(0), default=0.0, help="weight of the load-balancing loss")
+    p.add_argument("--domain-loss-coef", type=float_in(0), default=0.0,
+                   help="weight of a cross-entropy pulling each --expert-data dataset's tokens to its own expert")
+    p.add_argument("--expert-data", nargs="+", default=None,
+                   help="the dataset of expert 0, 1, ... (stdlib slice names or file names; default: none)")
     p.add_argument("--experts-per-tok", type=int_at_least(1), default=None, help="top-k to train and save (default: the config's)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the window sampling")
     p.add_argument("--seq-len", type=int_at_least(2), default=256, help="tokens per training window")
@@ -296,7 +325,8 @@ def run(args) -> int:
     settings = RouterTrainingSettings(
         steps=args.steps, lr=args.lr, aux_loss_coef=args.aux_loss_coef, experts_per_tok=args.experts_per_tok,
         seed=args.seed, seq_len=args.seq_len, batch_size=args.batch_size, eval_every=args.eval_every,
-        eval_tokens=args.eval_tokens, add_base_expert=args.add_base_expert,
+        eval_tokens=args.eval_tokens, add_base_expert=args.add_base_expert, domain_loss_coef=args.domain_loss_coef,
+        expert_data=args.expert_data,
     )  # fmt: skip
     settings.validate()
     source = resolve_checkpoint(args.model)
