@@ -3,9 +3,8 @@
 The block is phixtral.model's: `x = x + attn(ln(x)) + moe(ln(x))`, partial NeoX rotary on the first rotary_dim dims of
 each head, a LayerNorm and a biased, untied head. vLLM provides the paged KV cache and its attention backends
 (continuous batching), QKVParallelLinear / RowParallelLinear (tensor parallelism), the vocab-parallel embedding and
-head.
-The MoE layer is `phixtral::fused_moe` over this rank's slice of every expert (see sharding.py): Triton on CUDA, the
-torch backend on the CPU. A dense checkpoint is one expert with top_k 1, as in phixtral.model.
+head. The MoE layer is `phixtral::fused_moe` over this rank's slice of every expert (see sharding.py): Triton on CUDA,
+the torch backend on the CPU. A dense checkpoint is one expert with top_k 1, as in phixtral.model.
 
 Module names keep phixtral's (wte, h.N.ln, h.N.mixer.Wqkv, h.N.mixer.out_proj, h.N.moe.gate / fc1 / fc2), so the loader
 is phixtral.weights.checkpoint_map plus the per-rank slicing of sharding.py. Shapes: T flattened tokens (vLLM batches
@@ -13,6 +12,7 @@ every running sequence into one [T] row), D model dim, F expert hidden dim (F_r 
 """
 
 from collections.abc import Iterable
+
 import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
@@ -62,26 +62,24 @@ class Attention(nn.Module):
         self.n_head = config.n_head // world
         self.n_head_kv = max(1, config.n_head_kv // world)
         self.q_size, self.kv_size = self.n_head * hd, self.n_head_kv * hd
-        quant_config = vllm_config.quant_config
         # Wqkv rows [Q | K | V] of this rank's heads, bias included.
         self.Wqkv = QKVParallelLinear(
-            config.n_embd, hd, config.n_head, config.n_head_kv, bias=True, quant_config=quant_config,
-            prefix=f"{prefix}.Wqkv",
-        )  # fmt: skip
+            config.n_embd, hd, config.n_head, config.n_head_kv, bias=True, prefix=f"{prefix}.Wqkv"
+        )
         # No reduction here: the block reduces attention and MoE together. vLLM adds a row-parallel bias only when it
         # reduces, so the bias comes back unadded (skip_bias_add) and rank 0 adds it.
         self.out_proj = RowParallelLinear(
             config.n_head * hd, config.n_embd, bias=True, skip_bias_add=True, reduce_results=False,
-            quant_config=quant_config, prefix=f"{prefix}.out_proj",
-        )  # fmt: skip
+            prefix=f"{prefix}.out_proj",
+        )
         self.rotary_emb = None
         if config.rotary_dim:
             rope = {"rope_type": "default", "rope_theta": config.rope_theta, "rope_dim": config.rotary_dim}
             self.rotary_emb = get_rope(hd, max_position=config.n_positions, is_neox_style=True, rope_parameters=rope)
         self.attn = PagedAttention(
             self.n_head, hd, hd**-0.5, num_kv_heads=self.n_head_kv, cache_config=vllm_config.cache_config,
-            quant_config=quant_config, prefix=f"{prefix}.attn",  # unique per layer: vLLM keys the KV cache by it
-        )  # fmt: skip
+            prefix=f"{prefix}.attn",  # unique per layer: vLLM keys the KV cache by it
+        )
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # positions [T]; x [T, D] -> partial [T, D]
@@ -154,9 +152,7 @@ class PhixtralModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = phixtral_config(vllm_config.model_config.hf_config)
-        self.wte = VocabParallelEmbedding(
-            config.vocab_size, config.n_embd, quant_config=vllm_config.quant_config, prefix=f"{prefix}.wte"
-        )
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd, prefix=f"{prefix}.wte")
         self.h = nn.ModuleList(Block(config, vllm_config, prefix=f"{prefix}.h.{i}") for i in range(config.n_layer))
         self.final_ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
@@ -183,12 +179,13 @@ class PhixtralForCausalLM(nn.Module):
         super().__init__()
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise ValueError("PhixtralForCausalLM supports tensor parallelism, not pipeline parallelism")
+        if vllm_config.quant_config is not None:  # the experts are plain fp16 / bf16 / fp32 tensors for fused_moe
+            raise ValueError("PhixtralForCausalLM runs unquantized checkpoints only")
         self.config = phixtral_config(vllm_config.model_config.hf_config)
         self.model = PhixtralModel(vllm_config=vllm_config, prefix=f"{prefix}.model" if prefix else "model")
         self.lm_head = ParallelLMHead(
-            self.config.vocab_size, self.config.n_embd, bias=True, quant_config=vllm_config.quant_config,
-            prefix=f"{prefix}.lm_head" if prefix else "lm_head",
-        )  # fmt: skip
+            self.config.vocab_size, self.config.n_embd, bias=True, prefix=f"{prefix}.lm_head" if prefix else "lm_head"
+        )
         self.logits_processor = LogitsProcessor(self.config.vocab_size)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
