@@ -1,28 +1,34 @@
 """End-to-end check of the vLLM plugin: vLLM's greedy tokens equal phixtral's own, and `vllm serve` answers.
 
-    python scripts/vllm_check.py [--models tiny,moe,hf] [--serve] [--tp N] [--max-tokens 24]
+    python scripts/vllm_check.py [--models tiny,moe,dense,hf] [--serve] [--tp N] [--max-tokens 24]
 
 Run it with the Python of an environment that has vLLM and this package installed (scripts/vllm_check.sh builds one
 for a CPU machine). Each model runs in vLLM (LLM, several prompts batched together, temperature 0, ignore_eos) and in
 phixtral (one prompt at a time, the same number of steps), in fp32 on the CPU, and every generated token must match:
     tiny  the bundled tiny phixtral (phi-msft MoE, 4 experts, top-2), found by the plugin with no override; vLLM's
           default torch.compile path (the MoE inside it as the phixtral::fused_moe custom op);
-    moe   a random phi-msft MoE with the real key and config names, sharded, with an auto_map (tests/helpers_models.py);
+    moe   a random phi-msft MoE with the real key and config names, sharded, with an auto_map
+          (tests/helpers_models.py);
+    dense a random dense phi-2 in the phi-msft layout, as phixtral's save_pretrained writes it
+          (tests/phi_checkpoints.py);
     hf    a random transformers PhiForCausalLM (HF layout, grouped-query attention), through
           hf_overrides={"architectures": ["PhixtralForCausalLM"]}.
-moe and hf run eagerly (enforce_eager) to save the compile. --serve starts `vllm serve` on the tiny model and checks a
-greedy /v1/completions answer against `model.generate`. --tp N runs the tiny model with tensor_parallel_size N (one
-worker process per rank). Prints one line per check and a JSON summary last; exit status 1 on any mismatch.
+moe, dense and hf run eagerly (enforce_eager) to save the compile. --serve starts `vllm serve` on the tiny model and
+checks a greedy /v1/completions answer against `model.generate`. --tp N runs the tiny model with tensor_parallel_size N
+(one worker process per rank). Prints one line per check and a JSON summary last; exit status 1 on any mismatch.
 """
 
 import argparse
+import atexit
 import gc
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -53,16 +59,21 @@ def reference_tokens(model, prompt_ids, max_tokens):
 def model_folder(name):
     import phixtral
     from helpers_models import hf_phi_checkpoint, msft_moe_checkpoint
+    from phi_checkpoints import make_phi
 
     if name == "tiny":
         return phixtral.default_model_path(), {}
     # Head dim 32: vLLM's CPU attention takes head sizes 32, 64, 80, ...
     if name == "moe":
         return msft_moe_checkpoint(hidden=128, heads=4, rotary_dim=16, n_positions=MAX_MODEL_LEN), {}
+    if name == "dense":
+        folder = Path(tempfile.mkdtemp(prefix="phixtral-vllm-check-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return make_phi(folder / "msft-dense", seed=0, layout="msft", n_embd=128, n_head=4), {}
     if name == "hf":
         folder = hf_phi_checkpoint(hidden=128, heads=4, kv_heads=2, n_positions=MAX_MODEL_LEN)
         return folder, {"hf_overrides": {"architectures": ["PhixtralForCausalLM"]}}
-    raise ValueError(f"unknown model {name!r}: use tiny, moe or hf")
+    raise ValueError(f"unknown model {name!r}: use tiny, moe, dense or hf")
 
 
 def check_offline(name, max_tokens, tp=1):
@@ -75,7 +86,8 @@ def check_offline(name, max_tokens, tp=1):
     model = phixtral.from_pretrained(folder, dtype="float32", device="cpu", backend="torch")
     prompts = [model.tokenizer(p)["input_ids"] for p in PROMPTS]
     t0 = time.perf_counter()
-    llm = LLM(model=str(folder), dtype="float32", max_model_len=MAX_MODEL_LEN, seed=0, tensor_parallel_size=tp,
+    max_model_len = min(MAX_MODEL_LEN, model.config.n_positions)
+    llm = LLM(model=str(folder), dtype="float32", max_model_len=max_model_len, seed=0, tensor_parallel_size=tp,
               enforce_eager=name != "tiny", **kwargs)  # fmt: skip
     arch = llm.llm_engine.model_config.architectures
     t1 = time.perf_counter()
@@ -157,8 +169,10 @@ def check_serve(max_tokens, start_timeout):
 
     folder = phixtral.default_model_path()
     port = free_port()
-    cmd = [*vllm_command(), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "tiny-phixtral", "--enforce-eager"]  # fmt: skip
+    cmd = [
+        *vllm_command(), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "tiny-phixtral", "--enforce-eager",
+    ]  # fmt: skip
     log_path = Path(os.environ.get("PHIXTRAL_VLLM_LOG_DIR", "/tmp")) / f"vllm-serve-{port}.log"
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -198,7 +212,9 @@ def check_serve(max_tokens, start_timeout):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="tiny,moe,hf", help="comma-separated: tiny, moe, hf (empty: none)")
+    parser.add_argument(
+        "--models", default="tiny,moe,dense,hf", help="comma-separated: tiny, moe, dense, hf ('' for none)"
+    )
     parser.add_argument("--serve", action="store_true", help="also check `vllm serve` on the tiny model")
     parser.add_argument("--tp", type=int, default=1, help="also run the tiny model with this tensor-parallel size")
     parser.add_argument("--max-tokens", type=int, default=24)

