@@ -205,7 +205,7 @@ def test_phi_msft_config_class(folder):
 def test_hf_phi_config_reads_back_for_the_vllm_model():
     from transformers import AutoConfig
 
-    path = hf_phi_checkpoint(kv_heads=2)
+    path = hf_phi_checkpoint(kv_heads=2, partial_rotary_factor=0.5, rope_theta=500.0)  # test_model.py's GQA variant
     assert PhixtralConfig.from_dict(AutoConfig.from_pretrained(path).to_dict()) == read_config(path)
 
 
