@@ -11,7 +11,8 @@ Steps (every one seeded; the data are the slices of phixtral/stdlib_data.py):
      experts' fc1 / fc2, so experts are trained against exactly the weights they will be merged with;
   4. `phixtral merge` with gate_mode hidden, top-2: each expert's positive prompts are 16 snippets of its slice's train
      text, its negative prompts the other experts' snippets (so the gate row points from the other slices to its own);
-  5. `phixtral train-router` on the merged MoE: only the gate rows train, on windows of all five slices' train text;
+  5. `phixtral train-router` on the merged MoE: only the gate rows train, on windows of all five slices' train text, on
+     the next-token loss plus a domain loss that pulls each expert slice's tokens toward its own expert;
   6. `phixtral eval` of the base, the experts and the MoE before and after step 5 on the held-out part of every slice
      -> EVAL.md.
 The intermediate checkpoints (base, experts, recipe, the merged MoE with its untrained router) stay in --work (build/ is
@@ -40,7 +41,7 @@ from phixtral.commands.stdlib_data import EXPERT_SLICES, describe_slices, python
 
 EOS = "<|endoftext|>"
 # Step 5's settings (train-router): chosen by held-out loss on the slices, see EVAL.md.
-ROUTER = dict(steps=300, lr=3e-3, aux_loss_coef=0.0, seq_len=256, batch_size=8, eval_every=50)
+ROUTER = dict(steps=300, lr=3e-3, aux_loss_coef=0.0, domain_loss_coef=0.1, seq_len=256, batch_size=8, eval_every=50)
 NOTES_HEADING = "## Reading the table"
 
 
@@ -301,6 +302,8 @@ def main(argv=None) -> int:
     p.add_argument("--router-steps", type=int, default=ROUTER["steps"], help="train-router steps")
     p.add_argument("--router-lr", type=float, default=ROUTER["lr"])
     p.add_argument("--router-aux-loss-coef", type=float, default=ROUTER["aux_loss_coef"])
+    p.add_argument("--router-domain-loss-coef", type=float, default=ROUTER["domain_loss_coef"],
+                   help="pull each expert slice's tokens toward its own expert")  # fmt: skip
     p.add_argument("--no-eval", action="store_true", help="skip step 6 (EVAL.md)")
     p.add_argument("--reuse-work", action="store_true", help="reuse steps 1-4 (base, experts, merge) from --work when there")
     args = p.parse_args(argv)
@@ -343,7 +346,8 @@ def main(argv=None) -> int:
     # 5. router
     log()
     argv_router = ["train-router", "--model", str(merged), "--data", "stdlib", "--steps", str(args.router_steps),
-                   "--lr", str(args.router_lr), "--aux-loss-coef", str(args.router_aux_loss_coef), "--seed", str(args.seed),
+                   "--lr", str(args.router_lr), "--aux-loss-coef", str(args.router_aux_loss_coef),
+                   "--domain-loss-coef", str(args.router_domain_loss_coef), "--expert-data", *EXPERT_SLICES, "--seed", str(args.seed),
                    "--seq-len", str(ROUTER["seq_len"]), "--batch-size", str(ROUTER["batch_size"]),
                    "--eval-every", str(ROUTER["eval_every"]), "--backend", "torch", "--device", "cpu",
                    "--out", str(out), "--overwrite", "--no-progress"]  # fmt: skip
