@@ -41,7 +41,7 @@ from phixtral.commands.stdlib_data import EXPERT_SLICES, describe_slices, python
 
 EOS = "<|endoftext|>"
 # Step 5's settings (train-router): chosen by held-out loss on the slices, see EVAL.md.
-ROUTER = dict(steps=300, lr=3e-3, aux_loss_coef=0.0, domain_loss_coef=0.1, seq_len=256, batch_size=8, eval_every=50)
+ROUTER = dict(steps=300, lr=3e-3, aux_loss_coef=0.0, domain_loss_coef=0.3, seq_len=256, batch_size=8, eval_every=50)
 NOTES_HEADING = "## Reading the table"
 
 
