@@ -9,7 +9,13 @@ from .quant import (
     act_order_g_idx,
     dequantize_experts,
     is_quantized,
+    pack_cols,
+    pack_rows,
+    quant_grid,
     quantize_rtn,
+    quantize_values,
+    unpack_cols,
+    unpack_rows,
 )
 from .reference import (
     expert_gemm1_torch,
@@ -47,8 +53,14 @@ __all__ = [
     "moe_routing",
     "moe_routing_torch",
     "naive_moe",
+    "pack_cols",
+    "pack_rows",
+    "quant_grid",
     "quantize_rtn",
+    "quantize_values",
     "quantized_linear",
     "topk_softmax_torch",
     "triton_unavailable_reason",
+    "unpack_cols",
+    "unpack_rows",
 ]
