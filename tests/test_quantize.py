@@ -79,10 +79,11 @@ def test_refuses_its_source_and_bad_settings(tmp_path, capsys):
 
 
 def test_int8_perplexity_of_the_bundled_model_within_one_percent():
-    """The bundled tiny phixtral (fp16 weights, run in fp32): 8-bit RTN, groups of 128, on 2048 held-out tokens."""
+    """The bundled tiny phixtral (fp16 weights, run in fp32): 8-bit RTN, groups of 128, on 1024 held-out tokens (the
+    whole held-out set, 106.7k tokens, gives 76.82 for both: README)."""
     model = phixtral.from_pretrained(phixtral.default_model_path(), device="cpu", dtype="float32", backend="torch")
-    texts = slice_texts("asyncio", "heldout")
-    before = evaluate(model, texts, max_tokens=2048, seq_len=512, progress=False).perplexity
+    texts = slice_texts("asyncio", "heldout")[:4]  # the first 1024 tokens are scored
+    before = evaluate(model, texts, max_tokens=1024, seq_len=256, progress=False).perplexity
     quantize_model_rtn(model, GPTQConfig(bits=8, group_size=128))
-    after = evaluate(model, texts, max_tokens=2048, seq_len=512, progress=False).perplexity
+    after = evaluate(model, texts, max_tokens=1024, seq_len=256, progress=False).perplexity
     assert abs(after / before - 1) < 0.01, (before, after)
