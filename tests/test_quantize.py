@@ -9,9 +9,11 @@ from helpers_models import _corpus, dequantize_gptq_tensors, msft_moe_checkpoint
 import phixtral
 from phixtral.cli import main
 from phixtral.commands.evaluate import evaluate
+from phixtral.commands.quantize import gptq_quantize
 from phixtral.commands.stdlib_data import slice_texts
 from phixtral.gptq import GPTQConfig, quantize_model_rtn
 from phixtral.model import QuantizedExpertLinear
+from phixtral_kernels import dequantize_experts, quantize_rtn
 
 IDS = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(1))
 
@@ -39,6 +41,25 @@ def test_rtn_round_trip(tmp_path, capsys):
     float_model = phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", dtype="float32", backend="torch")
     rms = float((logits - float_model(IDS)).pow(2).mean().sqrt())
     assert rms < 0.02, rms  # logits of std 0.8; measured 0.0094 at 8 bits (0.19 at 4 bits)
+
+
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_halves_the_output_error_of_rtn_on_one_linear(group_size, act_order):
+    """One Linear [96, 256] on correlated inputs: || X (W_q - W)^T ||^2, GPTQ against RTN of the same grid.
+    Measured: 0.19 vs 0.38 (groups of 32), 0.34 vs 0.70 (per channel); act-order 5-6% lower still."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 256, generator=g) @ torch.randn(256, 256, generator=g) * 0.3
+    w = torch.randn(96, 256, generator=g) * 0.1
+    gptq = GPTQConfig(bits=4, group_size=group_size, desc_act=act_order, sym=False)
+    q, scale, zero, g_idx, _ = gptq_quantize(w, 2 * X.t() @ X / X.shape[0], gptq)
+    assert (g_idx is not None) == act_order  # per channel with act-order: all zeros, as AutoGPTQ writes it
+    groups = g_idx.long() if g_idx is not None else torch.arange(256) // (256 // scale.shape[0])
+    assert torch.all((q >= 0) & (q <= 15)) and torch.all(zero >= 1)
+    w_gptq = (scale[groups] * (q - zero[groups])).t()
+    w_rtn = dequantize_experts(quantize_rtn(w, 4, group_size, sym=False), torch.float32)[0]
+    error = lambda wq: float(((X @ (wq - w).t()) ** 2).mean())  # noqa: E731
+    assert error(w_gptq) < 0.6 * error(w_rtn)
 
 
 def test_gptq_beats_rtn_on_its_calibration_text(tmp_path):

@@ -73,14 +73,17 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, gptq: GPTQConfig, *, block_s
     scales = torch.zeros(K // gs, N, device=W.device)
     zeros = torch.zeros(K // gs, N, device=W.device)
     loss = 0.0
-    block_size = max(block_size // gs, 1) * gs if gs <= block_size else gs  # groups never straddle blocks
+    if gptq.group_size > 0:
+        block_size = max(block_size // gs, 1) * gs  # a multiple of the group size: groups never straddle blocks
+    else:  # per channel: one grid for the whole row, from the weights as they are
+        scales[0], zeros[0] = quant_grid(W.min(1).values, W.max(1).values, gptq.bits, gptq.sym)
     for b0 in range(0, K, block_size):
         b1 = min(b0 + block_size, K)
         W1, Err1, Hinv1 = W[:, b0:b1].clone(), torch.zeros(N, b1 - b0, device=W.device), Hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
-            if col % gs == 0:
-                group = W1[:, i : i + gs] if i + gs <= b1 - b0 else W[:, col : col + gs]
+            if gptq.group_size > 0 and col % gs == 0:
+                group = W1[:, i : i + gs]  # the group's columns with the errors of every earlier column applied
                 s, z = quant_grid(group.min(1).values, group.max(1).values, gptq.bits, gptq.sym)
                 scales[col // gs], zeros[col // gs] = s, z
             s, z = scales[col // gs], zeros[col // gs]
