@@ -195,11 +195,16 @@ def unpack_cols(words: torch.Tensor, bits: int) -> torch.Tensor:
 def dequantize_experts(w: QuantizedExperts, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The float weights [E, N, K] a QuantizedExperts stands for, computed in fp32, returned in `dtype` (default: the
     scales' dtype). W[e, n, k] = scales[e, g, n] * (q[e, k, n] - zero[e, g, n]), g = g_idx[e, k]."""
-    q = unpack_rows(w.qweight, w.bits).float()  # [E, K, N]
-    index = w.group_index()[:, :, None].expand(-1, -1, w.out_features)  # [E, K, N]
-    scales = torch.gather(w.scales.float(), 1, index)
-    zeros = torch.gather(w.zero_points().float(), 1, index)
-    return (scales * (q - zeros)).transpose(1, 2).to(dtype or w.dtype)
+    E, N, K = w.shape
+    G = w.num_groups
+    q = unpack_rows(w.qweight, w.bits)  # [E, K, N] int32
+    scales, zeros = w.scales.float(), w.zero_points()  # [E, G, N]
+    if w.g_idx is None:  # contiguous groups: broadcast over each group's K / G rows, nothing gathered
+        out = (q.view(E, G, K // G, N) - zeros[:, :, None]).float() * scales[:, :, None]
+    else:
+        g = w.g_idx.long()
+        out = torch.stack([(q[e] - zeros[e].index_select(0, g[e])).float() * scales[e].index_select(0, g[e]) for e in range(E)])
+    return out.view(E, K, N).transpose(1, 2).to(dtype or w.dtype)
 
 
 def dense_weight(w: Union[torch.Tensor, QuantizedExperts], dtype: torch.dtype) -> torch.Tensor:
