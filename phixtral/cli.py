@@ -9,7 +9,7 @@ import sys
 
 from phixtral_kernels import BACKENDS
 
-from .commands import evaluate, inspect_model, merge, train_router
+from .commands import evaluate, inspect_model, merge, quantize, train_router
 from .commands.args import float_in, int_at_least, seed
 from .serve import command as serve_command
 from .weights import default_model_path
@@ -72,7 +72,7 @@ def cmd_generate(args) -> int:
 # Each adds one subcommand to the subparsers and sets its `func`.
 COMMANDS = [
     _add_generate, merge.add_parser, evaluate.add_parser, inspect_model.add_parser, train_router.add_parser,
-    serve_command.add_parser,
+    quantize.add_parser, serve_command.add_parser,
 ]  # fmt: skip
 
 

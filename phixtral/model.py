@@ -4,7 +4,9 @@ What is special about this family:
     - one LayerNorm feeds both attention and the MLP, and both outputs join the residual: x = x + attn(ln(x)) + moe(ln(x));
     - rotary embeddings touch only the first rotary_dim dims of each head (32 of 80 for phi-2), NeoX half-split;
     - phi-2's attention scores overflow fp16 in the late layers, so attention runs in fp32 when the model runs in fp16;
-    - every MLP is a MoE layer: a dense checkpoint is one expert with top_k 1, and all layers call `fused_moe`.
+    - every MLP is a MoE layer: a dense checkpoint is one expert with top_k 1, and all layers call `fused_moe`;
+    - GPTQ checkpoints keep Wqkv, out_proj, fc1 and fc2 packed (QuantizedLinear, QuantizedExpertLinear): they run through
+      the same grouped GEMM, which dequantizes inside its K loop (see phixtral/gptq.py).
 Module names keep the phi-msft checkpoint's words (wte, h, ln, mixer.Wqkv, mixer.out_proj, moe.gate, fc1, fc2,
 lm_head.ln, lm_head.linear) so that weights.py is a short name map. Shapes: B batch, S new tokens, L cache slots,
 D model dim, H heads, hd head dim, V vocab.
@@ -19,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phixtral_kernels import BACKENDS, fused_moe, triton_unavailable_reason
+from phixtral_kernels import BACKENDS, QuantizedExperts, fused_moe, quantized_linear, triton_unavailable_reason
 
 from .atomic import atomic_folder
 from .config import PhixtralConfig
@@ -101,6 +103,69 @@ class ExpertLinear(nn.Module):
             nn.init.uniform_(self.bias[e], -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
 
 
+class QuantizedExpertLinear(nn.Module):
+    """E GPTQ-packed Linears stacked for the kernels; `weight` is their `phixtral_kernels.QuantizedExperts` [E, out, in].
+
+    Buffers: qweight [E, in * bits / 32, out] int32, qzeros [E, G, out * bits / 32] int32 (None once found symmetric),
+    scales [E, G, out] (the model's dtype), g_idx [E, in] int32 (None once found to be k // group_size); bias [E, out].
+    """
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, bits: int, group_size: int):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+        groups = in_features // group_size if group_size > 0 else 1
+        E, i32 = num_experts, dict(dtype=torch.int32)
+        self.register_buffer("qweight", torch.zeros(E, in_features * bits // 32, out_features, **i32))
+        self.register_buffer("qzeros", torch.zeros(E, groups, out_features * bits // 32, **i32))
+        self.register_buffer("scales", torch.zeros(E, groups, out_features))
+        self.register_buffer("g_idx", torch.zeros(E, in_features, **i32))
+        self.bias = nn.Parameter(torch.zeros(E, out_features))
+
+    @property
+    def weight(self) -> QuantizedExperts:
+        """The packed weights as the kernels take them (shapes checked, no device read)."""
+        return QuantizedExperts(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size, check=False)
+
+    def set_weight(self, w: QuantizedExperts) -> None:
+        """Replace the packed tensors (qzeros and g_idx may be None)."""
+        self.qweight, self.qzeros, self.scales, self.g_idx = w.qweight, w.qzeros, w.scales.to(self.scales.dtype), w.g_idx
+
+    def default_g_idx(self) -> torch.Tensor:
+        """[E, in] int32: k // group_size, what a checkpoint without g_idx means."""
+        E, K = self.qweight.shape[0], self.qweight.shape[1] * 32 // self.bits
+        k = torch.arange(K, dtype=torch.int32, device=self.qweight.device)
+        return (k // self.group_size if self.group_size > 0 else torch.zeros_like(k)).expand(E, K).contiguous()
+
+    def compact(self) -> None:
+        """Drop g_idx when every expert's groups are contiguous (k // group_size) and qzeros when every zero point is
+        2^(bits-1) (symmetric): the kernels then take their faster paths. Reads the tensors once (a host sync)."""
+        if self.g_idx is not None and torch.equal(self.g_idx, self.default_g_idx()):
+            self.g_idx = None
+        if self.qzeros is not None and bool((self.weight.zero_points() == 2 ** (self.bits - 1)).all()):
+            self.qzeros = None
+
+
+class QuantizedLinear(QuantizedExpertLinear):
+    """One GPTQ-packed torch Linear (an expert stack of one): y = x @ W^T + b through `phixtral_kernels.quantized_linear`,
+    the MoE's grouped GEMM at one expert on the triton backend, dequantize + F.linear on the torch backend."""
+
+    def __init__(self, out_features: int, in_features: int, bits: int, group_size: int):
+        super().__init__(1, out_features, in_features, bits, group_size)
+        self.backend = "auto"
+
+    def forward(self, x):
+        # x [..., in] -> [..., out]
+        y = quantized_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias[0], backend=self.backend)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def quantized_module(path: str, num_experts: int, out_features: int, in_features: int, bits: int, group_size: int) -> nn.Module:
+    """The packed module that stands at `path` (a model module name such as "h.0.mixer.Wqkv" or "h.0.moe.fc1")."""
+    if path.endswith((".moe.fc1", ".moe.fc2")):
+        return QuantizedExpertLinear(num_experts, out_features, in_features, bits, group_size)
+    return QuantizedLinear(out_features, in_features, bits, group_size)
+
+
 class MoE(nn.Module):
     """Router + E experts fc2(gelu_new(fc1(x))), top_k per token; the whole layer is one `fused_moe` call."""
 
@@ -108,8 +173,8 @@ class MoE(nn.Module):
         super().__init__()
         E, D, F_ = config.num_local_experts, config.n_embd, config.n_inner
         self.gate = nn.Linear(D, E, bias=False)
-        self.fc1 = ExpertLinear(E, F_, D)  # w1 [E, F, D], b1 [E, F]
-        self.fc2 = ExpertLinear(E, D, F_)  # w2 [E, D, F], b2 [E, D]
+        self.fc1 = ExpertLinear(E, F_, D)  # w1 [E, F, D], b1 [E, F] (or a QuantizedExpertLinear)
+        self.fc2 = ExpertLinear(E, D, F_)  # w2 [E, D, F], b2 [E, D] (or a QuantizedExpertLinear)
         self.top_k = config.num_experts_per_tok
         self.backend = "auto"
 
@@ -170,6 +235,7 @@ class Phixtral(nn.Module):
         self.eos_token_ids: list[int] = []  # filled by from_pretrained from the tokenizer and the configs
         self.last_generation_stats = None  # a GenerationStats after each generate()
         self._inv_freq = {}  # device -> [rotary_dim / 2] fp32; a plain dict so .half() can never round it
+        self.quantization = None  # a phixtral.gptq.GPTQConfig when some Linears are GPTQ-packed
         self.set_backend(backend)
 
     @classmethod
@@ -204,7 +270,8 @@ class Phixtral(nn.Module):
         with atomic_folder(folder, overwrite=overwrite, sources=sources) as tmp:
             for name, text in extra_files.items():
                 (tmp / name).write_text(text, encoding="utf-8")
-            paths = write_msft_files(tmp, self.state_dict(), self.config, dtype=dtype, max_shard_bytes=max_shard_bytes)
+            paths = write_msft_files(tmp, self.state_dict(), self.config, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                                     quantization=self.quantization)  # fmt: skip
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp))
             if set(self.eos_token_ids) - set(eos_token_ids(tmp, self.config, self.tokenizer)):
@@ -224,13 +291,17 @@ class Phixtral(nn.Module):
         return self.h[0].moe.backend if len(self.h) else "auto"
 
     def set_backend(self, backend: str) -> None:
-        """Choose the MoE implementation of every layer: "auto", "triton", "torch" or "naive" (see phixtral_kernels)."""
+        """Choose the MoE implementation of every layer: "auto", "triton", "torch" or "naive" (see phixtral_kernels).
+        GPTQ-packed dense Linears follow it too ("naive" runs them as "torch" does)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "triton" and self.device.type != "meta" and (reason := triton_unavailable_reason(self.device)):
             raise RuntimeError(f"backend='triton' cannot run on {self.device}: {reason}")
         for block in self.h:
             block.moe.backend = backend
+        for module in self.modules():
+            if isinstance(module, QuantizedLinear):
+                module.backend = backend
 
     # --- static KV cache -------------------------------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:

@@ -9,6 +9,7 @@ stacked [E, F, D] weights, HF's q/k/v in a row block of Wqkv. The same map, read
 
 Loading builds the model on the meta device, allocates it once on the target device in the target dtype, then copies
 tensor by tensor out of the memory-mapped safetensors files: peak host memory stays near one copy of the model.
+GPTQ checkpoints (phixtral/gptq.py) load the same way, into packed modules where a Linear is quantized.
 """
 
 import json
@@ -53,11 +54,19 @@ def default_model_path() -> Path:
 # --- key layouts -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Target:
-    """Where one checkpoint tensor goes: model parameter `param`, at `param[index]`, holding `shape`."""
+    """Where one checkpoint tensor goes: model parameter (or buffer) `param`, at `param[index]`, holding `shape`.
+
+    kind: "float", or "int" for GPTQ's packed words and group indices. stage: for a GPTQ tensor of a Linear that loads
+    as a float weight, the checkpoint module whose tensors are collected and dequantized into `param`. optional: may
+    be absent (a GPTQ g_idx without act-order).
+    """
 
     param: str
     index: tuple
     shape: tuple
+    kind: str = "float"
+    stage: Optional[str] = None
+    optional: bool = False
 
 
 def checkpoint_map(config: PhixtralConfig, layout: str) -> dict[str, Target]:
@@ -219,7 +228,16 @@ def _name_list(names, limit=20) -> str:
 
 
 def inspect_checkpoint(folder: Path, config: PhixtralConfig) -> tuple[list[Path], str, dict[str, Target]]:
-    """Check names, shapes and dtypes from the file headers (no tensor is read): (files, layout, map) or one ValueError."""
+    """Check names, shapes and dtypes from the file headers (no tensor is read): (files, layout, map) or one ValueError.
+    GPTQ checkpoints are checked too (their packed tensors are in the map): see `inspect_quantized`."""
+    return inspect_quantized(folder, config)[:3]
+
+
+def inspect_quantized(folder: Path, config: PhixtralConfig):
+    """`inspect_checkpoint` plus the quantization: (files, layout, map, GPTQConfig or None, {model module: (E, N, K)}
+    for the modules that run GPTQ-packed)."""
+    from .gptq import quantized_map, read_quantization_config
+
     files = checkpoint_files(folder)
     shapes, dtypes, owner = {}, {}, {}
     for file in files:
@@ -236,13 +254,16 @@ def inspect_checkpoint(folder: Path, config: PhixtralConfig) -> tuple[list[Path]
             f"config.json describes {config.num_local_experts} experts but the tensors in {folder} are a dense model "
             f"({layout} layout, no 'moe.' names)"
         )
-    mapping = checkpoint_map(config, layout)
+    gptq = read_quantization_config(folder)
+    mapping, runtime = quantized_map(checkpoint_map(config, layout), set(shapes), gptq)
     present = {n for n in shapes if not n.endswith(_IGNORED_SUFFIXES)}
-    missing, unexpected = mapping.keys() - present, present - mapping.keys()
+    missing = {n for n, t in mapping.items() if not t.optional} - present
+    unexpected = present - mapping.keys()
     known = sorted(present & mapping.keys())
     wrong = [f"{n}: expected {mapping[n].shape}, got {shapes[n]}" for n in known if shapes[n] != mapping[n].shape]
-    bad_dtype = [f"{n}: {dtypes[n]}" for n in known if dtypes[n] not in _FLOAT_DTYPES]
-    if missing or unexpected or wrong or bad_dtype:
+    bad_dtype = [f"{n}: {dtypes[n]}" for n in known if mapping[n].kind == "float" and dtypes[n] not in _FLOAT_DTYPES]
+    bad_int = [f"{n}: {dtypes[n]}" for n in known if mapping[n].kind == "int" and dtypes[n] not in _int_dtypes(n)]
+    if missing or unexpected or wrong or bad_dtype or bad_int:
         lines = [
             f"checkpoint {folder} does not match its config.json ({layout} layout, {config.n_layer} layers, "
             f"{config.num_local_experts} expert(s), n_embd {config.n_embd}, vocab {config.vocab_size}):"
@@ -254,12 +275,16 @@ def inspect_checkpoint(folder: Path, config: PhixtralConfig) -> tuple[list[Path]
         if wrong:
             lines.append(f"  mis-shaped tensors ({len(wrong)}): " + "; ".join(wrong[:20]))
         if bad_dtype:
-            lines.append(
-                f"  non-float tensors ({len(bad_dtype)}), quantized checkpoints are not supported: "
-                + "; ".join(bad_dtype[:20])
-            )
+            hint = "" if gptq else " (a GPTQ checkpoint also needs its quantize_config.json)"
+            lines.append(f"  non-float tensors ({len(bad_dtype)}){hint}: " + "; ".join(bad_dtype[:20]))
+        if bad_int:
+            lines.append(f"  GPTQ tensors that are not int32 ({len(bad_int)}): " + "; ".join(bad_int[:20]))
         raise ValueError("\n".join(lines))
-    return files, layout, mapping
+    return files, layout, mapping, gptq, runtime
+
+
+def _int_dtypes(name: str) -> tuple:
+    return ("I32", "I64") if name.endswith(".g_idx") else ("I32",)
 
 
 # --- loading -------------------------------------------------------------------------------------------------------
@@ -304,15 +329,37 @@ def resolve_dtype(dtype, device: torch.device, config: PhixtralConfig) -> torch.
     return dtype
 
 
-def load_weights(model: Phixtral, folder: Path, *, progress: Optional[bool] = None) -> str:
+def prepare_quantized(model: Phixtral, runtime: dict, gptq) -> None:
+    """Swap in a GPTQ-packed module at each model module of `runtime` ({name: (E, N, K)}), before allocation."""
+    from .model import quantized_module
+
+    for name, (E, N, K) in runtime.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, quantized_module(name, E, N, K, gptq.bits, gptq.group_size))
+    model.quantization = gptq if runtime else None
+    model.set_backend(model.backend)
+
+
+def load_weights(model: Phixtral, folder: Path, *, progress: Optional[bool] = None, inspected=None) -> str:
     """Fill every parameter of `model` from the checkpoint in `folder`, tensor by tensor; returns the layout.
 
     Raises a ValueError listing the missing, unexpected or mis-shaped tensors before anything is read.
+    GPTQ checkpoints: `model` must already hold the packed modules (`prepare_quantized`); a g_idx outside [0, G) is a
+    ValueError naming it. Afterwards packed modules drop trivial g_idx / symmetric qzeros and fc2's act-order moves
+    into a permutation of the experts' hidden units (`phixtral_kernels.absorb_act_order`).
+    inspected: `inspect_quantized`'s answer, when the caller already has it.
     """
     from tqdm.auto import tqdm
 
-    files, layout, mapping = inspect_checkpoint(folder, model.config)
+    from .gptq import check_g_idx, dequantize_staged, finish_quantized
+
+    files, layout, mapping, gptq, _ = inspected or inspect_quantized(folder, model.config)
     params = dict(model.named_parameters())
+    params.update(model.named_buffers())
+    for module in model.modules():
+        if getattr(module, "g_idx", None) is not None and hasattr(module, "default_g_idx"):
+            module.g_idx.copy_(module.default_g_idx())  # what a checkpoint without g_idx means
+    staged = {}  # checkpoint module -> {suffix: tensor}: GPTQ Linears that load as float weights
     device = model.device
     read_device = str(device) if device.type == "cuda" else "cpu"  # CUDA: straight from the file to the GPU
     total = sum(f.stat().st_size for f in files)
@@ -325,9 +372,18 @@ def load_weights(model: Phixtral, folder: Path, *, progress: Optional[bool] = No
                     if target is None:  # an ignored buffer
                         continue
                     tensor = f.get_tensor(name)
-                    params[target.param].data[target.index].copy_(tensor)  # casts to the model's dtype on the way
                     bar.update(tensor.numel() * tensor.element_size())
+                    if target.stage is not None:
+                        staged.setdefault(target.stage, {})[name.rsplit(".", 1)[1]] = tensor
+                        continue
+                    if name.endswith(".g_idx"):
+                        check_g_idx(name, tensor, mapping[name[: -len("g_idx")] + "scales"].shape[0])
+                    params[target.param].data[target.index].copy_(tensor)  # casts to the model's dtype on the way
                     del tensor
+        for module, tensors in staged.items():
+            target = mapping[module + ".qweight"]
+            params[target.param].data[target.index].copy_(dequantize_staged(module, tensors, gptq, model.dtype))
+        finish_quantized(model)
         if layout != "phi-msft-moe":
             for block in model.h:  # one expert: its routing weight is softmax of one logit = 1 whatever the gate holds
                 block.moe.gate.weight.zero_()
@@ -384,6 +440,8 @@ def from_pretrained(
 
     device: None (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: None (float32 on the CPU, the checkpoint's dtype elsewhere), torch.float16 / "fp16", bfloat16, float32.
+        GPTQ checkpoints (found by themselves, see phixtral/gptq.py) keep their packed weights; dtype is that of the
+        activations, scales and everything not packed.
     backend: the MoE implementation, "auto", "triton", "torch" or "naive" (see phixtral_kernels.fused_moe).
     num_experts_per_tok: override the checkpoint's top_k (1..num_local_experts).
     progress: show a tqdm bar (None: only for loads of a few hundred MB and more).
@@ -396,10 +454,17 @@ def from_pretrained(
     if backend == "triton" and (reason := triton_unavailable_reason(device)) is not None:
         raise RuntimeError(f"backend='triton' cannot run on {device}: {reason}")
     dtype = resolve_dtype(dtype, device, config)
+    inspected = inspect_quantized(folder, config)
     with torch.device("meta"):
         model = Phixtral(config, backend=backend)
-    model = model.to(dtype).to_empty(device=device)  # one allocation, in the target dtype, on the target device
-    load_weights(model, folder, progress=progress)
+        prepare_quantized(model, inspected[4], inspected[3])
+    model = model.to(dtype)
+    if dtype == torch.bfloat16:
+        for module in model.modules():  # GPTQ scales are fp16: bf16 would drop 3 of their bits
+            if hasattr(module, "scales"):
+                module.scales = module.scales.to(torch.float16)
+    model = model.to_empty(device=device)  # one allocation, in the target dtype, on the target device
+    load_weights(model, folder, progress=progress, inspected=inspected)
     model.eval().requires_grad_(False)
     model.tokenizer = load_tokenizer(folder)
     model.eos_token_ids = eos_token_ids(folder, config, model.tokenizer)
@@ -447,12 +512,22 @@ def write_msft_files(
     *,
     dtype: Optional[torch.dtype] = None,
     max_shard_bytes: int = 4 * 2**30,
+    quantization=None,
 ) -> list[Path]:
     """The files of `save_msft_checkpoint`, written straight into an existing folder (the temporary one of
-    `atomic_folder`): shards, index and config.json. Returns the shard paths."""
+    `atomic_folder`): shards, index and config.json. Returns the shard paths.
+
+    quantization: a `phixtral.gptq.GPTQConfig` when `state` holds GPTQ-packed modules (`<module>.qweight`, ...): they are
+    written in AutoGPTQ's v1 layout (int32 tensors as they are, scales and biases in `dtype`), with quantize_config.json
+    and config.json's quantization_config."""
+    from .gptq import checkpoint_tensor, quantized_map, write_quantize_config
+
     folder = Path(folder)
     mapping = checkpoint_map(config, "phi-msft-moe" if config.is_moe else "phi-msft-dense")
-    needed = {t.param for t in mapping.values()}
+    if quantization is not None:
+        packed = {n.replace(".weight", ".qweight") for n, t in mapping.items() if t.param.replace(".weight", ".qweight") in state}
+        mapping, _ = quantized_map(mapping, packed, quantization)
+    needed = {t.param for t in mapping.values() if t.kind == "float" or t.param.endswith(".qweight")}
     missing = needed - state.keys()
     if missing:
         raise ValueError(f"state lacks tensors the phi-msft layout needs: {_name_list(missing)}")
@@ -460,12 +535,13 @@ def write_msft_files(
 
     def tensor(name):
         t = mapping[name]
-        return state[t.param][t.index]
+        return state[t.param][t.index] if quantization is None else checkpoint_tensor(state, name, t, quantization)
 
     # Group by size first (no data read), so that file names can carry the shard count.
     shards, size = [[]], 0
     for name in mapping:
-        nbytes = tensor(name).numel() * dtype.itemsize
+        t = tensor(name)
+        nbytes = t.numel() * (t.element_size() if not t.is_floating_point() else dtype.itemsize)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -475,8 +551,7 @@ def write_msft_files(
     weight_map, total, paths = {}, 0, []
     for i, names in enumerate(shards, 1):
         path = folder / f"model-{i:05d}-of-{n:05d}.safetensors"
-        # copy=True: expert slices share their stacked storage, which save_file refuses.
-        tensors = {name: tensor(name).detach().to(device="cpu", dtype=dtype, copy=True).contiguous() for name in names}
+        tensors = {name: _file_tensor(tensor(name), dtype) for name in names}
         try:
             save_file(tensors, str(path), metadata={"format": "pt"})
         except SafetensorError as e:  # safetensors reports a full disk as its own error, not as an OSError
@@ -489,8 +564,16 @@ def write_msft_files(
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     config_dict = config.to_msft_dict()
     config_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if quantization is not None:
+        write_quantize_config(folder, quantization, config_dict)
     (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     return paths
+
+
+def _file_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU copy to write: floats in `dtype`, GPTQ's int32 words and indices as they are."""
+    # copy=True: expert slices share their stacked storage, which save_file refuses.
+    return t.detach().to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype, copy=True).contiguous()
 
 
 def save_msft_checkpoint(

@@ -2,7 +2,21 @@
 
 from ._triton import triton_unavailable_reason
 from .grouped_gemm import GemmConfig, expert_gemm1, expert_gemm2, moe_gemm_configs
-from .moe import BACKENDS, check_moe_inputs, fused_moe
+from .moe import BACKENDS, check_moe_inputs, fused_moe, quantized_linear
+from .quant import (
+    QuantizedExperts,
+    absorb_act_order,
+    act_order_g_idx,
+    dequantize_experts,
+    is_quantized,
+    pack_cols,
+    pack_rows,
+    quant_grid,
+    quantize_rtn,
+    quantize_values,
+    unpack_cols,
+    unpack_rows,
+)
 from .reference import (
     expert_gemm1_torch,
     expert_gemm2_torch,
@@ -19,14 +33,19 @@ from .unpermute import moe_combine
 __all__ = [
     "BACKENDS",
     "GemmConfig",
+    "QuantizedExperts",
     "RoutingMap",
+    "absorb_act_order",
+    "act_order_g_idx",
     "check_moe_inputs",
+    "dequantize_experts",
     "expert_gemm1",
     "expert_gemm1_torch",
     "expert_gemm2",
     "expert_gemm2_torch",
     "fused_moe",
     "gelu_tanh",
+    "is_quantized",
     "moe_align_torch",
     "moe_combine",
     "moe_combine_torch",
@@ -34,6 +53,14 @@ __all__ = [
     "moe_routing",
     "moe_routing_torch",
     "naive_moe",
+    "pack_cols",
+    "pack_rows",
+    "quant_grid",
+    "quantize_rtn",
+    "quantize_values",
+    "quantized_linear",
     "topk_softmax_torch",
     "triton_unavailable_reason",
+    "unpack_cols",
+    "unpack_rows",
 ]

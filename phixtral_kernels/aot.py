@@ -7,10 +7,16 @@ and the report gives shared memory, registers, stack bytes per thread (register 
 arrays) and whether tensor-core instructions (mma.sync on sm_80, wgmma on sm_90) made it into the PTX. sm_75 (T4) is
 reported for information only: Triton has no tensor-core path below sm_80 and `triton_unavailable_reason` gates it off.
 
-    python -m phixtral_kernels.aot [--tokens 1 64 128 4096] [--dtypes float16 bfloat16] [--backward] [--jobs N] [--json]
+    python -m phixtral_kernels.aot [--tokens 1 64 128 4096] [--dtypes float16 bfloat16] [--backward | --quant SCHEME ...]
+        [--jobs N] [--json]
 
 `--backward` reports the launches of fused_moe's backward instead (the backward GEMMs over transposed weight views, the
 row pass, the combine, the weight gradients).
+
+`--quant SCHEME ...` reports the launches of fused_moe with quantized experts instead, plus a quantized dense Linear of
+attention's Wqkv shape (`quantized_linear`). SCHEME is `w<bits>g<group>` or `w<bits>c` (per channel), then `z` for zero
+points and `a` for act-order: w4g128, w4g128za, w8c. Act-order gives GEMM 1 and the dense Linear a g_idx (per-element
+group lookups); GEMM 2's act-order is absorbed at load (`absorb_act_order`), so its launch has none.
 
 On a CUDA machine, `--warm` instead compiles the launches of these shapes for the GPU present into Triton's cache, the
 same way a first launch would (`JITFunction.warmup` on empty CUDA tensors), so that later processes start warm:
@@ -40,6 +46,7 @@ import torch
 
 from . import grouped_gemm, moe, moe_backward, routing, unpermute
 from ._triton import INTERPRET, triton
+from .quant import QuantizedExperts
 
 PHIXTRAL_SHAPE = dict(D=2560, F=10240, E=4, top_k=2)
 _KERNEL_MODULES = {
@@ -119,14 +126,47 @@ def _recording(warm_index=None):
             p.stop()
 
 
-def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int, *, device="meta", warm_index=None) -> list:
-    """The kernel launches of one fused_moe call on empty tensors of these shapes (meta tensors: nothing runs)."""
+def parse_quant_scheme(scheme: str) -> tuple[int, int, bool, bool]:
+    """'w4g128za' -> (bits 4, group_size 128, zero points, act-order); 'w8c' -> (8, -1, False, False)."""
+    m = re.fullmatch(r"w(4|8)(?:g(\d+)|c)(z?)(a?)", scheme)
+    if not m:
+        raise ValueError(f"quant scheme {scheme!r}: expected w<4|8>g<group> or w<4|8>c, then z (zero points), a (act-order)")
+    return int(m.group(1)), int(m.group(2) or -1), bool(m.group(3)), bool(m.group(4))
+
+
+def empty_quantized(E: int, N: int, K: int, scheme: str, scales_dtype, device, *, act_order: bool) -> QuantizedExperts:
+    """A QuantizedExperts of empty tensors (meta: no memory) in the layout of `scheme`; g_idx only if act_order and the
+    scheme has it."""
+    bits, group_size, zeros, has_act_order = parse_quant_scheme(scheme)
+    G = K // group_size if group_size > 0 else 1
+    i32 = dict(device=device, dtype=torch.int32)
+    return QuantizedExperts(
+        torch.empty(E, K * bits // 32, N, **i32),
+        torch.empty(E, G, N * bits // 32, **i32) if zeros else None,
+        torch.empty(E, G, N, device=device, dtype=scales_dtype),
+        torch.empty(E, K, **i32) if act_order and has_act_order else None,
+        bits, group_size, check=False,
+    )  # fmt: skip
+
+
+def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int, *, quant: str = "", device="meta",
+                    warm_index=None) -> list:  # fmt: skip
+    """The kernel launches of one fused_moe call on empty tensors of these shapes (meta tensors: nothing runs).
+
+    quant: a scheme (see `parse_quant_scheme`): quantized w1 (with act-order's g_idx when the scheme has it) and w2
+    (act-order absorbed at load), then one quantized dense Linear of Wqkv's shape [3D, D]."""
     alloc = dict(device=device, dtype=dtype)
     x = torch.empty(T, D, **alloc)
-    weights = (torch.empty(E, D, **alloc), torch.empty(E, F, D, **alloc), torch.empty(E, F, **alloc))
-    weights += (torch.empty(E, D, F, **alloc), torch.empty(E, D, **alloc))
+    w1, w2 = torch.empty(E, F, D, **alloc), torch.empty(E, D, F, **alloc)
+    if quant:
+        w1 = empty_quantized(E, F, D, quant, dtype, device, act_order=True)
+        w2 = empty_quantized(E, D, F, quant, dtype, device, act_order=False)
+    weights = (torch.empty(E, D, **alloc), w1, torch.empty(E, F, **alloc), w2, torch.empty(E, D, **alloc))
     with _recording(warm_index) as launches:
         moe.fused_moe(x, *weights, top_k, backend="triton")
+        if quant:
+            wqkv = empty_quantized(1, 3 * D, D, quant, dtype, device, act_order=True)
+            moe.quantized_linear(x, wqkv, torch.empty(3 * D, **alloc), backend="triton")
     return launches
 
 
@@ -217,11 +257,17 @@ def _variant(launch: Launch) -> str:
         name = "w1/b1" if not kw["GATHER_P"] else "w2/b2"
         return f"{name} {kw['BLOCK_N']}x{kw['BLOCK_K']}x{kw['BLOCK_R']}"
     if "BLOCK_M" in kw and "GATHER_A" in kw:
-        if kw["GATHER_A"]:
+        if kw["GATHER_A"] and kw["SCATTER_C"]:
+            name = "linear"  # quantized_linear: a dense layer as one expert
+        elif kw["GATHER_A"]:
             name = "gemm1" if kw["ACTIVATION"] else "preact" if kw["HAS_BIAS"] else "grad_hidden"
         else:
             name = "gemm2" if kw["HAS_BIAS"] else "grad_input"
-        return f"{name} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} split{kw['SPLIT_K']}"
+        quant = ""
+        if kw.get("W_BITS"):
+            group = f"g{kw['GROUP_SIZE']}" if kw["GROUP_SIZE"] else "c"
+            quant = f" w{kw['W_BITS']}{group}{'z' if kw['HAS_ZEROS'] else ''}{'a' if kw['HAS_G_IDX'] else ''}"
+        return f"{name} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} split{kw['SPLIT_K']}{quant}"
     return ""
 
 
@@ -236,10 +282,19 @@ def _key(launch: Launch) -> str:
 # and tensors do not cross process boundaries; each process records the launches again (milliseconds, meta tensors).
 @functools.lru_cache(maxsize=None)
 def _launches(T: int, dtype_name: str, shape: tuple) -> list:
-    """shape: the layer's (name, size) items, plus ("backward", True) for the launches of the backward."""
+    """shape: the layer's (name, size) items, plus ("backward", True) for the launches of the backward or ("quant",
+    scheme) for those of quantized experts."""
     sizes = dict(shape)
     record = record_backward_launches if sizes.pop("backward", False) else record_launches
     return record(T, getattr(torch, dtype_name), **sizes)
+
+
+def _shapes(shape: dict, backward: bool = False, quant=()) -> list[tuple]:
+    """The shape items of each report: one per quant scheme, else one (forward or backward)."""
+    base = tuple(shape.items())
+    if quant:
+        return [base + (("quant", scheme),) for scheme in quant]
+    return [base + ((("backward", True),) if backward else ())]
 
 
 def _describe(dtype_name: str, T: int, index: int, shape: tuple) -> str:
@@ -310,18 +365,19 @@ def _run_tasks(fn, tasks: list, jobs: int, describe, verb: str) -> list:
 TOKENS = (1, 64, 128, 4096)
 
 
-def _report_tasks(tokens, dtypes, capabilities, info_capabilities, shape: tuple):
+def _report_tasks(tokens, dtypes, capabilities, info_capabilities, shapes: list):
     """(every task, {(launch key, capability): index of the first task that compiles it})."""
     targets = [(cap, False, None) for cap in capabilities] + [(cap, True, only) for cap, only in info_capabilities]
     tasks, first = [], {}
-    for dtype in dtypes:
-        name = str(dtype).replace("torch.", "")
-        for T in tokens:
-            for index, launch in enumerate(_launches(T, name, shape)):
-                for cap, info_only, only in targets:
-                    if only is None or dtype in only:
-                        first.setdefault((_key(launch), cap), len(tasks))
-                        tasks.append((name, T, index, shape, cap, info_only))
+    for shape in shapes:
+        for dtype in dtypes:
+            name = str(dtype).replace("torch.", "")
+            for T in tokens:
+                for index, launch in enumerate(_launches(T, name, shape)):
+                    for cap, info_only, only in targets:
+                        if only is None or dtype in only:
+                            first.setdefault((_key(launch), cap), len(tasks))
+                            tasks.append((name, T, index, shape, cap, info_only))
     return tasks, first
 
 
@@ -337,13 +393,16 @@ def compile_report(
     jobs: int | None = None,
     shape: dict = PHIXTRAL_SHAPE,
     backward: bool = False,
+    quant=(),
 ) -> list:
-    """One CompileRow per (dtype, T, launch of fused_moe or, with `backward`, of its backward, target). Each distinct
-    launch compiles once per target."""
+    """One CompileRow per (dtype, T, launch of fused_moe or, with `backward`, of its backward, or with `quant` schemes,
+    of fused_moe on quantized experts and a quantized dense Linear, target). Each distinct launch compiles once per
+    target."""
     if INTERPRET:
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
-    items = tuple(shape.items()) + ((("backward", True),) if backward else ())
-    tasks, first = _report_tasks(tokens, dtypes, capabilities, info_capabilities, items)
+    for scheme in quant:
+        parse_quant_scheme(scheme)
+    tasks, first = _report_tasks(tokens, dtypes, capabilities, info_capabilities, _shapes(shape, backward, quant))
     unique = sorted(set(first.values()))
     results = _run_tasks(_compile_task, [tasks[i] for i in unique], jobs or default_jobs(), _describe_compile, "compiled")
     compiled = dict(zip(unique, results))
@@ -361,20 +420,21 @@ def _warm_task(task) -> float:
     return time.monotonic() - start
 
 
-def _warm_tasks(tokens, dtypes, shape: tuple) -> list:
+def _warm_tasks(tokens, dtypes, shapes: list) -> list:
     """One task per distinct launch, the first (dtype, T) that makes it."""
     tasks, seen = [], set()
-    for dtype in dtypes:
-        name = str(dtype).replace("torch.", "")
-        for T in tokens:
-            for index, launch in enumerate(_launches(T, name, shape)):
-                if _key(launch) not in seen:
-                    seen.add(_key(launch))
-                    tasks.append((name, T, index, shape))
+    for shape in shapes:
+        for dtype in dtypes:
+            name = str(dtype).replace("torch.", "")
+            for T in tokens:
+                for index, launch in enumerate(_launches(T, name, shape)):
+                    if _key(launch) not in seen:
+                        seen.add(_key(launch))
+                        tasks.append((name, T, index, shape))
     return tasks
 
 
-def warm_cache(tokens, dtypes, jobs: int | None = None, shape: dict = PHIXTRAL_SHAPE) -> int:
+def warm_cache(tokens, dtypes, jobs: int | None = None, shape: dict = PHIXTRAL_SHAPE, quant=()) -> int:
     """Compile every distinct launch fused_moe makes at these shapes for this machine's GPU, into Triton's cache.
 
     The launchers run on empty CUDA tensors with each kernel swapped for `JITFunction.warmup`, so the cache key is the
@@ -384,7 +444,7 @@ def warm_cache(tokens, dtypes, jobs: int | None = None, shape: dict = PHIXTRAL_S
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     if not torch.cuda.is_available():
         raise RuntimeError("--warm compiles for the GPU of this machine, and torch sees no CUDA GPU")
-    tasks = _warm_tasks(tokens, dtypes, tuple(shape.items()))
+    tasks = _warm_tasks(tokens, dtypes, _shapes(shape, quant=quant))
     _run_tasks(_warm_task, tasks, jobs or default_jobs(), lambda t: _describe(*t), "warmed")
     return len(tasks)
 
@@ -407,6 +467,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--backward", action="store_true", help="the launches of fused_moe's backward instead")
+    parser.add_argument("--quant", nargs="+", default=[], metavar="SCHEME",
+                        help="the launches of quantized experts instead, per scheme: w4g128, w4g128za, w8c, ...")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=None, help="compiles at once, in processes (default: the CPUs available)")
     parser.add_argument("--warm", action="store_true", help="compile for this machine's GPU into Triton's cache instead of reporting")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -414,22 +476,30 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if INTERPRET:
         parser.error("unset TRITON_INTERPRET: under the interpreter the kernels are Python functions and the configs differ")
+    if args.backward and args.quant:
+        parser.error("--backward and --quant report different launches: pass one of them")
+    for scheme in args.quant:
+        try:
+            parse_quant_scheme(scheme)
+        except ValueError as e:
+            parser.error(str(e))
     dtypes = [getattr(torch, d) for d in args.dtypes]
     start = time.monotonic()
     if args.dry_run:
-        shape = tuple(PHIXTRAL_SHAPE.items()) + ((("backward", True),) if args.backward and not args.warm else ())
+        shapes = _shapes(PHIXTRAL_SHAPE, args.backward and not args.warm, args.quant)
         if args.warm:
-            lines = [_describe(*t) for t in _warm_tasks(args.tokens, dtypes, shape)]
+            lines = [_describe(*t) for t in _warm_tasks(args.tokens, dtypes, shapes)]
         else:
-            tasks, first = _report_tasks(args.tokens, dtypes, CAPABILITIES, INFO_CAPABILITIES, shape)
+            tasks, first = _report_tasks(args.tokens, dtypes, CAPABILITIES, () if args.quant else INFO_CAPABILITIES, shapes)
             lines = [_describe_compile(tasks[i]) for i in sorted(set(first.values()))]
         print("\n".join(lines + [f"aot --dry-run: {len(lines)} distinct compiles{' (--warm)' if args.warm else ''}"]))
         return 0
     if args.warm:
-        count = warm_cache(args.tokens, dtypes, args.jobs)
+        count = warm_cache(args.tokens, dtypes, args.jobs, quant=args.quant)
         print(f"aot --warm: {count} distinct launches compiled for {torch.cuda.get_device_name()} in {time.monotonic() - start:.1f} s")
         return 0
-    rows = compile_report(args.tokens, dtypes, jobs=args.jobs, backward=args.backward)
+    info = () if args.quant else INFO_CAPABILITIES  # sm_75's row is the float GEMM's; the quantized ones add nothing there
+    rows = compile_report(args.tokens, dtypes, info_capabilities=info, jobs=args.jobs, backward=args.backward, quant=args.quant)
     bad = [r for r in rows if r.problem]
     if args.json:
         print(json.dumps({"rows": [asdict(r) for r in rows], "problems": len(bad)}))

@@ -8,16 +8,23 @@ K-splits. GEMM 1 gathers x's rows by slot inside the kernel, so no permuted copy
 so GEMM 2 streams its A rows contiguously, then scatters its rows back to slot order in the epilogue. Bias, GELU and the
 routing weight act on the fp32 accumulator. Padding rows (sentinel slot) are neither read as data nor written.
 
+Quantized weights (W_BITS 4 or 8, a `QuantizedExperts` in place of w): B's tile is loaded as packed int32 words (the
+word of input row k holds P = 32 / W_BITS rows), unpacked and dequantized, (q - zero) * scale in fp32, then cast to the
+activations' dtype for tl.dot, inside the K loop: the weights cross memory at 4 or 8 bits and no dequantized copy
+exists. Where a K tile lies inside one group (no g_idx, BLOCK_K <= group size) it reads one scale row and one zero row;
+with act-order (HAS_G_IDX) it looks up every element's group through g_idx. W_BITS = 0 compiles the float path alone.
+
 One kernel serves both GEMMs, and the backward's (moe_backward.py: transposed weight views, no bias); compile-time flags
 pick the prologue and epilogue. Its grid is an upper bound (every tile the map could need); tiles past expert_offsets[E]
 exit at once, so launching needs no host sync.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ._triton import INTERPRET, next_power_of_2, tl, triton, triton_unavailable_reason
+from .quant import QuantizedExperts, is_quantized
 from .routing import RoutingMap
 
 
@@ -72,7 +79,10 @@ if triton is not None:
     def _grouped_gemm_kernel(
         # pointers
         a_ptr,  # GATHER_A: x [T, K]; else h [R, K] in sorted order
-        b_ptr,  # [E, N, K] stacked torch Linear weights
+        b_ptr,  # [E, N, K] stacked torch Linear weights; W_BITS: qweight [E, K / P, N] int32, P = 32 / W_BITS
+        scales_ptr,  # W_BITS: [E, G, N]
+        zeros_ptr,  # W_BITS and HAS_ZEROS: qzeros [E, G, N / P] int32 (zero point - 1, packed along N)
+        g_idx_ptr,  # W_BITS and HAS_G_IDX: [E, K] int32, group of each input row
         bias_ptr,  # [E, N] (read when HAS_BIAS)
         c_ptr,  # SCATTER_C: y [SPLIT_K, S, N] in slot order; else h [R, N] in sorted order
         sorted_token_ids_ptr,  # [R] int32: sorted row -> slot, sentinel S on padding rows
@@ -90,7 +100,15 @@ if triton is not None:
         stride_a_k,
         stride_b_e,
         stride_b_n,
-        stride_b_k,
+        stride_b_k,  # W_BITS: stride of a packed row of P input rows
+        stride_s_e,
+        stride_s_g,
+        stride_s_n,
+        stride_z_e,
+        stride_z_g,
+        stride_z_n,
+        stride_g_e,
+        stride_g_k,
         stride_bias_e,
         stride_bias_n,
         stride_c_split,
@@ -106,6 +124,10 @@ if triton is not None:
         MUL_ROUTING_WEIGHT: tl.constexpr,
         DOT_IN_FP32: tl.constexpr,  # interpreter + bf16 only: its bf16 arithmetic is wrong, upcast first
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (GPUs would otherwise round them to tf32)
+        W_BITS: tl.constexpr,  # 0: float weights; 4 or 8: packed quantized weights, dequantized in the K loop
+        GROUP_SIZE: tl.constexpr,  # W_BITS: input rows per group; 0 for one group over K (per channel)
+        HAS_ZEROS: tl.constexpr,  # W_BITS: zero points from zeros_ptr; else symmetric, zero = 2^(W_BITS - 1)
+        HAS_G_IDX: tl.constexpr,  # W_BITS: groups from g_idx (act-order); else k // GROUP_SIZE
         SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -144,25 +166,80 @@ if triton is not None:
         # --- pointers: int64 row offsets, row x stride passes 2**31 at large T
         offs_k = pid_k * k_per_split + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_a_m + offs_k[None, :] * stride_a_k
-        b_ptrs = (
-            b_ptr
-            + expert.to(tl.int64) * stride_b_e
-            + offs_n.to(tl.int64)[None, :] * stride_b_n
-            + offs_k[:, None] * stride_b_k
-        )
+        if W_BITS == 0:
+            b_ptrs = (
+                b_ptr
+                + expert.to(tl.int64) * stride_b_e
+                + offs_n.to(tl.int64)[None, :] * stride_b_n
+                + offs_k[:, None] * stride_b_k
+            )
+        else:
+            PACK: tl.constexpr = 32 // W_BITS
+            offs_w = pid_k * (k_per_split // PACK) + tl.arange(0, BLOCK_K // PACK)  # packed rows: each word read once
+            b_ptrs = (
+                b_ptr
+                + expert.to(tl.int64) * stride_b_e
+                + offs_n.to(tl.int64)[None, :] * stride_b_n
+                + offs_w[:, None] * stride_b_k
+            )
+            shifts = (tl.arange(0, PACK) * W_BITS)[None, :, None]  # [1, P, 1]: field j of a word is input row w * P + j
+            s_ptrs = scales_ptr + expert.to(tl.int64) * stride_s_e + offs_n[None, :] * stride_s_n  # [1, BLOCK_N]
+            z_ptrs = zeros_ptr + expert.to(tl.int64) * stride_z_e + (offs_n // PACK)[None, :] * stride_z_n
+            z_shifts = ((offs_n % PACK) * W_BITS)[None, :]
+            g_ptrs = g_idx_ptr + expert.to(tl.int64) * stride_g_e + offs_k * stride_g_k
+            if GROUP_SIZE == 0 and not HAS_G_IDX:  # one group: scale and zero rows read once, outside the loop
+                scale = tl.load(s_ptrs, mask=mask_n[None, :], other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    zero = ((tl.load(z_ptrs, mask=mask_n[None, :], other=0) >> z_shifts) & ((1 << W_BITS) - 1)) + 1
+                else:
+                    zero = tl.full([1, BLOCK_N], 1 << (W_BITS - 1), tl.int32)
 
         # --- K loop, fp32 accumulator
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in tl.range(0, k_per_split, BLOCK_K):
             mask_k = offs_k < K - k
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if W_BITS == 0:
+                b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            else:
+                mask_w = offs_w < (K - k) // PACK  # K is a multiple of P: a word is all in or all out
+                words = tl.load(b_ptrs, mask=mask_w[:, None] & mask_n[None, :], other=0)  # [BLOCK_K / P, BLOCK_N]
+                q = tl.reshape((words[:, None, :] >> shifts) & ((1 << W_BITS) - 1), [BLOCK_K, BLOCK_N])
+                # --- the group of each input row: per element (act-order), per row, or one per tile
+                if HAS_G_IDX:
+                    group = tl.load(g_ptrs, mask=mask_k, other=0)[:, None]  # [BLOCK_K, 1]
+                elif GROUP_SIZE == 0:
+                    group = 0  # unused: scale and zero were read before the loop
+                elif GROUP_SIZE % BLOCK_K == 0:
+                    group = (pid_k * k_per_split + k) // GROUP_SIZE  # one group per tile: K tiles start at BLOCK_K multiples
+                else:
+                    group = ((offs_k + k) // GROUP_SIZE)[:, None]  # several groups per tile
+                if HAS_G_IDX or (GROUP_SIZE != 0 and GROUP_SIZE % BLOCK_K != 0):
+                    mask_g = mask_k[:, None] & mask_n[None, :]
+                else:
+                    mask_g = mask_n[None, :]
+                if HAS_G_IDX or GROUP_SIZE != 0:
+                    group_off = group.to(tl.int64)
+                    scale = tl.load(s_ptrs + group_off * stride_s_g, mask=mask_g, other=0.0).to(tl.float32)
+                    if HAS_ZEROS:
+                        zw = tl.load(z_ptrs + group_off * stride_z_g, mask=mask_g, other=0)
+                        zero = ((zw >> z_shifts) & ((1 << W_BITS) - 1)) + 1
+                    else:
+                        zero = tl.full([1, BLOCK_N], 1 << (W_BITS - 1), tl.int32)
+                b = (q - zero).to(tl.float32) * scale  # exact q - zero, one rounding: as dequantize_experts
+                if not DOT_IN_FP32:
+                    b = b.to(a.dtype)
             if DOT_IN_FP32:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_a_k
-            b_ptrs += BLOCK_K * stride_b_k
+            if W_BITS == 0:
+                b_ptrs += BLOCK_K * stride_b_k
+            else:
+                b_ptrs += (BLOCK_K // PACK) * stride_b_k
+                if HAS_G_IDX:
+                    g_ptrs += BLOCK_K * stride_g_k
 
         # --- epilogue on the fp32 accumulator: bias (first K-split only), activation, routing weight
         if HAS_BIAS:
@@ -189,19 +266,20 @@ if triton is not None:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _check_gemm_inputs(name: str, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, routing: RoutingMap, config):
-    """bias None: a GEMM without bias (the backward's)."""
+def _check_gemm_inputs(name: str, a: torch.Tensor, w, bias: torch.Tensor | None, routing: RoutingMap, config):
+    """w: [E, N, K] float or a QuantizedExperts; bias None: a GEMM without bias (the backward's)."""
     bias_shape = None if bias is None else tuple(bias.shape)
-    if a.dim() != 2 or w.dim() != 3 or (bias is not None and bias.dim() != 2):
+    if a.dim() != 2 or len(w.shape) != 3 or (bias is not None and bias.dim() != 2):
         raise ValueError(f"{name}: expected a [rows, K], w [E, N, K], bias [E, N]; got {tuple(a.shape)}, {tuple(w.shape)}, {bias_shape}")
     E, N, K = w.shape
     if a.shape[1] != K or (bias is not None and bias_shape != (E, N)) or E != routing.num_experts:
         raise ValueError(
             f"{name}: shapes disagree: a {tuple(a.shape)}, w {tuple(w.shape)}, bias {bias_shape}, routing over {routing.num_experts} experts"
         )
-    if a.dtype != w.dtype:
+    if not is_quantized(w) and a.dtype != w.dtype:  # quantized: the scales may be in any float dtype
         raise TypeError(f"{name}: activations are {a.dtype} but weights are {w.dtype}")
-    for what, t in (("weights", w), ("bias", w if bias is None else bias), ("routing map", routing.sorted_token_ids)):
+    weights = w.qweight if is_quantized(w) else w
+    for what, t in (("weights", weights), ("bias", weights if bias is None else bias), ("routing map", routing.sorted_token_ids)):
         if t.device != a.device:
             raise ValueError(f"{name}: activations are on {a.device} but the {what} on {t.device}")
     if config.block_m != routing.block_m:
@@ -211,35 +289,72 @@ def _check_gemm_inputs(name: str, a: torch.Tensor, w: torch.Tensor, bias: torch.
         raise RuntimeError(f"{name} cannot run: {reason}")
 
 
+def quantized_config(config: GemmConfig, w: QuantizedExperts) -> GemmConfig:
+    """The config a quantized GEMM runs with. Contiguous groups (no g_idx): K tiles no longer than a group, so that
+    each tile reads one scale row instead of one per input row. Act-order (g_idx): K tiles of 32 under 128x128 output
+    tiles, where the per-element scale and zero tiles would spill."""
+    group = w.kernel_group_size
+    if w.g_idx is not None:
+        if config.block_m * config.block_n >= 128 * 128 and config.block_k > 32:
+            # Per-element scale and zero tiles [BLOCK_K, BLOCK_N] next to the 128x128 accumulator spilled on sm_80
+            # (triton 3.6: 64 B of stack per thread at BLOCK_K 64); at 32 they fit.
+            return replace(config, block_k=32)
+        return config
+    if group and group % config.block_k and group >= 16 and not group & (group - 1):
+        return replace(config, block_k=group)  # a power of two below block_k: tiles of one group each
+    return config  # other group sizes: the kernel looks up each input row's group
+
+
+def _weight_args(w, like: torch.Tensor) -> tuple:
+    """(b, scales, zeros, g_idx, their strides, the quantization constexprs) for one launch: float weights pass `like`
+    for the pointers they never read."""
+    if not is_quantized(w):
+        return (w, like, like, like, (w.stride(0), w.stride(1), w.stride(2)), (0,) * 8,
+                dict(W_BITS=0, GROUP_SIZE=0, HAS_ZEROS=False, HAS_G_IDX=False))  # fmt: skip
+    zeros = w.qzeros if w.qzeros is not None else w.qweight
+    g_idx = w.g_idx if w.g_idx is not None else w.qweight
+    strides = (w.scales.stride(0), w.scales.stride(1), w.scales.stride(2), zeros.stride(0), zeros.stride(1), zeros.stride(2))
+    strides += (g_idx.stride(0), g_idx.stride(1)) if w.g_idx is not None else (0, 0)
+    meta = dict(W_BITS=w.bits, GROUP_SIZE=w.kernel_group_size, HAS_ZEROS=w.qzeros is not None, HAS_G_IDX=w.g_idx is not None)
+    b_strides = (w.qweight.stride(0), w.qweight.stride(2), w.qweight.stride(1))  # (expert, n, packed row)
+    return w.qweight, w.scales, zeros, g_idx, b_strides, strides, meta
+
+
 def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a, scatter_c, activation, mul_routing_weight):
-    """One grouped GEMM launch; w may be any strided [E, N] x K view (the backward passes transposed weights), bias None
-    for no bias."""
+    """One grouped GEMM launch; w may be any strided [E, N] x K view (the backward passes transposed weights) or a
+    QuantizedExperts, bias None for no bias."""
     E, N, K = w.shape
+    if is_quantized(w):
+        config = quantized_config(config, w)
     c_split_stride = c.stride(0) if scatter_c else 0
     c_2d = c[0] if scatter_c else c
     has_bias = bias is not None
     if not has_bias:
         bias = c_2d[:1, :1]  # any pointer: never read
+    b, scales, zeros, g_idx, b_strides, q_strides, q_meta = _weight_args(w, c_2d)
     grid = (triton.cdiv(routing.max_rows, config.block_m) * triton.cdiv(N, config.block_n), config.split_k)
     k_per_split = triton.cdiv(triton.cdiv(K, config.block_k), config.split_k) * config.block_k
     _grouped_gemm_kernel[grid](
-        a, w, bias, c_2d, routing.sorted_token_ids, routing.expert_offsets, routing.topk_weights,
+        a, b, scales, zeros, g_idx, bias, c_2d, routing.sorted_token_ids, routing.expert_offsets, routing.topk_weights,
         N, K, k_per_split, routing.num_slots, routing.max_rows, E,
         a.stride(0), a.stride(1),
-        w.stride(0), w.stride(1), w.stride(2),
+        *b_strides,
+        *q_strides,
         bias.stride(0), bias.stride(1),
         c_split_stride, c_2d.stride(0), c_2d.stride(1),
         TOP_K=routing.top_k, E_PAD=next_power_of_2(E),
         GATHER_A=gather_a, SCATTER_C=scatter_c, HAS_BIAS=has_bias, ACTIVATION=activation, MUL_ROUTING_WEIGHT=mul_routing_weight,
         DOT_IN_FP32=INTERPRET and a.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        **q_meta,
         SPLIT_K=config.split_k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 
 
-def expert_gemm1(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
-    """h = gelu_tanh(x[slot // top_k] @ w1[e]^T + b1[e]) for every sorted row: x [T, D], w1 [E, F, D], b1 [E, F].
+def expert_gemm1(x: torch.Tensor, w1, b1: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
+    """h = gelu_tanh(x[slot // top_k] @ w1[e]^T + b1[e]) for every sorted row: x [T, D], w1 [E, F, D] (float, or a
+    QuantizedExperts of that shape), b1 [E, F].
 
     Returns h [R, F] in x's dtype, in sorted order; padding rows are left unwritten (never read by `expert_gemm2`).
     """
@@ -252,8 +367,9 @@ def expert_gemm1(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, routing: R
     return h
 
 
-def expert_gemm2(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
-    """y[p, slot] = w[slot] * (h[r] @ w2[e]^T + b2[e]) back in slot order: h [R, F], w2 [E, D, F], b2 [E, D].
+def expert_gemm2(h: torch.Tensor, w2, b2: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
+    """y[p, slot] = w[slot] * (h[r] @ w2[e]^T + b2[e]) back in slot order: h [R, F], w2 [E, D, F] (float, or a
+    QuantizedExperts of that shape), b2 [E, D].
 
     Returns y [split_k, S, D] fp32: partial sums over K-splits (b2 in split 0), summed by `moe_combine`.
     """
@@ -266,4 +382,4 @@ def expert_gemm2(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, routing: R
     return y
 
 
-__all__ = ["GemmConfig", "moe_gemm_configs", "expert_gemm1", "expert_gemm2"]
+__all__ = ["GemmConfig", "moe_gemm_configs", "expert_gemm1", "expert_gemm2", "quantized_config"]

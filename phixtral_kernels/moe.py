@@ -8,6 +8,11 @@ Backends:
     "naive"   the original phixtral loop (`naive_moe`).
     "auto"    "triton" where it can run (CUDA, or the interpreter on CPU) and the dtype is fp16, bf16 or fp32, else "torch".
 
+Quantized experts: w1 and / or w2 may be a `QuantizedExperts` (quant.py). "triton" dequantizes weight tiles inside the
+grouped GEMMs' K loop; "torch" dequantizes one expert at a time before its matmul; "naive" dequantizes the whole stack.
+Gradients flow to x and gate_weight only, through the torch path ("auto" takes it when grad is needed; the Triton
+backward has no quantized GEMMs).
+
 Every backend is differentiable. "triton" runs its own backward (`moe_backward.FusedMoEFunction`) when grad mode is on
 and an input requires grad; otherwise it runs the plain forward, with no autograd bookkeeping. "torch" and "naive" are
 differentiated by autograd through their PyTorch ops.
@@ -16,8 +21,11 @@ differentiated by autograd through their PyTorch ops.
 import torch
 
 from ._triton import triton_unavailable_reason
+from .grouped_gemm import _launch, moe_gemm_configs
 from .moe_backward import FusedMoEFunction, triton_moe_forward
+from .quant import QuantizedExperts, dense_weight, dequantize_experts, is_quantized
 from .reference import gelu_tanh, naive_moe, topk_softmax_torch
+from .routing import RoutingMap
 
 BACKENDS = ("auto", "triton", "torch", "naive")
 # The Triton path computes in fp32 at most (fp32 accumulators, fp32 routing weights): float64 goes to the torch backend.
@@ -25,26 +33,36 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_moe_inputs(x, gate_weight, w1, b1, w2, b2, top_k) -> None:
-    """Raise a ValueError or TypeError that names the argument when the MoE inputs do not fit together."""
+    """Raise a ValueError or TypeError that names the argument when the MoE inputs do not fit together.
+
+    w1 and w2 may be QuantizedExperts (their scales in any float dtype); every float tensor shares x's dtype."""
     named = {"x": x, "gate_weight": gate_weight, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
     for name, t in named.items():
+        if name in ("w1", "w2") and is_quantized(t):
+            continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            what = "a torch.Tensor or a QuantizedExperts" if name in ("w1", "w2") else "a torch.Tensor"
+            raise TypeError(f"{name} must be {what}, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     for name, dims in {"x": 2, "gate_weight": 2, "w1": 3, "b1": 2, "w2": 3, "b2": 2}.items():
-        if named[name].dim() != dims:
+        if len(named[name].shape) != dims:
             raise ValueError(f"{name} must have {dims} dims, got shape {tuple(named[name].shape)}")
     T, D = x.shape
     E, F = w1.shape[0], w1.shape[1]
     expected = {"gate_weight": (E, D), "w1": (E, F, D), "b1": (E, F), "w2": (E, D, F), "b2": (E, D)}
     for name, shape in expected.items():
         if tuple(named[name].shape) != shape:
+            packed = f" (a QuantizedExperts with qweight {tuple(named[name].qweight.shape)})" if is_quantized(named[name]) else ""
             raise ValueError(
                 f"{name} must have shape {shape} (E={E} experts from w1, D={D} from x, F={F} from w1), "
-                f"got {tuple(named[name].shape)}"
+                f"got {tuple(named[name].shape)}{packed}"
             )
     for name, t in named.items():
+        if is_quantized(t):
+            if t.device != x.device:
+                raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+            continue
         if t.dtype != x.dtype:
             raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}: all MoE tensors must share one dtype")
         if t.device != x.device:
@@ -67,13 +85,18 @@ def _moe_torch(x, gate_weight, w1, b1, w2, b2, top_k):
     for e, count in enumerate(counts):
         if count:
             rows = slice(start, start + count)
-            h = gelu_tanh(torch.nn.functional.linear(x_sorted[rows], w1[e], b1[e]))
-            y_sorted[rows] = torch.nn.functional.linear(h, w2[e], b2[e])
+            h = gelu_tanh(torch.nn.functional.linear(x_sorted[rows], _expert_weight(w1, e, x.dtype), b1[e]))
+            y_sorted[rows] = torch.nn.functional.linear(h, _expert_weight(w2, e, x.dtype), b2[e])
         start += count
     y = torch.empty_like(y_sorted)
     y[order] = y_sorted  # back to slot order
     out = torch.bmm(weights.unsqueeze(1), y.view(T, top_k, D))  # weighted top-k sum, [T, 1, D]
     return out.view(T, D)
+
+
+def _expert_weight(w, e: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert e's [N, K] weight: a view of a float stack, or that one expert dequantized (the torch path's twin)."""
+    return dequantize_experts(w.select(e), dtype)[0] if is_quantized(w) else w[e]
 
 
 def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
@@ -82,16 +105,22 @@ def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
     gate_weight [E, D] (router, no bias); w1 [E, F, D], b1 [E, F], w2 [E, D, F], b2 [E, D] (stacked torch Linear weights).
     logits = x @ gate_weight^T; top-k over the raw logits (ties to the lowest expert index); softmax over the k picks;
     out[t] = sum_k w[t, k] * (gelu_tanh(x[t] @ w1[e]^T + b1[e]) @ w2[e]^T + b2[e]).
+    w1, w2: float stacks or QuantizedExperts of the same shapes (weight-only quantization, see quant.py).
     backend: "auto", "triton", "torch" or "naive" (see the module docstring).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_moe_inputs(x, gate_weight, w1, b1, w2, b2, top_k)
+    quantized = is_quantized(w1) or is_quantized(w2)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, gate_weight, w1, b1, w2, b2) if isinstance(t, torch.Tensor)
+    )
     if backend == "auto":
         backend = "triton" if triton_unavailable_reason(x.device) is None and x.dtype in TRITON_DTYPES else "torch"
+        if quantized and needs_grad:
+            backend = "torch"  # the Triton backward has no quantized GEMMs
     if backend == "naive":
-        return naive_moe(x, gate_weight, w1, b1, w2, b2, top_k)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_weight, w1, b1, w2, b2))
+        return naive_moe(x, gate_weight, dense_weight(w1, x.dtype), b1, dense_weight(w2, x.dtype), b2, top_k)
     if x.shape[0] == 0 and not needs_grad:
         return x.new_empty(0, x.shape[1])
     if backend == "torch":
@@ -102,5 +131,52 @@ def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
     if x.dtype not in TRITON_DTYPES:
         raise TypeError(f"backend='triton' takes float16, bfloat16 or float32 tensors, got {x.dtype} (backend='torch' takes any)")
     if needs_grad:
+        if quantized:
+            raise NotImplementedError(
+                "backend='triton' has no backward for quantized experts: use backend='torch' (or 'auto') to train "
+                "through them"
+            )
         return FusedMoEFunction.apply(x, gate_weight, w1, b1, w2, b2, top_k)
     return triton_moe_forward(x, gate_weight, w1, b1, w2, b2, top_k)[0]
+
+
+def quantized_linear(x: torch.Tensor, w: QuantizedExperts, bias=None, *, backend: str = "auto") -> torch.Tensor:
+    """y = x @ W^T + bias for one quantized Linear: x [T, K], w a QuantizedExperts of one expert ([1, N, K]), bias [N]
+    or None -> [T, N] in x's dtype.
+
+    "triton" runs the MoE's grouped GEMM as one expert at top-1 (an identity slot map built from shapes alone: no host
+    sync), dequantizing inside its K loop; "torch" and "naive" dequantize to x's dtype and call F.linear. "auto" picks
+    as fused_moe does (torch when grad is needed).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not is_quantized(w) or w.num_experts != 1:
+        raise TypeError(f"w must be a QuantizedExperts of one expert, got {getattr(w, 'shape', type(w).__name__)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != w.in_features:
+        raise ValueError(f"x must have shape [T, {w.in_features}] (w's in features), got {tuple(getattr(x, 'shape', ()))}")
+    if bias is not None and (tuple(bias.shape) != (w.out_features,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be a {x.dtype} tensor [{w.out_features}], got {bias.dtype} {tuple(bias.shape)}")
+    if backend == "auto":
+        usable = triton_unavailable_reason(x.device) is None and x.dtype in TRITON_DTYPES
+        backend = "triton" if usable and not (torch.is_grad_enabled() and x.requires_grad) else "torch"
+    if backend != "triton":
+        return torch.nn.functional.linear(x, dequantize_experts(w, x.dtype)[0], bias)
+    reason = triton_unavailable_reason(x.device)
+    if reason is not None:
+        raise RuntimeError(f"backend='triton' cannot run: {reason}")
+    T, N = x.shape[0], w.out_features
+    out = torch.empty(1, T, N, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out[0]
+    config = moe_gemm_configs(T, 1, 1)[0]
+    _launch(x, w, None if bias is None else bias[None], out, _identity_routing(T, config.block_m, x.device), config,
+            gather_a=True, scatter_c=True, activation="", mul_routing_weight=False)  # fmt: skip
+    return out[0]
+
+
+def _identity_routing(T: int, block_m: int, device) -> RoutingMap:
+    """Every token to expert 0 at weight 1, slot order kept: the slot map of a dense layer, from shapes alone."""
+    rows = -(-T // block_m) * block_m
+    ids = torch.arange(T + block_m - 1, dtype=torch.int32, device=device).clamp_(max=T)  # sentinel T past the tokens
+    offsets = torch.arange(2, dtype=torch.int32, device=device) * rows  # [0, rows], made on the device (graph-safe)
+    return RoutingMap(torch.ones(T, 1, device=device), torch.zeros(T, 1, dtype=torch.int32, device=device), ids, offsets, block_m)

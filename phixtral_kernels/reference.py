@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from .quant import dense_weight
 from .routing import RoutingMap
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -86,10 +87,12 @@ def _expert_groups(routing: RoutingMap):
 
 def expert_gemm1_torch(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, routing: RoutingMap) -> torch.Tensor:
     """Twin of `expert_gemm1`: h[r] = gelu_tanh(x[slot_r // top_k] @ w1[e_r]^T + b1[e_r]) for each sorted row r.
+    w1 [E, F, D] float or a QuantizedExperts (dequantized first).
 
     Returns h [S + E * (block_m - 1), F] in x's dtype, computed in fp32; padded rows are zero.
     """
     h = torch.zeros(routing.sorted_token_ids.numel(), w1.shape[1], dtype=x.dtype, device=x.device)
+    w1 = dense_weight(w1, torch.float32)  # a QuantizedExperts: dequantized, the spec of the in-kernel dequantization
     for e, rows, slots in _expert_groups(routing):
         out = torch.addmm(b1[e].float(), x[slots // routing.top_k].float(), w1[e].float().t())
         h[rows] = gelu_tanh(out).to(x.dtype)
@@ -98,11 +101,13 @@ def expert_gemm1_torch(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, rout
 
 def expert_gemm2_torch(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, routing: RoutingMap) -> torch.Tensor:
     """Twin of `expert_gemm2`: y[slot_r] = w[slot_r] * (h[r] @ w2[e_r]^T + b2[e_r]), back in slot order.
+    w2 [E, D, F] float or a QuantizedExperts (dequantized first).
 
     Returns y [S, D] fp32.
     """
     y = torch.zeros(routing.num_slots, w2.shape[1], dtype=torch.float32, device=h.device)
     weights = routing.topk_weights.reshape(-1)
+    w2 = dense_weight(w2, torch.float32)
     for e, rows, slots in _expert_groups(routing):
         out = torch.addmm(b2[e].float(), h[rows].float(), w2[e].float().t())
         y[slots] = out * weights[slots, None]

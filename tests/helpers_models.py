@@ -297,3 +297,44 @@ def reference_phixtral_forward(t: dict, cfg: dict, ids: torch.Tensor) -> torch.T
         x = attn + moe.view(B, S, D) + x
     x = F.layer_norm(x, (D,), t["lm_head.ln.weight"], t["lm_head.ln.bias"], eps)
     return F.linear(x, t["lm_head.linear.weight"], t["lm_head.linear.bias"]).float()
+
+
+# --- GPTQ checkpoints -------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def gptq_moe_checkpoint(bits=4, group_size=32, sym=False, act_order=True, seed=0) -> Path:
+    """The random phixtral of `msft_moe_checkpoint`, RTN-quantized (Wqkv, out_proj, fc1, fc2) and written in AutoGPTQ's
+    v1 layout in fp16 (as published GPTQ checkpoints are). act_order: every Linear gets a random column order, so its
+    g_idx is a real act-order one."""
+    import phixtral
+    from phixtral.gptq import GPTQConfig, quantizable, quantize_model_rtn
+
+    model = phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", dtype="float32", backend="torch")
+    orders = None
+    if act_order:
+        g = torch.Generator().manual_seed(seed)
+        orders = {}
+        for name in quantizable(model):
+            w = model.get_submodule(name).weight
+            E, K = (w.shape[0] if w.dim() == 3 else 1), w.shape[-1]
+            orders[name] = torch.stack([torch.randperm(K, generator=g) for _ in range(E)])
+    quantize_model_rtn(model, GPTQConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=sym), orders=orders)
+    folder = _ROOT / f"gptq-{bits}-{group_size}-{sym}-{act_order}-{seed}"
+    model.save_pretrained(folder, dtype="float16")
+    return folder
+
+
+def dequantize_gptq_tensors(tensors: dict, bits: int) -> dict:
+    """GPTQ v1 tensors -> float `<module>.weight` [N, K], written from the format's definition (independent of the
+    package): row k of qweight word k // P at bit (k % P) * bits; zero = stored + 1; W = scale * (q - zero)."""
+    per, mask = 32 // bits, 2**bits - 1
+    out = {n: t.float() for n, t in tensors.items() if not n.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
+    for name in [n for n in tensors if n.endswith(".qweight")]:
+        m = name[: -len(".qweight")]
+        qweight, qzeros, scales = tensors[m + ".qweight"], tensors[m + ".qzeros"], tensors[m + ".scales"].float()
+        K, N = qweight.shape[0] * per, qweight.shape[1]
+        k, n = torch.arange(K), torch.arange(N)
+        q = (qweight[k // per] >> (bits * (k % per))[:, None]) & mask  # [K, N]
+        z = ((qzeros[:, n // per] >> (bits * (n % per))[None, :]) & mask) + 1  # [G, N]
+        g_idx = tensors.get(m + ".g_idx", k // (K // scales.shape[0])).long()
+        out[m + ".weight"] = (scales[g_idx] * (q - z[g_idx]).float()).t().contiguous()
+    return out

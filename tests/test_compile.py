@@ -58,3 +58,27 @@ def test_backward_kernels_compile_with_tensor_cores_and_no_spills():
     assert all(r["tensor_core"] for r in rows if r["kernel"] in ("grouped_gemm_kernel", "weight_grad_kernel"))
     assert not [r for r in rows if r["spill_bytes"]]
     assert report["problems"] == 0 and proc.returncode == 0
+
+
+def test_quantized_gemms_compile_with_tensor_cores_and_no_spills():
+    """fused_moe on 4-bit act-order experts (GEMM 1 looks up every element's group; GEMM 2's act-order absorbed at load)
+    and on 8-bit per-channel experts, plus the quantized dense Linear, decode and prefill, bf16."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "phixtral_kernels.aot", "--quant", "w4g128za", "w8c", "--tokens", "1", "4096",
+         "--dtypes", "bfloat16", "--json"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.stdout, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = report["rows"]
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}, "no sm_75 rows: the kernels are gated off there"
+    gemms = [r for r in rows if r["kernel"] == "grouped_gemm_kernel"]
+    variants = {r["variant"].split()[0] + " " + r["variant"].split()[-1] for r in gemms}
+    assert variants == {"gemm1 w4g128za", "gemm2 w4g128z", "linear w4g128za", "gemm1 w8c", "gemm2 w8c", "linear w8c"}
+    assert len(gemms) == 3 * 2 * 2 * 2  # gemm1, gemm2, linear x 2 schemes x 2 token counts x 2 archs
+    assert all(r["tensor_core"] for r in gemms), [r for r in gemms if not r["tensor_core"]]
+    assert not [r for r in rows if r["spill_bytes"]], [r for r in rows if r["spill_bytes"]]
+    for r in rows:
+        assert 0 <= r["shared_bytes"] <= (227 if r["arch"] == "sm_90" else 163) * 1024, r
+    assert report["problems"] == 0 and proc.returncode == 0

@@ -28,28 +28,33 @@ NEAR_IDENTICAL_COSINE = 0.99
 
 def checkpoint_summary(folder) -> dict:
     """Config, parameter counts and dtypes from the file headers, and the router weights (the only tensors read)."""
+    from ..gptq import read_quantization_config
     from ..weights import inspect_checkpoint, open_safetensors, read_config, resolve_checkpoint
 
     folder = resolve_checkpoint(folder)
     config = read_config(folder)
     files, layout, mapping = inspect_checkpoint(folder, config)
+    gptq = read_quantization_config(folder)
     E, k, L = config.num_local_experts, config.num_experts_per_tok, config.n_layer
     total, expert, dtypes, gates = 0, 0, Counter(), {}
     for file in files:
         with open_safetensors(file) as f:
             for name in f.keys():
                 target = mapping.get(name)
-                if target is None:
+                if target is None or name.endswith((".qzeros", ".scales", ".g_idx")):  # GPTQ's per-group metadata
                     continue
                 s = f.get_slice(name)
                 n = 1
                 for d in s.get_shape():
                     n *= d
+                dtype = s.get_dtype()
+                if name.endswith(".qweight"):  # 32 / bits weights per packed int32
+                    n, dtype = n * 32 // gptq.bits, f"GPTQ-{gptq.bits}bit"
                 total += n
-                dtypes[s.get_dtype()] += n
+                dtypes[dtype] += n
                 if ".moe.fc" in target.param:
                     expert += n
-                if target.param.endswith(".moe.gate.weight"):
+                if name.endswith(".moe.gate.weight"):  # a float router (a GPTQ-packed one is not read here)
                     gates[int(target.param.split(".")[1])] = f.get_tensor(name).float()  # [E, D]
     per_expert = expert // E  # one expert's fc1 + fc2 over all layers
     return {
@@ -60,7 +65,7 @@ def checkpoint_summary(folder) -> dict:
         "params_active": total - (E - k) * per_expert,
         "params_per_expert": per_expert,
         "dtypes": dict(dtypes),
-        "gates": [gates[i] for i in range(L)] if gates else [],
+        "gates": [gates[i] for i in range(L)] if len(gates) == L else [],
     }
 
 

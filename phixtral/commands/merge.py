@@ -195,6 +195,8 @@ def check_source(path: Path, what: str) -> Source:
         _, layout, mapping = inspect_checkpoint(path, config)
     except ValueError as e:
         raise RecipeError(f"{what} {path}: {e}") from e
+    if any(t.kind != "float" or t.stage is not None for t in mapping.values()):
+        raise RecipeError(f"{what} {path} is a GPTQ checkpoint; merge reads float checkpoints (quantize the merged model)")
     if config.is_moe:
         raise RecipeError(f"{what} {path} is already a MoE ({config.num_local_experts} experts); sources must be dense phi-2 models")
     return Source(path, config, layout, mapping)
