@@ -63,3 +63,11 @@ def test_main_command_defaults_to_the_bundled_model(capsys):
     assert cli.main(["generate", "--prompt", "def print_prime(n):", "--max-new-tokens", "16", "--backend", "torch"]) == 0
     out, err = capsys.readouterr()
     assert len(out.strip()) > 10 and "decode: 16 tokens" in err
+
+
+def test_bundled_router_was_trained_and_says_how():
+    """router_training.json records the settings and losses of the train-router run that made the bundled gates."""
+    record = json.loads((BUNDLED / "router_training.json").read_text())
+    assert record["settings"]["steps"] == len(record["log"]) and record["settings"]["domain_loss_coef"] > 0
+    assert record["heldout_after"]["mean"] < record["heldout_before"]["mean"]
+    assert set(record["heldout_after"]) == {"asyncio", "web", "docs", "tests", "general", "mean"}
