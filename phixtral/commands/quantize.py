@@ -41,7 +41,7 @@ from phixtral_kernels import (
 )
 
 from ..gptq import GPTQConfig, float_bias, float_weight, quantizable, quantize_model_rtn, set_quantized
-from .args import int_at_least
+from .args import float_in, int_at_least, parse_number
 
 METHODS = ("rtn", "gptq")
 REPORT_FILE = "quantize_report.json"
@@ -268,7 +268,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib", default="stdlib", help="gptq calibration text: 'stdlib' (the standard library slices) or a text file")
     p.add_argument("--calib-samples", type=int_at_least(1), default=128, help="gptq: calibration windows")
     p.add_argument("--calib-seq-len", type=int_at_least(2), default=256, help="gptq: tokens per window")
-    p.add_argument("--damp", type=_fraction, default=0.01, help="gptq: damping, a fraction of the mean Hessian diagonal")
+    p.add_argument("--damp", type=float_in(0, 1, low_open=True, high_open=True), default=0.01, help="gptq: damping, a fraction of the mean Hessian diagonal")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="gptq: seed of the calibration windows")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
@@ -279,22 +279,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _group_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    value = parse_number(int, text)
     if value != -1 and value < 1:
         raise argparse.ArgumentTypeError(f"must be -1 (per channel) or >= 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
 
 
