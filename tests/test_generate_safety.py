@@ -7,7 +7,8 @@ import torch
 from helpers_models import msft_moe_checkpoint
 
 import phixtral
-from phixtral.generate import NonFiniteLogitsError, generation_lock
+from phixtral import NonFiniteLogitsError
+from phixtral.generate import generation_lock
 
 PROMPTS = ["def f7(x, y):\n", "import os\nclass A", "for i in range(10):", "while True:\n    x"]
 
