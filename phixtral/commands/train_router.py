@@ -180,8 +180,8 @@ def heldout_loss(model, windows: dict[str, torch.Tensor], batch_size: int) -> di
     """{dataset: mean next-token loss}, plus "mean" over the datasets."""
     out = {}
     for name, w in windows.items():
-        total = sum(float(next_token_loss(model, w[i : i + batch_size])) * len(w[i : i + batch_size]) for i in range(0, len(w), batch_size))
-        out[name] = total / len(w)
+        chunks = w.split(batch_size)  # [<= batch_size, S + 1] each
+        out[name] = sum(float(next_token_loss(model, c)) * len(c) for c in chunks) / len(w)
     out["mean"] = sum(out.values()) / len(windows)
     return out
 
