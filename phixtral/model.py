@@ -5,8 +5,9 @@ What is special about this family:
     - rotary embeddings touch only the first rotary_dim dims of each head (32 of 80 for phi-2), NeoX half-split;
     - phi-2's attention scores overflow fp16 in the late layers, so attention runs in fp32 when the model runs in fp16;
     - every MLP is a MoE layer: a dense checkpoint is one expert with top_k 1, and all layers call `fused_moe`;
-    - GPTQ checkpoints keep Wqkv, out_proj, fc1 and fc2 packed (QuantizedLinear, QuantizedExpertLinear): they run through
-      the same grouped GEMM, which dequantizes inside its K loop (see phixtral/gptq.py).
+    - GPTQ checkpoints keep Wqkv, out_proj, fc1 and fc2 packed (QuantizedLinear, QuantizedExpertLinear): on a GPU they
+      run through the same grouped GEMM, which dequantizes inside its K loop (see phixtral/gptq.py); on a CPU, in
+      bfloat16, through torch's packed int8 / int4 kernels (phixtral_kernels.cpu_packed), repacked at load.
 Module names keep the phi-msft checkpoint's words (wte, h, ln, mixer.Wqkv, mixer.out_proj, moe.gate, fc1, fc2,
 lm_head.ln, lm_head.linear) so that weights.py is a short name map. Shapes: B batch, S new tokens, L cache slots,
 D model dim, H heads, hd head dim, V vocab.
@@ -22,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from phixtral_kernels import BACKENDS, QuantizedExperts, fused_moe, quantized_linear, triton_unavailable_reason
+from phixtral_kernels.cpu_packed import cpu_packing_unsupported, pack_for_cpu
 
 from .atomic import atomic_folder
 from .config import PhixtralConfig
@@ -69,13 +71,12 @@ class Attention(nn.Module):
         # x [B, S, D]; cos, sin [B, S, 1, rotary_dim / 2]; mask [B, 1, S, L] bool or None (causal); input_pos [S] or None
         B, S, _ = x.shape
         hd = self.head_dim
-        q, k, v = self.Wqkv(x).split([self.n_head * hd, self.n_head_kv * hd, self.n_head_kv * hd], dim=-1)
-        q = q.view(B, S, self.n_head, hd)
-        k = k.view(B, S, self.n_head_kv, hd)
-        v = v.view(B, S, self.n_head_kv, hd)
+        qk, v = self.Wqkv(x).split([(self.n_head + self.n_head_kv) * hd, self.n_head_kv * hd], dim=-1)
+        qk = qk.view(B, S, self.n_head + self.n_head_kv, hd)
         if cos.shape[-1]:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, hd]
+            qk = apply_rotary(qk, cos, sin)  # q's and k's heads in one call
+        q, k = qk.split([self.n_head, self.n_head_kv], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, S, self.n_head_kv, hd).transpose(1, 2)  # [B, H, S, hd]
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, L, hd]
         if self.n_head_kv != self.n_head:
@@ -120,11 +121,34 @@ class QuantizedExpertLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(E, groups, out_features))
         self.register_buffer("g_idx", torch.zeros(E, in_features, **i32))
         self.bias = nn.Parameter(torch.zeros(E, out_features))
+        self._cache = {}  # packed (bool) -> (buffers, their versions, QuantizedExperts): see _container
 
     @property
     def weight(self) -> QuantizedExperts:
         """The packed weights as the kernels take them (shapes checked, no device read)."""
-        return QuantizedExperts(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size, check=False)
+        return self._container(packed=False)
+
+    def weight_for(self, x: torch.Tensor) -> QuantizedExperts:
+        """`weight`, carrying torch's packed CPU form when x is a bfloat16 CPU tensor: repacked from these buffers the
+        first time, and again whenever one of them is replaced or written to (see phixtral_kernels.cpu_packed)."""
+        return self._container(packed=x.device.type == "cpu" and x.dtype == torch.bfloat16)
+
+    def _container(self, packed: bool) -> QuantizedExperts:
+        # Cached per (buffer objects, their in-place versions): a decode step asks for it 2-4 times per layer, and
+        # building and checking a container costs more than the int4 GEMV of a small layer. The cache holds the
+        # buffers it was built from, so an id can never be reused while it lives. Tensors made under
+        # torch.inference_mode() keep no version: an in-place write into one is not seen (replace it, or set_weight).
+        b = self._buffers
+        buffers = (b["qweight"], b["qzeros"], b["scales"], b["g_idx"])
+        versions = tuple(None if t is None or t.is_inference() else t._version for t in buffers)  # inference tensors have none
+        cached = self._cache.get(packed)
+        if cached is not None and cached[1] == versions and all(x is y for x, y in zip(cached[0], buffers)):
+            return cached[2]
+        w = QuantizedExperts(*buffers, self.bits, self.group_size, check=False)
+        if packed and not cpu_packing_unsupported(w):
+            w = QuantizedExperts(*buffers, self.bits, self.group_size, check=False, cpu_packed=pack_for_cpu(w, torch.bfloat16))
+        self._cache[packed] = (buffers, versions, w)
+        return w
 
     def set_weight(self, w: QuantizedExperts) -> None:
         """Replace the packed tensors (qzeros and g_idx may be None)."""
@@ -155,7 +179,7 @@ class QuantizedLinear(QuantizedExpertLinear):
 
     def forward(self, x):
         # x [..., in] -> [..., out]
-        y = quantized_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias[0], backend=self.backend)
+        y = quantized_linear(x.reshape(-1, x.shape[-1]), self.weight_for(x), self.bias[0], backend=self.backend)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -180,12 +204,13 @@ class MoE(nn.Module):
 
     def forward(self, x):
         # x [B, S, D] -> [B, S, D]
+        fc1, fc2 = (fc.weight_for(x) if isinstance(fc, QuantizedExpertLinear) else fc.weight for fc in (self.fc1, self.fc2))
         y = fused_moe(
             x.reshape(-1, x.shape[-1]),  # [T = B * S, D]
             self.gate.weight,
-            self.fc1.weight,
+            fc1,
             self.fc1.bias,
-            self.fc2.weight,
+            fc2,
             self.fc2.bias,
             self.top_k,
             backend=self.backend,
@@ -302,6 +327,16 @@ class Phixtral(nn.Module):
         for module in self.modules():
             if isinstance(module, QuantizedLinear):
                 module.backend = backend
+
+    def pack_for_cpu(self) -> None:
+        """Repack the GPTQ-packed Linears for torch's CPU int8 / int4 kernels now (a bfloat16 model on the CPU) rather
+        than at their first call; from_pretrained does this. A no-op for other models."""
+        if self.device.type != "cpu" or self.dtype != torch.bfloat16:
+            return
+        probe = torch.empty(0, 0, dtype=torch.bfloat16)
+        for module in self.modules():
+            if isinstance(module, QuantizedExpertLinear):
+                module.weight_for(probe)
 
     # --- static KV cache -------------------------------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:

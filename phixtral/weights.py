@@ -441,7 +441,9 @@ def from_pretrained(
     device: None (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: None (float32 on the CPU, the checkpoint's dtype elsewhere), torch.float16 / "fp16", bfloat16, float32.
         GPTQ checkpoints (found by themselves, see phixtral/gptq.py) keep their packed weights; dtype is that of the
-        activations, scales and everything not packed.
+        activations, scales and everything not packed. On the CPU their default is bfloat16, the one activation dtype
+        that torch's packed int8 / int4 kernels run fast on (repacked here, at load); float32 computes everything in
+        fp32 from the dequantized weights instead: exact, and slower than the float checkpoint.
     backend: the MoE implementation, "auto", "triton", "torch" or "naive" (see phixtral_kernels.fused_moe).
     num_experts_per_tok: override the checkpoint's top_k (1..num_local_experts).
     progress: show a tqdm bar (None: only for loads of a few hundred MB and more).
@@ -453,8 +455,10 @@ def from_pretrained(
     device = resolve_device(device)
     if backend == "triton" and (reason := triton_unavailable_reason(device)) is not None:
         raise RuntimeError(f"backend='triton' cannot run on {device}: {reason}")
-    dtype = resolve_dtype(dtype, device, config)
     inspected = inspect_quantized(folder, config)
+    if dtype is None and device.type == "cpu" and inspected[4]:
+        dtype = torch.bfloat16  # torch's packed CPU kernels are fast with bf16 activations only (phixtral_kernels.cpu_packed)
+    dtype = resolve_dtype(dtype, device, config)
     with torch.device("meta"):
         model = Phixtral(config, backend=backend)
         prepare_quantized(model, inspected[4], inspected[3])
@@ -466,6 +470,7 @@ def from_pretrained(
     model = model.to_empty(device=device)  # one allocation, in the target dtype, on the target device
     load_weights(model, folder, progress=progress, inspected=inspected)
     model.eval().requires_grad_(False)
+    model.pack_for_cpu()
     model.tokenizer = load_tokenizer(folder)
     model.eos_token_ids = eos_token_ids(folder, config, model.tokenizer)
     return model

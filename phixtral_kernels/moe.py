@@ -9,7 +9,8 @@ Backends:
     "auto"    "triton" where it can run (CUDA, or the interpreter on CPU) and the dtype is fp16, bf16 or fp32, else "torch".
 
 Quantized experts: w1 and / or w2 may be a `QuantizedExperts` (quant.py). "triton" dequantizes weight tiles inside the
-grouped GEMMs' K loop; "torch" dequantizes one expert at a time before its matmul; "naive" dequantizes the whole stack.
+grouped GEMMs' K loop; "torch" runs torch's packed CPU kernels when the container carries them (cpu_packed.py: decode
+rows in bfloat16 on a CPU), else dequantizes one expert at a time before its matmul; "naive" dequantizes the whole stack.
 Gradients flow to x and gate_weight only, through the torch path ("auto" takes it when grad is needed; the Triton
 backward has no quantized GEMMs).
 
@@ -21,10 +22,11 @@ differentiated by autograd through their PyTorch ops.
 import torch
 
 from ._triton import triton_unavailable_reason
+from .cpu_packed import PACKED_MAX_ROWS
 from .grouped_gemm import _launch, moe_gemm_configs
 from .moe_backward import FusedMoEFunction, triton_moe_forward
 from .quant import QuantizedExperts, dense_weight, dequantize_experts, is_quantized
-from .reference import gelu_tanh, naive_moe, topk_softmax_torch
+from .reference import naive_moe, topk_softmax_torch
 from .routing import RoutingMap
 
 BACKENDS = ("auto", "triton", "torch", "naive")
@@ -74,8 +76,13 @@ def check_moe_inputs(x, gate_weight, w1, b1, w2, b2, top_k) -> None:
 def _moe_torch(x, gate_weight, w1, b1, w2, b2, top_k):
     T, D = x.shape
     E = w1.shape[0]
+    if E == 1:  # a dense layer: one expert at weight softmax([logit]) = 1, so no router
+        return _expert_ffn(x, w1, b1, w2, b2, 0)
     weights, experts = topk_softmax_torch(x @ gate_weight.t(), top_k)  # [T, top_k] fp32, int32
     weights = weights.to(x.dtype)
+    if T == 1:  # decode: the token's top_k experts in turn, nothing sorted or gathered
+        y = torch.cat([_expert_ffn(x, w1, b1, w2, b2, e) for e in experts[0].tolist()])  # [top_k, D]
+        return weights @ y  # [1, D]
     flat_experts = experts.reshape(-1).long()  # slot -> expert
     order = torch.sort(flat_experts, stable=True).indices  # sorted row -> slot
     counts = torch.bincount(flat_experts, minlength=E).tolist()  # host read: this path is for CPUs
@@ -85,8 +92,7 @@ def _moe_torch(x, gate_weight, w1, b1, w2, b2, top_k):
     for e, count in enumerate(counts):
         if count:
             rows = slice(start, start + count)
-            h = gelu_tanh(torch.nn.functional.linear(x_sorted[rows], _expert_weight(w1, e, x.dtype), b1[e]))
-            y_sorted[rows] = torch.nn.functional.linear(h, _expert_weight(w2, e, x.dtype), b2[e])
+            y_sorted[rows] = _expert_ffn(x_sorted[rows], w1, b1, w2, b2, e)
         start += count
     y = torch.empty_like(y_sorted)
     y[order] = y_sorted  # back to slot order
@@ -94,9 +100,22 @@ def _moe_torch(x, gate_weight, w1, b1, w2, b2, top_k):
     return out.view(T, D)
 
 
-def _expert_weight(w, e: int, dtype: torch.dtype) -> torch.Tensor:
-    """Expert e's [N, K] weight: a view of a float stack, or that one expert dequantized (the torch path's twin)."""
-    return dequantize_experts(w.select(e), dtype)[0] if is_quantized(w) else w[e]
+def _expert_ffn(x, w1, b1, w2, b2, e: int) -> torch.Tensor:
+    """Expert e on rows x [R, D]: gelu_tanh(x @ w1[e]^T + b1[e]) @ w2[e]^T + b2[e] -> [R, D]. GELU as one op (the same
+    tanh formula as `gelu_tanh`, within a rounding)."""
+    h = torch.nn.functional.gelu(_expert_linear(x, w1, e, b1[e]), approximate="tanh")
+    return _expert_linear(h, w2, e, b2[e])
+
+
+def _expert_linear(x: torch.Tensor, w, e: int, bias) -> torch.Tensor:
+    """x [T, K] @ expert e's weight^T + bias: a float stack's view; a QuantizedExperts through torch's packed CPU
+    kernels when it carries them and x is a few rows of their activation dtype, else that one expert dequantized."""
+    if not is_quantized(w):
+        return torch.nn.functional.linear(x, w[e], bias)
+    packed = w.cpu_packed
+    if packed is not None and x.device.type == "cpu" and x.dtype == packed.dtype and x.shape[0] <= PACKED_MAX_ROWS:
+        return packed.linear(x, e, bias)
+    return torch.nn.functional.linear(x, dequantize_experts(w.select(e), x.dtype)[0], bias)
 
 
 def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
@@ -145,7 +164,8 @@ def quantized_linear(x: torch.Tensor, w: QuantizedExperts, bias=None, *, backend
     or None -> [T, N] in x's dtype.
 
     "triton" runs the MoE's grouped GEMM as one expert at top-1 (an identity slot map built from shapes alone: no host
-    sync), dequantizing inside its K loop; "torch" and "naive" dequantize to x's dtype and call F.linear. "auto" picks
+    sync), dequantizing inside its K loop; "torch" and "naive" take torch's packed CPU kernels when w carries them
+    (w.cpu_packed, for a few bfloat16 rows on the CPU), else dequantize to x's dtype and call F.linear. "auto" picks
     as fused_moe does (torch when grad is needed).
     """
     if backend not in BACKENDS:
@@ -160,7 +180,7 @@ def quantized_linear(x: torch.Tensor, w: QuantizedExperts, bias=None, *, backend
         usable = triton_unavailable_reason(x.device) is None and x.dtype in TRITON_DTYPES
         backend = "triton" if usable and not (torch.is_grad_enabled() and x.requires_grad) else "torch"
     if backend != "triton":
-        return torch.nn.functional.linear(x, dequantize_experts(w, x.dtype)[0], bias)
+        return _expert_linear(x, w, 0, bias)
     reason = triton_unavailable_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"backend='triton' cannot run: {reason}")

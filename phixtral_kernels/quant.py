@@ -14,7 +14,7 @@ place of w1 and / or w2; the grouped GEMM dequantizes each weight tile inside it
 dequantized copy exists in memory.
 """
 
-from dataclasses import InitVar, dataclass
+from dataclasses import InitVar, dataclass, field
 from typing import Optional, Union
 
 import torch
@@ -33,6 +33,8 @@ class QuantizedExperts:
 
     Construction checks every shape and dtype and raises a ValueError naming the tensor. check=True (the default) also
     reads g_idx to check its range, a host read: the model builds its containers with check=False once loaded.
+    cpu_packed: the same weights repacked for torch's CPU kernels (`phixtral_kernels.cpu_packed.pack_for_cpu`), which the
+    torch backend uses for a few rows of bfloat16 activations on the CPU; `select` and `to` drop it.
     """
 
     qweight: torch.Tensor
@@ -42,6 +44,7 @@ class QuantizedExperts:
     bits: int
     group_size: int
     check: InitVar[bool] = True
+    cpu_packed: Optional[object] = field(default=None, compare=False, repr=False)  # a cpu_packed.CPUPackedExperts
 
     def __post_init__(self, check: bool):
         bits, group_size = self.bits, self.group_size
@@ -76,6 +79,12 @@ class QuantizedExperts:
                 lo, hi = (int(v) for v in self.g_idx.aminmax())
                 if lo < 0 or hi >= G:
                     raise ValueError(f"g_idx holds groups in [{lo}, {hi}], outside [0, G={G})")
+        packed = self.cpu_packed
+        if packed is not None and (
+            (packed.num_experts, packed.out_features, packed.in_features) != (E, N, K) or self.qweight.device.type != "cpu"
+        ):
+            raise ValueError(f"cpu_packed holds [E, N, K] = {(packed.num_experts, packed.out_features, packed.in_features)}"
+                             f" but qweight packs {(E, N, K)} on {self.qweight.device}")  # fmt: skip
         for name in ("qzeros", "scales", "g_idx"):
             t = getattr(self, name)
             if t is not None and t.device != self.qweight.device:

@@ -1,0 +1,152 @@
+"""Weight-only quantized Linears on the CPU through torch's packed CPU kernels, repacked once from the GPTQ layout.
+
+On a CPU, decode is bound by reading the weights. torch ships two weight-only GEMMs for it, fast only with bfloat16
+activations (measured on a 2-core AVX-512 EPYC, torch 2.13, [1, 1024] x [1024, 4096]: fp32 F.linear 616 us, bf16
+F.linear 565 us, `_weight_int8pack_mm` 270 us, `_weight_int4pack_mm_for_cpu` 171 us; both packed ops take 2.5-20x
+longer with fp32 or fp16 activations):
+    _weight_int8pack_mm(x, W int8 [N, K], scales [N])                  y = x @ (W * scales)^T, one scale per channel
+    _weight_int4pack_mm_for_cpu(x, W4, group, scales_and_zeros)       y = x @ ((q - 8) * scale + zero)^T per group
+How a QuantizedExperts maps onto them (q the stored code, z the zero point, s the scale; W = s * (q - z)):
+    4 bits            "int4": q as the int4 code, (scale, zero) = (s, 0), so the op computes s * (q - 8).
+    8 bits, 1 group   "int8": q - 128 as int8, per-channel s: s * (q - 128).
+    8 bits, groups    "int8x2": q = 16 * hi + lo, two int4 planes stacked along N ([2N, K]) in one int4 call, hi at
+                      (16 s, 0) and lo at (s, 8 s): their sum is 16 s (hi - 8) + s lo = s * (q - 128). Exact: 16 s and
+                      8 s are s times powers of two. (_weight_int8pack_mm has no groups; one call per group is slower.)
+    zero points       the op's centre c (8 or 128) differs from z: y += sum over k in group g of x_k * s_g * (c - z_g),
+                      an fp32 [T, G] @ [G, N] product of the per-group sums of x (skipped when symmetric, z = c).
+    act-order         each expert's K is permuted by argsort(g_idx) at packing, so its groups become contiguous; x's
+                      columns are gathered by the same permutation per call.
+    group sizes       the int4 op takes groups of 32, 64, 128 or 256: larger groups (and per channel) repeat their scale
+                      over the largest of these that divides them.
+Scales become bfloat16 (the op computes in x's dtype): GPTQ's fp16 scales lose 3 mantissa bits, a relative 2^-9, below
+a 4-bit step and about one 8-bit rounding step. Accumulation is fp32 inside the ops.
+Shapes the ops refuse (int4: N % 16; K % 32) and torch builds without the ops get a reason from `cpu_packing_unsupported`
+and the caller dequantizes instead. The ops beat dequantize + F.linear only for a few rows: callers use them for at most
+PACKED_MAX_ROWS rows (decode), and dequantize for prefill.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .quant import QuantizedExperts, unpack_rows
+
+# The packed ops lose to F.linear on a dequantized weight from about 32 rows on (measured: [T, 1024] x [1024, 4096],
+# T=16: int4 0.80 ms vs fp32 1.16 ms; T=64: int4 3.2 ms vs fp32 2.6 ms).
+PACKED_MAX_ROWS = 16
+_INT4_GROUPS = (256, 128, 64, 32)
+
+
+@dataclass(frozen=True)
+class CPUPackedExperts:
+    """E Linears [N, K] repacked for torch's CPU kernels (see the module docstring). Build with `pack_for_cpu`.
+
+    Per expert (tuples of E tensors, so that picking one costs no tensor indexing):
+    weights  "int4"/"int8x2": [N', K / 2] uint8, the op's packed int4 (N' = N or 2N); "int8": [N, K] int8
+    scales   "int4"/"int8x2": [K / group_size, N', 2] (scale, zero) in dtype; "int8": [N] in dtype
+    offsets  [G, N] fp32, or None for all: s * (c - z) per source group, added as (group sums of x) @ offsets
+    perm     [K] int64, or None for all: the expert's x is x[:, perm] (act-order)
+    """
+
+    mode: str
+    weights: tuple
+    scales: tuple
+    offsets: Optional[tuple]
+    perm: Optional[tuple]
+    group_size: int  # the int4 op's group (0 for "int8")
+    out_features: int
+    in_features: int
+    dtype: torch.dtype
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.weights)
+
+    def linear(self, x: torch.Tensor, e: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [T, K] -> x @ W[e]^T + bias [T, N] in x's dtype, computed with `dtype` activations."""
+        xq = x if x.dtype == self.dtype else x.to(self.dtype)
+        if self.perm is not None:
+            xq = xq.index_select(1, self.perm[e])
+        if self.mode == "int8":
+            y = torch._weight_int8pack_mm(xq, self.weights[e], self.scales[e])
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(xq, self.weights[e], self.group_size, self.scales[e])
+            if self.mode == "int8x2":
+                y = y[:, : self.out_features].float() + y[:, self.out_features :]  # the hi and lo planes, summed in fp32
+        if self.offsets is not None:
+            offsets = self.offsets[e]
+            group_sums = xq.float().view(xq.shape[0], offsets.shape[0], -1).sum(-1)  # [T, G]
+            y = torch.addmm(y.float(), group_sums, offsets)
+        if bias is not None:
+            y = y + bias
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def cpu_packing_unsupported(w: QuantizedExperts) -> Optional[str]:
+    """Why `w` cannot take torch's packed CPU kernels, or None when it can."""
+    if not (hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_weight_int8pack_mm")):
+        return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu / _weight_int8pack_mm"
+    if w.device.type != "cpu":
+        return f"the weights are on {w.device}"
+    E, N, K = w.shape
+    if K % 32:
+        return f"in features K={K} are not a multiple of 32"
+    groups = w.num_groups
+    if w.bits == 8 and groups == 1:
+        return None
+    if N % (16 if w.bits == 4 else 8):
+        return f"out features N={N} are not a multiple of {16 if w.bits == 4 else 8} (the int4 op's tiles)"
+    if _int4_group(K // groups) is None:
+        return f"groups of {K // groups} rows do not split into groups of 32, 64, 128 or 256"
+    if w.g_idx is not None:
+        counts = torch.zeros(E, groups, dtype=torch.int64).scatter_add_(1, w.g_idx.long(), torch.ones(E, K, dtype=torch.int64))
+        if not bool((counts == K // groups).all()):
+            return "g_idx puts unequal numbers of rows into the groups"
+    return None
+
+
+def pack_for_cpu(w: QuantizedExperts, dtype: torch.dtype = torch.bfloat16) -> CPUPackedExperts:
+    """Repack `w` for torch's CPU kernels with `dtype` activations (a ValueError when `cpu_packing_unsupported`)."""
+    reason = cpu_packing_unsupported(w)
+    if reason is not None:
+        raise ValueError(f"cannot pack for the CPU kernels: {reason}")
+    E, N, K = w.shape
+    G = w.num_groups
+    q = unpack_rows(w.qweight, w.bits).transpose(1, 2)  # [E, N, K] codes in [0, 2^bits)
+    scales = w.scales.float()  # [E, G, N]
+    zeros = w.zero_points()  # [E, G, N]
+    perm = None
+    if w.g_idx is not None:
+        perm = torch.argsort(w.g_idx.long(), dim=1, stable=True)  # [E, K]: groups contiguous, each of K / G rows
+        q = torch.gather(q, 2, perm[:, None, :].expand(E, N, K))
+    centre = 2 ** (w.bits - 1)  # 8 or 128: what the op subtracts from every code
+    offsets = None
+    if w.qzeros is not None and not bool((zeros == centre).all()):
+        offsets = (scales * (centre - zeros)).contiguous()  # [E, G, N] fp32
+    per_expert = lambda t: None if t is None else tuple(t[e].contiguous() for e in range(E))  # noqa: E731
+    offsets, perm = per_expert(offsets), per_expert(perm)
+    if w.bits == 8 and G == 1:
+        weights, op_scales = per_expert((q - 128).to(torch.int8)), per_expert(scales[:, 0].to(dtype))
+        return CPUPackedExperts("int8", weights, op_scales, offsets, perm, 0, N, K, dtype)
+    op_group = _int4_group(K // G)
+    repeat = K // G // op_group  # op groups per source group
+    if w.bits == 4:
+        mode, codes = "int4", q
+        op_scales = scales
+        op_zeros = torch.zeros_like(scales)
+    else:  # two int4 planes, hi then lo, stacked along N
+        mode, codes = "int8x2", torch.cat([q >> 4, q & 15], dim=1)  # [E, 2N, K]
+        op_scales = torch.cat([16 * scales, scales], dim=2)  # [E, G, 2N]
+        op_zeros = torch.cat([torch.zeros_like(scales), 8 * scales], dim=2)
+    scale_zero = torch.stack([op_scales, op_zeros], dim=-1).repeat_interleave(repeat, dim=1)  # [E, K / op_group, N', 2]
+    weights = tuple(torch._convert_weight_to_int4pack_for_cpu(codes[e].to(torch.int32).contiguous(), 1) for e in range(E))
+    return CPUPackedExperts(mode, weights, per_expert(scale_zero.to(dtype)), offsets, perm, op_group, N, K, dtype)
+
+
+def _int4_group(rows: int) -> Optional[int]:
+    """The int4 op's group for source groups of `rows` rows: the largest of 256 / 128 / 64 / 32 dividing it."""
+    return next((g for g in _INT4_GROUPS if rows % g == 0), None)
+
+
+__all__ = ["CPUPackedExperts", "PACKED_MAX_ROWS", "cpu_packing_unsupported", "pack_for_cpu"]
