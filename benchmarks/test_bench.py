@@ -95,3 +95,16 @@ def test_script_end_to_end(benchmark, script, tmp_path, capsys):
     else:
         assert png.stat().st_size > 0
     assert _last_json((tmp_path / f"{script.__name__}.json").read_text()) == printed
+
+
+def test_model_memory_counts_phixtral_4x2_8():
+    """The meta-device count: fp16 is 7.8B parameters x 2 bytes, and int4 g128 fits a 16 GB T4 with a 2048-token cache
+    in under 6 GB (the issue's target), computed, not timed."""
+    import model_memory
+
+    rows = {r["scheme"]: r for r in model_memory.run(context=2048)["rows"]}
+    assert 7.7e9 < rows["fp16"]["params_float"] < 7.9e9
+    assert rows["fp16"]["memory"] == 2 * rows["fp16"]["params_float"]
+    assert rows["int8 g128"]["memory"] < 0.55 * rows["fp16"]["memory"]
+    assert rows["int4 g128"]["total"] < 6e9
+    assert rows["int4 g128"]["kv_cache"] == 2 * 32 * 2048 * 2560 * 2
