@@ -274,6 +274,8 @@ class Phixtral(nn.Module):
         self.last_generation_stats = None  # a GenerationStats after each generate()
         self._inv_freq = {}  # device -> [rotary_dim / 2] fp32; a plain dict so .half() can never round it
         self.quantization = None  # a phixtral.gptq.GPTQConfig when some Linears are GPTQ-packed
+        self.cuda_graph = "auto"  # decode steps replayed from CUDA graphs: "auto", True or False (phixtral/decode_graph.py)
+        self.decode_graphs = None  # the captured decode steps (a decode_graph.DecodeGraphs); they point into the KV cache
         self.set_backend(backend)
 
     @classmethod
@@ -335,6 +337,7 @@ class Phixtral(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "triton" and self.device.type != "meta" and (reason := triton_unavailable_reason(self.device)):
             raise RuntimeError(f"backend='triton' cannot run on {self.device}: {reason}")
+        self.decode_graphs = None  # captured with the old backend
         for block in self.h:
             block.moe.backend = backend
         for module in self.modules():
@@ -351,6 +354,7 @@ class Phixtral(nn.Module):
     def attention_upcast(self, mode: str) -> None:
         if mode not in ATTENTION_UPCAST:
             raise ValueError(f"attention_upcast must be one of {ATTENTION_UPCAST}, got {mode!r}")
+        self.decode_graphs = None  # captured with the other mode
         for block in self.h:
             block.mixer.upcast = mode
 
@@ -374,12 +378,14 @@ class Phixtral(nn.Module):
         if cache is not None and cache.k_cache.shape == shape and cache.k_cache.dtype == self.dtype:
             if cache.k_cache.device == self.device:
                 return
+        self.decode_graphs = None  # captured over the old cache
         for block in self.h:
             block.mixer.kv_cache = None  # free the old cache before allocating the new one
         for block in self.h:
             block.mixer.kv_cache = KVCache(*shape, dtype=self.dtype, device=self.device)
 
     def clear_caches(self) -> None:
+        self.decode_graphs = None
         for block in self.h:
             block.mixer.kv_cache = None
 
