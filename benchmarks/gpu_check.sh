@@ -132,7 +132,8 @@ fi
 # The token counts of tests/test_kernels_gpu.py (1 2 5 16 64 200 1024 4096), bench_moe (1 ... 16384) and bench_generate
 # (decode B = 1 8 32, prefill B x 256, its checks 2 x 32), in fp16 and bf16.
 WARM=(-m phixtral_kernels.aot --warm --jobs "$CPUS" --tokens 1 2 4 5 8 16 32 64 128 200 256 512 1024 2048 4096 8192 16384)
-TESTS=(tests/test_kernels.py tests/test_kernels_random.py tests/test_moe_backward.py tests/test_kernels_gpu.py)
+TESTS=(tests/test_kernels.py tests/test_kernels_random.py tests/test_moe_backward.py tests/test_kernels_gpu.py
+  tests/test_decode_graph_gpu.py)
 BENCH=()
 if [ "$DRY" = 1 ]; then
   WARM+=(--dry-run)
