@@ -13,7 +13,8 @@
 #   tests           the GPU tier in GPU_CHECK_SHARDS pytest processes at once (pytest --shard I/N): its ~200
 #                   small-shape variants compile one per process at a time, not one after another         140
 #   bench_moe       stops starting new points after --budget-s 70                                           100
-#   bench_generate  stops starting new points after --budget-s 60                                            95
+#   bench_generate  stops starting new points after --budget-s 60; eager vs CUDA-graph decode, both attention
+#                   modes (--attention-upcast fp32 scores)                                                   95
 #   summary                                                                                                  20
 # so the whole run ends within 8 minutes at worst (about 4 when nothing hits a limit). A stage stopped at its limit says
 # so in its log and the later stages still run. Logs are written as the output comes, so a run cut short still leaves
@@ -143,7 +144,8 @@ fi
 stage warm "$OUT_DIR/tests.log" 45 "$PY" "${WARM[@]}"
 test_shards tests "$OUT_DIR/tests.log" 140 -q --durations=5 "${TESTS[@]}"
 stage bench_moe "$OUT_DIR/bench_moe.log" 100 "$PY" benchmarks/bench_moe.py --out "$OUT_DIR" --budget-s 70 ${BENCH[@]+"${BENCH[@]}"}
-stage bench_generate "$OUT_DIR/bench_generate.log" 95 "$PY" benchmarks/bench_generate.py --out "$OUT_DIR" --budget-s 60 ${BENCH[@]+"${BENCH[@]}"}
+stage bench_generate "$OUT_DIR/bench_generate.log" 95 "$PY" benchmarks/bench_generate.py --out "$OUT_DIR" --budget-s 60 \
+  --attention-upcast fp32 scores ${BENCH[@]+"${BENCH[@]}"}
 
 {
   echo "$ENV_TEXT"

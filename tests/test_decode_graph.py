@@ -9,7 +9,9 @@ tests/test_decode_graph_gpu.py runs real graphs.
 
 import importlib
 import logging
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,3 +275,21 @@ def test_stale_graphs_are_not_copied_or_pickled(model, graphs):
     torch.save(model.decode_graphs, buf)
     buf.seek(0)
     assert torch.load(buf, weights_only=False) is None
+
+
+# --- the benchmark's graph provider ------------------------------------------------------------------------------------
+def test_benchmark_graph_provider_runs_the_library_path(monkeypatch):
+    """bench_generate's fused_graph row (run_graph: the check against eager steps, then generate(cuda_graph=True)) on the
+    quick model under the emulation, with the Triton interpreter as its backend."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("bench_generate")
+    emulation = Emulation()
+    monkeypatch.setattr(decode_graph, "graph_unavailable_reason", lambda m: None)
+    monkeypatch.setattr(decode_graph, "_capture", emulation)
+    cpu = torch.device("cpu")
+    model = bench.build_model(phixtral.PhixtralConfig(**bench.QUICK_MODEL), torch.float32, cpu)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    row = bench.run_graph(model, ids, 4, 1, cpu, bench.TOLERANCE[torch.float32])
+    assert row["check"].ok and row["check"].rel_err == 0.0 and row["new_tokens"] == 4
+    assert emulation.captures == 1 and emulation.replays == 3 + 3  # the check's 3 decode steps, then one timed run
+    assert "bench_generate" in sys.modules
