@@ -16,9 +16,9 @@ When: `cuda_graph` of generate() / generate_tokens(), else the model's attribute
     "auto"  graphs when they can work: a CUDA model whose every MoE layer (and GPTQ Linear) runs the Triton kernels,
             which never read device memory on the host. The torch and naive backends read expert counts on the host, a
             sync that capture forbids, so they decode eagerly; so does every CPU model. The first capture for a shape
-            needs at least CAPTURE_MIN_STEPS decode steps ahead (it costs about three eager steps). A capture that fails
-            is logged once; that shape then decodes eagerly. The environment variable PHIXTRAL_CUDA_GRAPH=0 (or off,
-            false, no) turns "auto" off.
+            needs at least CAPTURE_MIN_STEPS decode steps ahead (a capture costs a few eager steps, by estimate). A
+            capture that fails is logged once; that shape then decodes eagerly until the model's state changes. The
+            environment variable PHIXTRAL_CUDA_GRAPH=0 (or off, false, no) turns "auto" off.
     True    graphs, else an error that says why not (benchmarks and tests use it to be sure).
     False   eager.
 Cache: graphs live on the model (`model.decode_graphs`), one per (batch, cache length, padded or not) of the current KV
@@ -49,8 +49,9 @@ log = logging.getLogger("phixtral.decode_graph")
 ENV_VAR = "PHIXTRAL_CUDA_GRAPH"
 _ENV_OFF = ("0", "off", "false", "no")
 MODES = ("auto", True, False)
-# "auto" captures a new graph only when at least this many decode steps lie ahead: a capture costs about three eager
-# steps (a warm-up step, the capture, instantiation), and a step replayed from a graph saves most of one.
+# "auto" captures a new graph only when at least this many decode steps lie ahead: a capture costs a few eager steps
+# (a synchronize and empty_cache, a warm-up step, the capture, instantiation; an estimate, not measured yet), and a step
+# replayed from a graph saves roughly half of one at batch 1 (see benchmarks/RESULTS.md).
 CAPTURE_MIN_STEPS = 16
 # One capture at a time in the process (torch's rule for CUDA graphs), whichever models the threads generate on.
 _CAPTURE_LOCK = threading.Lock()
