@@ -9,15 +9,21 @@ CPU: a small random model (D=256, 4 layers, 8 heads, E=4, top_k=2, F=1024, vocab
      64, 32 new tokens. There the fused provider is backend="torch" (the Triton kernels would run in the interpreter).
 
 Providers:
-    fused        model.generate(ids) with the MoE backend "triton" (GPU) or "torch" (CPU): the public path, as a user runs it
+    fused        model.generate(ids, cuda_graph=False) with the MoE backend "triton" (GPU) or "torch" (CPU): every decode
+                 step launched eagerly, kernel by kernel
+    fused_graph  GPU only: model.generate(ids, cuda_graph=True), backend "triton": the library's CUDA-graph decode
+                 (phixtral/decode_graph.py), each decode step's forward replayed from a graph captured for the batch and
+                 cache length; sampling eager, host reads as in `fused`. What generate() does by default on a GPU.
     naive        model.generate(ids) with backend "naive", the original phixtral loop
-    fused_graph  GPU only: prefill as `fused`, then every decode step replayed from one CUDA graph captured for the batch
-                 (tokens stay on the GPU until the end; generate() reads each one as it comes)
+    NAME:scores  with --attention-upcast ... scores: `fused` and `fused_graph` again with model.attention_upcast =
+                 "scores" (fp16 q, k, v into SDPA, q pre-scaled) instead of "fp32" (q, k, v upcast; the default).
+                 Only fp16 models differ.
 Times: time to first token (TTFT) = prefill + first token on the host, as generate() measures it (on CUDA it also
 queues decode step 1 before reading the first token); decode tokens/s = B * (new - 1) / decode time. Median of --reps.
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on a CPU the process's peak RSS so far (it only grows).
 Checks before timing: the last-position logits of a short prompt against another backend's (fused vs naive, naive vs
-torch), and one replayed graph step against the same step run eagerly.
+torch; a scores row against naive in fp32 attention), and for fused_graph the logits of its first decode steps against
+eager decode steps fed the same tokens (the eager run's greedy ones), from the same prompt and cache length.
 Decode floor per step = max(bytes / copy bandwidth, flops / matmul rate), with bytes = the weights a step reads (all but
 the experts, plus min(E, B * top_k) experts per layer: a bound, not the routing) + the KV cache at the mean context.
 Random weights spread tokens evenly over the experts; a real checkpoint need not (phixtral-4x2_8's router ties).
@@ -35,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import common  # noqa: E402
 from phixtral import Phixtral, PhixtralConfig  # noqa: E402
+from phixtral.generate import generate_tokens  # noqa: E402
 
 GPU_MODEL = dict(vocab_size=51200, n_embd=2560, n_layer=32, n_head=32, n_positions=2048, rotary_dim=32, n_inner=10240,
                  num_local_experts=4, num_experts_per_tok=2)  # fmt: skip  # phixtral-4x2_8
@@ -46,7 +53,8 @@ QUICK_MODEL = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=1
 # fp16 2e-3; bf16 0.27, and each bf16 backend is 0.44 away from fp32 (the random stack amplifies bf16 rounding; the MoE
 # layer alone is held to 2e-2 in bench_moe).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 0.6}
-MODES = {"fused": "generate [{}]", "naive": "generate [naive]", "fused_graph": "CUDA graph decode [triton]"}
+MODES = {"fused": "generate, eager [{}]", "naive": "generate [naive]", "fused_graph": "generate, CUDA graph [triton]"}
+GRAPH_CHECK_STEPS = 8  # decode steps whose logits the fused_graph check compares
 
 
 # --- the model -------------------------------------------------------------------------------------------------------
@@ -103,11 +111,6 @@ def fmt_params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def cache_length(S: int, N: int, config: PhixtralConfig) -> int:
-    """The KV cache length generate() allocates (rounded up to 64), so the graph path uses the same cache."""
-    return min(-(-(S + N) // 64) * 64, config.n_positions)
-
-
 # --- providers -------------------------------------------------------------------------------------------------------
 def last_logits(model: Phixtral, ids: torch.Tensor, backend: str) -> torch.Tensor:
     """Logits [B, V] fp32 of the last prompt position, without a cache."""
@@ -116,57 +119,35 @@ def last_logits(model: Phixtral, ids: torch.Tensor, backend: str) -> torch.Tenso
         return model(ids)[:, -1]
 
 
-class GraphDecoder:
-    """One decode step (the whole model at batch B, greedy) captured in a CUDA graph over the static KV cache.
+def graph_check(model: Phixtral, ids: torch.Tensor, N: int, tol: float, steps: int = GRAPH_CHECK_STEPS) -> common.Check:
+    """The logits of the first `steps` decode steps replayed from the CUDA graph against eager decode steps, both fed the
+    eager run's greedy tokens (so one near-tie of a random model cannot send the two runs apart), at the cache length of
+    N new tokens. Leaves the graph captured for the timed runs."""
+    logits = {False: [], True: []}
+    fed = []
 
-    tok [B, 1] and pos [1] live on the GPU; each replay writes the next token into tok and advances pos, so the steps
-    chain with no host work but the replay launch.
-    """
+    def eager_sampler(x):
+        logits[False].append(x.clone())
+        fed.append(x.argmax(-1))
+        return fed[-1]
 
-    def __init__(self, model: Phixtral, B: int, length: int):
-        self.model = model
-        model.setup_caches(B, length)
-        self.tok = torch.zeros(B, 1, dtype=torch.long, device=model.device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=model.device)
-        self.replay = common.cuda_graph(self.step)
+    def graph_sampler(x):
+        logits[True].append(x.clone())
+        i = len(logits[True]) - 1
+        return fed[i] if i < len(fed) else x.argmax(-1)  # the runs take the same steps; past them, anything goes
 
-    @torch.inference_mode()
-    def step(self) -> torch.Tensor:
-        hidden = self.model.hidden_states(self.tok, None, self.pos)  # [B, 1, D]
-        logits = self.model.lm_head(hidden[:, -1]).float()  # [B, V]
-        self.tok.copy_(logits.argmax(-1)[:, None])
-        self.pos.add_(1)
-        return logits
-
-    @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Eager prefill into the cache; sets tok and pos for the first decode step. -> first tokens [B]."""
-        S = ids.shape[1]
-        hidden = self.model.hidden_states(ids, None, torch.arange(S, device=ids.device))
-        first = self.model.lm_head(hidden[:, -1]).float().argmax(-1)
-        self.tok.copy_(first[:, None])
-        self.pos.fill_(S)
-        return first
-
-    def generate(self, ids: torch.Tensor, N: int) -> tuple[float, float]:
-        """-> (time to first token, decode time of the N - 1 further tokens), in seconds."""
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        self.prefill(ids).tolist()
-        ttft = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(N - 1):
-            self.replay()
-        torch.cuda.synchronize()
-        return ttft, time.perf_counter() - start
-
-    def check(self, ids: torch.Tensor, tol: float) -> common.Check:
-        """One replayed step against the same step run eagerly, from the same prefilled cache."""
-        first = self.prefill(ids)
-        eager = self.step().clone()
-        self.tok.copy_(first[:, None])
-        self.pos.fill_(ids.shape[1])
-        return common.rel_error(self.replay(), eager, tol)
+    for graph, sampler in ((False, eager_sampler), (True, graph_sampler)):
+        stats = {"prefill_s": 0.0, "decode_s": 0.0}
+        steps_run = generate_tokens(model, ids, max_new_tokens=N, sampler=sampler, stats=stats, cuda_graph=graph)
+        for i, _ in enumerate(steps_run):
+            if i >= steps:
+                break
+        steps_run.close()
+        if graph and not stats.get("cuda_graph"):
+            raise RuntimeError("generate_tokens(cuda_graph=True) did not replay a graph")
+    n = min(len(logits[False]), len(logits[True]))
+    # Entry 0 is the prefill's, eager in both runs.
+    return common.rel_error(torch.stack(logits[True][1:n]), torch.stack(logits[False][1:n]), tol)
 
 
 def peak_memory_gb(device) -> float:
@@ -187,11 +168,11 @@ def median(xs):
 
 def run_eager(model, backend, ids, N, reps, device) -> dict:
     model.set_backend(backend)
-    model.generate(ids, max_new_tokens=2)  # warm-up: compiles the prefill and decode shapes
+    model.generate(ids, max_new_tokens=2, cuda_graph=False)  # warm-up: compiles the prefill and decode shapes
     reset_peak(device)
     stats = []
     for _ in range(reps):
-        model.generate(ids, max_new_tokens=N)
+        model.generate(ids, max_new_tokens=N, cuda_graph=False)
         stats.append(model.last_generation_stats)
     return {"ttft_s": median([s.prefill_s for s in stats]), "decode_s": median([s.decode_s for s in stats]),
             "new_tokens": stats[0].new_tokens, "peak_gb": peak_memory_gb(device)}  # fmt: skip
@@ -199,17 +180,19 @@ def run_eager(model, backend, ids, N, reps, device) -> dict:
 
 def run_graph(model, ids, N, reps, device, tol) -> dict:
     model.set_backend("triton")
-    model.generate(ids, max_new_tokens=2)  # compiles the kernels outside the capture
+    model.generate(ids, max_new_tokens=2, cuda_graph=False)  # compiles the prefill and decode kernels eagerly first
     reset_peak(device)
-    decoder = GraphDecoder(model, ids.shape[0], cache_length(ids.shape[1], N, model.config))
-    check = decoder.check(ids, tol)
+    check = graph_check(model, ids, N, tol)  # captures the graph at this batch and cache length
     if not check.ok:
         return {"check": check}
-    runs = [decoder.generate(ids, N) for _ in range(reps)]
-    out = {"ttft_s": median([r[0] for r in runs]), "decode_s": median([r[1] for r in runs]), "new_tokens": N,
-           "peak_gb": peak_memory_gb(device), "check": check}  # fmt: skip
-    del decoder
-    return out
+    stats = []
+    for _ in range(reps):
+        model.generate(ids, max_new_tokens=N, cuda_graph=True)
+        stats.append(model.last_generation_stats)
+    if not all(s.cuda_graph for s in stats):
+        raise RuntimeError("generate(cuda_graph=True) decoded without the graph")
+    return {"ttft_s": median([s.prefill_s for s in stats]), "decode_s": median([s.decode_s for s in stats]),
+            "new_tokens": stats[0].new_tokens, "peak_gb": peak_memory_gb(device), "check": check}  # fmt: skip
 
 
 # --- the run ---------------------------------------------------------------------------------------------------------
@@ -243,14 +226,26 @@ def run_benchmark(args) -> dict:
             ref[backend] = last_logits(model, check_ids, backend)
         except Exception as exc:  # noqa: BLE001: the provider's row reports it
             ref[backend] = f"backend {backend} raised {common.first_line(exc)}"
+    upcasts = [u for u in dict.fromkeys(args.attention_upcast) if u != "fp32"]
+    for upcast in upcasts:
+        key = f"{fused_backend}:{upcast}"
+        try:
+            model.attention_upcast = upcast
+            ref[key] = last_logits(model, check_ids, fused_backend)
+        except Exception as exc:  # noqa: BLE001: the provider's row reports it
+            ref[key] = f"backend {fused_backend} with attention {upcast} raised {common.first_line(exc)}"
+        finally:
+            model.attention_upcast = "fp32"
 
     def compare(a, b):  # a Check, or why there is none
         bad = [ref[x] for x in (a, b) if isinstance(ref[x], str)]
         return bad[0] if bad else common.rel_error(ref[a], ref[b], tol)
 
     checks = {"fused": compare(fused_backend, "naive"), "naive": compare("naive", "torch")}
+    checks.update({f"fused:{u}": compare(f"{fused_backend}:{u}", "naive") for u in upcasts})
     del ref
-    names = ["fused", "naive"] + (["fused_graph"] if gpu and not args.no_graph else [])
+    base = ["fused"] + (["fused_graph"] if gpu and not args.no_graph else [])
+    names = [n if u == "fp32" else f"{n}:{u}" for u in dict.fromkeys(args.attention_upcast) for n in base] + ["naive"]
     if args.providers:
         names = [n for n in names if n in args.providers]
     rows = []
@@ -261,21 +256,24 @@ def run_benchmark(args) -> dict:
         ids = torch.randint(0, config.vocab_size, (B, S), device=device, generator=g)
         fl = floors(model, B, S, N, ceilings)
         for name in names:
+            kind, _, upcast = name.partition(":")  # e.g. "fused_graph:scores"
             row = {"B": B, "provider": name, "prompt": S, **fl}
-            row["mode"] = MODES[name].format(fused_backend)
+            row["mode"] = MODES[kind].format(fused_backend) + (f", attention {upcast}" if upcast else "")
+            row["attention_upcast"] = upcast or "fp32"
             try:
+                model.attention_upcast = upcast or "fp32"
                 if lost:
                     row["skipped"] = lost
                 elif time.monotonic() > deadline:
                     row["skipped"] = f"time budget (--budget-s={args.budget_s:g}) spent"
-                elif name == "fused_graph":
+                elif kind == "fused_graph":
                     row.update(run_graph(model, ids, N, args.reps, device, tol))
                 elif isinstance(checks[name], str):
                     row.update(skipped=checks[name], ok=False)
                 elif not checks[name].ok:
                     row["check"] = checks[name]
                 else:
-                    row.update(run_eager(model, fused_backend if name == "fused" else "naive", ids, N, args.reps, device))
+                    row.update(run_eager(model, fused_backend if kind == "fused" else "naive", ids, N, args.reps, device))
                     row["check"] = checks[name]
             except Exception as exc:  # noqa: BLE001: report it in the table and go on
                 row.update(skipped=f"raised {common.first_line(exc)}", ok=False)
@@ -300,6 +298,7 @@ def run_benchmark(args) -> dict:
                     row["pct_decode_floor"] = 100 * row["decode_floor_s"] / row["step_s"]
                 row["pct_prefill_floor"] = 100 * row["prefill_floor_s"] / row["ttft_s"]
             if not lost:
+                model.attention_upcast = "fp32"
                 model.clear_caches()
                 if gpu:
                     torch.cuda.empty_cache()
@@ -313,6 +312,12 @@ def run_benchmark(args) -> dict:
                 r["decode_vs_naive"] = r["decode_tok_s"] / naive
             if r["B"] == B and r.get("ttft_s") and naive_ttft:
                 r["ttft_vs_naive"] = naive_ttft / r["ttft_s"]
+            kind, _, upcast = r["provider"].partition(":")
+            if r["B"] == B and kind == "fused_graph" and r.get("decode_tok_s"):
+                eager = "fused" + (f":{upcast}" if upcast else "")
+                eager_tok_s = next((e.get("decode_tok_s") for e in rows if e["B"] == B and e["provider"] == eager), None)
+                if eager_tok_s:
+                    r["decode_vs_eager"] = r["decode_tok_s"] / eager_tok_s
     failed = [r for r in rows if r.get("ok") is False]
     return {
         "bench": "generate",
@@ -323,6 +328,7 @@ def run_benchmark(args) -> dict:
         "batches": args.batches,
         "ceilings": ceilings,
         "fused_backend": fused_backend,
+        "attention_upcast": args.attention_upcast,
         "rows": rows,
         "ok": not failed,
         "failed_checks": [f"B={r['B']} {r['provider']}: {r.get('skipped')}" for r in failed],
@@ -333,7 +339,8 @@ def run_benchmark(args) -> dict:
 COLUMNS = [
     ("B", "batch"), ("provider", "provider"), ("mode", "mode"), ("ttft_s", "TTFT"), ("prompt_tok_s", "prompt tok/s"),
     ("decode_tok_s", "decode tok/s"), ("step_s", "ms/step"), ("decode_floor_s", "step floor"),
-    ("pct_decode_floor", "% floor"), ("decode_vs_naive", "decode x naive"), ("ttft_vs_naive", "TTFT x naive"),
+    ("pct_decode_floor", "% floor"), ("decode_vs_eager", "decode x eager"), ("decode_vs_naive", "decode x naive"),
+    ("ttft_vs_naive", "TTFT x naive"),
     ("peak_gb", "peak GB"), ("rel_err", "rel err"),
 ]  # fmt: skip
 FORMATS = {
@@ -344,6 +351,7 @@ FORMATS = {
     "decode_tok_s": lambda v: "-" if v is None else f"{v:,.1f}",
     "pct_decode_floor": lambda v: "-" if v is None else f"{v:.1f}%",
     "decode_vs_naive": lambda v: "-" if v is None else f"{v:.2f}x",
+    "decode_vs_eager": lambda v: "-" if v is None else f"{v:.2f}x",
     "ttft_vs_naive": lambda v: "-" if v is None else f"{v:.2f}x",
     "peak_gb": lambda v: "-" if v is None else f"{v:.2f}",
     "rel_err": lambda v: "-" if v is None else f"{v:.1e}",
@@ -398,6 +406,9 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=3, help="timed generations per point (median)")
     p.add_argument("--providers", nargs="+", help="run only these providers")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph provider")
+    p.add_argument("--attention-upcast", nargs="+", choices=["fp32", "scores"], default=["fp32"],
+                   help="time fused and fused_graph in each of these attention modes (model.attention_upcast; only fp16 "
+                   "models differ): fp32 (the default) and/or scores, in one run")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny model (the CI smoke run)")
     p.add_argument("--budget-s", type=float, default=150.0, help="stop starting new points after this many seconds")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")

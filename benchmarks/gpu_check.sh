@@ -13,7 +13,8 @@
 #   tests           the GPU tier in GPU_CHECK_SHARDS pytest processes at once (pytest --shard I/N): its ~200
 #                   small-shape variants compile one per process at a time, not one after another         140
 #   bench_moe       stops starting new points after --budget-s 70                                           100
-#   bench_generate  stops starting new points after --budget-s 60                                            95
+#   bench_generate  stops starting new points after --budget-s 60; eager vs CUDA-graph decode, both attention
+#                   modes (--attention-upcast fp32 scores)                                                   95
 #   summary                                                                                                  20
 # so the whole run ends within 8 minutes at worst (about 4 when nothing hits a limit). A stage stopped at its limit says
 # so in its log and the later stages still run. Logs are written as the output comes, so a run cut short still leaves
@@ -132,7 +133,8 @@ fi
 # The token counts of tests/test_kernels_gpu.py (1 2 5 16 64 200 1024 4096), bench_moe (1 ... 16384) and bench_generate
 # (decode B = 1 8 32, prefill B x 256, its checks 2 x 32), in fp16 and bf16.
 WARM=(-m phixtral_kernels.aot --warm --jobs "$CPUS" --tokens 1 2 4 5 8 16 32 64 128 200 256 512 1024 2048 4096 8192 16384)
-TESTS=(tests/test_kernels.py tests/test_kernels_random.py tests/test_moe_backward.py tests/test_kernels_gpu.py)
+TESTS=(tests/test_kernels.py tests/test_kernels_random.py tests/test_moe_backward.py tests/test_kernels_gpu.py
+  tests/test_decode_graph_gpu.py)
 BENCH=()
 if [ "$DRY" = 1 ]; then
   WARM+=(--dry-run)
@@ -142,7 +144,8 @@ fi
 stage warm "$OUT_DIR/tests.log" 45 "$PY" "${WARM[@]}"
 test_shards tests "$OUT_DIR/tests.log" 140 -q --durations=5 "${TESTS[@]}"
 stage bench_moe "$OUT_DIR/bench_moe.log" 100 "$PY" benchmarks/bench_moe.py --out "$OUT_DIR" --budget-s 70 ${BENCH[@]+"${BENCH[@]}"}
-stage bench_generate "$OUT_DIR/bench_generate.log" 95 "$PY" benchmarks/bench_generate.py --out "$OUT_DIR" --budget-s 60 ${BENCH[@]+"${BENCH[@]}"}
+stage bench_generate "$OUT_DIR/bench_generate.log" 95 "$PY" benchmarks/bench_generate.py --out "$OUT_DIR" --budget-s 60 \
+  --attention-upcast fp32 scores ${BENCH[@]+"${BENCH[@]}"}
 
 {
   echo "$ENV_TEXT"

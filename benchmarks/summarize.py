@@ -103,6 +103,7 @@ def generate_lines(gen: dict) -> list[tuple]:
     for r in gen["rows"]:
         if r.get("decode_tok_s"):
             pct = f", {r['pct_decode_floor']:.0f}% of floor" if r.get("pct_decode_floor") else ""
+            pct += f", {r['decode_vs_eager']:.2f}x eager" if r.get("decode_vs_eager") else ""
             out.append((f"generate B={r['B']} {r['provider']}: decode tok/s", f"{r['decode_tok_s']:,.1f}{pct}",
                         f"TTFT {r['ttft_s'] * 1e3:.1f} ms, peak {r['peak_gb']:.1f} GB", "info"))  # fmt: skip
         elif r.get("skipped"):
@@ -136,7 +137,8 @@ def main(argv=None) -> None:
         measured = measured or "no summary line"
         passed = bool(totals) and not missing and not totals.get("failed") and not totals.get("error")
         passed = passed and exits.get("tests", "0") == "0"
-        rows.append(("GPU tests (tests/test_kernels*.py, test_moe_backward.py)", measured, "all pass", _status(passed)))
+        rows.append(("GPU tests (tests/test_kernels*.py, test_moe_backward.py, test_decode_graph_gpu.py)", measured, "all pass",
+                     _status(passed)))  # fmt: skip
     moe = _load(args.out / "bench_moe.json")
     if moe is None:
         rows.append(("bench_moe", "no JSON", "", "MISS"))

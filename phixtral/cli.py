@@ -63,7 +63,8 @@ def cmd_generate(args) -> int:
     print(
         f"prompt: {s.prompt_tokens} tokens in {s.prefill_s:.3f} s ({s.prompt_tokens_per_s:.1f} tokens/s); "
         f"decode: {s.new_tokens} tokens in {s.decode_s:.3f} s ({s.decode_tokens_per_s:.1f} tokens/s) "
-        f"[{model.device}, {str(model.dtype).removeprefix('torch.')}, backend {model.backend}]",
+        f"[{model.device}, {str(model.dtype).removeprefix('torch.')}, backend {model.backend}"
+        f"{', CUDA graph' if s.cuda_graph else ''}]",
         file=sys.stderr,
     )
     return 0

@@ -3,6 +3,7 @@
 The only host sync per step is reading the new tokens, which eos / stop strings / streaming need. On CUDA that read is
 a non-blocking copy issued before the next step is queued, so the GPU computes step i + 1 while the host looks at
 token i. Sampling draws with exponential noise (argmax(p / q), q ~ Exp(1)) instead of torch.multinomial, which syncs.
+On CUDA with the Triton MoE kernels, each decode step's forward is replayed from a CUDA graph (decode_graph.py).
 """
 
 import threading
@@ -13,6 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from . import decode_graph
 from .model import Phixtral
 
 # The KV cache length is rounded up to this, so that prompts of similar length reuse one allocation.
@@ -30,6 +32,7 @@ class GenerationStats:
     new_tokens: int
     prefill_s: float
     decode_s: float
+    cuda_graph: bool = False  # decode steps were replayed from a CUDA graph
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -45,7 +48,7 @@ class GenerationStats:
         return (
             f"batch {self.batch_size}: prompt {self.prompt_tokens} tokens in {self.prefill_s:.3f} s "
             f"({self.prompt_tokens_per_s:.1f} tokens/s); decode {self.new_tokens} tokens in {self.decode_s:.3f} s "
-            f"({self.decode_tokens_per_s:.1f} tokens/s)"
+            f"({self.decode_tokens_per_s:.1f} tokens/s{', CUDA graph' if self.cuda_graph else ''})"
         )
 
 
@@ -178,13 +181,17 @@ def generate_tokens(
     generator: Optional[torch.Generator] = None,
     sampler: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     stats: Optional[dict] = None,
+    cuda_graph=None,
 ) -> Iterator[list[int]]:
     """Yield each step's new token of every row as a host list [B]; stop early by closing the iterator.
 
     input_ids [B, S] on the model's device, left-padded where attention_mask [B, S] (1 real, 0 pad) says so.
     sampler, when given, replaces `sample` (and temperature, top_k, top_p, generator): logits [B, V] fp32 -> token ids
     [B] int64, called once per step in step order; a server uses it to sample each row with its own settings.
-    stats, when given, receives prefill_s and decode_s (time spent in here, not in the consumer).
+    stats, when given, receives prefill_s and decode_s (time spent in here, not in the consumer), and cuda_graph = True
+    when the decode steps were replayed from a CUDA graph.
+    cuda_graph: "auto", True, False, or None for model.cuda_graph (see phixtral.decode_graph): the forward of each decode
+    step replayed from a CUDA graph. Sampling runs eagerly either way, so the tokens are the same.
     """
     B, S = input_ids.shape
     device = input_ids.device
@@ -201,9 +208,10 @@ def generate_tokens(
         ids = input_ids if attention_mask is None else input_ids.masked_fill(~attention_mask.bool(), V)
         seen = seen.scatter_(1, ids, True)[:, :V]
 
-    def next_token(hidden):
-        """-> (tok [B], the same with -1 on rows whose logits are not all finite: what the host reads)."""
-        logits = model.lm_head(hidden[:, -1]).float()  # [B, V]: only the last position is needed
+    decode = decode_graph.decode_step(model, valid, cuda_graph=cuda_graph, steps=max_new_tokens - 1, stats=stats)
+
+    def next_token(logits):
+        """logits [B, V] fp32 -> (tok [B], the same with -1 on rows whose logits are not all finite: what the host reads)."""
         finite = torch.isfinite(logits).all(-1)  # [B], read with the token: no extra sync
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
@@ -214,13 +222,15 @@ def generate_tokens(
 
     clock = time.perf_counter()
     input_pos = torch.arange(S, device=device)
-    tok, checked = next_token(model.hidden_states(input_ids, valid, input_pos))  # prefill
+    hidden = model.hidden_states(input_ids, valid, input_pos)  # prefill
+    tok, checked = next_token(model.lm_head(hidden[:, -1]).float())  # only the last position is needed
+    del hidden
     input_pos = input_pos[-1:] + 1
     lookahead = device.type in LOOKAHEAD_DEVICE_TYPES
     for step in range(max_new_tokens):
         read = _host_reader(checked)
         if lookahead and step + 1 < max_new_tokens:  # queue step + 1 before waiting for this token
-            tok, checked = next_token(model.hidden_states(tok[:, None], valid, input_pos))
+            tok, checked = next_token(decode(tok, input_pos))
             input_pos = input_pos + 1
         host = read()
         if min(host) < 0:
@@ -233,7 +243,7 @@ def generate_tokens(
         yield host
         clock = time.perf_counter()
         if not lookahead and step + 1 < max_new_tokens:
-            tok, checked = next_token(model.hidden_states(tok[:, None], valid, input_pos))
+            tok, checked = next_token(decode(tok, input_pos))
             input_pos = input_pos + 1
 
 
@@ -354,6 +364,7 @@ def generate(
     seed: Optional[int] = None,
     stream: bool = False,
     attention_mask: Optional[torch.Tensor] = None,
+    cuda_graph=None,
 ):
     """Generate from a prompt.
 
@@ -366,6 +377,9 @@ def generate(
     The KV cache belongs to the model, so generations on one model run one at a time: a call from another thread waits
     for the running one (a stream holds the model until it is exhausted or closed); a second generation started by the
     thread that holds an open stream raises a RuntimeError. Non-finite logits raise NonFiniteLogitsError.
+    cuda_graph: "auto", True or False; None takes model.cuda_graph ("auto" unless set). On CUDA with the Triton MoE
+    kernels, "auto" replays each decode step's forward from a CUDA graph (phixtral/decode_graph.py: same tokens, much
+    less host time per step); True insists (an error says why it cannot); False decodes eagerly.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     stops = _check_stop(stop)
@@ -375,6 +389,8 @@ def generate(
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if seed is not None and not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if cuda_graph is not None:
+        decode_graph.check_mode(cuda_graph)
     kind, ids, mask = _encode(model, prompt, attention_mask)
     B, S = ids.shape
     if S + max_new_tokens > model.config.n_positions:
@@ -391,17 +407,18 @@ def generate(
         generator.seed()
     else:
         generator.manual_seed(seed)
-    timing = {"prefill_s": 0.0, "decode_s": 0.0}
+    timing = {"prefill_s": 0.0, "decode_s": 0.0, "cuda_graph": False}
     lock = generation_lock(model)
     lock.acquire()
     steps = generate_tokens(
         model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, generator=generator, stats=timing,
+        repetition_penalty=repetition_penalty, generator=generator, stats=timing, cuda_graph=cuda_graph,
     )  # fmt: skip
     eos = set(model.eos_token_ids)
 
     def record(new_tokens):
-        model.last_generation_stats = GenerationStats(B, S, new_tokens, timing["prefill_s"], timing["decode_s"])
+        model.last_generation_stats = GenerationStats(B, S, new_tokens, timing["prefill_s"], timing["decode_s"],
+                                                      timing["cuda_graph"])  # fmt: skip
 
     if stream:
         return _LockedStream(_stream(model, steps, eos, stops, record), lock)

@@ -3,7 +3,8 @@
 What is special about this family:
     - one LayerNorm feeds both attention and the MLP, and both outputs join the residual: x = x + attn(ln(x)) + moe(ln(x));
     - rotary embeddings touch only the first rotary_dim dims of each head (32 of 80 for phi-2), NeoX half-split;
-    - phi-2's attention scores overflow fp16 in the late layers, so attention runs in fp32 when the model runs in fp16;
+    - phi-2's attention scores overflow fp16 in the late layers, so attention runs in fp32 when the model runs in fp16
+      (attention_upcast="scores" instead keeps q, k, v in fp16 and pre-scales q so that no fp16 product overflows);
     - every MLP is a MoE layer: a dense checkpoint is one expert with top_k 1, and all layers call `fused_moe`;
     - GPTQ checkpoints keep Wqkv, out_proj, fc1 and fc2 packed (QuantizedLinear, QuantizedExpertLinear): on a GPU they
       run through the same grouped GEMM, which dequantizes inside its K loop (see phixtral/gptq.py); on a CPU, in
@@ -27,6 +28,10 @@ from phixtral_kernels.cpu_packed import cpu_packing_unsupported, pack_for_cpu
 
 from .atomic import atomic_folder
 from .config import PhixtralConfig
+
+# How an fp16 model's attention avoids phi-2's overflow of q.k^T (see Attention.forward): "fp32" upcasts q, k and v (the
+# original code's way; it copies the whole cache to fp32 every step), "scores" keeps them in fp16 and pre-scales q.
+ATTENTION_UPCAST = ("fp32", "scores")
 
 
 class KVCache(nn.Module):
@@ -66,6 +71,9 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_head_kv) * self.head_dim)
         self.out_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd)
         self.kv_cache: Optional[KVCache] = None
+        self.upcast = "fp32"  # fp16 models only, one of ATTENTION_UPCAST (Phixtral.attention_upcast sets every layer's)
+        # "scores": q times 2^-floor(log2(sqrt(hd))), exact in fp16; SDPA's scale is the rest of 1/sqrt(hd), in (1/2, 1].
+        self.prescale = 2.0 ** -math.floor(math.log2(math.sqrt(self.head_dim)))
 
     def forward(self, x, cos, sin, mask, input_pos):
         # x [B, S, D]; cos, sin [B, S, 1, rotary_dim / 2]; mask [B, 1, S, L] bool or None (causal); input_pos [S] or None
@@ -82,12 +90,17 @@ class Attention(nn.Module):
         if self.n_head_kv != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
-        if q.dtype == torch.float16:
+        scale = 1.0 / math.sqrt(hd)
+        if q.dtype == torch.float16 and self.upcast == "scores":
+            # SDPA's fused CUDA kernels (flash, memory-efficient) accumulate q.k^T and take the softmax in fp32; with q
+            # pre-scaled, a kernel that stores q.k^T in fp16 holds at most twice the final score, not 9x (hd = 80).
+            q, scale = q * self.prescale, scale / self.prescale
+        elif q.dtype == torch.float16:
             # phi-2's q.k^T exceeds the fp16 range in the late layers (NaN logits); the original code upcasts the same way.
-            # Upcasting q, k, v costs an fp32 copy of the cache per step, small next to reading the weights; bf16 has the
-            # range and stays as it is.
+            # Upcasting q, k, v costs an fp32 copy of the cache per step, small next to reading the weights at batch 1;
+            # bf16 has the range and stays as it is.
             q, k, v = q.float(), k.float(), v.float()
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=1.0 / math.sqrt(hd))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
         y = y.transpose(1, 2).reshape(B, S, self.n_head * hd).to(x.dtype)  # [B, S, H * hd]
         return self.out_proj(y)
 
@@ -261,6 +274,8 @@ class Phixtral(nn.Module):
         self.last_generation_stats = None  # a GenerationStats after each generate()
         self._inv_freq = {}  # device -> [rotary_dim / 2] fp32; a plain dict so .half() can never round it
         self.quantization = None  # a phixtral.gptq.GPTQConfig when some Linears are GPTQ-packed
+        self.cuda_graph = "auto"  # decode steps replayed from CUDA graphs: "auto", True or False (phixtral/decode_graph.py)
+        self.decode_graphs = None  # the captured decode steps (a decode_graph.DecodeGraphs); they point into the KV cache
         self.set_backend(backend)
 
     @classmethod
@@ -322,11 +337,26 @@ class Phixtral(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "triton" and self.device.type != "meta" and (reason := triton_unavailable_reason(self.device)):
             raise RuntimeError(f"backend='triton' cannot run on {self.device}: {reason}")
+        self.decode_graphs = None  # captured with the old backend
         for block in self.h:
             block.moe.backend = backend
         for module in self.modules():
             if isinstance(module, QuantizedLinear):
                 module.backend = backend
+
+    @property
+    def attention_upcast(self) -> str:
+        """How an fp16 model computes attention: "fp32" (q, k, v upcast, the default) or "scores" (fp16 q, k, v, q
+        pre-scaled; see Attention.forward). No effect on fp32 and bf16 models."""
+        return self.h[0].mixer.upcast if len(self.h) else "fp32"
+
+    @attention_upcast.setter
+    def attention_upcast(self, mode: str) -> None:
+        if mode not in ATTENTION_UPCAST:
+            raise ValueError(f"attention_upcast must be one of {ATTENTION_UPCAST}, got {mode!r}")
+        self.decode_graphs = None  # captured with the other mode
+        for block in self.h:
+            block.mixer.upcast = mode
 
     def pack_for_cpu(self) -> None:
         """Repack the GPTQ-packed Linears for torch's CPU int8 / int4 kernels now (a bfloat16 model on the CPU) rather
@@ -348,12 +378,14 @@ class Phixtral(nn.Module):
         if cache is not None and cache.k_cache.shape == shape and cache.k_cache.dtype == self.dtype:
             if cache.k_cache.device == self.device:
                 return
+        self.decode_graphs = None  # captured over the old cache
         for block in self.h:
             block.mixer.kv_cache = None  # free the old cache before allocating the new one
         for block in self.h:
             block.mixer.kv_cache = KVCache(*shape, dtype=self.dtype, device=self.device)
 
     def clear_caches(self) -> None:
+        self.decode_graphs = None
         for block in self.h:
             block.mixer.kv_cache = None
 

@@ -18,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-GPU_TIER = ["tests/test_kernels.py", "tests/test_kernels_random.py", "tests/test_moe_backward.py", "tests/test_kernels_gpu.py"]  # as in gpu_check.sh
+GPU_TIER = ["tests/test_kernels.py", "tests/test_kernels_random.py", "tests/test_moe_backward.py", "tests/test_kernels_gpu.py",
+            "tests/test_decode_graph_gpu.py"]  # as in gpu_check.sh
 OPTIONAL = ("hypothesis", "pytest_benchmark", "matplotlib")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
@@ -81,7 +82,7 @@ def test_dry_run_of_every_stage(hidden_env, tmp_path):
     for bench in ("bench_moe", "bench_generate"):
         assert "plot not written: matplotlib is not installed" in (tmp_path / f"{bench}.log").read_text()
     summary = (tmp_path / "summary.txt").read_text()
-    assert re.search(rf"\| GPU tests \(tests/test_kernels\*\.py, test_moe_backward\.py\) \| {counts[0][1]} collected \| all pass \| PASS \|", summary), summary
+    assert re.search(rf"\| GPU tests \(tests/test_kernels\*\.py, test_moe_backward\.py, test_decode_graph_gpu\.py\) \| {counts[0][1]} collected \| all pass \| PASS \|", summary), summary
     assert re.search(r"\| bench_generate \| 0 \| \d+ \|", summary), summary
 
 

@@ -179,10 +179,13 @@ def test_triton_torch_and_naive_backends_agree():
         model.set_backend("cuda")
 
 
-def test_fp16_attention_scores_beyond_fp16_range_stay_finite():
-    """Biases that push q.k^T past 65504 (as phi-2's late layers do): fp16 scores would be inf and the logits NaN."""
+@pytest.mark.parametrize("upcast", ["fp32", "scores"])
+def test_fp16_attention_scores_beyond_fp16_range_stay_finite(upcast):
+    """Biases that push q.k^T past 65504 (as phi-2's late layers do): fp16 scores would be inf and the logits NaN.
+    In both attention modes (tests/test_attention_upcast.py emulates what GPU kernels do with them)."""
     folder = msft_moe_checkpoint()
     models = {dt: phixtral.from_pretrained(folder, backend="torch", dtype=dt) for dt in (torch.float32, torch.float16)}
+    models[torch.float16].attention_upcast = upcast
     D = models[torch.float32].config.n_embd
     for m in models.values():
         with torch.no_grad():
