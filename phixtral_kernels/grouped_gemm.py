@@ -22,11 +22,11 @@ launching needs no host sync.
 
 The top-k sum inside GEMM 2 (PAIR_SUM, top_k = 2): each token's two weighted rows a, b (fp32, from tiles of two
 different experts, in any order) meet in an int32 [T, D] pair buffer that holds the sentinel -1 (written by the fused
-routing kernel). Each program atomically exchanges its row's bits into the buffer: exactly one of the two sees the
-sentinel and stops; the other gets its partner's value back, adds it to its own in fp32 and stores the cast sum to
-out[t]. IEEE-754 addition is commutative, so old + own is the same bits whichever program came second (a + b == b + a,
-signed zeros and infinities included; NaNs are given one bit pattern first, which also keeps them off the sentinel, a
-NaN pattern no arithmetic makes). The result is bit-identical from run to run with no fixed order, no zeroed fp32
+routing kernel). Each program atomically exchanges its fp32 row into the buffer: exactly one of the two gets the
+sentinel back and stops; the other gets its partner's value, adds it to its own in fp32 and stores the cast sum to
+out[t]. IEEE-754 addition is commutative, so partner + own is the same bits whichever program came second (a + b ==
+b + a, signed zeros and infinities included; NaNs are given one bit pattern first, which also keeps them off the
+sentinel, a NaN pattern that no arithmetic makes). The result is bit-identical from run to run with no fixed order, no zeroed fp32
 buffer and no cast launch; top_k = 1 stores its single row straight to out. Three or more addends would not commute
 this way ((a + b) + c != a + (b + c)), so top_k > 2 and split-K keep `moe_combine`'s fixed-order sum.
 """
@@ -71,8 +71,9 @@ def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_ge
     for the tensor cores. These are starting points, not tuned tables.
 
     sum_in_gemm2 (top_k <= 2): GEMM 2 without K-split, so that it can sum each token's rows itself (`expert_gemm2_sum`);
-    at decode it takes N tiles of 32 and K steps of 256 instead (D = 2560: 80 programs per expert, each streaming all
-    of F, where the K-split of 4 over N tiles of 64 had 160 programs streaming a quarter of F each).
+    at decode it takes N tiles of 32 instead (D = 2560: 80 programs per expert, each streaming all of F, where the
+    K-split of 4 over N tiles of 64 had 160 programs streaming a quarter of F each) and six stages of loads in flight.
+    (K steps of 256 spilled 4.9 KB per thread in fp32 on sm_80; 128 x 6 stages spill 16 B there, fp16 / bf16 none.)
     GEMM 1's config, and so block_m, never changes with it.
     """
     no_split = sum_in_gemm2 and top_k <= 2
@@ -83,7 +84,7 @@ def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_ge
     if rows_per_expert <= 16:
         gemm1 = GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
         if no_split:
-            return gemm1, GemmConfig(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=4)
+            return gemm1, GemmConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=6)
         return gemm1, GemmConfig(block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=4)
     if rows_per_expert <= 64:
         block_m = max(16, next_power_of_2(int(rows_per_expert)))
@@ -142,6 +143,7 @@ if triton is not None:
         GATHER_A: tl.constexpr,
         SCATTER_C: tl.constexpr,
         PAIR_SUM: tl.constexpr,  # SCATTER_C, TOP_K = 2, SPLIT_K = 1: c is out [T, N], each token's two rows summed here
+        XCHG_AS_INT: tl.constexpr,  # PAIR_SUM under the interpreter, which has no float atomic exchange
         HAS_BIAS: tl.constexpr,  # False in the backward GEMMs, which have no bias
         ACTIVATION: tl.constexpr,  # "gelu_tanh" or ""
         MUL_ROUTING_WEIGHT: tl.constexpr,
@@ -284,12 +286,18 @@ if triton is not None:
             # is its only synchronization, and the second program's store comes after both (fp32: out is the pair
             # buffer, the store overwrites the bits it exchanged in), when no other program touches that element.
             tokens = (slots // TOP_K).to(tl.int64)
-            bits = tl.where(acc != acc, 0x7FC00000, acc.to(tl.int32, bitcast=True))  # every NaN as one quiet NaN
+            acc = tl.where(acc != acc, float("nan"), acc)  # every NaN as one pattern, never the sentinel's
             pair_ptrs = pair_ptr + tokens[:, None] * stride_pair_t + offs_n[None, :]
-            partner = tl.atomic_xchg(pair_ptrs, bits, mask=mask_c, sem="relaxed")
-            total = partner.to(tl.float32, bitcast=True) + bits.to(tl.float32, bitcast=True)
+            if XCHG_AS_INT:  # the interpreter has no float exchange: the same 32 bits, as int32
+                bits = tl.atomic_xchg(pair_ptrs, acc.to(tl.int32, bitcast=True), mask=mask_c, sem="relaxed")
+                partner = bits.to(tl.float32, bitcast=True)
+            else:
+                # a float exchange (atom.exch.b32 all the same): the accumulator's bits as int32 into the exchange,
+                # its result then used, broke triton 3.9's layout pass ("Assertion `operandEnc' failed"; 3.6 took it)
+                partner = tl.atomic_xchg(pair_ptrs.to(tl.pointer_type(tl.float32)), acc, mask=mask_c, sem="relaxed")
+            second = partner.to(tl.int32, bitcast=True) != -1  # the first program's exchange returned the sentinel
             c_ptrs = c_ptr + tokens[:, None] * stride_c_m + offs_n[None, :] * stride_c_n
-            tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask_c & (partner != -1))
+            tl.store(c_ptrs, (partner + acc).to(c_ptr.dtype.element_ty), mask=mask_c & second)
         else:
             if SCATTER_C:
                 c_rows = slots
@@ -385,7 +393,7 @@ def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a,
         bias.stride(0), bias.stride(1),
         c_split_stride, c_2d.stride(0), c_2d.stride(1), pair.stride(0),
         TOP_K=routing.top_k, E_PAD=next_power_of_2(E),
-        GATHER_A=gather_a, SCATTER_C=scatter_c, PAIR_SUM=pair_sum, HAS_BIAS=has_bias, ACTIVATION=activation, MUL_ROUTING_WEIGHT=mul_routing_weight,
+        GATHER_A=gather_a, SCATTER_C=scatter_c, PAIR_SUM=pair_sum, XCHG_AS_INT=INTERPRET and pair_sum, HAS_BIAS=has_bias, ACTIVATION=activation, MUL_ROUTING_WEIGHT=mul_routing_weight,
         DOT_IN_FP32=INTERPRET and a.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         **q_meta,
