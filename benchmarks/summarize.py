@@ -142,7 +142,8 @@ def main(argv=None) -> None:
         measured = measured or "no summary line"
         passed = bool(totals) and not missing and not totals.get("failed") and not totals.get("error")
         passed = passed and exits.get("tests", "0") == "0"
-        rows.append(("GPU tests (tests/test_kernels*.py, test_moe_backward.py)", measured, "all pass", _status(passed)))
+        rows.append(("GPU tests (tests/test_kernels*.py, test_moe_backward.py, test_decode_chain.py)", measured, "all pass",
+                     _status(passed)))  # fmt: skip
     moe = _load(args.out / "bench_moe.json")
     if moe is None:
         rows.append(("bench_moe", "no JSON", "", "MISS"))
