@@ -12,6 +12,10 @@ Providers, each checked against an fp32 reference (‖out - ref‖ / ‖ref‖, 
     fused          GPU: fused_moe(backend="triton") replayed from a CUDA graph (the path has no host sync; a model's
                    decode step runs this way). CPU: fused_moe(backend="torch").
     fused_eager    GPU: the same kernels launched from Python each call.
+    fused_legacy   GPU, T <= 16: the launch chain the decode chain replaced (router matmul, top-k, align, GEMM 1,
+                   GEMM 2 with K-split, combine: 6 launches, grids over every tile of the padded map), replayed from a
+                   CUDA graph: `fused` against it is what the decode chain (3 launches) saves. Above T = 16 the two
+                   chains are the same but for the grids.
     torch          GPU: fused_moe(backend="torch"); it reads the expert counts on the host.
     naive          naive_moe, the original phixtral loop (boolean masks, host syncs): the baseline of "x naive".
     gather_einsum  gpt-fast style: gather the top_k experts' weights for every token, then einsum. Eager, so the gather is
@@ -38,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import common  # noqa: E402
 from phixtral_kernels import fused_moe, gelu_tanh, naive_moe, topk_softmax_torch  # noqa: E402
+from phixtral_kernels.moe_backward import DECODE_MAX_TOKENS, triton_moe_forward  # noqa: E402
 
 GPU_SHAPE = dict(D=2560, F=10240, E=4, top_k=2)
 CPU_SHAPE = dict(D=1024, F=4096, E=4, top_k=2)  # 4 experts = 134 MB in fp32: larger than the L3 of a server CPU
@@ -131,6 +136,12 @@ def grouped_mm_moe(x, gate, w1, b1, w2, b2, top_k):
     return (y_slots.view(T, top_k, D).float() * weights[..., None]).sum(1).to(x.dtype)
 
 
+def legacy_chain_moe(x, gate, w1, b1, w2, b2, top_k):
+    """fused_moe's Triton forward through the six-launch chain that the decode chain replaced (PHIXTRAL_MOE_DECODE_PATH=
+    legacy), for timing the two against each other."""
+    return triton_moe_forward(x, gate, w1, b1, w2, b2, top_k, path="legacy")[0]
+
+
 def grouped_mm_unavailable(dtype, device) -> str | None:
     """Why torch._grouped_mm cannot serve here, or None. Its signature and dtype support changed across torch versions."""
     if not hasattr(torch, "_grouped_mm"):
@@ -149,7 +160,7 @@ def grouped_mm_unavailable(dtype, device) -> str | None:
     return None
 
 
-OWN_PROVIDERS = ("fused", "fused_eager", "torch", "naive")
+OWN_PROVIDERS = ("fused", "fused_eager", "fused_legacy", "torch", "naive")
 
 
 @dataclass
@@ -172,6 +183,8 @@ def providers(device, dtype, layer: Layer, gather_cap_bytes: float) -> tuple[lis
     out = [Provider("fused", fused(fused_backend), gpu, f"fused_moe[{fused_backend}]" + (" CUDA graph" if gpu else ""))]
     if gpu:
         out.append(Provider("fused_eager", fused("triton"), False, "fused_moe[triton] eager"))
+        out.append(Provider("fused_legacy", legacy_chain_moe, True, "fused_moe[triton] legacy chain, CUDA graph",
+                            max_tokens=DECODE_MAX_TOKENS))  # fmt: skip
     out.append(Provider("naive", naive_moe, False, "naive_moe (original loop)"))
     if gpu:
         out.append(Provider("torch", fused("torch"), False, "fused_moe[torch] eager"))

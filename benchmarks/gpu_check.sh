@@ -9,7 +9,8 @@
 # Stages, each under its own time limit (seconds; then 5 s of grace before a kill):
 #   env             nvidia-smi and the versions; stops here when torch sees no GPU                      15 + 40
 #   warm            python -m phixtral_kernels.aot --warm: every launch the GPU tests and the benchmarks make at
-#                   phixtral shapes (~60 variants), compiled into Triton's cache by one process per CPU     45
+#                   phixtral shapes (~65 variants: the decode chain's and, at T <= 16, the legacy chain's that
+#                   bench_moe times against it), compiled into Triton's cache by one process per CPU      45
 #   tests           the GPU tier in GPU_CHECK_SHARDS pytest processes at once (pytest --shard I/N): its ~200
 #                   small-shape variants compile one per process at a time, not one after another         140
 #   bench_moe       stops starting new points after --budget-s 70                                           100
@@ -133,8 +134,8 @@ fi
 # The token counts of tests/test_kernels_gpu.py (1 2 5 16 64 200 1024 4096), bench_moe (1 ... 16384) and bench_generate
 # (decode B = 1 8 32, prefill B x 256, its checks 2 x 32), in fp16 and bf16.
 WARM=(-m phixtral_kernels.aot --warm --jobs "$CPUS" --tokens 1 2 4 5 8 16 32 64 128 200 256 512 1024 2048 4096 8192 16384)
-TESTS=(tests/test_kernels.py tests/test_kernels_random.py tests/test_moe_backward.py tests/test_kernels_gpu.py
-  tests/test_decode_graph_gpu.py)
+TESTS=(tests/test_kernels.py tests/test_kernels_random.py tests/test_moe_backward.py tests/test_decode_chain.py
+  tests/test_kernels_gpu.py tests/test_decode_graph_gpu.py)
 BENCH=()
 if [ "$DRY" = 1 ]; then
   WARM+=(--dry-run)

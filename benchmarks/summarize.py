@@ -7,6 +7,7 @@ Targets (GPU, bf16, fused = the Triton kernels replayed from a CUDA graph):
     T=8..64        time <= 1.15x the floor of all four experts
     T=16384        >= 70% of the measured bf16 matmul rate
     T<=16          >= 2x the naive loop (bf16 and fp16)
+Information: at T = 1 and 8, the decode chain (fused, 3 launches) against the legacy chain it replaced (fused_legacy, 6).
 """
 
 import argparse
@@ -83,6 +84,11 @@ def moe_targets(moe: dict) -> list[tuple]:
             worst, T = max(ratios)
             out.append((f"bf16 T=8..64 {provider}: worst time / 4-expert floor", f"{worst:.2f}x (T={T})", "<= 1.15x",
                         _status(worst <= 1.15) if provider == "fused" else "info"))  # fmt: skip
+    for T in (1, 8):
+        new, old = _row(rows, "bfloat16", T, "fused"), _row(rows, "bfloat16", T, "fused_legacy")
+        if new and old and new.get("median_s") and old.get("median_s"):
+            out.append((f"bf16 T={T}: decode chain / legacy chain", f"{new['median_s'] / old['median_s']:.2f}x "
+                        f"({new['median_s'] * 1e6:.1f} us vs {old['median_s'] * 1e6:.1f} us)", "< 1x", "info"))  # fmt: skip
     r = _row(rows, "bfloat16", 16384, "fused")
     if r and r.get("tflops"):
         frac = r["tflops"] / c["matmul_tflops"]
@@ -137,8 +143,8 @@ def main(argv=None) -> None:
         measured = measured or "no summary line"
         passed = bool(totals) and not missing and not totals.get("failed") and not totals.get("error")
         passed = passed and exits.get("tests", "0") == "0"
-        rows.append(("GPU tests (tests/test_kernels*.py, test_moe_backward.py, test_decode_graph_gpu.py)", measured, "all pass",
-                     _status(passed)))  # fmt: skip
+        rows.append(("GPU tests (tests/test_kernels*.py, test_moe_backward.py, test_decode_chain.py, test_decode_graph_gpu.py)",
+                     measured, "all pass", _status(passed)))  # fmt: skip
     moe = _load(args.out / "bench_moe.json")
     if moe is None:
         rows.append(("bench_moe", "no JSON", "", "MISS"))

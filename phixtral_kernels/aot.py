@@ -18,8 +18,12 @@ attention's Wqkv shape (`quantized_linear`). SCHEME is `w<bits>g<group>` or `w<b
 points and `a` for act-order: w4g128, w4g128za, w8c. Act-order gives GEMM 1 and the dense Linear a g_idx (per-element
 group lookups); GEMM 2's act-order is absorbed at load (`absorb_act_order`), so its launch has none.
 
+`--path legacy` (or `decode`) reports the launches of that forward chain instead of the default one (see
+moe_backward.DECODE_PATHS): at T <= 16 the default is the three-launch decode chain.
+
 On a CUDA machine, `--warm` instead compiles the launches of these shapes for the GPU present into Triton's cache, the
-same way a first launch would (`JITFunction.warmup` on empty CUDA tensors), so that later processes start warm:
+same way a first launch would (`JITFunction.warmup` on empty CUDA tensors), so that later processes start warm. It
+takes the default chain at every T and the legacy chain at decode T as well (benchmarks/bench_moe.py times both):
 
     python -m phixtral_kernels.aot --warm [--tokens ...] [--dtypes ...] [--jobs N]
 
@@ -50,6 +54,7 @@ from .quant import QuantizedExperts
 
 PHIXTRAL_SHAPE = dict(D=2560, F=10240, E=4, top_k=2)
 _KERNEL_MODULES = {
+    "_fused_routing_kernel": routing,
     "_topk_softmax_kernel": routing,
     "_align_kernel": routing,
     "_grouped_gemm_kernel": grouped_gemm,
@@ -149,12 +154,13 @@ def empty_quantized(E: int, N: int, K: int, scheme: str, scales_dtype, device, *
     )  # fmt: skip
 
 
-def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int, *, quant: str = "", device="meta",
-                    warm_index=None) -> list:  # fmt: skip
+def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int, *, quant: str = "", path: str = "auto",
+                    device="meta", warm_index=None) -> list:  # fmt: skip
     """The kernel launches of one fused_moe call on empty tensors of these shapes (meta tensors: nothing runs).
 
     quant: a scheme (see `parse_quant_scheme`): quantized w1 (with act-order's g_idx when the scheme has it) and w2
-    (act-order absorbed at load), then one quantized dense Linear of Wqkv's shape [3D, D]."""
+    (act-order absorbed at load), then one quantized dense Linear of Wqkv's shape [3D, D].
+    path: the forward chain, as PHIXTRAL_MOE_DECODE_PATH names it ("auto", "decode" or "legacy")."""
     alloc = dict(device=device, dtype=dtype)
     x = torch.empty(T, D, **alloc)
     w1, w2 = torch.empty(E, F, D, **alloc), torch.empty(E, D, F, **alloc)
@@ -162,7 +168,7 @@ def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: i
         w1 = empty_quantized(E, F, D, quant, dtype, device, act_order=True)
         w2 = empty_quantized(E, D, F, quant, dtype, device, act_order=False)
     weights = (torch.empty(E, D, **alloc), w1, torch.empty(E, F, **alloc), w2, torch.empty(E, D, **alloc))
-    with _recording(warm_index) as launches:
+    with _recording(warm_index) as launches, mock.patch.dict(os.environ, {"PHIXTRAL_MOE_DECODE_PATH": path}):
         moe.fused_moe(x, *weights, top_k, backend="triton")
         if quant:
             wqkv = empty_quantized(1, 3 * D, D, quant, dtype, device, act_order=True)
@@ -263,6 +269,8 @@ def _variant(launch: Launch) -> str:
             name = "gemm1" if kw["ACTIVATION"] else "preact" if kw["HAS_BIAS"] else "grad_hidden"
         else:
             name = "gemm2" if kw["HAS_BIAS"] else "grad_input"
+        if kw.get("PAIR_SUM"):
+            name += "+sum"  # GEMM 2 summing each token's two rows (no combine launch)
         quant = ""
         if kw.get("W_BITS"):
             group = f"g{kw['GROUP_SIZE']}" if kw["GROUP_SIZE"] else "c"
@@ -289,9 +297,10 @@ def _launches(T: int, dtype_name: str, shape: tuple) -> list:
     return record(T, getattr(torch, dtype_name), **sizes)
 
 
-def _shapes(shape: dict, backward: bool = False, quant=()) -> list[tuple]:
-    """The shape items of each report: one per quant scheme, else one (forward or backward)."""
-    base = tuple(shape.items())
+def _shapes(shape: dict, backward: bool = False, quant=(), path: str = "auto") -> list[tuple]:
+    """The shape items of each report: one per quant scheme, else one (forward or backward); ("path", name) for a
+    forward chain other than the default."""
+    base = tuple(shape.items()) + ((("path", path),) if path != "auto" and not backward else ())
     if quant:
         return [base + (("quant", scheme),) for scheme in quant]
     return [base + ((("backward", True),) if backward else ())]
@@ -394,6 +403,7 @@ def compile_report(
     shape: dict = PHIXTRAL_SHAPE,
     backward: bool = False,
     quant=(),
+    path: str = "auto",
 ) -> list:
     """One CompileRow per (dtype, T, launch of fused_moe or, with `backward`, of its backward, or with `quant` schemes,
     of fused_moe on quantized experts and a quantized dense Linear, target). Each distinct launch compiles once per
@@ -402,7 +412,7 @@ def compile_report(
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     for scheme in quant:
         parse_quant_scheme(scheme)
-    tasks, first = _report_tasks(tokens, dtypes, capabilities, info_capabilities, _shapes(shape, backward, quant))
+    tasks, first = _report_tasks(tokens, dtypes, capabilities, info_capabilities, _shapes(shape, backward, quant, path))
     unique = sorted(set(first.values()))
     results = _run_tasks(_compile_task, [tasks[i] for i in unique], jobs or default_jobs(), _describe_compile, "compiled")
     compiled = dict(zip(unique, results))
@@ -420,10 +430,20 @@ def _warm_task(task) -> float:
     return time.monotonic() - start
 
 
-def _warm_tasks(tokens, dtypes, shapes: list) -> list:
-    """One task per distinct launch, the first (dtype, T) that makes it."""
+def _warm_groups(tokens, shape: dict = PHIXTRAL_SHAPE, quant=()) -> list:
+    """(token counts, shape items) to warm: the default chain at every T; float experts also the legacy chain at the T
+    where it differs (T <= DECODE_MAX_TOKENS), which benchmarks/bench_moe.py times against the default."""
+    groups = [(tuple(tokens), s) for s in _shapes(shape, quant=quant)]
+    decode_tokens = tuple(T for T in tokens if T <= moe_backward.DECODE_MAX_TOKENS)
+    if decode_tokens and not quant:
+        groups += [(decode_tokens, s) for s in _shapes(shape, path="legacy")]
+    return groups
+
+
+def _warm_tasks(groups, dtypes) -> list:
+    """One task per distinct launch, the first (dtype, T, shape) that makes it. groups: (token counts, shape items)."""
     tasks, seen = [], set()
-    for shape in shapes:
+    for tokens, shape in groups:
         for dtype in dtypes:
             name = str(dtype).replace("torch.", "")
             for T in tokens:
@@ -444,7 +464,7 @@ def warm_cache(tokens, dtypes, jobs: int | None = None, shape: dict = PHIXTRAL_S
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     if not torch.cuda.is_available():
         raise RuntimeError("--warm compiles for the GPU of this machine, and torch sees no CUDA GPU")
-    tasks = _warm_tasks(tokens, dtypes, _shapes(shape, quant=quant))
+    tasks = _warm_tasks(_warm_groups(tokens, shape, quant), dtypes)
     _run_tasks(_warm_task, tasks, jobs or default_jobs(), lambda t: _describe(*t), "warmed")
     return len(tasks)
 
@@ -469,6 +489,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backward", action="store_true", help="the launches of fused_moe's backward instead")
     parser.add_argument("--quant", nargs="+", default=[], metavar="SCHEME",
                         help="the launches of quantized experts instead, per scheme: w4g128, w4g128za, w8c, ...")  # fmt: skip
+    parser.add_argument("--path", default="auto", choices=list(moe_backward.DECODE_PATHS),
+                        help="the forward chain to report (PHIXTRAL_MOE_DECODE_PATH's names; default: auto)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=None, help="compiles at once, in processes (default: the CPUs available)")
     parser.add_argument("--warm", action="store_true", help="compile for this machine's GPU into Triton's cache instead of reporting")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -478,6 +500,8 @@ def main(argv=None) -> int:
         parser.error("unset TRITON_INTERPRET: under the interpreter the kernels are Python functions and the configs differ")
     if args.backward and args.quant:
         parser.error("--backward and --quant report different launches: pass one of them")
+    if args.path != "auto" and (args.backward or args.warm):
+        parser.error("--path picks the forward chain to report: not with --backward or --warm (which warms both chains)")
     for scheme in args.quant:
         try:
             parse_quant_scheme(scheme)
@@ -486,9 +510,9 @@ def main(argv=None) -> int:
     dtypes = [getattr(torch, d) for d in args.dtypes]
     start = time.monotonic()
     if args.dry_run:
-        shapes = _shapes(PHIXTRAL_SHAPE, args.backward and not args.warm, args.quant)
+        shapes = _shapes(PHIXTRAL_SHAPE, args.backward and not args.warm, args.quant, args.path)
         if args.warm:
-            lines = [_describe(*t) for t in _warm_tasks(args.tokens, dtypes, shapes)]
+            lines = [_describe(*t) for t in _warm_tasks(_warm_groups(args.tokens, quant=args.quant), dtypes)]
         else:
             tasks, first = _report_tasks(args.tokens, dtypes, CAPABILITIES, () if args.quant else INFO_CAPABILITIES, shapes)
             lines = [_describe_compile(tasks[i]) for i in sorted(set(first.values()))]
@@ -499,7 +523,8 @@ def main(argv=None) -> int:
         print(f"aot --warm: {count} distinct launches compiled for {torch.cuda.get_device_name()} in {time.monotonic() - start:.1f} s")
         return 0
     info = () if args.quant else INFO_CAPABILITIES  # sm_75's row is the float GEMM's; the quantized ones add nothing there
-    rows = compile_report(args.tokens, dtypes, info_capabilities=info, jobs=args.jobs, backward=args.backward, quant=args.quant)
+    rows = compile_report(args.tokens, dtypes, info_capabilities=info, jobs=args.jobs, backward=args.backward, quant=args.quant,
+                          path=args.path)  # fmt: skip
     bad = [r for r in rows if r.problem]
     if args.json:
         print(json.dumps({"rows": [asdict(r) for r in rows], "problems": len(bad)}))

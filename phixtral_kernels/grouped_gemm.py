@@ -2,6 +2,7 @@
 
     GEMM 1 (`expert_gemm1`): h[r]     = gelu_tanh(x[slot_r // top_k] @ w1[e_r]^T + b1[e_r])     h [R, F] in x's dtype
     GEMM 2 (`expert_gemm2`): y[p, s_r] = w[s_r] * (h[r, Kp] @ w2[e_r, :, Kp]^T + [p == 0] b2[e_r])  y [P, S, D] fp32
+    GEMM 2, top-k summed in it (`expert_gemm2_sum`, top_k <= 2, no K-split): out[t] = sum_k y[t * top_k + k]  [T, D]
 
 r is a row of the sorted map (R = S + E * (block_m - 1) rows by upper bound), s_r its slot, e_r its expert, p one of P
 K-splits. GEMM 1 gathers x's rows by slot inside the kernel, so no permuted copy of x exists; it writes h in sorted order
@@ -15,8 +16,19 @@ exists. Where a K tile lies inside one group (no g_idx, BLOCK_K <= group size) i
 with act-order (HAS_G_IDX) it looks up every element's group through g_idx. W_BITS = 0 compiles the float path alone.
 
 One kernel serves both GEMMs, and the backward's (moe_backward.py: transposed weight views, no bias); compile-time flags
-pick the prologue and epilogue. Its grid is an upper bound (every tile the map could need); tiles past expert_offsets[E]
-exit at once, so launching needs no host sync.
+pick the prologue and epilogue. Its grid is an upper bound computed from shapes alone (`RoutingMap.max_tiles`: the most
+tiles T * top_k slots can fill, not every tile of the padded map); tiles past expert_offsets[E] exit at once, so
+launching needs no host sync.
+
+The top-k sum inside GEMM 2 (PAIR_SUM, top_k = 2): each token's two weighted rows a, b (fp32, from tiles of two
+different experts, in any order) meet in an int32 [T, D] pair buffer that holds the sentinel -1 (written by the fused
+routing kernel). Each program atomically exchanges its fp32 row into the buffer: exactly one of the two gets the
+sentinel back and stops; the other gets its partner's value, adds it to its own in fp32 and stores the cast sum to
+out[t]. IEEE-754 addition is commutative, so partner + own is the same bits whichever program came second (a + b ==
+b + a, signed zeros and infinities included; NaNs are given one bit pattern first, which also keeps them off the
+sentinel, a NaN pattern that no arithmetic makes). The result is bit-identical from run to run with no fixed order, no zeroed fp32
+buffer and no cast launch; top_k = 1 stores its single row straight to out. Three or more addends would not commute
+this way ((a + b) + c != a + (b + c)), so top_k > 2 and split-K keep `moe_combine`'s fixed-order sum.
 """
 
 from dataclasses import dataclass, replace
@@ -51,24 +63,33 @@ class GemmConfig:
                 raise ValueError(f"GemmConfig.{name} must be a positive int, got {v!r}")
 
 
-def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int) -> tuple[GemmConfig, GemmConfig]:
+def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_gemm2: bool = False) -> tuple[GemmConfig, GemmConfig]:
     """(GEMM 1, GEMM 2) configs for T tokens, chosen by the mean rows per expert.
 
     Interpreter: one config with large tiles (its cost is per op, not per element). GPU: decode shapes stream weights
     (small M tile, K-split for GEMM 2 whose N = D gives too few tiles to fill the SMs); prefill shapes use 128x128 tiles
     for the tensor cores. These are starting points, not tuned tables.
+
+    sum_in_gemm2 (top_k <= 2): GEMM 2 without K-split, so that it can sum each token's rows itself (`expert_gemm2_sum`);
+    at decode it takes N tiles of 32 instead (D = 2560: 80 programs per expert, each streaming all of F, where the
+    K-split of 4 over N tiles of 64 had 160 programs streaming a quarter of F each) and six stages of loads in flight.
+    (K steps of 256 spilled 4.9 KB per thread in fp32 on sm_80; 128 x 6 stages spill 16 B there, fp16 / bf16 none.)
+    GEMM 1's config, and so block_m, never changes with it.
     """
+    no_split = sum_in_gemm2 and top_k <= 2
     if INTERPRET:
         cfg = GemmConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=1)
         return cfg, cfg
     rows_per_expert = num_tokens * top_k / max(num_experts, 1)
     if rows_per_expert <= 16:
         gemm1 = GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+        if no_split:
+            return gemm1, GemmConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=6)
         return gemm1, GemmConfig(block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=4)
     if rows_per_expert <= 64:
         block_m = max(16, next_power_of_2(int(rows_per_expert)))
         gemm1 = GemmConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4, num_stages=4)
-        return gemm1, GemmConfig(block_m=block_m, block_n=64, block_k=128, split_k=2, num_warps=4, num_stages=4)
+        return gemm1, GemmConfig(block_m=block_m, block_n=64, block_k=128, split_k=1 if no_split else 2, num_warps=4, num_stages=4)
     cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
     return cfg, cfg
 
@@ -88,12 +109,13 @@ if triton is not None:
         sorted_token_ids_ptr,  # [R] int32: sorted row -> slot, sentinel S on padding rows
         expert_offsets_ptr,  # [E + 1] int32: first row of each expert, rows in use at [E]
         topk_weights_ptr,  # [S] fp32: routing weight of each slot (read when MUL_ROUTING_WEIGHT)
+        pair_ptr,  # PAIR_SUM: [T, N] int32, the sentinel -1 until a token's first row arrives
         # sizes
         N,
         K,
         k_per_split,  # multiple of BLOCK_K: cdiv(cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
         num_slots,
-        max_rows,
+        num_pid_m,  # row tiles the grid covers: RoutingMap.max_tiles (or every tile of the map)
         E,
         # strides
         stride_a_m,
@@ -114,11 +136,14 @@ if triton is not None:
         stride_c_split,
         stride_c_m,
         stride_c_n,
+        stride_pair_t,
         # meta
         TOP_K: tl.constexpr,
         E_PAD: tl.constexpr,
         GATHER_A: tl.constexpr,
         SCATTER_C: tl.constexpr,
+        PAIR_SUM: tl.constexpr,  # SCATTER_C, TOP_K = 2, SPLIT_K = 1: c is out [T, N], each token's two rows summed here
+        XCHG_AS_INT: tl.constexpr,  # PAIR_SUM under the interpreter, which has no float atomic exchange
         HAS_BIAS: tl.constexpr,  # False in the backward GEMMs, which have no bias
         ACTIVATION: tl.constexpr,  # "gelu_tanh" or ""
         MUL_ROUTING_WEIGHT: tl.constexpr,
@@ -134,11 +159,10 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        """Grid: (cdiv(R, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)."""
+        """Grid: (num_pid_m * cdiv(N, BLOCK_N), SPLIT_K)."""
         # --- program -> tile: GROUP_M row tiles share their B columns while they sit in L2
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        num_pid_m = tl.cdiv(max_rows, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         num_pid_in_group = GROUP_M * num_pid_n
         first_pid_m = (pid // num_pid_in_group) * GROUP_M
@@ -150,7 +174,7 @@ if triton is not None:
         if row_start >= tl.load(expert_offsets_ptr + E):
             return  # past the rows in use: the grid is an upper bound
         offs_e = tl.arange(0, E_PAD)
-        expert_ends = tl.load(expert_offsets_ptr + 1 + offs_e, mask=offs_e < E, other=max_rows)
+        expert_ends = tl.load(expert_offsets_ptr + 1 + offs_e, mask=offs_e < E, other=row_start + 1)
         expert = tl.sum((expert_ends <= row_start).to(tl.int32), axis=0)  # tiles never straddle experts
 
         offs_m = row_start + tl.arange(0, BLOCK_M)
@@ -255,15 +279,34 @@ if triton is not None:
         if MUL_ROUTING_WEIGHT:
             acc *= tl.load(topk_weights_ptr + slots, mask=mask_m, other=0.0)[:, None]
 
-        # --- masked store: sorted rows (GEMM 1) or back to slot order (GEMM 2)
-        if SCATTER_C:
-            c_rows = slots
+        # --- masked store: sorted rows (GEMM 1), back to slot order (GEMM 2), or token rows summed in pairs
+        mask_c = mask_m[:, None] & mask_n[None, :]
+        if PAIR_SUM:
+            # the top-2 sum by atomic exchange, see the module docstring. No fence: the pair of exchanges on an element
+            # is its only synchronization, and the second program's store comes after both (fp32: out is the pair
+            # buffer, the store overwrites the bits it exchanged in), when no other program touches that element.
+            tokens = (slots // TOP_K).to(tl.int64)
+            acc = tl.where(acc != acc, float("nan"), acc)  # every NaN as one pattern, never the sentinel's
+            pair_ptrs = pair_ptr + tokens[:, None] * stride_pair_t + offs_n[None, :]
+            if XCHG_AS_INT:  # the interpreter has no float exchange: the same 32 bits, as int32
+                bits = tl.atomic_xchg(pair_ptrs, acc.to(tl.int32, bitcast=True), mask=mask_c, sem="relaxed")
+                partner = bits.to(tl.float32, bitcast=True)
+            else:
+                # a float exchange (atom.exch.b32 all the same): the accumulator's bits as int32 into the exchange,
+                # its result then used, broke triton 3.9's layout pass ("Assertion `operandEnc' failed"; 3.6 took it)
+                partner = tl.atomic_xchg(pair_ptrs.to(tl.pointer_type(tl.float32)), acc, mask=mask_c, sem="relaxed")
+            second = partner.to(tl.int32, bitcast=True) != -1  # the first program's exchange returned the sentinel
+            c_ptrs = c_ptr + tokens[:, None] * stride_c_m + offs_n[None, :] * stride_c_n
+            tl.store(c_ptrs, (partner + acc).to(c_ptr.dtype.element_ty), mask=mask_c & second)
         else:
-            c_rows = offs_m
-        c_ptrs = (
-            c_ptr + pid_k.to(tl.int64) * stride_c_split + c_rows.to(tl.int64)[:, None] * stride_c_m + offs_n[None, :] * stride_c_n
-        )
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            if SCATTER_C:
+                c_rows = slots
+            else:
+                c_rows = offs_m
+            c_ptrs = (
+                c_ptr + pid_k.to(tl.int64) * stride_c_split + c_rows.to(tl.int64)[:, None] * stride_c_m + offs_n[None, :] * stride_c_n
+            )
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
 def _check_gemm_inputs(name: str, a: torch.Tensor, w, bias: torch.Tensor | None, routing: RoutingMap, config):
@@ -320,30 +363,37 @@ def _weight_args(w, like: torch.Tensor) -> tuple:
     return w.qweight, w.scales, zeros, g_idx, b_strides, strides, meta
 
 
-def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a, scatter_c, activation, mul_routing_weight):
+def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a, scatter_c, activation, mul_routing_weight,
+            pair=None, tight_grid=True):  # fmt: skip
     """One grouped GEMM launch; w may be any strided [E, N] x K view (the backward passes transposed weights) or a
-    QuantizedExperts, bias None for no bias."""
+    QuantizedExperts, bias None for no bias. pair: the int32 [T, N] buffer of the top-2 sum (c is then out [T, N]).
+    tight_grid: row tiles up to RoutingMap.max_tiles; False launches every tile of the padded map (the grid before the
+    bound, kept to time the two against each other)."""
     E, N, K = w.shape
     if is_quantized(w):
         config = quantized_config(config, w)
-    c_split_stride = c.stride(0) if scatter_c else 0
-    c_2d = c[0] if scatter_c else c
+    pair_sum = pair is not None
+    c_split_stride = c.stride(0) if scatter_c and not pair_sum else 0
+    c_2d = c[0] if scatter_c and not pair_sum else c
     has_bias = bias is not None
     if not has_bias:
         bias = c_2d[:1, :1]  # any pointer: never read
+    if not pair_sum:
+        pair = routing.topk_ids  # any pointer: never read
     b, scales, zeros, g_idx, b_strides, q_strides, q_meta = _weight_args(w, c_2d)
-    grid = (triton.cdiv(routing.max_rows, config.block_m) * triton.cdiv(N, config.block_n), config.split_k)
+    num_pid_m = routing.max_tiles if tight_grid else triton.cdiv(routing.max_rows, config.block_m)
+    grid = (num_pid_m * triton.cdiv(N, config.block_n), config.split_k)
     k_per_split = triton.cdiv(triton.cdiv(K, config.block_k), config.split_k) * config.block_k
     _grouped_gemm_kernel[grid](
-        a, b, scales, zeros, g_idx, bias, c_2d, routing.sorted_token_ids, routing.expert_offsets, routing.topk_weights,
-        N, K, k_per_split, routing.num_slots, routing.max_rows, E,
+        a, b, scales, zeros, g_idx, bias, c_2d, routing.sorted_token_ids, routing.expert_offsets, routing.topk_weights, pair,
+        N, K, k_per_split, routing.num_slots, num_pid_m, E,
         a.stride(0), a.stride(1),
         *b_strides,
         *q_strides,
         bias.stride(0), bias.stride(1),
-        c_split_stride, c_2d.stride(0), c_2d.stride(1),
+        c_split_stride, c_2d.stride(0), c_2d.stride(1), pair.stride(0),
         TOP_K=routing.top_k, E_PAD=next_power_of_2(E),
-        GATHER_A=gather_a, SCATTER_C=scatter_c, HAS_BIAS=has_bias, ACTIVATION=activation, MUL_ROUTING_WEIGHT=mul_routing_weight,
+        GATHER_A=gather_a, SCATTER_C=scatter_c, PAIR_SUM=pair_sum, XCHG_AS_INT=INTERPRET and pair_sum, HAS_BIAS=has_bias, ACTIVATION=activation, MUL_ROUTING_WEIGHT=mul_routing_weight,
         DOT_IN_FP32=INTERPRET and a.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         **q_meta,
@@ -352,7 +402,7 @@ def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a,
     )  # fmt: skip
 
 
-def expert_gemm1(x: torch.Tensor, w1, b1: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
+def expert_gemm1(x: torch.Tensor, w1, b1: torch.Tensor, routing: RoutingMap, config: GemmConfig, *, tight_grid=True) -> torch.Tensor:
     """h = gelu_tanh(x[slot // top_k] @ w1[e]^T + b1[e]) for every sorted row: x [T, D], w1 [E, F, D] (float, or a
     QuantizedExperts of that shape), b1 [E, F].
 
@@ -363,11 +413,12 @@ def expert_gemm1(x: torch.Tensor, w1, b1: torch.Tensor, routing: RoutingMap, con
         raise ValueError("expert_gemm1: split_k must be 1 (GELU is applied to the full sum)")
     h = torch.empty(routing.max_rows, w1.shape[1], dtype=x.dtype, device=x.device)
     if routing.num_slots:
-        _launch(x, w1, b1, h, routing, config, gather_a=True, scatter_c=False, activation="gelu_tanh", mul_routing_weight=False)
+        _launch(x, w1, b1, h, routing, config, gather_a=True, scatter_c=False, activation="gelu_tanh", mul_routing_weight=False,
+                tight_grid=tight_grid)  # fmt: skip
     return h
 
 
-def expert_gemm2(h: torch.Tensor, w2, b2: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
+def expert_gemm2(h: torch.Tensor, w2, b2: torch.Tensor, routing: RoutingMap, config: GemmConfig, *, tight_grid=True) -> torch.Tensor:
     """y[p, slot] = w[slot] * (h[r] @ w2[e]^T + b2[e]) back in slot order: h [R, F], w2 [E, D, F] (float, or a
     QuantizedExperts of that shape), b2 [E, D].
 
@@ -378,8 +429,61 @@ def expert_gemm2(h: torch.Tensor, w2, b2: torch.Tensor, routing: RoutingMap, con
         raise ValueError(f"expert_gemm2: h must have the routing map's {routing.max_rows} rows, got {h.shape[0]}")
     y = torch.empty(config.split_k, routing.num_slots, w2.shape[1], dtype=torch.float32, device=h.device)
     if routing.num_slots:
-        _launch(h, w2, b2, y, routing, config, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True)
+        _launch(h, w2, b2, y, routing, config, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True,
+                tight_grid=tight_grid)  # fmt: skip
     return y
 
 
-__all__ = ["GemmConfig", "moe_gemm_configs", "expert_gemm1", "expert_gemm2", "quantized_config"]
+def topk_sum_fits(top_k: int, config: GemmConfig) -> bool:
+    """Whether GEMM 2 can sum each token's rows itself (`expert_gemm2_sum`): one or two rows per token, no K-split."""
+    return top_k <= 2 and config.split_k == 1
+
+
+def pair_buffer(out: torch.Tensor, top_k: int) -> torch.Tensor | None:
+    """The int32 [T, D] buffer `expert_gemm2_sum` pairs rows in at top_k = 2 (None at top_k = 1): out itself, viewed
+    as int32, when out is fp32 (the second row of each pair overwrites the first's bits with the sum), else a new one.
+    It must hold the sentinel -1 everywhere when GEMM 2 starts: `moe_routing_fused(..., pair=)` writes it."""
+    if top_k != 2:
+        return None
+    if out.dtype == torch.float32:
+        return out.view(torch.int32)
+    return torch.empty(out.shape, dtype=torch.int32, device=out.device)
+
+
+def expert_gemm2_sum(h: torch.Tensor, w2, b2: torch.Tensor, routing: RoutingMap, config: GemmConfig, out: torch.Tensor,
+                     pair: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """out[t] = sum_k w[t, k] * (h[r] @ w2[e]^T + b2[e]) over the token's top_k <= 2 rows, summed in this launch (no
+    `moe_combine`): h [R, F], w2 [E, D, F] (float or QuantizedExperts), b2 [E, D], out [T, D] (any float dtype,
+    contiguous along D), written whole.
+
+    top_k = 1: each row stored to its token. top_k = 2: pair = `pair_buffer(out, 2)` filled with -1 beforehand (see
+    the module docstring: the sum is bit-identical from run to run). config.split_k must be 1.
+    """
+    _check_gemm_inputs("expert_gemm2_sum", h, w2, b2, routing, config)
+    T, D = routing.num_tokens, w2.shape[1]
+    if not topk_sum_fits(routing.top_k, config):
+        raise ValueError(f"expert_gemm2_sum: needs top_k <= 2 and split_k == 1, got top_k={routing.top_k}, split_k={config.split_k}")
+    if h.shape[0] != routing.max_rows:
+        raise ValueError(f"expert_gemm2_sum: h must have the routing map's {routing.max_rows} rows, got {h.shape[0]}")
+    if tuple(out.shape) != (T, D) or (D > 1 and out.stride(1) != 1):
+        raise ValueError(f"expert_gemm2_sum: out must be [{T}, {D}] contiguous along D, got {tuple(out.shape)}")
+    if (pair is None) != (routing.top_k == 1):
+        raise ValueError("expert_gemm2_sum: top_k = 2 needs the pair buffer (pair_buffer), top_k = 1 none")
+    if pair is not None and (pair.dtype != torch.int32 or tuple(pair.shape) != (T, D) or (D > 1 and pair.stride(1) != 1)):
+        raise ValueError(f"expert_gemm2_sum: pair must be int32 [{T}, {D}] contiguous along D, got {pair.dtype} {tuple(pair.shape)}")
+    if routing.num_slots:
+        c = out if pair is not None else out.unsqueeze(0)  # top_k = 1: the slot rows are the token rows
+        _launch(h, w2, b2, c, routing, config, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True, pair=pair)
+    return out
+
+
+__all__ = [
+    "GemmConfig",
+    "expert_gemm1",
+    "expert_gemm2",
+    "expert_gemm2_sum",
+    "moe_gemm_configs",
+    "pair_buffer",
+    "quantized_config",
+    "topk_sum_fits",
+]

@@ -1,5 +1,9 @@
 """fused_moe: the whole MoE layer as route -> GEMM 1 (gather, bias, GELU) -> GEMM 2 (bias, routing weight) -> combine.
 
+On the Triton backend a decode step (T <= 16 tokens) takes three launches: routing in one program from x and the router
+weight, GEMM 1, and GEMM 2 summing each token's top_k <= 2 rows itself (moe_backward.triton_moe_forward);
+PHIXTRAL_MOE_DECODE_PATH=legacy selects the six-launch chain it replaced, to time one against the other.
+
 Backends:
     "triton"  the Triton kernels: compiled for CUDA tensors, interpreted for CPU tensors under TRITON_INTERPRET=1.
               No host sync anywhere, so a decode step can be captured in a CUDA graph.

@@ -27,11 +27,23 @@ No host sync, as in the forward: every grid is an upper bound and every row rang
 fixed order (no atomics), so gradients are bit-identical run to run. Not differentiable twice (`once_differentiable`).
 """
 
+import os
+
 import torch
 
 from ._triton import INTERPRET, next_power_of_2, tl, triton
-from .grouped_gemm import GemmConfig, _check_gemm_inputs, _launch, expert_gemm1, expert_gemm2, moe_gemm_configs
-from .routing import RoutingMap, moe_routing
+from .grouped_gemm import (
+    GemmConfig,
+    _check_gemm_inputs,
+    _launch,
+    expert_gemm1,
+    expert_gemm2,
+    expert_gemm2_sum,
+    moe_gemm_configs,
+    pair_buffer,
+    topk_sum_fits,
+)
+from .routing import RoutingMap, fused_routing_fits, moe_routing, moe_routing_fused
 from .unpermute import moe_combine
 
 # Columns per step of the row pass. The interpreter's cost is per op, not per element: take bigger steps there.
@@ -75,7 +87,7 @@ if triton is not None:
         BLOCK_F: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        """Grid: (cdiv(R, BLOCK_M),)."""
+        """Grid: (RoutingMap.max_tiles,), at most cdiv(R, BLOCK_M)."""
         # --- program -> row tile; tiles past the rows in use exit (the grid is an upper bound)
         row_start = tl.program_id(0) * BLOCK_M
         if row_start >= tl.load(expert_offsets_ptr + E):
@@ -264,7 +276,7 @@ def act_backward(u, a, h, g, b2, routing: RoutingMap, *, compute_da: bool, compu
     da_arg = da if compute_da else u
     dwts_arg = dwts if compute_dwts else routing.topk_weights
     E = routing.num_experts
-    _act_backward_kernel[(triton.cdiv(R, routing.block_m),)](
+    _act_backward_kernel[(routing.max_tiles,)](
         u, a_arg, h, g, b2, da_arg, dwts_arg,
         routing.sorted_token_ids, routing.expert_offsets, routing.topk_weights,
         F, D, routing.num_slots, E,
@@ -328,13 +340,56 @@ def expert_weight_grads(x, g, h, da, routing: RoutingMap, needs: tuple[bool, boo
 # -------------------------------------------------------------------------------------------- forward and Function
 
 
-def triton_moe_forward(x, gate_weight, w1, b1, w2, b2, top_k):
-    """The Triton forward: -> (out [T, D] in x's dtype, the RoutingMap, h [R, F] sorted rows). Inputs checked by the caller."""
-    gemm1, gemm2 = moe_gemm_configs(x.shape[0], top_k, w1.shape[0])
-    routing = moe_routing(x @ gate_weight.t(), top_k, gemm1.block_m)  # [T, E] logits in x's dtype, as the original
+# The forward's launch chains (PHIXTRAL_MOE_DECODE_PATH, or triton_moe_forward's `path`):
+#   "auto"    the decode chain up to DECODE_MAX_TOKENS tokens, the prefill chain above
+#   "decode"  the decode chain at every T (its routing is one program: slow at large T; for tests and timing)
+#   "legacy"  the chain before the decode chain existed, grids over every tile of the padded map: to time against
+DECODE_PATHS = ("auto", "decode", "legacy")
+# Tokens up to which "auto" routes in one program: its logits GEMV walks D once per 16 tokens on one SM, so its time
+# grows with T while the launches it saves cost the same at any T. phixtral decodes T = batch size tokens.
+DECODE_MAX_TOKENS = 16
+
+
+def decode_path() -> str:
+    """The launch chain named by PHIXTRAL_MOE_DECODE_PATH (default "auto"), read at each call."""
+    path = os.environ.get("PHIXTRAL_MOE_DECODE_PATH", "") or "auto"
+    if path not in DECODE_PATHS:
+        raise ValueError(f"PHIXTRAL_MOE_DECODE_PATH must be one of {DECODE_PATHS}, got {path!r}")
+    return path
+
+
+def triton_moe_forward(x, gate_weight, w1, b1, w2, b2, top_k, *, path: str | None = None):
+    """The Triton forward: -> (out [T, D] in x's dtype, the RoutingMap, h [R, F] sorted rows). Inputs checked by the caller.
+
+    path: "auto", "decode" or "legacy" (see DECODE_PATHS); None reads PHIXTRAL_MOE_DECODE_PATH. No host sync on any.
+      prefill  logits (torch matmul), top-k, align, GEMM 1, GEMM 2, combine: 6 launches
+      decode   fused routing (logits, top-k, align, pair buffer), GEMM 1, GEMM 2 summing each token's rows: 3 launches
+               (top_k > 2: GEMM 2 writes slot rows and the combine sums them, 4)
+      legacy   the prefill chain with grids over every tile of the padded map
+    """
+    path = decode_path() if path is None else path
+    if path not in DECODE_PATHS:
+        raise ValueError(f"path must be one of {DECODE_PATHS}, got {path!r}")
+    T, D = x.shape
+    E = w1.shape[0]
+    decode = path == "decode" or (path == "auto" and T <= DECODE_MAX_TOKENS)
+    decode = decode and fused_routing_fits(T, E)
+    gemm1, gemm2 = moe_gemm_configs(T, top_k, E, sum_in_gemm2=decode)
+    if not decode:
+        tight = path != "legacy"
+        routing = moe_routing(x @ gate_weight.t(), top_k, gemm1.block_m)  # [T, E] logits in x's dtype, as the original
+        h = expert_gemm1(x, w1, b1, routing, gemm1, tight_grid=tight)  # [R, F] sorted rows
+        y = expert_gemm2(h, w2, b2, routing, gemm2, tight_grid=tight)  # [P, S, D] fp32, slot order
+        return moe_combine(y, top_k, x.dtype), routing, h  # [T, D]
+    sum_in_gemm2 = topk_sum_fits(top_k, gemm2)
+    out = torch.empty(T, D, dtype=x.dtype, device=x.device)
+    pair = pair_buffer(out, top_k) if sum_in_gemm2 else None  # [T, D] int32 or None; filled with -1 by the routing
+    routing = moe_routing_fused(x, gate_weight, top_k, gemm1.block_m, pair=pair)
     h = expert_gemm1(x, w1, b1, routing, gemm1)  # [R, F] sorted rows
-    y = expert_gemm2(h, w2, b2, routing, gemm2)  # [P, S, D] fp32, slot order
-    return moe_combine(y, top_k, x.dtype), routing, h  # [T, D]
+    if sum_in_gemm2:
+        return expert_gemm2_sum(h, w2, b2, routing, gemm2, out, pair), routing, h
+    y = expert_gemm2(h, w2, b2, routing, gemm2)  # top_k > 2: [P, S, D] fp32, summed in a fixed order below
+    return moe_combine(y, top_k, x.dtype), routing, h
 
 
 class FusedMoEFunction(torch.autograd.Function):
@@ -386,8 +441,11 @@ class FusedMoEFunction(torch.autograd.Function):
 
 
 __all__ = [
+    "DECODE_MAX_TOKENS",
+    "DECODE_PATHS",
     "FusedMoEFunction",
     "act_backward",
+    "decode_path",
     "expert_grad_hidden",
     "expert_grad_input",
     "expert_preact",

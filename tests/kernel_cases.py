@@ -1,5 +1,5 @@
-"""Shared builders for kernel tests: random MoE layers, routings with chosen shapes, the dtype-aware tolerance, and a
-recorder of the aten ops a call runs (to find host syncs)."""
+"""Shared builders for kernel tests: random MoE layers, routings with chosen shapes, the dtype-aware tolerance, a
+recorder of the aten ops a call runs (to find host syncs) and a counter of the kernels it launches."""
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -88,3 +88,65 @@ def assert_same_routing(a, b):
     assert torch.equal(a.expert_offsets.cpu(), b.expert_offsets.cpu())
     rows = int(b.expert_offsets[-1])
     assert torch.equal(a.sorted_token_ids[:rows].cpu(), b.sorted_token_ids[:rows].cpu())
+
+
+# aten ops that launch no device kernel: allocations without a fill, and views.
+NO_KERNEL_OPS = {
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view", "_unsafe_view", "_reshape_alias",
+    "t", "transpose", "permute", "unsqueeze", "squeeze", "select", "slice", "as_strided", "expand", "alias", "detach",
+    "split", "unbind", "lift_fresh",
+}  # fmt: skip
+
+
+class CountLaunches(TorchDispatchMode):
+    """Device kernels a call launches, by name in order: every Triton kernel of phixtral_kernels (counted at
+    `kernel[grid](...)`, whatever runs it: the GPU or the interpreter) and every aten op outside NO_KERNEL_OPS
+    (torch.zeros, fill_, copy_ and matmuls each launch one on a GPU; torch.empty and views none). The aten ops the
+    interpreter runs inside a Triton launch are its own machinery, not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches = []
+        self._inside = 0
+        self._patches = []
+
+    def __enter__(self):
+        from unittest import mock
+
+        from phixtral_kernels.aot import _KERNEL_MODULES  # every kernel the launchers call, by module
+
+        self._patches = [mock.patch.object(module, name, _Counted(name, getattr(module, name), self)) for name, module in _KERNEL_MODULES.items()]
+        for p in self._patches:
+            p.start()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for p in self._patches:
+            p.stop()
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self._inside and name not in NO_KERNEL_OPS:
+            self.launches.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class _Counted:
+    """A Triton kernel that logs its launches to a CountLaunches."""
+
+    def __init__(self, name, kernel, counter):
+        self.name, self.kernel, self.counter = name.strip("_"), kernel, counter
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.counter.launches.append(self.name)
+            self.counter._inside += 1
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                self.counter._inside -= 1
+
+        return run

@@ -24,10 +24,17 @@ def test_kernels_compile_for_sm80_and_sm90_with_tensor_cores_and_no_spills():
     info = [r for r in report["rows"] if r["info_only"]]
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     assert {r["dtype"] for r in rows} == {"float16", "bfloat16"}
-    assert {r["kernel"] for r in rows} == {"topk_softmax_kernel", "align_kernel", "grouped_gemm_kernel", "combine_kernel"}
+    kernels = {"fused_routing_kernel", "topk_softmax_kernel", "align_kernel", "grouped_gemm_kernel", "combine_kernel"}
+    assert {r["kernel"] for r in rows} == kernels
     gemms = [r for r in rows if r["kernel"] == "grouped_gemm_kernel"]
     assert len(gemms) == 2 * 4 * 2 * 2  # gemm1 and gemm2, 4 token counts, 2 dtypes, 2 archs
     assert len({r["variant"] for r in gemms}) == 2 * 4, "one GEMM config per token count"
+    # T = 1 takes the decode chain: one-program routing, GEMM 1, GEMM 2 summing each token's rows (no combine)
+    decode = [r for r in rows if r["tokens"] == 1]
+    assert sorted({(r["kernel"], r["variant"].split(" ")[0]) for r in decode}) == [
+        ("fused_routing_kernel", ""), ("grouped_gemm_kernel", "gemm1"), ("grouped_gemm_kernel", "gemm2+sum")
+    ]  # fmt: skip
+    assert len(decode) == 3 * 2 * 2 and all(r["tensor_core"] for r in decode), decode
     missing_tc = [r for r in gemms if not r["tensor_core"]]
     assert not missing_tc, f"no mma/wgmma in: {missing_tc}"
     spills = [r for r in rows if r["spill_bytes"]]
@@ -75,7 +82,11 @@ def test_quantized_gemms_compile_with_tensor_cores_and_no_spills():
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}, "no sm_75 rows: the kernels are gated off there"
     gemms = [r for r in rows if r["kernel"] == "grouped_gemm_kernel"]
     variants = {r["variant"].split()[0] + " " + r["variant"].split()[-1] for r in gemms}
-    assert variants == {"gemm1 w4g128za", "gemm2 w4g128z", "linear w4g128za", "gemm1 w8c", "gemm2 w8c", "linear w8c"}
+    # gemm2+sum: T = 1, the decode chain's GEMM 2, which sums each token's rows itself
+    assert variants == {
+        "gemm1 w4g128za", "gemm2 w4g128z", "gemm2+sum w4g128z", "linear w4g128za",
+        "gemm1 w8c", "gemm2 w8c", "gemm2+sum w8c", "linear w8c",
+    }  # fmt: skip
     assert len(gemms) == 3 * 2 * 2 * 2  # gemm1, gemm2, linear x 2 schemes x 2 token counts x 2 archs
     assert all(r["tensor_core"] for r in gemms), [r for r in gemms if not r["tensor_core"]]
     assert not [r for r in rows if r["spill_bytes"]], [r for r in rows if r["spill_bytes"]]

@@ -18,8 +18,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-GPU_TIER = ["tests/test_kernels.py", "tests/test_kernels_random.py", "tests/test_moe_backward.py", "tests/test_kernels_gpu.py",
-            "tests/test_decode_graph_gpu.py"]  # as in gpu_check.sh
+# as in gpu_check.sh
+GPU_TIER = [
+    "tests/test_kernels.py", "tests/test_kernels_random.py", "tests/test_moe_backward.py", "tests/test_decode_chain.py",
+    "tests/test_kernels_gpu.py", "tests/test_decode_graph_gpu.py",
+]  # fmt: skip
 OPTIONAL = ("hypothesis", "pytest_benchmark", "matplotlib")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
@@ -82,7 +85,8 @@ def test_dry_run_of_every_stage(hidden_env, tmp_path):
     for bench in ("bench_moe", "bench_generate"):
         assert "plot not written: matplotlib is not installed" in (tmp_path / f"{bench}.log").read_text()
     summary = (tmp_path / "summary.txt").read_text()
-    assert re.search(rf"\| GPU tests \(tests/test_kernels\*\.py, test_moe_backward\.py, test_decode_graph_gpu\.py\) \| {counts[0][1]} collected \| all pass \| PASS \|", summary), summary
+    item = r"GPU tests \(tests/test_kernels\*\.py, test_moe_backward\.py, test_decode_chain\.py, test_decode_graph_gpu\.py\)"
+    assert re.search(rf"\| {item} \| {counts[0][1]} collected \| all pass \| PASS \|", summary), summary
     assert re.search(r"\| bench_generate \| 0 \| \d+ \|", summary), summary
 
 
@@ -112,18 +116,21 @@ def test_warm_index_compiles_that_launch_alone(monkeypatch):
         kernel = getattr(module, name)
         monkeypatch.setattr(kernel, "warmup", lambda *a, _k=kernel, **kw: calls.append((_k, a, kw)), raising=False)
     shape = dict(D=64, F=128, E=4, top_k=2)
-    launches = aot.record_launches(5, torch.float16, **shape)
-    assert [launch.kernel.__name__ for launch in launches] == [
-        "_topk_softmax_kernel", "_align_kernel", "_grouped_gemm_kernel", "_grouped_gemm_kernel", "_combine_kernel",
-    ]  # fmt: skip
-    for index, launch in enumerate(launches):
-        calls.clear()
-        aot.record_launches(5, torch.float16, **shape, warm_index=index)
-        assert len(calls) == 1
-        kernel, args, kwargs = calls[0]
-        assert kernel is launch.kernel and "grid" in kwargs
-        assert [getattr(a, "shape", a) for a in args] == [getattr(a, "shape", a) for a in launch.args]
-        assert {k: v for k, v in kwargs.items() if k != "grid"} == launch.kwargs
+    chains = {
+        "auto": ["_fused_routing_kernel", "_grouped_gemm_kernel", "_grouped_gemm_kernel"],  # T = 5: the decode chain
+        "legacy": ["_topk_softmax_kernel", "_align_kernel", "_grouped_gemm_kernel", "_grouped_gemm_kernel", "_combine_kernel"],
+    }
+    for path, names in chains.items():
+        launches = aot.record_launches(5, torch.float16, **shape, path=path)
+        assert [launch.kernel.__name__ for launch in launches] == names
+        for index, launch in enumerate(launches):
+            calls.clear()
+            aot.record_launches(5, torch.float16, **shape, path=path, warm_index=index)
+            assert len(calls) == 1
+            kernel, args, kwargs = calls[0]
+            assert kernel is launch.kernel and "grid" in kwargs
+            assert [getattr(a, "shape", a) for a in args] == [getattr(a, "shape", a) for a in launch.args]
+            assert {k: v for k, v in kwargs.items() if k != "grid"} == launch.kwargs
 
 
 def test_summary_sums_the_test_processes():
