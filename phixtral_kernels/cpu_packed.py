@@ -21,8 +21,8 @@ How a QuantizedExperts maps onto them (q the stored code, z the zero point, s th
 Scales become bfloat16 (the op computes in x's dtype): GPTQ's fp16 scales lose 3 mantissa bits, a relative 2^-9, below
 a 4-bit step and about one 8-bit rounding step. Accumulation is fp32 inside the ops.
 Shapes the ops refuse (int4: N % 16; K % 32) and torch builds without the ops get a reason from `cpu_packing_unsupported`
-and the caller dequantizes instead. The ops beat dequantize + F.linear only for a few rows: callers use them for at most
-PACKED_MAX_ROWS rows (decode), and dequantize for prefill.
+and the caller dequantizes instead. The ops cost time in proportion to the rows, dequantizing does not: callers use them up to
+PACKED_MAX_ROWS[mode] rows (decode and short prompts), and dequantize for longer prefills.
 """
 
 from dataclasses import dataclass
@@ -32,9 +32,10 @@ import torch
 
 from .quant import QuantizedExperts, unpack_rows
 
-# The packed ops lose to F.linear on a dequantized weight from about 32 rows on (measured: [T, 1024] x [1024, 4096],
-# T=16: int4 0.80 ms vs fp32 1.16 ms; T=64: int4 3.2 ms vs fp32 2.6 ms).
-PACKED_MAX_ROWS = 16
+# Rows up to which the packed ops beat dequantizing the weight (torch ops, about 30-40 ms for a [4096, 1024] matrix on
+# 2 cores) and a bf16 F.linear, measured at [T, 1024] x [1024, 4096]: int4 31 ms vs 55-64 ms at T = 256 and 57 vs 62 ms
+# at T = 512; int8 (per channel) alike; the two-plane int8 runs twice the int4 work and crosses over near T = 128.
+PACKED_MAX_ROWS = {"int4": 512, "int8": 512, "int8x2": 128}
 _INT4_GROUPS = (256, 128, 64, 32)
 
 
@@ -62,6 +63,11 @@ class CPUPackedExperts:
     @property
     def num_experts(self) -> int:
         return len(self.weights)
+
+    @property
+    def max_rows(self) -> int:
+        """Rows up to which `linear` is the faster way (PACKED_MAX_ROWS)."""
+        return PACKED_MAX_ROWS[self.mode]
 
     def linear(self, x: torch.Tensor, e: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [T, K] -> x @ W[e]^T + bias [T, N] in x's dtype, computed with `dtype` activations."""

@@ -26,7 +26,6 @@ differentiated by autograd through their PyTorch ops.
 import torch
 
 from ._triton import triton_unavailable_reason
-from .cpu_packed import PACKED_MAX_ROWS
 from .grouped_gemm import _launch, moe_gemm_configs
 from .moe_backward import FusedMoEFunction, triton_moe_forward
 from .quant import QuantizedExperts, dense_weight, dequantize_experts, is_quantized
@@ -113,11 +112,12 @@ def _expert_ffn(x, w1, b1, w2, b2, e: int) -> torch.Tensor:
 
 def _expert_linear(x: torch.Tensor, w, e: int, bias) -> torch.Tensor:
     """x [T, K] @ expert e's weight^T + bias: a float stack's view; a QuantizedExperts through torch's packed CPU
-    kernels when it carries them and x is a few rows of their activation dtype, else that one expert dequantized."""
+    kernels when it carries them and x is up to `max_rows` rows of their activation dtype, else that one expert
+    dequantized."""
     if not is_quantized(w):
         return torch.nn.functional.linear(x, w[e], bias)
     packed = w.cpu_packed
-    if packed is not None and x.device.type == "cpu" and x.dtype == packed.dtype and x.shape[0] <= PACKED_MAX_ROWS:
+    if packed is not None and x.device.type == "cpu" and x.dtype == packed.dtype and x.shape[0] <= packed.max_rows:
         return packed.linear(x, e, bias)
     return torch.nn.functional.linear(x, dequantize_experts(w.select(e), x.dtype)[0], bias)
 

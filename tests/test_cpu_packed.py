@@ -20,7 +20,7 @@ from phixtral_kernels import (
     quantized_linear,
     topk_softmax_torch,
 )
-from phixtral_kernels.cpu_packed import PACKED_MAX_ROWS, cpu_packing_unsupported, pack_for_cpu
+from phixtral_kernels.cpu_packed import cpu_packing_unsupported, pack_for_cpu
 
 if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
     pytest.skip(f"torch {torch.__version__} has no packed CPU kernels", allow_module_level=True)
@@ -127,7 +127,8 @@ def test_torch_backend_takes_the_packed_ops_for_decode_rows_only(monkeypatch):
     p1 = QuantizedExperts(q1.qweight, q1.qzeros, q1.scales, None, 4, 32, cpu_packed=pack_for_cpu(q1))
     p2 = QuantizedExperts(q2.qweight, q2.qzeros, q2.scales, None, 4, 32, cpu_packed=pack_for_cpu(q2))
     calls = _count_calls(monkeypatch)
-    for T in (1, 3, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1, 40):
+    max_rows = p1.cpu_packed.max_rows
+    for T in (1, 3, max_rows // 2, max_rows // 2 + 1, 3 * max_rows):  # 2 slots per token over 4 experts
         x = torch.randn(T, D, generator=g).bfloat16()
         want = fused_moe(x.float(), gate.float(), dequantize_experts(q1, torch.float32), b1.float(),
                          dequantize_experts(q2, torch.float32), b2.float(), 2, backend="torch")  # fmt: skip
@@ -135,9 +136,9 @@ def test_torch_backend_takes_the_packed_ops_for_decode_rows_only(monkeypatch):
         got = fused_moe(x, gate, p1, b1, p2, b2, 2, backend="torch")
         assert got.dtype == torch.bfloat16 and _rel_err(got, want) < 0.02, T
         rows = torch.bincount(topk_softmax_torch(x @ gate.t(), 2)[1].flatten().long(), minlength=E)
-        # two packed GEMMs per expert with 1..PACKED_MAX_ROWS rows; one with more (prefill) dequantizes instead
-        assert calls["int4"] == 2 * int(((rows > 0) & (rows <= PACKED_MAX_ROWS)).sum()), (T, rows)
-    assert T == 40 and int(rows.max()) > PACKED_MAX_ROWS, "the last T tried both paths"
+        # two packed GEMMs per expert with 1..max_rows rows; one with more (a long prefill) dequantizes instead
+        assert calls["int4"] == 2 * int(((rows > 0) & (rows <= max_rows)).sum()), (T, rows)
+    assert int(rows.max()) > max_rows, "the last T tried both paths"
     x = torch.randn(2, D, generator=g)
     calls["int4"] = 0
     fused_moe(x, gate.float(), p1, b1.float(), p2, b2.float(), 2, backend="torch")
@@ -161,11 +162,12 @@ def test_gptq_checkpoint_on_the_cpu_defaults_to_bf16_and_the_packed_ops(monkeypa
     assert packed_modules and all(m._cache.get(True) for m in packed_modules), "repacked at load"
     S = 24
     ids = torch.randint(0, 512, (1, S + 1), generator=torch.Generator().manual_seed(2))
+    # (a prefill of S tokens runs packed too: S <= max_rows; the count below is of the decode step alone)
     want = _reference(folder, bits, ids)
     calls = _count_calls(monkeypatch)
     model.setup_caches(1, 32)
     with torch.inference_mode():
-        model.hidden_states(ids[:, :S], None, torch.arange(S))  # prefill: Wqkv and out_proj (24 rows) dequantize
+        model.hidden_states(ids[:, :S], None, torch.arange(S))
         calls.update(int4=0, int8=0)
         step = model.lm_head(model.hidden_states(ids[:, S:], None, torch.tensor([S]))).float()
     per_layer = 2 + 2 * model.config.num_experts_per_tok  # Wqkv, out_proj, and fc1 + fc2 of each chosen expert
