@@ -15,6 +15,11 @@ activations' dtype for tl.dot, inside the K loop: the weights cross memory at 4 
 exists. Where a K tile lies inside one group (no g_idx, BLOCK_K <= group size) it reads one scale row and one zero row;
 with act-order (HAS_G_IDX) it looks up every element's group through g_idx. W_BITS = 0 compiles the float path alone.
 
+K loop: EVEN_K (every split's K range inside K, the usual case at phixtral's shapes) drops the K masks; with
+`GemmConfig.tma` the float weights' tiles come through a TMA tensor descriptor (tl.make_tensor_descriptor over the
+[E * N, K] stack; cp.async.bulk.tensor on sm_90) instead of pointer loads. A rows stay pointer loads: GEMM 1 gathers
+them by slot, which Hopper's TMA cannot.
+
 One kernel serves both GEMMs, and the backward's (moe_backward.py: transposed weight views, no bias); compile-time flags
 pick the prologue and epilogue. Its grid is an upper bound computed from shapes alone (`RoutingMap.max_tiles`: the most
 tiles T * top_k slots can fill, not every tile of the padded map); tiles past expert_offsets[E] exit at once, so
@@ -51,6 +56,10 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    # Weight tiles through a TMA tensor descriptor (tl.make_tensor_descriptor) instead of pointer loads. Taken only where
+    # it can serve: the triton version has the API, the weights are a contiguous float stack (not quantized, not the
+    # backward's transposed views) and each weight row is a multiple of 16 bytes; elsewhere the pointer loads run.
+    tma: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -61,6 +70,8 @@ class GemmConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"GemmConfig.{name} must be a positive int, got {v!r}")
+        if not isinstance(self.tma, bool):
+            raise ValueError(f"GemmConfig.tma must be a bool, got {self.tma!r}")
 
 
 def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_gemm2: bool = False) -> tuple[GemmConfig, GemmConfig]:
@@ -154,6 +165,8 @@ if triton is not None:
         HAS_ZEROS: tl.constexpr,  # W_BITS: zero points from zeros_ptr; else symmetric, zero = 2^(W_BITS - 1)
         HAS_G_IDX: tl.constexpr,  # W_BITS: groups from g_idx (act-order); else k // GROUP_SIZE
         SPLIT_K: tl.constexpr,
+        EVEN_K: tl.constexpr,  # every split's K range lies inside K (K == SPLIT_K * k_per_split): no K masks
+        TMA_B: tl.constexpr,  # B tiles through a tensor descriptor (float weights, contiguous [E, N, K]); see `GemmConfig.tma`
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -190,7 +203,14 @@ if triton is not None:
         # --- pointers: int64 row offsets, row x stride passes 2**31 at large T
         offs_k = pid_k * k_per_split + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_a_m + offs_k[None, :] * stride_a_k
-        if W_BITS == 0:
+        if TMA_B:
+            # w as a 2-D stack [E * N, K] (contiguous: the launcher checks), expert e's row n at e * N + n. Columns of a
+            # tile past N read the next expert's rows (or zeros past the stack) into accumulator columns the store masks
+            # off; K past the end reads zeros.
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * N, K], strides=[stride_b_n, 1], block_shape=[BLOCK_N, BLOCK_K])
+            b_row = expert * N + pid_n * BLOCK_N
+            b_col = pid_k * k_per_split
+        elif W_BITS == 0:
             b_ptrs = (
                 b_ptr
                 + expert.to(tl.int64) * stride_b_e
@@ -221,11 +241,20 @@ if triton is not None:
         # --- K loop, fp32 accumulator
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in tl.range(0, k_per_split, BLOCK_K):
-            mask_k = offs_k < K - k
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            if W_BITS == 0:
-                b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
             else:
+                mask_k = offs_k < K - k
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if TMA_B:
+                b = tl.trans(b_desc.load([b_row, b_col + k]))  # [BLOCK_N, BLOCK_K] -> [BLOCK_K, BLOCK_N]
+            elif W_BITS == 0:
+                if EVEN_K:
+                    b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+                else:
+                    b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            else:
+                mask_k = offs_k < K - k  # the quantized tiles keep their K masks (group and word lookups use them)
                 mask_w = offs_w < (K - k) // PACK  # K is a multiple of P: a word is all in or all out
                 words = tl.load(b_ptrs, mask=mask_w[:, None] & mask_n[None, :], other=0)  # [BLOCK_K / P, BLOCK_N]
                 q = tl.reshape((words[:, None, :] >> shifts) & ((1 << W_BITS) - 1), [BLOCK_K, BLOCK_N])
@@ -259,7 +288,8 @@ if triton is not None:
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_a_k
             if W_BITS == 0:
-                b_ptrs += BLOCK_K * stride_b_k
+                if not TMA_B:
+                    b_ptrs += BLOCK_K * stride_b_k
             else:
                 b_ptrs += (BLOCK_K // PACK) * stride_b_k
                 if HAS_G_IDX:
@@ -363,6 +393,43 @@ def _weight_args(w, like: torch.Tensor) -> tuple:
     return w.qweight, w.scales, zeros, g_idx, b_strides, strides, meta
 
 
+# In-kernel tensor descriptors: tl.make_tensor_descriptor from triton 3.4 on (3.6 and 3.9 checked); 3.3 has only
+# tl._experimental_make_tensor_descriptor, and there the flag is ignored.
+HAS_TENSOR_DESCRIPTORS = tl is not None and hasattr(tl, "make_tensor_descriptor")
+
+
+def tma_applies(config: GemmConfig, w) -> bool:
+    """Whether a launch with `config` on weights `w` loads its B tiles through a tensor descriptor."""
+    if not (config.tma and HAS_TENSOR_DESCRIPTORS) or is_quantized(w):
+        return False
+    E, N, K = w.shape
+    # TMA: last stride 1, the other strides and the base 16-byte aligned; the kernel treats w as one [E * N, K] matrix.
+    # (torch allocations are 256-byte aligned: the storage offset decides the base's alignment.)
+    return (w.stride(2) == 1 and w.stride(1) == K and w.stride(0) == N * K and (K * w.element_size()) % 16 == 0
+            and (w.storage_offset() * w.element_size()) % 16 == 0)  # fmt: skip
+
+
+def _k_loop_meta(config: GemmConfig, w, K: int, k_per_split: int) -> dict:
+    """The K loop's constexprs: EVEN_K when every split's K range lies inside K, TMA_B (see `tma_applies`)."""
+    tma = tma_applies(config, w)
+    if tma and not INTERPRET:
+        _ensure_allocator()
+    return dict(EVEN_K=k_per_split * config.split_k == K, TMA_B=tma)
+
+
+def _ensure_allocator() -> None:
+    """In-kernel descriptors live in global scratch that Triton asks an allocator for: one from torch's caching allocator
+    (graph-capture safe) unless the caller set one."""
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # internals moved: set ours
+        pass
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a, scatter_c, activation, mul_routing_weight,
             pair=None, tight_grid=True):  # fmt: skip
     """One grouped GEMM launch; w may be any strided [E, N] x K view (the backward passes transposed weights) or a
@@ -396,7 +463,7 @@ def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a,
         GATHER_A=gather_a, SCATTER_C=scatter_c, PAIR_SUM=pair_sum, XCHG_AS_INT=INTERPRET and pair_sum, HAS_BIAS=has_bias, ACTIVATION=activation, MUL_ROUTING_WEIGHT=mul_routing_weight,
         DOT_IN_FP32=INTERPRET and a.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        **q_meta,
+        **q_meta, **_k_loop_meta(config, w, K, k_per_split),
         SPLIT_K=config.split_k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
