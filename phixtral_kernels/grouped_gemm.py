@@ -36,10 +36,12 @@ buffer and no cast launch; top_k = 1 stores its single row straight to out. Thre
 this way ((a + b) + c != a + (b + c)), so top_k > 2 and split-K keep `moe_combine`'s fixed-order sum.
 """
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
 
+from . import tuned_configs
 from ._triton import INTERPRET, next_power_of_2, tl, triton, triton_unavailable_reason
 from .quant import QuantizedExperts, is_quantized
 from .routing import RoutingMap
@@ -74,23 +76,64 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.tma must be a bool, got {self.tma!r}")
 
 
-def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_gemm2: bool = False) -> tuple[GemmConfig, GemmConfig]:
-    """(GEMM 1, GEMM 2) configs for T tokens, chosen by the mean rows per expert.
+# Prefill tiles on Hopper: 128x256 outputs in 64-deep K steps, two warpgroups issuing wgmma, 3 stages of A + B tiles
+# (48 KB a stage in fp16 / bf16, of the 227 KB a block may have), 16 row tiles walking one group of B columns so that
+# they share it while it sits in L2. Only where the rows per expert fill enough of these tiles: at T = 1024 (E = 4,
+# top_k = 2) GEMM 2 (N = D = 2560) would have 160 tiles, 1.2 waves of 132 SMs, against 320 of 128x128.
+SM90_PREFILL = GemmConfig(block_m=128, block_n=256, block_k=64, group_m=16, num_warps=8, num_stages=3)
+SM90_PREFILL_MIN_ROWS = 1024  # mean rows per expert
 
-    Interpreter: one config with large tiles (its cost is per op, not per element). GPU: decode shapes stream weights
-    (small M tile, K-split for GEMM 2 whose N = D gives too few tiles to fill the SMs); prefill shapes use 128x128 tiles
-    for the tensor cores. These are starting points, not tuned tables.
 
-    sum_in_gemm2 (top_k <= 2): GEMM 2 without K-split, so that it can sum each token's rows itself (`expert_gemm2_sum`);
-    at decode it takes N tiles of 32 instead (D = 2560: 80 programs per expert, each streaming all of F, where the
-    K-split of 4 over N tiles of 64 had 160 programs streaming a quarter of F each) and six stages of loads in flight.
-    (K steps of 256 spilled 4.9 KB per thread in fp32 on sm_80; 128 x 6 stages spill 16 B there, fp16 / bf16 none.)
-    GEMM 1's config, and so block_m, never changes with it.
+def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_gemm2: bool = False, dims=None, dtype=None,
+                     device=None, tuned: bool | None = None) -> tuple[GemmConfig, GemmConfig]:  # fmt: skip
+    """(GEMM 1, GEMM 2) configs for T tokens: the tuned table of this GPU where it has them, else `heuristic_configs`.
+
+    Interpreter: one config with large tiles (its cost is per op, not per element).
+
+    dims (D, F) of the layer, dtype and device of its activations: with all three and a CUDA device, the table
+    that `python benchmarks/tune_moe.py` wrote for this GPU (tuned_configs.py) answers first, when it was tuned at this
+    shape and dtype. tuned=False, or PHIXTRAL_MOE_CONFIGS=heuristic, skips it; tuned=True reads it even under that
+    variable. The table is read once per process and GPU: a call costs a dictionary lookup and a bisection, never a
+    file read or a host sync. Both configs share block_m (the routing map's) and GEMM 1's split_k is 1.
+
+    sum_in_gemm2 (top_k <= 2): GEMM 2 without K-split, so that it can sum each token's rows itself (`expert_gemm2_sum`,
+    the decode chain): the table's "2sum" entry for the bucket, else the heuristic's no-split GEMM 2 on the table's
+    block_m. GEMM 1's config, and so block_m, never changes with it.
     """
-    no_split = sum_in_gemm2 and top_k <= 2
     if INTERPRET:
         cfg = GemmConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=1)
         return cfg, cfg
+    if device is None:
+        return heuristic_configs(num_tokens, top_k, num_experts, sum_in_gemm2=sum_in_gemm2)
+    capability = _capability(device)
+    found = tuned_configs.lookup(num_tokens, top_k, num_experts, dims, dtype, device, tuned)
+    if found is None:
+        return heuristic_configs(num_tokens, top_k, num_experts, capability, sum_in_gemm2=sum_in_gemm2)
+    gemm1, gemm2, gemm2_sum = found
+    if not (sum_in_gemm2 and top_k <= 2):
+        return gemm1, gemm2
+    if gemm2_sum is not None:
+        return gemm1, gemm2_sum
+    if gemm2.split_k == 1:
+        return gemm1, gemm2  # the table's GEMM 2 sums as it is
+    no_split = heuristic_configs(num_tokens, top_k, num_experts, capability, sum_in_gemm2=True)[1]
+    return gemm1, replace(no_split, block_m=gemm1.block_m)
+
+
+def heuristic_configs(num_tokens: int, top_k: int, num_experts: int, capability=None, *,
+                      sum_in_gemm2: bool = False) -> tuple[GemmConfig, GemmConfig]:  # fmt: skip
+    """(GEMM 1, GEMM 2) configs for T tokens, chosen by the mean rows per expert; capability (major, minor) of the GPU.
+
+    Decode shapes stream weights (small M tile, K-split for GEMM 2 whose N = D gives too few tiles to fill the SMs);
+    prefill shapes use 128x128 tiles for the tensor cores, 128x256 (`SM90_PREFILL`) on Hopper once the experts have
+    enough rows. Starting points: the tuned tables replace them per GPU.
+
+    sum_in_gemm2 (top_k <= 2): GEMM 2 without K-split (see `moe_gemm_configs`); at decode it takes N tiles of 32 instead
+    (D = 2560: 80 programs per expert, each streaming all of F, where the K-split of 4 over N tiles of 64 had 160
+    programs streaming a quarter of F each) and six stages of loads in flight. (K steps of 256 spilled 4.9 KB per
+    thread in fp32 on sm_80; 128 x 6 stages spill 16 B there, fp16 / bf16 none.)
+    """
+    no_split = sum_in_gemm2 and top_k <= 2
     rows_per_expert = num_tokens * top_k / max(num_experts, 1)
     if rows_per_expert <= 16:
         gemm1 = GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
@@ -101,8 +144,24 @@ def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_ge
         block_m = max(16, next_power_of_2(int(rows_per_expert)))
         gemm1 = GemmConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4, num_stages=4)
         return gemm1, GemmConfig(block_m=block_m, block_n=64, block_k=128, split_k=1 if no_split else 2, num_warps=4, num_stages=4)
+    # Hopper only: sm_120 (RTX Blackwell) has 99 KB of shared memory a block, too little for these stages; sm_100 untested.
+    if capability is not None and capability[0] == 9 and rows_per_expert >= SM90_PREFILL_MIN_ROWS:
+        return SM90_PREFILL, SM90_PREFILL
     cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
     return cfg, cfg
+
+
+def _capability(device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device, None for any other device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 if triton is not None:
@@ -549,6 +608,7 @@ __all__ = [
     "expert_gemm1",
     "expert_gemm2",
     "expert_gemm2_sum",
+    "heuristic_configs",
     "moe_gemm_configs",
     "pair_buffer",
     "quantized_config",
