@@ -149,7 +149,8 @@ TUNE=(benchmarks/tune_moe.py --if-missing --budget-s 60 --jobs "$CPUS" --out "$O
 BENCH=()
 if [ "$DRY" = 1 ]; then
   WARM+=(--dry-run)
-  TUNE=(benchmarks/tune_moe.py --dry-run --dtypes float16 --out "$OUT_DIR")  # the candidates, checked in the interpreter
+  # A decode and a prefill bucket's candidates (sm_90's 128x256 and TMA ones among them), checked in the interpreter.
+  TUNE=(benchmarks/tune_moe.py --dry-run --dtypes float16 --tokens 1 1024 --out "$OUT_DIR")
   TESTS=(--collect-only "${TESTS[@]}")
   BENCH=(--quick --device cpu)
 fi

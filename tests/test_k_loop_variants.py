@@ -20,7 +20,10 @@ from phixtral_kernels import (
 )
 from phixtral_kernels.grouped_gemm import _k_loop_meta, tma_applies
 
-DTYPES = [torch.float16, torch.bfloat16]  # fp16: the exact path (fp32 runs the same); bf16: its upcast before tl.dot
+
+def _k_per_split(K, cfg):
+    """As the launcher splits K: whole BLOCK_K tiles, the same count per split."""
+    return -(-(-(-K // cfg.block_k)) // cfg.split_k) * cfg.block_k
 
 
 def _run_both(T, D, F, dtype, cfg1, cfg2):
@@ -33,23 +36,33 @@ def _run_both(T, D, F, dtype, cfg1, cfg2):
     torch.testing.assert_close(h[: len(rows)][rows].float(), ref[: len(rows)][rows].float(), rtol=0, atol=tol)
     y = expert_gemm2(ref, w2, b2, r, cfg2)
     torch.testing.assert_close(y.sum(0), expert_gemm2_torch(ref, w2, b2, r), rtol=0, atol=tol)
-    k1 = -(-D // cfg1.block_k) * cfg1.block_k
-    k2 = -(-(-(-F // cfg2.block_k)) // cfg2.split_k) * cfg2.block_k
-    return _k_loop_meta(cfg1, w1, D, k1), _k_loop_meta(cfg2, w2, F, k2)
+    return _k_loop_meta(cfg1, w1, D, _k_per_split(D, cfg1)), _k_loop_meta(cfg2, w2, F, _k_per_split(F, cfg2))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize(
+    "K, block_k, split_k, even",
+    [(64, 32, 1, True), (72, 32, 1, False), (128, 32, 2, True), (160, 32, 2, False), (2560, 64, 1, True),
+     (2560, 128, 1, True), (10240, 128, 4, True), (10240, 128, 8, True), (10240, 128, 3, False), (10240, 256, 3, False)],
+)  # fmt: skip
+def test_even_k_when_every_split_lies_inside_k(K, block_k, split_k, even):
+    """phixtral's D = 2560 and F = 10240 take the maskless loop with every decode and prefill K tile; the interpreter
+    runs both loops in the other tests here and in test_kernels.py (K = 64 even, 72 and 200 not)."""
+    cfg = GemmConfig(block_m=16, block_n=64, block_k=block_k, split_k=split_k)
+    assert _k_loop_meta(cfg, torch.empty(1, 64, K), K, _k_per_split(K, cfg))["EVEN_K"] is even
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D, F, even", [(64, 160, (True, False)), (72, 128, (False, True))])
-def test_even_k_and_tma_match_torch(dtype, tma, D, F, even):
-    """GEMM 1 (K = D) and GEMM 2 (K = F, two splits): one of them on whole K tiles (EVEN_K), the other masked.
-    F = 160 with 32-deep tiles in two splits: the second split's last tile is past K. N = F or D is no multiple of 64
-    in two cases: a TMA tile past N reads the next expert's rows into columns the store drops."""
-    cfg1 = GemmConfig(block_m=32, block_n=64, block_k=32, num_stages=1, tma=tma)
-    cfg2 = GemmConfig(block_m=32, block_n=64, block_k=32, split_k=2, num_stages=1, tma=tma)
+def test_tma_weight_loads_match_torch(dtype, D, F, even):
+    """GEMM 1 (K = D) and GEMM 2 (K = F, two splits) with TMA weight loads, one on whole K tiles (EVEN_K), the other
+    masked: F = 160 in 32-deep tiles and two splits leaves the second split's last tile past K, which TMA reads as
+    zeros. N (F or D) is no multiple of 64 in two of the GEMMs: a tile past N reads the next expert's rows into
+    columns the store drops. bf16 takes the interpreter's upcast before tl.dot, after the transposed descriptor load."""
+    cfg1 = GemmConfig(block_m=32, block_n=64, block_k=32, num_stages=1, tma=True)
+    cfg2 = GemmConfig(block_m=32, block_n=64, block_k=32, split_k=2, num_stages=1, tma=True)
     meta1, meta2 = _run_both(13, D, F, dtype, cfg1, cfg2)
     assert (meta1["EVEN_K"], meta2["EVEN_K"]) == even
-    assert meta1["TMA_B"] == meta2["TMA_B"] == (tma and grouped_gemm.HAS_TENSOR_DESCRIPTORS)
+    assert meta1["TMA_B"] == meta2["TMA_B"] == grouped_gemm.HAS_TENSOR_DESCRIPTORS
 
 
 def test_tma_is_taken_only_where_it_can_serve(monkeypatch):
