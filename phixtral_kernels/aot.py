@@ -539,6 +539,8 @@ def main(argv=None) -> int:
     parser.add_argument("--path", default="auto", choices=list(moe_backward.DECODE_PATHS),
                         help="the forward chain to report (PHIXTRAL_MOE_DECODE_PATH's names; default: auto)")  # fmt: skip
     parser.add_argument("--tma", action="store_true", help="the forward's launches with every GEMM config's TMA flag set")
+    parser.add_argument("--archs", type=int, nargs="+", choices=CAPABILITIES, default=list(CAPABILITIES),
+                        help="the checked targets (default: both; sm_75 is reported only with both)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=None, help="compiles at once, in processes (default: the CPUs available)")
     parser.add_argument("--warm", action="store_true", help="compile for this machine's GPU into Triton's cache instead of reporting")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -564,7 +566,8 @@ def main(argv=None) -> int:
         if args.warm:
             lines = [t[4] for t in _warm_tasks(_warm_groups(args.tokens, quant=args.quant), dtypes)]
         else:
-            tasks, first = _report_tasks(args.tokens, dtypes, CAPABILITIES, () if args.quant else INFO_CAPABILITIES, shapes)
+            info = () if args.quant or args.tma or tuple(args.archs) != CAPABILITIES else INFO_CAPABILITIES
+            tasks, first = _report_tasks(args.tokens, dtypes, tuple(args.archs), info, shapes)
             lines = [_describe_compile(tasks[i]) for i in sorted(set(first.values()))]
         print("\n".join(lines + [f"aot --dry-run: {len(lines)} distinct compiles{' (--warm)' if args.warm else ''}"]))
         return 0
@@ -572,8 +575,9 @@ def main(argv=None) -> int:
         count = warm_cache(args.tokens, dtypes, args.jobs, quant=args.quant)
         print(f"aot --warm: {count} distinct launches compiled for {torch.cuda.get_device_name()} in {time.monotonic() - start:.1f} s")
         return 0
-    info = () if args.quant or args.tma else INFO_CAPABILITIES  # sm_75's row is the float GEMM's: the others add nothing there
-    rows = compile_report(args.tokens, dtypes, info_capabilities=info, jobs=args.jobs, backward=args.backward, quant=args.quant,
+    # sm_75's row is the float GEMM's, with both checked targets: the other reports add nothing there
+    info = () if args.quant or args.tma or tuple(args.archs) != CAPABILITIES else INFO_CAPABILITIES
+    rows = compile_report(args.tokens, dtypes, tuple(args.archs), info, jobs=args.jobs, backward=args.backward, quant=args.quant,
                           path=args.path, tma=args.tma)  # fmt: skip
     bad = [r for r in rows if r.problem]
     if args.json:

@@ -170,8 +170,9 @@ def _entry(entry, gemm: str, element: int, shared_bytes: int, GemmConfig):
         raise ValueError("GEMM 2sum needs split_k 1 (each token's rows are summed as they are stored)")
     if max(config.block_m, config.block_n, config.block_k) > 256 or config.block_m * config.block_n > 128 * 256:
         raise ValueError(f"GEMM {gemm}: tiles larger than 128x256 (the accumulator would spill)")
-    if config.num_warps not in (1, 2, 4, 8, 16) or config.num_stages > 8:
-        raise ValueError(f"GEMM {gemm}: num_warps {config.num_warps} (1 to 16, a power of two), num_stages {config.num_stages} (<= 8)")
+    if config.num_warps not in (1, 2, 4, 8, 16) or config.num_stages > 8 or config.split_k > 16:
+        raise ValueError(f"GEMM {gemm}: num_warps {config.num_warps} (1 to 16, a power of two), num_stages {config.num_stages} "
+                         f"(<= 8), split_k {config.split_k} (<= 16: each split has its own fp32 output)")  # fmt: skip
     stage_bytes = (config.block_m + config.block_n) * config.block_k * element
     if config.num_stages * stage_bytes > shared_bytes:
         raise ValueError(f"GEMM {gemm}: {config.num_stages} stages of {stage_bytes} B exceed {shared_bytes} B of shared memory")
@@ -198,7 +199,11 @@ def load_table(path: Path, *, shared_bytes: int = DEFAULT_SHARED_BYTES, gpu_name
         warnings.warn(f"tuned GEMM configs {where} ignored (not valid JSON: {e}): the heuristic configs serve instead",
                       RuntimeWarning, stacklevel=2)  # fmt: skip
         return None
-    table = parse_table(data, where=where, shared_bytes=shared_bytes)
+    try:
+        table = parse_table(data, where=where, shared_bytes=shared_bytes)
+    except Exception as e:  # noqa: BLE001: whatever the file holds, the heuristic serves and nothing raises
+        warnings.warn(f"tuned GEMM configs {where} ignored ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
+        return None
     if table is not None and gpu_name is not None and table.gpu != gpu_name:
         warnings.warn(f"tuned GEMM configs {where} ignored (written for {table.gpu!r}, this GPU is {gpu_name!r})", RuntimeWarning,
                       stacklevel=2)  # fmt: skip

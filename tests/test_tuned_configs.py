@@ -138,6 +138,7 @@ def test_a_file_that_is_not_a_table_warns_and_falls_back(gpu, table, words):
         (lambda c: c["1"]["1"]["config"].update(block_n=48), "power of two"),
         (lambda c: c["1"]["1"]["config"].update(num_warps="4"), "positive int"),
         (lambda c: c["1"]["1"]["config"].update(tma=1), "tma must be a bool"),
+        (lambda c: c["2"]["1"]["config"].update(split_k=64), "split_k 64"),
         (lambda c: c["1"]["1"].update(config=_cfg(16, 256, 256, num_stages=8)), "exceed"),
         (lambda c: c["2"].pop("1"), "no GEMM 2 entry"),
         (lambda c: c["1"].update({"01": c["1"].pop("1")}), "bucket key '01' is not a positive int"),
