@@ -164,6 +164,21 @@ def _cuda_capability(index: int) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
 
 
+# In-kernel tensor descriptors: tl.make_tensor_descriptor from triton 3.4 on (3.6 and 3.9 checked); 3.3 has only
+# tl._experimental_make_tensor_descriptor, and there the flag is ignored. The kernel reaches the API through
+# `_weight_descriptor`, None where it is missing: Triton 3.3 resolves every attribute a kernel names when it hashes the
+# kernel, even in a branch that never compiles, so the kernel itself must not name tl.make_tensor_descriptor.
+HAS_TENSOR_DESCRIPTORS = tl is not None and hasattr(tl, "make_tensor_descriptor")
+_weight_descriptor = None
+
+if HAS_TENSOR_DESCRIPTORS:
+
+    @triton.jit
+    def _weight_descriptor(b_ptr, rows, K, stride_b_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """A descriptor of B tiles [BLOCK_N, BLOCK_K] over the weights as one [rows, K] matrix, K contiguous."""
+        return tl.make_tensor_descriptor(b_ptr, shape=[rows, K], strides=[stride_b_n, 1], block_shape=[BLOCK_N, BLOCK_K])
+
+
 if triton is not None:
 
     @triton.jit
@@ -266,7 +281,7 @@ if triton is not None:
             # w as a 2-D stack [E * N, K] (contiguous: the launcher checks), expert e's row n at e * N + n. Columns of a
             # tile past N read the next expert's rows (or zeros past the stack) into accumulator columns the store masks
             # off; K past the end reads zeros.
-            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * N, K], strides=[stride_b_n, 1], block_shape=[BLOCK_N, BLOCK_K])
+            b_desc = _weight_descriptor(b_ptr, E * N, K, stride_b_n, BLOCK_N, BLOCK_K)
             b_row = expert * N + pid_n * BLOCK_N
             b_col = pid_k * k_per_split
         elif W_BITS == 0:
@@ -450,11 +465,6 @@ def _weight_args(w, like: torch.Tensor) -> tuple:
     meta = dict(W_BITS=w.bits, GROUP_SIZE=w.kernel_group_size, HAS_ZEROS=w.qzeros is not None, HAS_G_IDX=w.g_idx is not None)
     b_strides = (w.qweight.stride(0), w.qweight.stride(2), w.qweight.stride(1))  # (expert, n, packed row)
     return w.qweight, w.scales, zeros, g_idx, b_strides, strides, meta
-
-
-# In-kernel tensor descriptors: tl.make_tensor_descriptor from triton 3.4 on (3.6 and 3.9 checked); 3.3 has only
-# tl._experimental_make_tensor_descriptor, and there the flag is ignored.
-HAS_TENSOR_DESCRIPTORS = tl is not None and hasattr(tl, "make_tensor_descriptor")
 
 
 def tma_applies(config: GemmConfig, w) -> bool:
