@@ -6,7 +6,9 @@
 
 GPU: D=2560, F=10240, E=4, top_k=2. Per dtype and token bucket (the bucket's largest T), a short list of candidates per
 block_m (`candidates`: today's heuristic first, then a few variations of tile, warps, stages, GROUP_M and split-K; on
-Hopper also 128x256x64 tiles with 3 or 4 stages, with and without TMA weight loads). Each candidate:
+Hopper also 128x256x64 tiles with 3 or 4 stages, with and without TMA weight loads), for GEMM 1, GEMM 2 and, in the
+buckets where fused_moe takes the decode chain (T <= 16), GEMM 2 summing each token's rows ("2sum", no split-K, timed
+with the reset of its pair buffer that the chain's routing kernel does). Each candidate:
   1. is compiled beforehand, in a pool of processes (Triton's compile holds the GIL): every distinct launch once;
   2. runs GEMM 1 (or GEMM 2) once on outputs poisoned with NaN and is checked against an fp32 torch reference
      (‖out - ref‖ / ‖ref‖ over the rows in use, NaN never passes); a candidate that fails is dropped, not timed;
@@ -46,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from phixtral_kernels import aot, moe_routing, topk_softmax_torch, tuned_configs  # noqa: E402
-from phixtral_kernels.grouped_gemm import GemmConfig, _launch, heuristic_configs  # noqa: E402
+from phixtral_kernels.grouped_gemm import GemmConfig, _launch, heuristic_configs, pair_buffer  # noqa: E402
+from phixtral_kernels.moe_backward import DECODE_MAX_TOKENS  # noqa: E402
 from phixtral_kernels.reference import gelu_tanh  # noqa: E402
 from phixtral_kernels.routing import RoutingMap  # noqa: E402
 
@@ -64,19 +67,25 @@ def _cfg(block_m, block_n, block_k, warps=4, stages=4, split_k=1, group_m=8, tma
 
 
 def candidates(T: int, capability, top_k: int = 2, E: int = 4) -> dict:
-    """{block_m: ([GEMM 1 configs], [GEMM 2 configs])} for T tokens on a GPU of this capability (major, minor); the
-    heuristic's pair first, in its block_m. A handful per GEMM: the tuner has minutes, not hours."""
+    """{block_m: {"1": [GEMM 1 configs], "2": [GEMM 2 configs], "2sum": [...]}} for T tokens on a GPU of this capability
+    (major, minor); the heuristic's first, in its block_m. "2sum", GEMM 2 summing each token's rows itself (no split-K),
+    only where fused_moe takes the decode chain (T <= DECODE_MAX_TOKENS, top_k <= 2). A handful per GEMM: the tuner has
+    minutes, not hours."""
     h1, h2 = heuristic_configs(T, top_k, E, capability)
     rows = T * top_k / E
     hopper = capability is not None and capability[0] == 9
     out = {}
 
-    def add(block_m, gemm1=(), gemm2=()):
-        g1, g2 = out.setdefault(block_m, ([], []))
-        g1 += [c for c in gemm1 if c not in g1]
-        g2 += [c for c in gemm2 if c not in g2]
+    def add(block_m, gemm1=(), gemm2=(), gemm2_sum=()):
+        lists = out.setdefault(block_m, {"1": [], "2": [], "2sum": []})
+        for key, cfgs in (("1", gemm1), ("2", gemm2), ("2sum", gemm2_sum)):
+            lists[key] += [c for c in cfgs if c not in lists[key]]
 
     add(h1.block_m, [h1], [h2])
+    if T <= DECODE_MAX_TOKENS and top_k <= 2:
+        h_sum = heuristic_configs(T, top_k, E, capability, sum_in_gemm2=True)[1]
+        add(h_sum.block_m, gemm2_sum=[h_sum, _cfg(h_sum.block_m, 64, 128), _cfg(h_sum.block_m, 32, 128),
+                                      _cfg(h_sum.block_m, 32, 256, stages=4), _cfg(h_sum.block_m, 32, 64, stages=8)])  # fmt: skip
     if rows <= 16:  # decode: weight streaming; spread N (and K for GEMM 2) over the SMs
         add(16, [_cfg(16, 32, 128), _cfg(16, 64, 256, stages=3), _cfg(16, 128, 128), _cfg(16, 64, 64, stages=6)],
             [_cfg(16, 64, 128, split_k=s) for s in (2, 8)] + [_cfg(16, 32, 128, split_k=4), _cfg(16, 64, 256, stages=3, split_k=4),
@@ -149,16 +158,27 @@ class Bucket:
 
 
 def _launch_gemm(gemm: str, a, w, bias, out, routing, cfg):
+    """One launch as fused_moe makes it. "2sum": out is (out [T, D], its pair buffer), the pair buffer reset to the
+    sentinel first, as the decode chain's routing kernel leaves it."""
     if gemm == "1":
         _launch(a, w, bias, out, routing, cfg, gather_a=True, scatter_c=False, activation="gelu_tanh", mul_routing_weight=False)
-    else:
+    elif gemm == "2":
         _launch(a, w, bias, out, routing, cfg, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True)
+    else:
+        c, pair = out
+        if pair is not None:
+            pair.fill_(-1)
+        c = c if pair is not None else c.unsqueeze(0)  # top_k = 1: the slot rows are the token rows
+        _launch(a, w, bias, c, routing, cfg, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True, pair=pair)
 
 
 def gemm_output(gemm: str, routing, cfg, F, D, dtype, device):
     if gemm == "1":
         return torch.empty(routing.max_rows, F, dtype=dtype, device=device)
-    return torch.empty(cfg.split_k, routing.num_slots, D, dtype=torch.float32, device=device)
+    if gemm == "2":
+        return torch.empty(cfg.split_k, routing.num_slots, D, dtype=torch.float32, device=device)
+    out = torch.empty(routing.num_tokens, D, dtype=dtype, device=device)
+    return out, pair_buffer(out, routing.top_k)
 
 
 def check(gemm: str, bucket: Bucket, rmap, rows, slots, h_sorted, weights, cfg):
@@ -168,13 +188,17 @@ def check(gemm: str, bucket: Bucket, rmap, rows, slots, h_sorted, weights, cfg):
         return bucket.checked[key]
     _, w1, b1, w2, b2 = weights
     F, D = w1.shape[1], w2.shape[1]
-    out = gemm_output(gemm, rmap, cfg, F, D, bucket.dtype, bucket.x.device).fill_(float("nan"))
+    out = gemm_output(gemm, rmap, cfg, F, D, bucket.dtype, bucket.x.device)
+    (out[0] if gemm == "2sum" else out).fill_(float("nan"))
     if gemm == "1":
         _launch_gemm("1", bucket.x, w1, b1, out, rmap, cfg)
         got, ref = out[rows].float(), bucket.h_ref[slots]
-    else:
+    elif gemm == "2":
         _launch_gemm("2", h_sorted, w2, b2, out, rmap, cfg)
         got, ref = out.sum(0), bucket.y_ref
+    else:
+        _launch_gemm("2sum", h_sorted, w2, b2, out, rmap, cfg)
+        got, ref = out[0].float(), bucket.y_ref.view(-1, bucket.top_k, D).sum(1)
     result = common.rel_error(got, ref, TOLERANCE[bucket.dtype]), out
     if bucket.memoize:
         bucket.checked[key] = result
@@ -186,7 +210,7 @@ def time_candidate(gemm: str, bucket: Bucket, rmap, h_sorted, weight_sets, cfg, 
     import triton.testing
 
     a = bucket.x if gemm == "1" else h_sorted
-    calls = [(ws[1], ws[2]) if gemm == "1" else (ws[3], ws[4]) for ws in weight_sets]
+    calls = [(ws[1], ws[2]) if gemm == "1" else (ws[3], ws[4]) for ws in weight_sets]  # "2sum": its pair buffer reset too
 
     def run():
         for w, bias in calls:
@@ -205,7 +229,7 @@ def _empty_launch_inputs(T, dtype, cfg, gemm, shape, device):
                       torch.empty(E + 1, **i32), bm)  # fmt: skip
     if gemm == "1":
         a, w, bias = torch.empty(T, D, dtype=dtype, device=device), torch.empty(E, F, D, dtype=dtype, device=device), torch.empty(E, F, dtype=dtype, device=device)
-    else:
+    else:  # "2" and "2sum"
         a, w, bias = torch.empty(rmap.max_rows, F, dtype=dtype, device=device), torch.empty(E, D, F, dtype=dtype, device=device), torch.empty(E, D, dtype=dtype, device=device)
     return a, w, bias, gemm_output(gemm, rmap, cfg, F, D, dtype, device), rmap
 
@@ -268,21 +292,29 @@ def write_table(table: dict, paths) -> None:
 
 
 def _put(table, dtype_name, T, gemm, entry):
-    table["configs"].setdefault(dtype_name, {"1": {}, "2": {}})[gemm][str(T)] = entry
+    table["configs"].setdefault(dtype_name, {"1": {}, "2": {}}).setdefault(gemm, {})[str(T)] = entry
+
+
+def _heuristic(T, shape, capability) -> dict:
+    """{gemm: the heuristic's config} for T tokens: what the tuned entries are timed against."""
+    h1, h2 = heuristic_configs(T, shape["top_k"], shape["E"], capability)
+    return {"1": h1, "2": h2, "2sum": heuristic_configs(T, shape["top_k"], shape["E"], capability, sum_in_gemm2=True)[1]}
 
 
 # --- the run ---------------------------------------------------------------------------------------------------------
 def tune_bucket(T, bucket: Bucket, plan_T: dict, weight_sets, heuristic, timer, log):
-    """Check (and, with a timer, time) every candidate of one bucket; -> (entries {"1": ..., "2": ...} or None when no
-    block_m had a passing candidate for both GEMMs, [(gemm, cfg, seconds, rel_err)], failures).
+    """Check (and, with a timer, time) every candidate of one bucket; -> (entries {"1": ..., "2": ..., and "2sum" where
+    the bucket has its candidates} or None when no block_m had a passing candidate for both GEMMs, [(gemm, cfg,
+    seconds, rel_err)], failures). heuristic: {gemm: the heuristic's config}, for its time in the entries.
 
-    Per block_m, the fastest passing candidate of each GEMM; then the block_m whose two are fastest together. Without a
-    timer (--dry-run) nothing is timed and the first passing candidate wins: the heuristic's, where it passes."""
+    Per block_m, the fastest passing candidate of each GEMM; then the block_m whose GEMM 1 and GEMM 2 are fastest
+    together ("2sum" is taken on that block_m). Without a timer (--dry-run) nothing is timed and the first passing
+    candidate wins: the heuristic's, where it passes."""
     best, measured, rows, failures = None, {}, [], 0
-    for block_m, (g1, g2) in plan_T.items():
+    for block_m, lists in plan_T.items():
         rmap, used_rows, slots, h_sorted = bucket.routing(block_m)
         picks = {}
-        for gemm, cfgs in (("1", g1), ("2", g2)):
+        for gemm, cfgs in lists.items():
             for cfg in cfgs:
                 try:
                     result, out = check(gemm, bucket, rmap, used_rows, slots, h_sorted, weight_sets[0], cfg)
@@ -301,14 +333,13 @@ def tune_bucket(T, bucket: Bucket, plan_T: dict, weight_sets, heuristic, timer, 
                 rows.append((gemm, cfg, seconds, result.rel_err))
                 if gemm not in picks or seconds < picks[gemm][1]:
                     picks[gemm] = (cfg, seconds, result.rel_err)
-        if len(picks) == 2 and (best is None or picks["1"][1] + picks["2"][1] < best[0]):
+        if "1" in picks and "2" in picks and (best is None or picks["1"][1] + picks["2"][1] < best[0]):
             best = (picks["1"][1] + picks["2"][1], block_m, picks)
     if best is None:
         return None, rows, failures
     entries = {}
-    for gemm, hcfg in (("1", heuristic[0]), ("2", heuristic[1])):
-        cfg, seconds, err = best[2][gemm]
-        h_s = measured.get((gemm, hcfg))
+    for gemm, (cfg, seconds, err) in best[2].items():
+        h_s = measured.get((gemm, heuristic.get(gemm)))
         entries[gemm] = {"config": config_fields(cfg), "us": round(seconds * 1e6, 2) if timer else None,
                          "heuristic_us": None if h_s is None or not timer else round(h_s * 1e6, 2),
                          "rel_err": float(f"{err:.3g}")}  # fmt: skip
@@ -331,8 +362,8 @@ def tune(args) -> int:
     dtypes = [getattr(torch, d) for d in args.dtypes]
     plan = {T: candidates(T, capability, shape["top_k"], shape["E"]) for T in args.tokens}
     tasks = [(str(dt).replace("torch.", ""), T, gemm, config_fields(c), tuple(shape.items()))
-             for dt in dtypes for T, per_bm in plan.items() for g1, g2 in per_bm.values()
-             for gemm, cfgs in (("1", g1), ("2", g2)) for c in cfgs]  # fmt: skip
+             for dt in dtypes for T, per_bm in plan.items() for lists in per_bm.values()
+             for gemm, cfgs in lists.items() for c in cfgs]  # fmt: skip
     compile_all(tasks, args.jobs or aot.default_jobs(), start + args.compile_share * args.budget_s)
     print(f"# compiled in {time.monotonic() - start:.0f} s", flush=True)
 
@@ -352,7 +383,7 @@ def tune(args) -> int:
                 print(f"# {dname} T={T}: not tuned, --budget-s={args.budget_s:g} spent (the heuristic serves it)", flush=True)
                 continue
             bucket = Bucket(x_all[:T], weight_sets[0], shape["top_k"])
-            heuristic = heuristic_configs(T, shape["top_k"], shape["E"], capability)
+            heuristic = _heuristic(T, shape, capability)
 
             def timer(gemm, rmap, h_sorted, cfg, out, bucket=bucket):
                 return time_candidate(gemm, bucket, rmap, h_sorted, weight_sets, cfg, out)
@@ -369,8 +400,9 @@ def tune(args) -> int:
             for gemm, entry in entries.items():
                 _put(table, dname, T, gemm, entry)
             h = [entries[g]["heuristic_us"] for g in "12"]
+            summed = f", GEMM 2 summing {entries['2sum']['us']:.1f} us" if "2sum" in entries else ""
             print(f"# {dname} T={T}: block_m {entries['1']['config']['block_m']}, GEMM 1 {entries['1']['us']:.1f} us, GEMM 2 "
-                  f"{entries['2']['us']:.1f} us; heuristic {'-' if None in h else f'{sum(h):.1f} us'} "
+                  f"{entries['2']['us']:.1f} us{summed}; heuristic {'-' if None in h else f'{sum(h):.1f} us'} "
                   f"({time.monotonic() - start:.0f} s)", flush=True)  # fmt: skip
             table["conditions"]["seconds"] = round(time.monotonic() - start, 1)
             write_table(table, paths)
@@ -410,10 +442,10 @@ def dry_run(args) -> int:
         bucket = Bucket(x, weights, shape["top_k"], memoize=True)  # one small T for all buckets: the interpreter pays per program
         for T in args.tokens:
             plan_T = candidates(T, capability, SHAPE["top_k"], SHAPE["E"])
-            entries, rows, bucket_failures = tune_bucket(T, bucket, plan_T, [weights], heuristic_configs(T, 2, 4, capability),
-                                                         None, lambda line: print(f"{line} [{dname}]"))  # fmt: skip
+            entries, rows, bucket_failures = tune_bucket(T, bucket, plan_T, [weights], _heuristic(T, SHAPE, capability), None,
+                                                         lambda line: print(f"{line} [{dname}]"))  # fmt: skip
             failures += bucket_failures
-            count += sum(len(g1) + len(g2) for g1, g2 in plan_T.values())
+            count += sum(len(cfgs) for lists in plan_T.values() for cfgs in lists.values())
             for gemm, cfg, _, err in rows:
                 print(f"{dname} T={T} GEMM {gemm} {_short(cfg)}: ok (rel. error {err:.1e})")
             for gemm, entry in (entries or {}).items():

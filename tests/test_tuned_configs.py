@@ -176,6 +176,32 @@ def test_env_switch_and_source_select_the_heuristic(gpu, monkeypatch, tmp_path):
         assert configs(1) == heuristic
 
 
+def test_the_decode_chains_gemm2_sums_without_split_k(gpu):
+    """sum_in_gemm2 (the decode chain's GEMM 2 summing each token's rows): the bucket's "2sum" entry; without one the
+    table's GEMM 2 if it has no K-split, else the heuristic's no-split GEMM 2 on the table's block_m."""
+    table = _table()
+    gpu(table)
+    g1, g2 = configs(1, sum_in_gemm2=True)
+    assert g1 == GemmConfig(16, 32, 256, num_stages=4)  # GEMM 1 does not change with it
+    assert g2 == heuristic_configs(1, 2, 4, (9, 0), sum_in_gemm2=True)[1] and g2.split_k == 1 and g2.block_m == g1.block_m
+    assert configs(64, sum_in_gemm2=True)[1] == GemmConfig(64, 64, 128, num_stages=4)  # split_k 2 in the table: no-split heuristic
+    table["configs"]["bfloat16"]["2"]["64"]["config"]["split_k"] = 1
+    table["configs"]["bfloat16"]["2sum"] = {"1": {"config": _cfg(16, 64, 256, num_stages=3)}}
+    gpu(table)
+    assert configs(1, sum_in_gemm2=True)[1] == GemmConfig(16, 64, 256, num_stages=3)
+    assert configs(1)[1].split_k == 8  # the other chains keep the table's GEMM 2
+    assert configs(64, sum_in_gemm2=True)[1] == GemmConfig(64, 64, 128, num_stages=4)  # the table's, as it is
+
+
+@pytest.mark.parametrize("entry, words", [(_cfg(16, 64, 128, split_k=2), "2sum needs split_k 1"), (_cfg(32, 64, 128), "differ")])
+def test_a_bad_2sum_entry_rejects_its_bucket(gpu, entry, words):
+    table = _table()
+    table["configs"]["bfloat16"]["2sum"] = {"1": {"config": entry}}
+    gpu(table)
+    with pytest.warns(RuntimeWarning, match=words):
+        assert configs(1, sum_in_gemm2=True) == heuristic_configs(1, 2, 4, (9, 0), sum_in_gemm2=True)
+
+
 def test_heuristic_takes_128x256_tiles_on_hopper_for_large_T_only():
     assert heuristic_configs(4096, 2, 4, (9, 0)) == (SM90_PREFILL, SM90_PREFILL)
     assert SM90_PREFILL.block_n == 256 and SM90_PREFILL.num_warps == 8 and SM90_PREFILL.group_m == 16 and not SM90_PREFILL.tma
@@ -198,6 +224,7 @@ def test_the_moe_passes_its_shape_dtype_and_device(monkeypatch):
     monkeypatch.setattr(moe_backward, "moe_gemm_configs", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
     x, g, w1, b1, w2, b2 = moe_layer(5, 64, 96, 4, torch.float16)
     fused_moe(x, g, w1, b1, w2, b2, 2, backend="triton")
-    assert calls[-1] == ((5, 2, 4), dict(dims=(64, 96), dtype=torch.float16, device=x.device))
+    args, kw = calls[-1]
+    assert args == (5, 2, 4) and (kw["dims"], kw["dtype"], kw["device"]) == ((64, 96), torch.float16, x.device)
     fused_moe(x, g, quantize_rtn(w1, bits=8, group_size=32), b1, w2, b2, 2, backend="triton")
     assert calls[-1][1]["device"] is None
