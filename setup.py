@@ -17,7 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["phixtral_kernels", "phixtral", "phixtral.*"]),
-    package_data={"phixtral": ["assets/*/*"]},
+    package_data={"phixtral": ["assets/*/*"], "phixtral_kernels": ["configs/*.json"]},
     install_requires=[
         # Kept open on purpose: users bring the torch build (CPU or CUDA) that fits their machine.
         "torch>=2.3",

@@ -11,6 +11,9 @@ CPU: the phixtral shape is too slow for many T, so D=1024, F=4096, E=4, top_k=2 
 Providers, each checked against an fp32 reference (‖out - ref‖ / ‖ref‖, routed on the same logits) before it is timed:
     fused          GPU: fused_moe(backend="triton") replayed from a CUDA graph (the path has no host sync; a model's
                    decode step runs this way). CPU: fused_moe(backend="torch").
+    fused_heuristic  GPU, when phixtral_kernels/configs has a tuned table for this GPU (benchmarks/tune_moe.py): "fused"
+                   with the heuristic's GEMM configs instead of the table's (tuned_configs.source("heuristic")), so one
+                   run compares tuned against untuned. "fused" and "fused_eager" use the table.
     fused_eager    GPU: the same kernels launched from Python each call.
     fused_legacy   GPU, T <= 16: the launch chain the decode chain replaced (router matmul, top-k, align, GEMM 1,
                    GEMM 2 with K-split, combine: 6 launches, grids over every tile of the padded map), replayed from a
@@ -41,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing the package
 
 import common  # noqa: E402
-from phixtral_kernels import fused_moe, gelu_tanh, naive_moe, topk_softmax_torch  # noqa: E402
+from phixtral_kernels import fused_moe, gelu_tanh, naive_moe, topk_softmax_torch, tuned_configs  # noqa: E402
 from phixtral_kernels.moe_backward import DECODE_MAX_TOKENS, triton_moe_forward  # noqa: E402
 
 GPU_SHAPE = dict(D=2560, F=10240, E=4, top_k=2)
@@ -160,7 +163,7 @@ def grouped_mm_unavailable(dtype, device) -> str | None:
     return None
 
 
-OWN_PROVIDERS = ("fused", "fused_eager", "fused_legacy", "torch", "naive")
+OWN_PROVIDERS = ("fused", "fused_heuristic", "fused_eager", "fused_legacy", "torch", "naive")
 
 
 @dataclass
@@ -172,17 +175,38 @@ class Provider:
     max_tokens: int | None = None  # skip above this T (memory)
 
 
+def tuned_table(device) -> str | None:
+    """The tuned-config table fused_moe reads on this device (its path), or None: no GPU, no table for it, or
+    PHIXTRAL_MOE_CONFIGS=heuristic."""
+    if device.type != "cuda" or tuned_configs.current_source() == "heuristic":
+        return None
+    source = tuned_configs.current_source()
+    path = tuned_configs.table_path(torch.cuda.get_device_name(device)) if source == "tuned" else Path(source)
+    return str(path) if tuned_configs.load_table(path) is not None else None
+
+
 def providers(device, dtype, layer: Layer, gather_cap_bytes: float) -> tuple[list[Provider], dict]:
     """The providers for this device and dtype, and {name: reason} for those that cannot run here."""
     gpu = device.type == "cuda"
     fused_backend = "triton" if gpu else "torch"
+    table = tuned_table(device)
+    skipped = {}
 
     def fused(backend):
         return lambda x, *w: fused_moe(x, *w, backend=backend)
 
-    out = [Provider("fused", fused(fused_backend), gpu, f"fused_moe[{fused_backend}]" + (" CUDA graph" if gpu else ""))]
+    def heuristic(x, *w):
+        with tuned_configs.source("heuristic"):  # the configs are picked at capture: the graph keeps them
+            return fused_moe(x, *w, backend="triton")
+
+    tuned = f", tuned configs ({Path(table).name})" if table else ""
+    out = [Provider("fused", fused(fused_backend), gpu, f"fused_moe[{fused_backend}]" + (" CUDA graph" if gpu else "") + tuned)]
+    if gpu and table:
+        out.append(Provider("fused_heuristic", heuristic, True, "fused_moe[triton] CUDA graph, heuristic configs"))
+    elif gpu:
+        skipped["fused_heuristic"] = f"no tuned table for {torch.cuda.get_device_name(device)}: fused runs the heuristic configs"
     if gpu:
-        out.append(Provider("fused_eager", fused("triton"), False, "fused_moe[triton] eager"))
+        out.append(Provider("fused_eager", fused("triton"), False, "fused_moe[triton] eager" + tuned))
         out.append(Provider("fused_legacy", legacy_chain_moe, True, "fused_moe[triton] legacy chain, CUDA graph",
                             max_tokens=DECODE_MAX_TOKENS))  # fmt: skip
     out.append(Provider("naive", naive_moe, False, "naive_moe (original loop)"))
@@ -191,7 +215,6 @@ def providers(device, dtype, layer: Layer, gather_cap_bytes: float) -> tuple[lis
     slot_bytes = layer.expert_bytes()  # gather_einsum copies one expert per token slot
     out.append(Provider("gather_einsum", gather_einsum_moe, gpu, "gather + einsum (gpt-fast)",
                         max_tokens=int(gather_cap_bytes // (layer.top_k * slot_bytes))))  # fmt: skip
-    skipped = {}
     reason = grouped_mm_unavailable(dtype, device)
     if reason is None:
         out.append(Provider("grouped_mm", grouped_mm_moe, gpu, "torch._grouped_mm"))
@@ -325,6 +348,7 @@ def run_benchmark(args) -> dict:
         "tokens": tokens,
         "ceilings": ceilings,
         "fused_backend": "triton" if gpu else "torch",
+        "tuned_table": tuned_table(device),
         "floor_note": "bytes = experts hit by the routing of these inputs (counted) + x + out; flops = 4*T*top_k*D*F",
         "notes": notes + ([lost] if lost else []),
         "rows": rows,

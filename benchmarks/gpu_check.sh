@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command for a machine with one CUDA GPU (sized for an H200): warm Triton's cache, the GPU test tier, both benchmarks.
+# One command for a machine with one CUDA GPU (sized for an H200): warm Triton's cache, tune the GEMM configs when this GPU
+# has no table yet, the GPU test tier, both benchmarks (bench_moe times the tuned configs against the heuristic's).
 #
 #   bash benchmarks/gpu_check.sh
 #   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh     # any machine, no GPU: each stage's collection or a quick CPU run
@@ -7,21 +8,28 @@
 # Runs from the repository root with PYTHONPATH=. and installs nothing: python3 needs torch with CUDA, triton and pytest.
 # hypothesis, pytest-benchmark and matplotlib are optional: without them the random-shape test and the plots are skipped.
 # Stages, each under its own time limit (seconds; then 5 s of grace before a kill):
-#   env             nvidia-smi and the versions; stops here when torch sees no GPU                      15 + 40
+#   env             nvidia-smi and the versions; stops here when torch sees no GPU                      15 + 30
 #   warm            python -m phixtral_kernels.aot --warm: every launch the GPU tests and the benchmarks make at
 #                   phixtral shapes (~65 variants: the decode chain's and, at T <= 16, the legacy chain's that
-#                   bench_moe times against it), compiled into Triton's cache by one process per CPU      45
+#                   bench_moe times against it), compiled into Triton's cache by one process per CPU      40
+#   tune            benchmarks/tune_moe.py --if-missing: when phixtral_kernels/configs has no table for this
+#                   GPU, tunes the GEMM configs (compiles its candidates in one process per CPU, then checks
+#                   and times them; stops starting new buckets after --budget-s 60) and writes the table
+#                   there and to $OUT; a few seconds when the table exists                                   80
 #   tests           the GPU tier in GPU_CHECK_SHARDS pytest processes at once (pytest --shard I/N): its ~200
-#                   small-shape variants compile one per process at a time, not one after another         140
-#   bench_moe       stops starting new points after --budget-s 70                                           100
-#   bench_generate  stops starting new points after --budget-s 60; eager vs CUDA-graph decode, both attention
-#                   modes (--attention-upcast fp32 scores)                                                   95
-#   summary                                                                                                  20
-# so the whole run ends within 8 minutes at worst (about 4 when nothing hits a limit). A stage stopped at its limit says
-# so in its log and the later stages still run. Logs are written as the output comes, so a run cut short still leaves
-# them. Files, under $OUT when it is set, else ./out (eight at most, the limit of what a lease brings back):
-#   tests.log (the warm stage, then the tests)  bench_moe.log  bench_moe.json  bench_moe.png  bench_generate.log
-#   bench_generate.json  bench_generate.png  summary.txt (environment, stage times, the targets table)
+#                   small-shape variants compile one per process at a time, not one after another;
+#                   plus whatever the tune stage left of its limit                                        105 (+)
+#   bench_moe       stops starting new points after --budget-s 60                                            85
+#   bench_generate  stops starting new points after --budget-s 50; eager vs CUDA-graph decode, both attention
+#                   modes (--attention-upcast fp32 scores)                                                   80
+#   summary                                                                                                  15
+# so the whole run ends within 8 minutes at worst (475 s with the graces; about 4 minutes when nothing hits a limit). A
+# stage stopped at its limit says so in its log and the later stages still run. Logs are written as the output comes,
+# so a run cut short still leaves them. Files, under $OUT when it is set, else ./out (eight at most, the limit of what
+# a lease brings back):
+#   tests.log (the warm stage, then the tests)  bench.log (tune, bench_moe, bench_generate)  bench_moe.json
+#   bench_moe.png  bench_generate.json  bench_generate.png  summary.txt (environment, stage times, the targets table)
+#   <GPU>.json (the tuned table, when the tune stage wrote one; dry-run.json in a dry run)
 # The summary table is printed last. Exit status: 0 when every stage passed, 1 otherwise.
 #
 # Environment: GPU_CHECK_DRY_RUN=1 (see above); GPU_CHECK_SHARDS (test processes, default half the CPUs, 1 to 8);
@@ -32,7 +40,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-./out}"
 mkdir -p "$OUT_DIR"
 # A stage that stops early must not leave an older run's files to be summarized as this one's.
-rm -f "$OUT_DIR"/{tests,bench_moe,bench_generate}.log "$OUT_DIR"/bench_{moe,generate}.{json,png} "$OUT_DIR/summary.txt"
+rm -f "$OUT_DIR"/{tests,bench}.log "$OUT_DIR"/bench_{moe,generate}.{json,png} "$OUT_DIR"/{summary.txt,dry-run.json}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 # The GPU tier compiles the kernels; under the interpreter every timing would be meaningless.
@@ -117,7 +125,7 @@ ENV_TEXT="$(
   echo "gpu_check: $(date -Is), git $(git rev-parse --short HEAD 2>/dev/null || echo '?'), host $(hostname), $CPUS CPUs"
   timeout 15 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem,temperature.gpu,power.draw \
     --format=csv 2>&1
-  timeout 40 "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+  timeout 30 "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| cuda', torch.version.cuda, '| triton', triton.__version__, '| gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None); \
 sys.exit(0 if torch.cuda.is_available() else 3)" 2>&1
   echo $? >"$WORK/cuda.rc"
@@ -136,22 +144,32 @@ fi
 WARM=(-m phixtral_kernels.aot --warm --jobs "$CPUS" --tokens 1 2 4 5 8 16 32 64 128 200 256 512 1024 2048 4096 8192 16384)
 TESTS=(tests/test_kernels.py tests/test_kernels_random.py tests/test_moe_backward.py tests/test_decode_chain.py
   tests/test_kernels_gpu.py tests/test_decode_graph_gpu.py)
+# The tuner: bf16 first (what phixtral runs), then fp16; each bucket's table lands as soon as it is tuned.
+TUNE=(benchmarks/tune_moe.py --if-missing --budget-s 60 --jobs "$CPUS" --out "$OUT_DIR")
 BENCH=()
 if [ "$DRY" = 1 ]; then
   WARM+=(--dry-run)
+  # A decode and a prefill bucket's candidates (sm_90's 128x256 and TMA ones among them), checked in the interpreter.
+  TUNE=(benchmarks/tune_moe.py --dry-run --dtypes float16 --tokens 1 1024 --out "$OUT_DIR")
   TESTS=(--collect-only "${TESTS[@]}")
   BENCH=(--quick --device cpu)
 fi
-stage warm "$OUT_DIR/tests.log" 45 "$PY" "${WARM[@]}"
-test_shards tests "$OUT_DIR/tests.log" 140 -q --durations=5 "${TESTS[@]}"
-stage bench_moe "$OUT_DIR/bench_moe.log" 100 "$PY" benchmarks/bench_moe.py --out "$OUT_DIR" --budget-s 70 ${BENCH[@]+"${BENCH[@]}"}
-stage bench_generate "$OUT_DIR/bench_generate.log" 95 "$PY" benchmarks/bench_generate.py --out "$OUT_DIR" --budget-s 60 \
+stage warm "$OUT_DIR/tests.log" 40 "$PY" "${WARM[@]}"
+TUNE_LIMIT="$(limit_for tune 80)"
+tune_start=$SECONDS
+stage tune "$OUT_DIR/bench.log" "$TUNE_LIMIT" "$PY" "${TUNE[@]}"
+# The seconds the tune stage left (all but a few when the table exists) go to the tests: the worst case stays the same.
+TUNE_SPARE=$((TUNE_LIMIT - (SECONDS - tune_start)))
+((TUNE_SPARE < 0)) && TUNE_SPARE=0
+test_shards tests "$OUT_DIR/tests.log" "$((105 + TUNE_SPARE))" -q --durations=5 "${TESTS[@]}"
+stage bench_moe "$OUT_DIR/bench.log" 85 "$PY" benchmarks/bench_moe.py --out "$OUT_DIR" --budget-s 60 ${BENCH[@]+"${BENCH[@]}"}
+stage bench_generate "$OUT_DIR/bench.log" 80 "$PY" benchmarks/bench_generate.py --out "$OUT_DIR" --budget-s 50 \
   --attention-upcast fp32 scores ${BENCH[@]+"${BENCH[@]}"}
 
 {
   echo "$ENV_TEXT"
   echo
-  timeout 20 "$PY" benchmarks/summarize.py "$OUT_DIR" --stages "$STAGES" 2>&1
+  timeout 15 "$PY" benchmarks/summarize.py "$OUT_DIR" --stages "$STAGES" 2>&1
 } >"$OUT_DIR/summary.txt"
 echo
 cat "$OUT_DIR/summary.txt"

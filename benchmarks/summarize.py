@@ -8,10 +8,12 @@ Targets (GPU, bf16, fused = the Triton kernels replayed from a CUDA graph):
     T=16384        >= 70% of the measured bf16 matmul rate
     T<=16          >= 2x the naive loop (bf16 and fp16)
 Information: at T = 1 and 8, the decode chain (fused, 3 launches) against the legacy chain it replaced (fused_legacy, 6).
+Information: the tuned configs against the heuristic's (fused over fused_heuristic), when the GPU had a tuned table.
 """
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 
@@ -99,8 +101,28 @@ def moe_targets(moe: dict) -> list[tuple]:
     if speedups:
         worst, dtype, T = min(speedups)
         out.append(("T<=16 fused: worst speedup over naive", f"{worst:.2f}x ({dtype} T={T})", ">= 2x", _status(worst >= 2)))
+    out += tuned_lines(rows)
     if not moe.get("ok", True):
         out.append(("MoE correctness checks", "; ".join(moe["failed_checks"])[:200], "all pass", "MISS"))
+    return out
+
+
+def tuned_lines(rows) -> list[tuple]:
+    """Per dtype: the heuristic configs' time over the tuned configs' (both replayed from CUDA graphs), geometric mean
+    over the T both timed, with the worst and best T."""
+    out = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        ratios = []
+        for r in rows:
+            if r["dtype"] == dtype and r["provider"] == "fused" and r.get("median_s"):
+                h = _row(rows, dtype, r["T"], "fused_heuristic")
+                if h and h.get("median_s"):
+                    ratios.append((h["median_s"] / r["median_s"], r["T"]))
+        if ratios:
+            mean = math.exp(sum(math.log(x) for x, _ in ratios) / len(ratios))
+            (lo, t_lo), (hi, t_hi) = min(ratios), max(ratios)
+            out.append((f"{dtype} tuned configs: heuristic time / tuned time", f"{mean:.2f}x mean over {len(ratios)} T "
+                        f"({lo:.2f}x at T={t_lo} to {hi:.2f}x at T={t_hi})", ">= 1x", "info"))  # fmt: skip
     return out
 
 

@@ -4,11 +4,18 @@ No GPU needed: `fused_moe` runs on meta tensors with the kernels swapped for rec
 arguments, constexprs and configs the launchers pick. Each distinct recorded launch is then compiled with
 `triton.compile` for each target, in a pool of processes (Triton's compile holds the GIL, so threads do not overlap),
 and the report gives shared memory, registers, stack bytes per thread (register spills: the kernels keep no local
-arrays) and whether tensor-core instructions (mma.sync on sm_80, wgmma on sm_90) made it into the PTX. sm_75 (T4) is
-reported for information only: Triton has no tensor-core path below sm_80 and `triton_unavailable_reason` gates it off.
+arrays), whether tensor-core instructions (mma.sync on sm_80, wgmma on sm_90) made it into the PTX, and how many
+wgmma.mma_async and cp.async.bulk.tensor (TMA copy) instructions the PTX holds. The launches are recorded once per
+target with that target's configs (the heuristic picks 128x256 tiles on sm_90 for prefill); tuned tables play no part
+here (meta tensors have no GPU). sm_75 (T4) is reported for information only: Triton has no tensor-core path below
+sm_80 and `triton_unavailable_reason` gates it off.
 
-    python -m phixtral_kernels.aot [--tokens 1 64 128 4096] [--dtypes float16 bfloat16] [--backward | --quant SCHEME ...]
-        [--jobs N] [--json]
+    python -m phixtral_kernels.aot [--tokens 1 64 128 4096] [--dtypes float16 bfloat16] [--backward | --quant SCHEME ...
+        | --tma] [--jobs N] [--json]
+
+`--tma` reports fused_moe's launches with every GEMM config's TMA flag set (weight tiles through tensor descriptors):
+on sm_90 their PTX must hold cp.async.bulk.tensor, or the row counts as a problem; sm_80 has no TMA and loads them
+as before.
 
 `--backward` reports the launches of fused_moe's backward instead (the backward GEMMs over transposed weight views, the
 row pass, the combine, the weight gradients).
@@ -92,10 +99,14 @@ class CompileRow:
     tensor_core: bool
     needs_tensor_core: bool
     info_only: bool = False  # a target reported for information (sm_75), not held to the checks
+    wgmma: int = 0  # wgmma.mma_async instructions in the PTX (Hopper's warpgroup MMA)
+    tma: int = 0  # cp.async.bulk.tensor instructions in the PTX (TMA tile copies)
+    tma_requested: bool = False  # the launch asked for TMA weight loads (TMA_B)
 
     @property
     def problem(self) -> bool:
-        return not self.info_only and bool(self.spill_bytes or (self.needs_tensor_core and not self.tensor_core))
+        no_tma = self.tma_requested and self.arch == "sm_90" and not self.tma  # sm_80 has no TMA: plain loads there
+        return not self.info_only and bool(self.spill_bytes or (self.needs_tensor_core and not self.tensor_core) or no_tma)
 
 
 class _Recorder:
@@ -115,13 +126,20 @@ class _Recorder:
 
 
 @contextmanager
-def _recording(warm_index=None):
-    """Swap every kernel for a recorder and let the launchers accept meta tensors."""
+def _recording(warm_index=None, capability: int | None = None, tma: bool = False):
+    """Swap every kernel for a recorder and let the launchers accept meta tensors. capability (80, 90, ...): the GPU the
+    config heuristic sees (meta tensors have none); tma: every GEMM config with its TMA flag set."""
     launches = []
     patches = [
         mock.patch.object(mod, name, _Recorder(getattr(mod, name), launches, warm_index)) for name, mod in _KERNEL_MODULES.items()
     ]
     patches += [mock.patch.object(mod, "triton_unavailable_reason", lambda *args: None) for mod in (routing, grouped_gemm, unpermute, moe)]
+    if capability is not None:
+        patches.append(mock.patch.object(grouped_gemm, "_capability", lambda device: divmod(capability, 10)))
+    if tma:
+        heuristic = grouped_gemm.heuristic_configs
+        with_tma = lambda *args, **kw: tuple(replace(c, tma=True) for c in heuristic(*args, **kw))  # noqa: E731
+        patches.append(mock.patch.object(grouped_gemm, "heuristic_configs", with_tma))
     for p in patches:
         p.start()
     try:
@@ -129,6 +147,17 @@ def _recording(warm_index=None):
     finally:
         for p in patches:
             p.stop()
+
+
+def recording(warm: bool = False):
+    """Context manager: the kernel launches made inside are recorded, not run (a list, yielded); with `warm`, the first
+    is compiled for the current GPU into Triton's cache (JITFunction.warmup), as a first real launch would."""
+    return _recording(0 if warm else None)
+
+
+def launch_key(launch: Launch) -> str:
+    """Equal for two launches that compile to the same binary for a given target."""
+    return _key(launch)
 
 
 def parse_quant_scheme(scheme: str) -> tuple[int, int, bool, bool]:
@@ -155,12 +184,13 @@ def empty_quantized(E: int, N: int, K: int, scheme: str, scales_dtype, device, *
 
 
 def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int, *, quant: str = "", path: str = "auto",
-                    device="meta", warm_index=None) -> list:  # fmt: skip
+                    device="meta", warm_index=None, capability: int | None = None, tma: bool = False) -> list:  # fmt: skip
     """The kernel launches of one fused_moe call on empty tensors of these shapes (meta tensors: nothing runs).
 
     quant: a scheme (see `parse_quant_scheme`): quantized w1 (with act-order's g_idx when the scheme has it) and w2
     (act-order absorbed at load), then one quantized dense Linear of Wqkv's shape [3D, D].
-    path: the forward chain, as PHIXTRAL_MOE_DECODE_PATH names it ("auto", "decode" or "legacy")."""
+    path: the forward chain, as PHIXTRAL_MOE_DECODE_PATH names it ("auto", "decode" or "legacy"). capability: the
+    target the configs are picked for (meta tensors); tma: the GEMM configs with their TMA flag set."""
     alloc = dict(device=device, dtype=dtype)
     x = torch.empty(T, D, **alloc)
     w1, w2 = torch.empty(E, F, D, **alloc), torch.empty(E, D, F, **alloc)
@@ -168,7 +198,7 @@ def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: i
         w1 = empty_quantized(E, F, D, quant, dtype, device, act_order=True)
         w2 = empty_quantized(E, D, F, quant, dtype, device, act_order=False)
     weights = (torch.empty(E, D, **alloc), w1, torch.empty(E, F, **alloc), w2, torch.empty(E, D, **alloc))
-    with _recording(warm_index) as launches, mock.patch.dict(os.environ, {"PHIXTRAL_MOE_DECODE_PATH": path}):
+    with _recording(warm_index, capability, tma) as launches, mock.patch.dict(os.environ, {"PHIXTRAL_MOE_DECODE_PATH": path}):
         moe.fused_moe(x, *weights, top_k, backend="triton")
         if quant:
             wqkv = empty_quantized(1, 3 * D, D, quant, dtype, device, act_order=True)
@@ -176,10 +206,11 @@ def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: i
     return launches
 
 
-def record_backward_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int) -> list:
+def record_backward_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int, *, capability: int | None = None) -> list:
     """The kernel launches of one fused_moe backward with every gradient asked for, on meta tensors of these shapes."""
     meta = dict(device="meta", dtype=dtype)
-    gemm1, gemm2 = grouped_gemm.moe_gemm_configs(T, top_k, E)
+    with _recording(capability=capability):
+        gemm1, gemm2 = grouped_gemm.moe_gemm_configs(T, top_k, E, dims=(D, F), dtype=dtype, device="meta")
     S, block_m = T * top_k, gemm1.block_m
     index = dict(device="meta", dtype=torch.int32)
     routing_map = routing.RoutingMap(
@@ -189,7 +220,7 @@ def record_backward_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int,
     x, dout = torch.empty(T, D, **meta), torch.empty(T, D, **meta)
     w1, b1, w2, b2 = torch.empty(E, F, D, **meta), torch.empty(E, F, **meta), torch.empty(E, D, F, **meta), torch.empty(E, D, **meta)
     h = torch.empty(routing_map.max_rows, F, **meta)
-    with _recording() as launches:
+    with _recording(capability=capability) as launches:
         u = moe_backward.expert_grad_hidden(dout, w2, routing_map, gemm1)
         a = moe_backward.expert_preact(x, w1, b1, routing_map, gemm1)
         da, _ = moe_backward.act_backward(u, a, h, dout, b2, routing_map, compute_da=True, compute_dwts=True)
@@ -271,11 +302,12 @@ def _variant(launch: Launch) -> str:
             name = "gemm2" if kw["HAS_BIAS"] else "grad_input"
         if kw.get("PAIR_SUM"):
             name += "+sum"  # GEMM 2 summing each token's two rows (no combine launch)
+        tma = " tma" if kw.get("TMA_B") else ""
         quant = ""
         if kw.get("W_BITS"):
             group = f"g{kw['GROUP_SIZE']}" if kw["GROUP_SIZE"] else "c"
             quant = f" w{kw['W_BITS']}{group}{'z' if kw['HAS_ZEROS'] else ''}{'a' if kw['HAS_G_IDX'] else ''}"
-        return f"{name} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} split{kw['SPLIT_K']}{quant}"
+        return f"{name} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} split{kw['SPLIT_K']}{quant}{tma}"
     return ""
 
 
@@ -289,34 +321,37 @@ def _key(launch: Launch) -> str:
 # --- work in a pool of processes: a task names its launch (dtype, T, index into record_launches, shape), since kernels
 # and tensors do not cross process boundaries; each process records the launches again (milliseconds, meta tensors).
 @functools.lru_cache(maxsize=None)
-def _launches(T: int, dtype_name: str, shape: tuple) -> list:
-    """shape: the layer's (name, size) items, plus ("backward", True) for the launches of the backward or ("quant",
-    scheme) for those of quantized experts."""
+def _launches(T: int, dtype_name: str, shape: tuple, capability: int | None = None) -> list:
+    """shape: the layer's (name, size) items, plus ("backward", True) for the launches of the backward, ("quant",
+    scheme) for those of quantized experts, ("path", name) for a forward chain or ("tma", True) for the forward's with
+    TMA weight loads. capability: the target whose configs the launchers pick (None: no particular GPU)."""
     sizes = dict(shape)
-    record = record_backward_launches if sizes.pop("backward", False) else record_launches
-    return record(T, getattr(torch, dtype_name), **sizes)
+    if sizes.pop("backward", False):
+        return record_backward_launches(T, getattr(torch, dtype_name), **sizes, capability=capability)
+    return record_launches(T, getattr(torch, dtype_name), **sizes, capability=capability)
 
 
-def _shapes(shape: dict, backward: bool = False, quant=(), path: str = "auto") -> list[tuple]:
-    """The shape items of each report: one per quant scheme, else one (forward or backward); ("path", name) for a
-    forward chain other than the default."""
+def _shapes(shape: dict, backward: bool = False, quant=(), path: str = "auto", tma: bool = False) -> list[tuple]:
+    """The shape items of each report: one per quant scheme, else one (forward, backward, or forward with TMA);
+    ("path", name) for a forward chain other than the default."""
     base = tuple(shape.items()) + ((("path", path),) if path != "auto" and not backward else ())
     if quant:
         return [base + (("quant", scheme),) for scheme in quant]
-    return [base + ((("backward", True),) if backward else ())]
+    return [base + ((("backward", True),) if backward else (("tma", True),) if tma else ())]
 
 
-def _describe(dtype_name: str, T: int, index: int, shape: tuple) -> str:
-    launch = _launches(T, dtype_name, shape)[index]
+def _describe(dtype_name: str, T: int, index: int, shape: tuple, capability: int | None = None) -> str:
+    launch = _launches(T, dtype_name, shape, capability)[index]
     return " ".join(filter(None, (launch.kernel.__name__.strip("_"), _variant(launch), dtype_name, f"T={T}")))
 
 
 def _compile_task(task) -> CompileRow:
     dtype_name, T, index, shape, capability, info_only = task
-    launch = _launches(T, dtype_name, shape)[index]
+    launch = _launches(T, dtype_name, shape, capability)[index]
     compiled = compile_launch(launch, capability)
     regs, stack = _resource_usage(compiled.asm["cubin"])
     is_gemm = launch.kernel.__name__ in ("_grouped_gemm_kernel", "_weight_grad_kernel")
+    ptx = compiled.asm["ptx"]
     return CompileRow(
         kernel=launch.kernel.__name__.strip("_"),
         variant=_variant(launch),
@@ -328,7 +363,10 @@ def _compile_task(task) -> CompileRow:
         shared_bytes=compiled.metadata.shared,
         registers=regs,
         spill_bytes=stack,
-        tensor_core=bool(re.search(r"\bwgmma\.mma_async|\bmma\.sync", compiled.asm["ptx"])),
+        tensor_core=bool(re.search(r"\bwgmma\.mma_async|\bmma\.sync", ptx)),
+        wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
+        tma_requested=bool(launch.kwargs.get("TMA_B")),
         needs_tensor_core=is_gemm and dtype_name != "float32" and capability >= 80,  # fp32 runs as ieee FMA
         info_only=info_only,
     )
@@ -370,7 +408,7 @@ def _run_tasks(fn, tasks: list, jobs: int, describe, verb: str) -> list:
 
 
 # One token count per GEMM config moe_gemm_configs picks at phixtral's E=4, top_k=2 (rows per expert <= 16, <= 32,
-# <= 64, more): every distinct launch fused_moe makes, each compiled once.
+# <= 64, more; on sm_90 the last is 128x256 tiles): every distinct launch fused_moe makes, each compiled once.
 TOKENS = (1, 64, 128, 4096)
 
 
@@ -382,16 +420,17 @@ def _report_tasks(tokens, dtypes, capabilities, info_capabilities, shapes: list)
         for dtype in dtypes:
             name = str(dtype).replace("torch.", "")
             for T in tokens:
-                for index, launch in enumerate(_launches(T, name, shape)):
-                    for cap, info_only, only in targets:
-                        if only is None or dtype in only:
-                            first.setdefault((_key(launch), cap), len(tasks))
-                            tasks.append((name, T, index, shape, cap, info_only))
+                for cap, info_only, only in targets:
+                    if only is not None and dtype not in only:
+                        continue
+                    for index, launch in enumerate(_launches(T, name, shape, cap)):
+                        first.setdefault((_key(launch), cap), len(tasks))
+                        tasks.append((name, T, index, shape, cap, info_only))
     return tasks, first
 
 
 def _describe_compile(task) -> str:
-    return f"{_describe(*task[:4])} sm_{task[4]}"
+    return f"{_describe(*task[:5])} sm_{task[4]}"
 
 
 def compile_report(
@@ -404,27 +443,28 @@ def compile_report(
     backward: bool = False,
     quant=(),
     path: str = "auto",
+    tma: bool = False,
 ) -> list:
     """One CompileRow per (dtype, T, launch of fused_moe or, with `backward`, of its backward, or with `quant` schemes,
-    of fused_moe on quantized experts and a quantized dense Linear, target). Each distinct launch compiles once per
-    target."""
+    of fused_moe on quantized experts and a quantized dense Linear, or with `tma` of fused_moe with TMA weight loads,
+    target). Each distinct launch compiles once per target."""
     if INTERPRET:
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     for scheme in quant:
         parse_quant_scheme(scheme)
-    tasks, first = _report_tasks(tokens, dtypes, capabilities, info_capabilities, _shapes(shape, backward, quant, path))
+    tasks, first = _report_tasks(tokens, dtypes, capabilities, info_capabilities, _shapes(shape, backward, quant, path, tma))
     unique = sorted(set(first.values()))
     results = _run_tasks(_compile_task, [tasks[i] for i in unique], jobs or default_jobs(), _describe_compile, "compiled")
     compiled = dict(zip(unique, results))
     rows = []
     for name, T, index, shape_items, cap, _ in tasks:
-        row = compiled[first[(_key(_launches(T, name, shape_items)[index]), cap)]]
+        row = compiled[first[(_key(_launches(T, name, shape_items, cap)[index]), cap)]]
         rows.append(replace(row, tokens=T))
     return rows
 
 
 def _warm_task(task) -> float:
-    dtype_name, T, index, shape = task
+    dtype_name, T, index, shape, _ = task
     start = time.monotonic()
     record_launches(T, getattr(torch, dtype_name), **dict(shape), device="cuda", warm_index=index)
     return time.monotonic() - start
@@ -441,16 +481,23 @@ def _warm_groups(tokens, shape: dict = PHIXTRAL_SHAPE, quant=()) -> list:
 
 
 def _warm_tasks(groups, dtypes) -> list:
-    """One task per distinct launch, the first (dtype, T, shape) that makes it. groups: (token counts, shape items)."""
+    """One task (dtype, T, launch index, shape, description) per distinct launch, the first (dtype, T, shape) that makes
+    it. groups: (token counts, shape items).
+
+    With a GPU the launches are recorded on empty CUDA tensors, so that they carry this GPU's choices (its capability's
+    heuristic, its tuned table) as the warm processes will; without one (--dry-run) on meta tensors."""
+    cuda = torch.cuda.is_available()
     tasks, seen = [], set()
     for tokens, shape in groups:
         for dtype in dtypes:
             name = str(dtype).replace("torch.", "")
             for T in tokens:
-                for index, launch in enumerate(_launches(T, name, shape)):
+                launches = record_launches(T, dtype, **dict(shape), device="cuda") if cuda else _launches(T, name, shape)
+                for index, launch in enumerate(launches):
                     if _key(launch) not in seen:
                         seen.add(_key(launch))
-                        tasks.append((name, T, index, shape))
+                        what = " ".join(filter(None, (launch.kernel.__name__.strip("_"), _variant(launch), name, f"T={T}")))
+                        tasks.append((name, T, index, shape, what))
     return tasks
 
 
@@ -465,19 +512,19 @@ def warm_cache(tokens, dtypes, jobs: int | None = None, shape: dict = PHIXTRAL_S
     if not torch.cuda.is_available():
         raise RuntimeError("--warm compiles for the GPU of this machine, and torch sees no CUDA GPU")
     tasks = _warm_tasks(_warm_groups(tokens, shape, quant), dtypes)
-    _run_tasks(_warm_task, tasks, jobs or default_jobs(), lambda t: _describe(*t), "warmed")
+    _run_tasks(_warm_task, tasks, jobs or default_jobs(), lambda t: t[4], "warmed")
     return len(tasks)
 
 
 def format_table(rows) -> str:
-    head = "| kernel | variant | arch | dtype | T | warps | stages | shared KB | regs | stack B | tensor cores |"
+    head = "| kernel | variant | arch | dtype | T | warps | stages | shared KB | regs | stack B | tensor cores | wgmma | TMA |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        tc = ("wgmma" if r.arch == "sm_90" else "mma") if r.tensor_core else "-"
+        tc = "wgmma" if r.wgmma else "mma" if r.tensor_core else "-"
         arch = f"{r.arch} (info)" if r.info_only else r.arch
         lines.append(
             f"| {r.kernel} | {r.variant} | {arch} | {r.dtype} | {r.tokens} | {r.num_warps} | {r.num_stages} | "
-            f"{r.shared_bytes / 1024:.1f} | {r.registers} | {r.spill_bytes} | {tc} |"
+            f"{r.shared_bytes / 1024:.1f} | {r.registers} | {r.spill_bytes} | {tc} | {r.wgmma} | {r.tma} |"
         )
     return "\n".join(lines)
 
@@ -491,6 +538,9 @@ def main(argv=None) -> int:
                         help="the launches of quantized experts instead, per scheme: w4g128, w4g128za, w8c, ...")  # fmt: skip
     parser.add_argument("--path", default="auto", choices=list(moe_backward.DECODE_PATHS),
                         help="the forward chain to report (PHIXTRAL_MOE_DECODE_PATH's names; default: auto)")  # fmt: skip
+    parser.add_argument("--tma", action="store_true", help="the forward's launches with every GEMM config's TMA flag set")
+    parser.add_argument("--archs", type=int, nargs="+", choices=CAPABILITIES, default=list(CAPABILITIES),
+                        help="the checked targets (default: both; sm_75 is reported only with both)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=None, help="compiles at once, in processes (default: the CPUs available)")
     parser.add_argument("--warm", action="store_true", help="compile for this machine's GPU into Triton's cache instead of reporting")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -498,8 +548,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if INTERPRET:
         parser.error("unset TRITON_INTERPRET: under the interpreter the kernels are Python functions and the configs differ")
-    if args.backward and args.quant:
-        parser.error("--backward and --quant report different launches: pass one of them")
+    if sum(map(bool, (args.backward, args.quant, args.tma))) > 1:
+        parser.error("--backward, --quant and --tma report different launches: pass one of them")
+    if args.tma and args.warm:
+        parser.error("--warm compiles the launches fused_moe makes here; --tma is for the report")
     if args.path != "auto" and (args.backward or args.warm):
         parser.error("--path picks the forward chain to report: not with --backward or --warm (which warms both chains)")
     for scheme in args.quant:
@@ -510,11 +562,12 @@ def main(argv=None) -> int:
     dtypes = [getattr(torch, d) for d in args.dtypes]
     start = time.monotonic()
     if args.dry_run:
-        shapes = _shapes(PHIXTRAL_SHAPE, args.backward and not args.warm, args.quant, args.path)
+        shapes = _shapes(PHIXTRAL_SHAPE, args.backward and not args.warm, args.quant, args.path, args.tma)
         if args.warm:
-            lines = [_describe(*t) for t in _warm_tasks(_warm_groups(args.tokens, quant=args.quant), dtypes)]
+            lines = [t[4] for t in _warm_tasks(_warm_groups(args.tokens, quant=args.quant), dtypes)]
         else:
-            tasks, first = _report_tasks(args.tokens, dtypes, CAPABILITIES, () if args.quant else INFO_CAPABILITIES, shapes)
+            info = () if args.quant or args.tma or tuple(args.archs) != CAPABILITIES else INFO_CAPABILITIES
+            tasks, first = _report_tasks(args.tokens, dtypes, tuple(args.archs), info, shapes)
             lines = [_describe_compile(tasks[i]) for i in sorted(set(first.values()))]
         print("\n".join(lines + [f"aot --dry-run: {len(lines)} distinct compiles{' (--warm)' if args.warm else ''}"]))
         return 0
@@ -522,16 +575,18 @@ def main(argv=None) -> int:
         count = warm_cache(args.tokens, dtypes, args.jobs, quant=args.quant)
         print(f"aot --warm: {count} distinct launches compiled for {torch.cuda.get_device_name()} in {time.monotonic() - start:.1f} s")
         return 0
-    info = () if args.quant else INFO_CAPABILITIES  # sm_75's row is the float GEMM's; the quantized ones add nothing there
-    rows = compile_report(args.tokens, dtypes, info_capabilities=info, jobs=args.jobs, backward=args.backward, quant=args.quant,
-                          path=args.path)  # fmt: skip
+    # sm_75's row is the float GEMM's, with both checked targets: the other reports add nothing there
+    info = () if args.quant or args.tma or tuple(args.archs) != CAPABILITIES else INFO_CAPABILITIES
+    rows = compile_report(args.tokens, dtypes, tuple(args.archs), info, jobs=args.jobs, backward=args.backward, quant=args.quant,
+                          path=args.path, tma=args.tma)  # fmt: skip
     bad = [r for r in rows if r.problem]
     if args.json:
         print(json.dumps({"rows": [asdict(r) for r in rows], "problems": len(bad)}))
     else:
         print(format_table(rows))
     print(
-        f"\n{len(rows)} rows in {time.monotonic() - start:.0f} s, {len(bad)} with spills or without tensor-core instructions"
+        f"\n{len(rows)} rows in {time.monotonic() - start:.0f} s, {len(bad)} with spills, without tensor-core instructions or"
+        f" (TMA asked for, on sm_90) without TMA copies"
         f" (sm_75 rows are information: the kernels are gated off below sm_80)",
         file=sys.stderr,
     )

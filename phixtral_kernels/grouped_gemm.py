@@ -15,6 +15,11 @@ activations' dtype for tl.dot, inside the K loop: the weights cross memory at 4 
 exists. Where a K tile lies inside one group (no g_idx, BLOCK_K <= group size) it reads one scale row and one zero row;
 with act-order (HAS_G_IDX) it looks up every element's group through g_idx. W_BITS = 0 compiles the float path alone.
 
+K loop: EVEN_K (every split's K range inside K, the usual case at phixtral's shapes) drops the K masks; with
+`GemmConfig.tma` the float weights' tiles come through a TMA tensor descriptor (tl.make_tensor_descriptor over the
+[E * N, K] stack; cp.async.bulk.tensor on sm_90) instead of pointer loads. A rows stay pointer loads: GEMM 1 gathers
+them by slot, which Hopper's TMA cannot.
+
 One kernel serves both GEMMs, and the backward's (moe_backward.py: transposed weight views, no bias); compile-time flags
 pick the prologue and epilogue. Its grid is an upper bound computed from shapes alone (`RoutingMap.max_tiles`: the most
 tiles T * top_k slots can fill, not every tile of the padded map); tiles past expert_offsets[E] exit at once, so
@@ -31,10 +36,12 @@ buffer and no cast launch; top_k = 1 stores its single row straight to out. Thre
 this way ((a + b) + c != a + (b + c)), so top_k > 2 and split-K keep `moe_combine`'s fixed-order sum.
 """
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
 
+from . import tuned_configs
 from ._triton import INTERPRET, next_power_of_2, tl, triton, triton_unavailable_reason
 from .quant import QuantizedExperts, is_quantized
 from .routing import RoutingMap
@@ -51,6 +58,10 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    # Weight tiles through a TMA tensor descriptor (tl.make_tensor_descriptor) instead of pointer loads. Taken only where
+    # it can serve: the triton version has the API, the weights are a contiguous float stack (not quantized, not the
+    # backward's transposed views) and each weight row is a multiple of 16 bytes; elsewhere the pointer loads run.
+    tma: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -61,25 +72,68 @@ class GemmConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"GemmConfig.{name} must be a positive int, got {v!r}")
+        if not isinstance(self.tma, bool):
+            raise ValueError(f"GemmConfig.tma must be a bool, got {self.tma!r}")
 
 
-def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_gemm2: bool = False) -> tuple[GemmConfig, GemmConfig]:
-    """(GEMM 1, GEMM 2) configs for T tokens, chosen by the mean rows per expert.
+# Prefill tiles on Hopper: 128x256 outputs in 64-deep K steps, two warpgroups issuing wgmma, 3 stages of A + B tiles
+# (48 KB a stage in fp16 / bf16, of the 227 KB a block may have), 16 row tiles walking one group of B columns so that
+# they share it while it sits in L2. Only where the rows per expert fill enough of these tiles: at T = 1024 (E = 4,
+# top_k = 2) GEMM 2 (N = D = 2560) would have 160 tiles, 1.2 waves of 132 SMs, against 320 of 128x128.
+SM90_PREFILL = GemmConfig(block_m=128, block_n=256, block_k=64, group_m=16, num_warps=8, num_stages=3)
+SM90_PREFILL_MIN_ROWS = 1024  # mean rows per expert
 
-    Interpreter: one config with large tiles (its cost is per op, not per element). GPU: decode shapes stream weights
-    (small M tile, K-split for GEMM 2 whose N = D gives too few tiles to fill the SMs); prefill shapes use 128x128 tiles
-    for the tensor cores. These are starting points, not tuned tables.
 
-    sum_in_gemm2 (top_k <= 2): GEMM 2 without K-split, so that it can sum each token's rows itself (`expert_gemm2_sum`);
-    at decode it takes N tiles of 32 instead (D = 2560: 80 programs per expert, each streaming all of F, where the
-    K-split of 4 over N tiles of 64 had 160 programs streaming a quarter of F each) and six stages of loads in flight.
-    (K steps of 256 spilled 4.9 KB per thread in fp32 on sm_80; 128 x 6 stages spill 16 B there, fp16 / bf16 none.)
-    GEMM 1's config, and so block_m, never changes with it.
+def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_gemm2: bool = False, dims=None, dtype=None,
+                     device=None, tuned: bool | None = None) -> tuple[GemmConfig, GemmConfig]:  # fmt: skip
+    """(GEMM 1, GEMM 2) configs for T tokens: the tuned table of this GPU where it has them, else `heuristic_configs`.
+
+    Interpreter: one config with large tiles (its cost is per op, not per element).
+
+    dims (D, F) of the layer, dtype and device of its activations: with all three and a CUDA device, the table
+    that `python benchmarks/tune_moe.py` wrote for this GPU (tuned_configs.py) answers first, when it was tuned at this
+    shape and dtype. tuned=False, or PHIXTRAL_MOE_CONFIGS=heuristic, skips it; tuned=True reads it even under that
+    variable. The table is read once per process and GPU: a call costs a dictionary lookup and a bisection, never a
+    file read or a host sync. Both configs share block_m (the routing map's) and GEMM 1's split_k is 1.
+
+    sum_in_gemm2 (top_k <= 2): GEMM 2 without K-split, so that it can sum each token's rows itself (`expert_gemm2_sum`,
+    the decode chain): the table's "2sum" entry for the bucket, else the heuristic's no-split GEMM 2 on the table's
+    block_m. GEMM 1's config, and so block_m, never changes with it.
     """
-    no_split = sum_in_gemm2 and top_k <= 2
     if INTERPRET:
         cfg = GemmConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=1)
         return cfg, cfg
+    if device is None:
+        return heuristic_configs(num_tokens, top_k, num_experts, sum_in_gemm2=sum_in_gemm2)
+    capability = _capability(device)
+    found = tuned_configs.lookup(num_tokens, top_k, num_experts, dims, dtype, device, tuned)
+    if found is None:
+        return heuristic_configs(num_tokens, top_k, num_experts, capability, sum_in_gemm2=sum_in_gemm2)
+    gemm1, gemm2, gemm2_sum = found
+    if not (sum_in_gemm2 and top_k <= 2):
+        return gemm1, gemm2
+    if gemm2_sum is not None:
+        return gemm1, gemm2_sum
+    if gemm2.split_k == 1:
+        return gemm1, gemm2  # the table's GEMM 2 sums as it is
+    no_split = heuristic_configs(num_tokens, top_k, num_experts, capability, sum_in_gemm2=True)[1]
+    return gemm1, replace(no_split, block_m=gemm1.block_m)
+
+
+def heuristic_configs(num_tokens: int, top_k: int, num_experts: int, capability=None, *,
+                      sum_in_gemm2: bool = False) -> tuple[GemmConfig, GemmConfig]:  # fmt: skip
+    """(GEMM 1, GEMM 2) configs for T tokens, chosen by the mean rows per expert; capability (major, minor) of the GPU.
+
+    Decode shapes stream weights (small M tile, K-split for GEMM 2 whose N = D gives too few tiles to fill the SMs);
+    prefill shapes use 128x128 tiles for the tensor cores, 128x256 (`SM90_PREFILL`) on Hopper once the experts have
+    enough rows. Starting points: the tuned tables replace them per GPU.
+
+    sum_in_gemm2 (top_k <= 2): GEMM 2 without K-split (see `moe_gemm_configs`); at decode it takes N tiles of 32 instead
+    (D = 2560: 80 programs per expert, each streaming all of F, where the K-split of 4 over N tiles of 64 had 160
+    programs streaming a quarter of F each) and six stages of loads in flight. (K steps of 256 spilled 4.9 KB per
+    thread in fp32 on sm_80; 128 x 6 stages spill 16 B there, fp16 / bf16 none.)
+    """
+    no_split = sum_in_gemm2 and top_k <= 2
     rows_per_expert = num_tokens * top_k / max(num_experts, 1)
     if rows_per_expert <= 16:
         gemm1 = GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
@@ -90,8 +144,39 @@ def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_ge
         block_m = max(16, next_power_of_2(int(rows_per_expert)))
         gemm1 = GemmConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4, num_stages=4)
         return gemm1, GemmConfig(block_m=block_m, block_n=64, block_k=128, split_k=1 if no_split else 2, num_warps=4, num_stages=4)
+    # Hopper only: sm_120 (RTX Blackwell) has 99 KB of shared memory a block, too little for these stages; sm_100 untested.
+    if capability is not None and capability[0] == 9 and rows_per_expert >= SM90_PREFILL_MIN_ROWS:
+        return SM90_PREFILL, SM90_PREFILL
     cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
     return cfg, cfg
+
+
+def _capability(device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device, None for any other device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+# In-kernel tensor descriptors: tl.make_tensor_descriptor from triton 3.4 on (3.6 and 3.9 checked); 3.3 has only
+# tl._experimental_make_tensor_descriptor, and there the flag is ignored. The kernel reaches the API through
+# `_weight_descriptor`, None where it is missing: Triton 3.3 resolves every attribute a kernel names when it hashes the
+# kernel, even in a branch that never compiles, so the kernel itself must not name tl.make_tensor_descriptor.
+HAS_TENSOR_DESCRIPTORS = tl is not None and hasattr(tl, "make_tensor_descriptor")
+_weight_descriptor = None
+
+if HAS_TENSOR_DESCRIPTORS:
+
+    @triton.jit
+    def _weight_descriptor(b_ptr, rows, K, stride_b_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """A descriptor of B tiles [BLOCK_N, BLOCK_K] over the weights as one [rows, K] matrix, K contiguous."""
+        return tl.make_tensor_descriptor(b_ptr, shape=[rows, K], strides=[stride_b_n, 1], block_shape=[BLOCK_N, BLOCK_K])
 
 
 if triton is not None:
@@ -154,6 +239,8 @@ if triton is not None:
         HAS_ZEROS: tl.constexpr,  # W_BITS: zero points from zeros_ptr; else symmetric, zero = 2^(W_BITS - 1)
         HAS_G_IDX: tl.constexpr,  # W_BITS: groups from g_idx (act-order); else k // GROUP_SIZE
         SPLIT_K: tl.constexpr,
+        EVEN_K: tl.constexpr,  # every split's K range lies inside K (K == SPLIT_K * k_per_split): no K masks
+        TMA_B: tl.constexpr,  # B tiles through a tensor descriptor (float weights, contiguous [E, N, K]); see `GemmConfig.tma`
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -190,7 +277,14 @@ if triton is not None:
         # --- pointers: int64 row offsets, row x stride passes 2**31 at large T
         offs_k = pid_k * k_per_split + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_a_m + offs_k[None, :] * stride_a_k
-        if W_BITS == 0:
+        if TMA_B:
+            # w as a 2-D stack [E * N, K] (contiguous: the launcher checks), expert e's row n at e * N + n. Columns of a
+            # tile past N read the next expert's rows (or zeros past the stack) into accumulator columns the store masks
+            # off; K past the end reads zeros.
+            b_desc = _weight_descriptor(b_ptr, E * N, K, stride_b_n, BLOCK_N, BLOCK_K)
+            b_row = expert * N + pid_n * BLOCK_N
+            b_col = pid_k * k_per_split
+        elif W_BITS == 0:
             b_ptrs = (
                 b_ptr
                 + expert.to(tl.int64) * stride_b_e
@@ -221,11 +315,20 @@ if triton is not None:
         # --- K loop, fp32 accumulator
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in tl.range(0, k_per_split, BLOCK_K):
-            mask_k = offs_k < K - k
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            if W_BITS == 0:
-                b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
             else:
+                mask_k = offs_k < K - k
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if TMA_B:
+                b = tl.trans(b_desc.load([b_row, b_col + k]))  # [BLOCK_N, BLOCK_K] -> [BLOCK_K, BLOCK_N]
+            elif W_BITS == 0:
+                if EVEN_K:
+                    b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+                else:
+                    b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            else:
+                mask_k = offs_k < K - k  # the quantized tiles keep their K masks (group and word lookups use them)
                 mask_w = offs_w < (K - k) // PACK  # K is a multiple of P: a word is all in or all out
                 words = tl.load(b_ptrs, mask=mask_w[:, None] & mask_n[None, :], other=0)  # [BLOCK_K / P, BLOCK_N]
                 q = tl.reshape((words[:, None, :] >> shifts) & ((1 << W_BITS) - 1), [BLOCK_K, BLOCK_N])
@@ -259,7 +362,8 @@ if triton is not None:
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_a_k
             if W_BITS == 0:
-                b_ptrs += BLOCK_K * stride_b_k
+                if not TMA_B:
+                    b_ptrs += BLOCK_K * stride_b_k
             else:
                 b_ptrs += (BLOCK_K // PACK) * stride_b_k
                 if HAS_G_IDX:
@@ -363,6 +467,38 @@ def _weight_args(w, like: torch.Tensor) -> tuple:
     return w.qweight, w.scales, zeros, g_idx, b_strides, strides, meta
 
 
+def tma_applies(config: GemmConfig, w) -> bool:
+    """Whether a launch with `config` on weights `w` loads its B tiles through a tensor descriptor."""
+    if not (config.tma and HAS_TENSOR_DESCRIPTORS) or is_quantized(w):
+        return False
+    E, N, K = w.shape
+    # TMA: last stride 1, the other strides and the base 16-byte aligned; the kernel treats w as one [E * N, K] matrix.
+    # (torch allocations are 256-byte aligned: the storage offset decides the base's alignment.)
+    return (w.stride(2) == 1 and w.stride(1) == K and w.stride(0) == N * K and (K * w.element_size()) % 16 == 0
+            and (w.storage_offset() * w.element_size()) % 16 == 0)  # fmt: skip
+
+
+def _k_loop_meta(config: GemmConfig, w, K: int, k_per_split: int) -> dict:
+    """The K loop's constexprs: EVEN_K when every split's K range lies inside K, TMA_B (see `tma_applies`)."""
+    tma = tma_applies(config, w)
+    if tma and not INTERPRET:
+        _ensure_allocator()
+    return dict(EVEN_K=k_per_split * config.split_k == K, TMA_B=tma)
+
+
+def _ensure_allocator() -> None:
+    """In-kernel descriptors live in global scratch that Triton asks an allocator for: one from torch's caching allocator
+    (graph-capture safe) unless the caller set one."""
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # internals moved: set ours
+        pass
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a, scatter_c, activation, mul_routing_weight,
             pair=None, tight_grid=True):  # fmt: skip
     """One grouped GEMM launch; w may be any strided [E, N] x K view (the backward passes transposed weights) or a
@@ -396,7 +532,7 @@ def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a,
         GATHER_A=gather_a, SCATTER_C=scatter_c, PAIR_SUM=pair_sum, XCHG_AS_INT=INTERPRET and pair_sum, HAS_BIAS=has_bias, ACTIVATION=activation, MUL_ROUTING_WEIGHT=mul_routing_weight,
         DOT_IN_FP32=INTERPRET and a.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        **q_meta,
+        **q_meta, **_k_loop_meta(config, w, K, k_per_split),
         SPLIT_K=config.split_k, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
@@ -482,6 +618,7 @@ __all__ = [
     "expert_gemm1",
     "expert_gemm2",
     "expert_gemm2_sum",
+    "heuristic_configs",
     "moe_gemm_configs",
     "pair_buffer",
     "quantized_config",

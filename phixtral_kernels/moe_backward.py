@@ -43,6 +43,7 @@ from .grouped_gemm import (
     pair_buffer,
     topk_sum_fits,
 )
+from .quant import is_quantized
 from .routing import RoutingMap, fused_routing_fits, moe_routing, moe_routing_fused
 from .unpermute import moe_combine
 
@@ -358,6 +359,13 @@ def decode_path() -> str:
     return path
 
 
+def _config_args(x, w1, w2) -> dict:
+    """moe_gemm_configs' keywords for this layer: its shape, dtype and device. Quantized experts keep the heuristic of
+    no particular GPU: the tuned tables and Hopper's prefill tiles were sized for float weights."""
+    quantized = is_quantized(w1) or is_quantized(w2)
+    return dict(dims=(x.shape[1], w1.shape[1]), dtype=x.dtype, device=None if quantized else x.device)
+
+
 def triton_moe_forward(x, gate_weight, w1, b1, w2, b2, top_k, *, path: str | None = None):
     """The Triton forward: -> (out [T, D] in x's dtype, the RoutingMap, h [R, F] sorted rows). Inputs checked by the caller.
 
@@ -374,7 +382,7 @@ def triton_moe_forward(x, gate_weight, w1, b1, w2, b2, top_k, *, path: str | Non
     E = w1.shape[0]
     decode = path == "decode" or (path == "auto" and T <= DECODE_MAX_TOKENS)
     decode = decode and fused_routing_fits(T, E)
-    gemm1, gemm2 = moe_gemm_configs(T, top_k, E, sum_in_gemm2=decode)
+    gemm1, gemm2 = moe_gemm_configs(T, top_k, E, sum_in_gemm2=decode, **_config_args(x, w1, w2))
     if not decode:
         tight = path != "legacy"
         routing = moe_routing(x @ gate_weight.t(), top_k, gemm1.block_m)  # [T, E] logits in x's dtype, as the original
@@ -414,7 +422,7 @@ class FusedMoEFunction(torch.autograd.Function):
             grads = [torch.zeros_like(t) if need else None for t, need in zip(inputs, ctx.needs_input_grad)]
             return (*grads, None)
         T, E, top_k = routing.num_tokens, routing.num_experts, routing.top_k
-        gemm1, gemm2 = moe_gemm_configs(T, top_k, E)  # the forward's configs: same arguments
+        gemm1, gemm2 = moe_gemm_configs(T, top_k, E, **_config_args(x, w1, w2))  # the forward's: same arguments
         g = dout  # [T, D] in x's dtype, any strides
         need_router = need_x or need_gate  # through the routing weights
         need_da = need_x or need_w1 or need_b1  # through the expert MLP's input side

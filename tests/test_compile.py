@@ -28,7 +28,7 @@ def test_kernels_compile_for_sm80_and_sm90_with_tensor_cores_and_no_spills():
     assert {r["kernel"] for r in rows} == kernels
     gemms = [r for r in rows if r["kernel"] == "grouped_gemm_kernel"]
     assert len(gemms) == 2 * 4 * 2 * 2  # gemm1 and gemm2, 4 token counts, 2 dtypes, 2 archs
-    assert len({r["variant"] for r in gemms}) == 2 * 4, "one GEMM config per token count"
+    assert len({r["variant"] for r in gemms}) == 2 * (4 + 1), "one GEMM config per token count, and sm_90's prefill tiles"
     # T = 1 takes the decode chain: one-program routing, GEMM 1, GEMM 2 summing each token's rows (no combine)
     decode = [r for r in rows if r["tokens"] == 1]
     assert sorted({(r["kernel"], r["variant"].split(" ")[0]) for r in decode}) == [
@@ -37,6 +37,14 @@ def test_kernels_compile_for_sm80_and_sm90_with_tensor_cores_and_no_spills():
     assert len(decode) == 3 * 2 * 2 and all(r["tensor_core"] for r in decode), decode
     missing_tc = [r for r in gemms if not r["tensor_core"]]
     assert not missing_tc, f"no mma/wgmma in: {missing_tc}"
+    # Prefill (T=4096): 128x256x64 tiles of wgmma on sm_90, 128x128 on sm_80; no TMA unless asked for.
+    prefill = {(r["arch"], r["variant"].split()[1]) for r in gemms if r["tokens"] == 4096}
+    assert prefill == {("sm_90", "128x256x64"), ("sm_80", "128x128x64")}, prefill
+    # wgmma wants 64-row tiles per warpgroup: the decode tiles (16 and 32 rows) run mma.sync on sm_90 too.
+    big = [r for r in gemms if r["arch"] == "sm_90" and int(r["variant"].split()[1].split("x")[0]) >= 64]
+    assert len(big) == 2 * 2 * 2 and all(r["wgmma"] > 0 for r in big), big
+    assert not any(r["wgmma"] for r in gemms if r["arch"] == "sm_80")
+    assert not any(r["tma"] for r in rows)
     spills = [r for r in rows if r["spill_bytes"]]
     assert not spills, f"register spills in: {spills}"
     for r in rows:
@@ -92,4 +100,26 @@ def test_quantized_gemms_compile_with_tensor_cores_and_no_spills():
     assert not [r for r in rows if r["spill_bytes"]], [r for r in rows if r["spill_bytes"]]
     for r in rows:
         assert 0 <= r["shared_bytes"] <= (227 if r["arch"] == "sm_90" else 163) * 1024, r
+    assert report["problems"] == 0 and proc.returncode == 0
+
+
+@pytest.mark.skipif(not hasattr(pytest.importorskip("triton.language"), "make_tensor_descriptor"),
+                    reason="this triton has no tl.make_tensor_descriptor (3.3): the TMA flag is ignored there")
+def test_sm90_prefill_with_tma_weight_loads_compiles_to_wgmma_and_tma_copies():
+    """GemmConfig.tma on the prefill launches: the sm_90 PTX of both GEMMs holds wgmma and cp.async.bulk.tensor, within
+    the shared memory and without spills. (sm_80, which has no TMA, compiles them to mma.sync and plain loads:
+    `python -m phixtral_kernels.aot --tma` shows it; left out here to keep the test short.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "phixtral_kernels.aot", "--tma", "--archs", "90", "--tokens", "4096", "--dtypes", "bfloat16", "--json"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.stdout, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["arch"] for r in report["rows"]} == {"sm_90"}
+    gemms = {r["variant"].split()[0]: r for r in report["rows"] if r["kernel"] == "grouped_gemm_kernel"}
+    assert set(gemms) == {"gemm1", "gemm2"}
+    for r in gemms.values():
+        assert r["variant"].split()[1:] == ["128x256x64", "split1", "tma"] and r["tma_requested"], r
+        assert r["wgmma"] > 0 and r["tma"] > 0 and r["spill_bytes"] == 0 and r["shared_bytes"] <= 227 * 1024, r
     assert report["problems"] == 0 and proc.returncode == 0

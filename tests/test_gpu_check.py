@@ -69,38 +69,42 @@ def test_gpu_tier_runs_without_the_optional_packages(hidden_env):
 
 def test_dry_run_of_every_stage(hidden_env, tmp_path):
     """Each stage runs its collection (tests, in two processes: together the tests collected with every package
-    there), its list of compiles (warm) or a quick CPU run (benchmarks); every file lands in $OUT; no plot without
-    matplotlib, and the benchmarks say so."""
+    there), its list of compiles (warm), the tuner's candidates checked in the interpreter (tune) or a quick CPU run
+    (benchmarks); every file lands in $OUT; no plot without matplotlib, and the benchmarks say so."""
     expected = _collected(_run([sys.executable, "-m", "pytest", "--collect-only", "-q", *GPU_TIER], _env()))
     env = dict(hidden_env, GPU_CHECK_DRY_RUN="1", GPU_CHECK_SHARDS="2", OUT=str(tmp_path), PYTHON=sys.executable)
     proc = _run(["bash", str(SCRIPT)], env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     files = {p.name for p in tmp_path.iterdir()}
-    assert files == {"tests.log", "bench_moe.log", "bench_moe.json", "bench_generate.log", "bench_generate.json", "summary.txt"}
+    assert files == {"tests.log", "bench.log", "bench_moe.json", "bench_generate.json", "summary.txt", "dry-run.json"}
     tests_log = (tmp_path / "tests.log").read_text()
     assert re.search(r"aot --dry-run: \d+ distinct compiles \(--warm\)", tests_log)
     collected = [re.search(r"(\d+)/(\d+) tests collected", line) for line in tests_log.splitlines() if line.startswith("[")]
     counts = [m.groups() for m in collected if m]
     assert len(counts) == 2 and sum(int(n) for n, _ in counts) == int(counts[0][1]) == len(expected), "the same tests, shared"
-    for bench in ("bench_moe", "bench_generate"):
-        assert "plot not written: matplotlib is not installed" in (tmp_path / f"{bench}.log").read_text()
+    bench_log = (tmp_path / "bench.log").read_text()
+    assert bench_log.count("plot not written: matplotlib is not installed") == 2
+    assert re.search(r"tune_moe --dry-run: \d+ candidates, \d+ distinct runs in the interpreter, 0 failed, table .* loads", bench_log)
+    assert "GEMM 1 128x256x64 w8 s4 g16 tma: ok" in bench_log  # sm_90's prefill candidates, TMA ones too
     summary = (tmp_path / "summary.txt").read_text()
     item = r"GPU tests \(tests/test_kernels\*\.py, test_moe_backward\.py, test_decode_chain\.py, test_decode_graph_gpu\.py\)"
     assert re.search(rf"\| {item} \| {counts[0][1]} collected \| all pass \| PASS \|", summary), summary
     assert re.search(r"\| bench_generate \| 0 \| \d+ \|", summary), summary
+    assert re.search(r"\| tune \| 0 \| \d+ \|", summary), summary
 
 
 def test_a_stage_cut_at_its_limit_leaves_its_log(tmp_path):
     env = _env(GPU_CHECK_DRY_RUN="1", GPU_CHECK_SHARDS="2", OUT=str(tmp_path), PYTHON=sys.executable)
-    env.update({f"GPU_CHECK_LIMIT_{stage}": "1" for stage in ("WARM", "TESTS", "BENCH_MOE", "BENCH_GENERATE")})
+    env.update({f"GPU_CHECK_LIMIT_{stage}": "1" for stage in ("WARM", "TUNE", "TESTS", "BENCH_MOE", "BENCH_GENERATE")})
     proc = _run(["bash", str(SCRIPT)], env)
     assert proc.returncode == 1, proc.stdout[-3000:]
     tests_log = (tmp_path / "tests.log").read_text()
     assert "=== warm: stopped at its 1 s limit" in tests_log and "=== tests: stopped at its 1 s limit" in tests_log
     assert "[0/2] === stopped at the 1 s limit" in tests_log and "[1/2] === stopped at the 1 s limit" in tests_log
-    assert "=== bench_moe: stopped at its 1 s limit" in (tmp_path / "bench_moe.log").read_text()
+    bench_log = (tmp_path / "bench.log").read_text()
+    assert "=== tune: stopped at its 1 s limit" in bench_log and "=== bench_moe: stopped at its 1 s limit" in bench_log
     summary = (tmp_path / "summary.txt").read_text()
-    for stage in ("warm", "tests", "bench_moe", "bench_generate"):
+    for stage in ("warm", "tune", "tests", "bench_moe", "bench_generate"):
         assert re.search(rf"\| {stage} \| 124 \| \d+ \|", summary), summary
     assert "no summary line from process 0/2, 1/2" in summary and "| bench_moe | no JSON |  | MISS |" in summary
 
@@ -144,3 +148,16 @@ def test_summary_sums_the_test_processes():
         {"passed": 12, "deselected": 3},
         [],
     )
+
+
+def test_summary_compares_tuned_and_heuristic_configs():
+    spec = importlib.util.spec_from_file_location("summarize", ROOT / "benchmarks" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    rows = [dict(dtype="bfloat16", T=T, provider=p, median_s=s) for T, p, s in
+            [(1, "fused", 1e-4), (1, "fused_heuristic", 1.25e-4), (16, "fused", 2e-4), (16, "fused_heuristic", 1.8e-4),
+             (4096, "fused", 3e-3)]]  # fmt: skip
+    ((item, measured, _, status),) = summarize.tuned_lines(rows)
+    assert item == "bfloat16 tuned configs: heuristic time / tuned time" and status == "info"
+    assert measured == "1.06x mean over 2 T (0.90x at T=16 to 1.25x at T=1)"
+    assert summarize.tuned_lines([r for r in rows if r["provider"] == "fused"]) == []

@@ -1,0 +1,230 @@
+"""The tuned-config tables (tuned_configs.py) and the config choice of moe_gemm_configs, on a faked CUDA GPU.
+
+No GPU is needed: torch.cuda's name, capability and properties are faked, the interpreter's one-config shortcut is
+switched off, and nothing is launched. A table is used where it holds the shape, dtype and bucket; everywhere else,
+and whenever it is missing, unreadable or wrong, the heuristic answers, with a warning for what was wrong."""
+
+import json
+import types
+import warnings
+
+import pytest
+import torch
+
+from phixtral_kernels import grouped_gemm, tuned_configs
+from phixtral_kernels.grouped_gemm import SM90_PREFILL, GemmConfig, heuristic_configs, moe_gemm_configs
+
+GPU = "NVIDIA H200"
+DIMS = (2560, 10240)
+CUDA0 = torch.device("cuda", 0)
+
+
+def _cfg(block_m, block_n, block_k, **kw):
+    return dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 4), **kw)
+
+
+def _table(**changes) -> dict:
+    """A valid table: bf16 buckets T<=1 and T<=64 and T<=4096 (the last for every T above it)."""
+    configs = {
+        "1": {"1": {"config": _cfg(16, 32, 256), "us": 20.0}, "64": {"config": _cfg(64, 128, 64)},
+              "4096": {"config": _cfg(128, 256, 64, num_warps=8, num_stages=4, group_m=16, tma=True)}},
+        "2": {"1": {"config": _cfg(16, 64, 128, split_k=8)}, "64": {"config": _cfg(64, 64, 128, split_k=2)},
+              "4096": {"config": _cfg(128, 256, 64, num_warps=8, num_stages=3, group_m=16)}},
+    }  # fmt: skip
+    table = {"format": 1, "gpu": GPU, "shape": {"D": 2560, "F": 10240, "E": 4, "top_k": 2},
+             "conditions": {"triton": "3.6.0"}, "configs": {"bfloat16": configs}}  # fmt: skip
+    table.update(changes)
+    return table
+
+
+@pytest.fixture
+def gpu(monkeypatch, tmp_path):
+    """A faked H200 whose table folder is tmp_path; returns write(table or text) -> the table's path."""
+    monkeypatch.setattr(grouped_gemm, "INTERPRET", False)
+    monkeypatch.setattr(tuned_configs, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: GPU)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    props = types.SimpleNamespace(shared_memory_per_block_optin=227 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: props)
+    monkeypatch.delenv(tuned_configs.ENV, raising=False)
+    tuned_configs.clear_cache()
+    grouped_gemm._cuda_capability.cache_clear()
+
+    def write(table, name=tuned_configs.table_name(GPU) + ".json"):
+        path = tmp_path / name
+        path.write_text(table if isinstance(table, str) else json.dumps(table))
+        tuned_configs.clear_cache()
+        return path
+
+    yield write
+    tuned_configs.clear_cache()
+    grouped_gemm._cuda_capability.cache_clear()
+
+
+def configs(T, dtype=torch.bfloat16, dims=DIMS, **kw):
+    return moe_gemm_configs(T, 2, 4, dims=dims, dtype=dtype, device=CUDA0, **kw)
+
+
+def test_table_name_sanitizes_the_gpu_name():
+    assert tuned_configs.table_name("NVIDIA H200") == "NVIDIA_H200"
+    assert tuned_configs.table_name("NVIDIA A100-SXM4-80GB") == "NVIDIA_A100-SXM4-80GB"
+    assert tuned_configs.table_name("NVIDIA RTX PRO 6000 (Blackwell) / x") == "NVIDIA_RTX_PRO_6000_Blackwell_x"
+
+
+def test_valid_table_is_used_by_bucket(gpu):
+    gpu(_table())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g1, g2 = configs(1)
+        assert (g1, g2) == (GemmConfig(16, 32, 256, num_stages=4), GemmConfig(16, 64, 128, split_k=8, num_stages=4))
+        assert configs(2)[0].block_m == configs(64)[0].block_m == 64  # T goes to the first bucket key >= T
+        big = configs(100_000)  # past the largest key: the largest bucket
+        assert big[0] == GemmConfig(128, 256, 64, group_m=16, num_warps=8, num_stages=4, tma=True) and big[1].split_k == 1
+    # Another dtype, shape, top_k or expert count than the table's, or not a CUDA device: the heuristic.
+    heuristic = heuristic_configs(1, 2, 4, (9, 0))
+    assert configs(1, dtype=torch.float16) == heuristic
+    assert configs(1, dims=(2048, 8192)) == heuristic
+    assert moe_gemm_configs(1, 1, 4, dims=DIMS, dtype=torch.bfloat16, device=CUDA0) == heuristic_configs(1, 1, 4, (9, 0))
+    assert moe_gemm_configs(1, 2, 4, dims=DIMS, dtype=torch.bfloat16, device="cpu") == heuristic_configs(1, 2, 4)
+    assert moe_gemm_configs(1, 2, 4) == heuristic_configs(1, 2, 4)
+
+
+def test_table_is_read_once_per_process(gpu, monkeypatch):
+    gpu(_table())
+    reads = []
+    load = tuned_configs.load_table
+    monkeypatch.setattr(tuned_configs, "load_table", lambda *a, **kw: reads.append(a) or load(*a, **kw))
+    for T in (1, 3, 64, 5000, 1, 64):
+        configs(T)
+    assert len(reads) == 1
+
+
+def test_missing_table_means_the_heuristic_without_a_warning(gpu):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for T in (1, 64, 4096):
+            assert configs(T) == heuristic_configs(T, 2, 4, (9, 0))
+
+
+def test_corrupt_json_warns_and_falls_back(gpu):
+    gpu('{"format": 1, "configs": {"bfloat16": ')
+    with pytest.warns(RuntimeWarning, match="not valid JSON"):
+        assert configs(1) == heuristic_configs(1, 2, 4, (9, 0))
+
+
+@pytest.mark.parametrize(
+    "table, words",
+    [
+        ([1, 2], "not a JSON object"),
+        (_table(format=2), "format 2"),
+        (_table(shape={"D": 2560, "F": 10240, "E": 4}), "shape must hold"),
+        (_table(configs=None), "no 'configs' object"),
+        (_table(gpu="NVIDIA A100-SXM4-80GB"), "written for 'NVIDIA A100-SXM4-80GB'"),
+    ],
+)
+def test_a_file_that_is_not_a_table_warns_and_falls_back(gpu, table, words):
+    gpu(table)
+    with pytest.warns(RuntimeWarning, match=words):
+        assert configs(4096) == (SM90_PREFILL, SM90_PREFILL)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda c: c["1"]["1"]["config"].pop("block_k"), r"missing \['block_k'\]"),
+        (lambda c: c["1"]["1"]["config"].update(colour="red"), r"unknown \['colour'\]"),
+        (lambda c: c["1"]["1"]["config"].update(split_k=2), "GEMM 1 needs split_k 1"),
+        (lambda c: c["2"]["1"]["config"].update(block_m=32), "block_m 16 and 32 differ"),
+        (lambda c: c["1"]["1"]["config"].update(block_n=48), "power of two"),
+        (lambda c: c["1"]["1"]["config"].update(num_warps="4"), "positive int"),
+        (lambda c: c["1"]["1"]["config"].update(tma=1), "tma must be a bool"),
+        (lambda c: c["2"]["1"]["config"].update(split_k=64), "split_k 64"),
+        (lambda c: c["1"]["1"].update(config=_cfg(16, 256, 256, num_stages=8)), "exceed"),
+        (lambda c: c["2"].pop("1"), "no GEMM 2 entry"),
+        (lambda c: c["1"].update({"01": c["1"].pop("1")}), "bucket key '01' is not a positive int"),
+    ],
+)
+def test_bad_entry_warns_and_its_bucket_takes_the_heuristic(gpu, change, words):
+    table = _table()
+    change(table["configs"]["bfloat16"])
+    gpu(table)
+    with pytest.warns(RuntimeWarning, match=words):
+        assert configs(1) == heuristic_configs(1, 2, 4, (9, 0))
+    assert configs(64)[0] == GemmConfig(64, 128, 64, num_stages=4)  # the other buckets still serve
+
+
+def test_env_switch_and_source_select_the_heuristic(gpu, monkeypatch, tmp_path):
+    gpu(_table())
+    tuned, heuristic = configs(1), heuristic_configs(1, 2, 4, (9, 0))
+    assert tuned != heuristic
+    monkeypatch.setenv(tuned_configs.ENV, "heuristic")
+    assert configs(1) == heuristic
+    assert configs(1, tuned=True) == tuned  # the argument wins over the variable
+    monkeypatch.delenv(tuned_configs.ENV)
+    assert configs(1, tuned=False) == heuristic
+    with tuned_configs.source("heuristic"):
+        assert configs(1) == heuristic
+    assert configs(1) == tuned
+    # A table's path: that table, for whatever GPU it was written.
+    other = _table(gpu="somewhere else")
+    other["configs"]["bfloat16"]["1"]["1"]["config"]["block_k"] = 64
+    path = gpu(other, name="elsewhere.json")
+    monkeypatch.setenv(tuned_configs.ENV, str(path))
+    assert configs(1)[0].block_k == 64
+    monkeypatch.setenv(tuned_configs.ENV, str(tmp_path / "absent.json"))
+    with pytest.warns(RuntimeWarning, match="no file"):
+        assert configs(1) == heuristic
+
+
+def test_the_decode_chains_gemm2_sums_without_split_k(gpu):
+    """sum_in_gemm2 (the decode chain's GEMM 2 summing each token's rows): the bucket's "2sum" entry; without one the
+    table's GEMM 2 if it has no K-split, else the heuristic's no-split GEMM 2 on the table's block_m."""
+    table = _table()
+    gpu(table)
+    g1, g2 = configs(1, sum_in_gemm2=True)
+    assert g1 == GemmConfig(16, 32, 256, num_stages=4)  # GEMM 1 does not change with it
+    assert g2 == heuristic_configs(1, 2, 4, (9, 0), sum_in_gemm2=True)[1] and g2.split_k == 1 and g2.block_m == g1.block_m
+    assert configs(64, sum_in_gemm2=True)[1] == GemmConfig(64, 64, 128, num_stages=4)  # split_k 2 in the table: no-split heuristic
+    table["configs"]["bfloat16"]["2"]["64"]["config"]["split_k"] = 1
+    table["configs"]["bfloat16"]["2sum"] = {"1": {"config": _cfg(16, 64, 256, num_stages=3)}}
+    gpu(table)
+    assert configs(1, sum_in_gemm2=True)[1] == GemmConfig(16, 64, 256, num_stages=3)
+    assert configs(1)[1].split_k == 8  # the other chains keep the table's GEMM 2
+    assert configs(64, sum_in_gemm2=True)[1] == GemmConfig(64, 64, 128, num_stages=4)  # the table's, as it is
+
+
+@pytest.mark.parametrize("entry, words", [(_cfg(16, 64, 128, split_k=2), "2sum needs split_k 1"), (_cfg(32, 64, 128), "differ")])
+def test_a_bad_2sum_entry_rejects_its_bucket(gpu, entry, words):
+    table = _table()
+    table["configs"]["bfloat16"]["2sum"] = {"1": {"config": entry}}
+    gpu(table)
+    with pytest.warns(RuntimeWarning, match=words):
+        assert configs(1, sum_in_gemm2=True) == heuristic_configs(1, 2, 4, (9, 0), sum_in_gemm2=True)
+
+
+def test_heuristic_takes_128x256_tiles_on_hopper_for_large_T_only():
+    assert heuristic_configs(4096, 2, 4, (9, 0)) == (SM90_PREFILL, SM90_PREFILL)
+    assert SM90_PREFILL.block_n == 256 and SM90_PREFILL.num_warps == 8 and SM90_PREFILL.group_m == 16 and not SM90_PREFILL.tma
+    for capability in (None, (8, 0), (8, 9), (12, 0)):  # sm_120: 99 KB of shared memory, too little for its stages
+        assert heuristic_configs(4096, 2, 4, capability)[0].block_n == 128
+    assert heuristic_configs(512, 2, 4, (9, 0))[0].block_n == 128  # 256 rows per expert: too few 128x256 tiles
+    for T in (1, 8, 64, 512, 4096, 16384):
+        g1, g2 = heuristic_configs(T, 2, 4, (9, 0))
+        assert g1.block_m == g2.block_m and g1.split_k == 1
+
+
+def test_the_moe_passes_its_shape_dtype_and_device(monkeypatch):
+    """fused_moe asks for the configs of its own layer; quantized experts are kept off the tables."""
+    from kernel_cases import moe_layer
+
+    from phixtral_kernels import fused_moe, moe_backward, quantize_rtn
+
+    calls = []
+    real = moe_backward.moe_gemm_configs
+    monkeypatch.setattr(moe_backward, "moe_gemm_configs", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
+    x, g, w1, b1, w2, b2 = moe_layer(5, 64, 96, 4, torch.float16)
+    fused_moe(x, g, w1, b1, w2, b2, 2, backend="triton")
+    args, kw = calls[-1]
+    assert args == (5, 2, 4) and (kw["dims"], kw["dtype"], kw["device"]) == ((64, 96), torch.float16, x.device)
+    fused_moe(x, g, quantize_rtn(w1, bits=8, group_size=32), b1, w2, b2, 2, backend="triton")
+    assert calls[-1][1]["device"] is None
