@@ -324,6 +324,17 @@ def _token_block(T: int) -> int:
     return max(32, next_power_of_2(-(-T // _MAX_TOKEN_BLOCKS)))
 
 
+def _routing_outputs(T: int, E: int, top_k: int, block_m: int, device):
+    """The RoutingMap's tensors, unfilled: topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32, sorted_token_ids
+    [T * top_k + E * (block_m - 1)] int32 (room for every expert's padding), expert_offsets [E + 1] int32."""
+    return (
+        torch.empty(T, top_k, dtype=torch.float32, device=device),
+        torch.empty(T, top_k, dtype=torch.int32, device=device),
+        torch.empty(T * top_k + E * (block_m - 1), dtype=torch.int32, device=device),
+        torch.empty(E + 1, dtype=torch.int32, device=device),
+    )
+
+
 def moe_routing(router_logits: torch.Tensor, top_k: int, block_m: int) -> RoutingMap:
     """Top-k + softmax of the router logits and the block-aligned sorted slot map, in two Triton launches.
 
@@ -342,11 +353,7 @@ def moe_routing(router_logits: torch.Tensor, top_k: int, block_m: int) -> Routin
         raise RuntimeError(f"moe_routing cannot run: {reason}")
 
     device = router_logits.device
-    num_slots = T * top_k
-    topk_weights = torch.empty(T, top_k, dtype=torch.float32, device=device)
-    topk_ids = torch.empty(T, top_k, dtype=torch.int32, device=device)
-    sorted_token_ids = torch.empty(num_slots + E * (block_m - 1), dtype=torch.int32, device=device)
-    expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)
+    topk_weights, topk_ids, sorted_token_ids, expert_offsets = _routing_outputs(T, E, top_k, block_m, device)
     if T == 0:
         expert_offsets.zero_()
         return RoutingMap(topk_weights, topk_ids, sorted_token_ids.fill_(0), expert_offsets, block_m)
@@ -397,11 +404,7 @@ def moe_routing_fused(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, bl
         raise RuntimeError(f"moe_routing_fused cannot run: {reason}")
 
     device = x.device
-    num_slots = T * top_k
-    topk_weights = torch.empty(T, top_k, dtype=torch.float32, device=device)
-    topk_ids = torch.empty(T, top_k, dtype=torch.int32, device=device)
-    sorted_token_ids = torch.empty(num_slots + E * (block_m - 1), dtype=torch.int32, device=device)
-    expert_offsets = torch.empty(E + 1, dtype=torch.int32, device=device)
+    topk_weights, topk_ids, sorted_token_ids, expert_offsets = _routing_outputs(T, E, top_k, block_m, device)
     pair_arg = pair if pair is not None else topk_ids  # never written without INIT_PAIR
     # Interpreter: blocks of 32 tokens (a T of 64 or more walks several, as on a GPU) and wide D steps (its cost is per
     # op); GPU: 16-token blocks (decode T), 256-wide D steps.
