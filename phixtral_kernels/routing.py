@@ -324,6 +324,17 @@ def _token_block(T: int) -> int:
     return max(32, next_power_of_2(-(-T // _MAX_TOKEN_BLOCKS)))
 
 
+def _check_routing_args(name: str, E: int, top_k, block_m, device) -> None:
+    """The checks both routing entry points share: top_k in [1, E], block_m a power of two >= 16, Triton usable."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
+    if isinstance(block_m, bool) or not isinstance(block_m, int) or block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16 (tl.dot needs M >= 16), got {block_m!r}")
+    reason = triton_unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"{name} cannot run: {reason}")
+
+
 def _routing_outputs(T: int, E: int, top_k: int, block_m: int, device):
     """The RoutingMap's tensors, unfilled: topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32, sorted_token_ids
     [T * top_k + E * (block_m - 1)] int32 (room for every expert's padding), expert_offsets [E + 1] int32."""
@@ -344,13 +355,7 @@ def moe_routing(router_logits: torch.Tensor, top_k: int, block_m: int) -> Routin
     if router_logits.dim() != 2 or not router_logits.is_floating_point():
         raise ValueError(f"router_logits must be a float tensor [T, E], got {tuple(router_logits.shape)} {router_logits.dtype}")
     T, E = router_logits.shape
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
-        raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
-    if isinstance(block_m, bool) or not isinstance(block_m, int) or block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a power of two >= 16 (tl.dot needs M >= 16), got {block_m!r}")
-    reason = triton_unavailable_reason(router_logits.device)
-    if reason is not None:
-        raise RuntimeError(f"moe_routing cannot run: {reason}")
+    _check_routing_args("moe_routing", E, top_k, block_m, router_logits.device)
 
     device = router_logits.device
     topk_weights, topk_ids, sorted_token_ids, expert_offsets = _routing_outputs(T, E, top_k, block_m, device)
@@ -391,17 +396,11 @@ def moe_routing_fused(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, bl
     """
     T, D = x.shape
     E = gate_weight.shape[0]
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
-        raise ValueError(f"top_k must be an int in [1, E={E}], got {top_k!r}")
-    if isinstance(block_m, bool) or not isinstance(block_m, int) or block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a power of two >= 16 (tl.dot needs M >= 16), got {block_m!r}")
+    _check_routing_args("moe_routing_fused", E, top_k, block_m, x.device)
     if not fused_routing_fits(T, E):
         raise ValueError(f"moe_routing_fused: E={E} experts do not fit one program's logits tile (at most 128)")
     if pair is not None and (pair.dtype != torch.int32 or tuple(pair.shape) != (T, D) or (D > 1 and pair.stride(1) != 1)):
         raise ValueError(f"moe_routing_fused: pair must be int32 [{T}, {D}] contiguous along D, got {pair.dtype} {tuple(pair.shape)}")
-    reason = triton_unavailable_reason(x.device)
-    if reason is not None:
-        raise RuntimeError(f"moe_routing_fused cannot run: {reason}")
 
     device = x.device
     topk_weights, topk_ids, sorted_token_ids, expert_offsets = _routing_outputs(T, E, top_k, block_m, device)
