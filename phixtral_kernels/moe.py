@@ -13,8 +13,9 @@ Backends:
     "auto"    "triton" where it can run (CUDA, or the interpreter on CPU) and the dtype is fp16, bf16 or fp32, else "torch".
 
 Quantized experts: w1 and / or w2 may be a `QuantizedExperts` (quant.py). "triton" dequantizes weight tiles inside the
-grouped GEMMs' K loop; "torch" runs torch's packed CPU kernels when the container carries them (cpu_packed.py: decode
-rows in bfloat16 on a CPU), else dequantizes one expert at a time before its matmul; "naive" dequantizes the whole stack.
+grouped GEMMs' K loop; "torch" runs torch's packed CPU kernels when the container carries them (cpu_packed.py: bfloat16
+rows on a CPU, up to max_rows per expert), else dequantizes one expert at a time before its matmul; "naive" dequantizes
+the whole stack.
 Gradients flow to x and gate_weight only, through the torch path ("auto" takes it when grad is needed; the Triton
 backward has no quantized GEMMs).
 
@@ -169,7 +170,7 @@ def quantized_linear(x: torch.Tensor, w: QuantizedExperts, bias=None, *, backend
 
     "triton" runs the MoE's grouped GEMM as one expert at top-1 (an identity slot map built from shapes alone: no host
     sync), dequantizing inside its K loop; "torch" and "naive" take torch's packed CPU kernels when w carries them
-    (w.cpu_packed, for a few bfloat16 rows on the CPU), else dequantize to x's dtype and call F.linear. "auto" picks
+    (w.cpu_packed: bfloat16 rows on the CPU, up to its max_rows), else dequantize to x's dtype and call F.linear. "auto" picks
     as fused_moe does (torch when grad is needed).
     """
     if backend not in BACKENDS:

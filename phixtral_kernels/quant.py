@@ -34,7 +34,7 @@ class QuantizedExperts:
     Construction checks every shape and dtype and raises a ValueError naming the tensor. check=True (the default) also
     reads g_idx to check its range, a host read: the model builds its containers with check=False once loaded.
     cpu_packed: the same weights repacked for torch's CPU kernels (`phixtral_kernels.cpu_packed.pack_for_cpu`), which the
-    torch backend uses for a few rows of bfloat16 activations on the CPU; `select` and `to` drop it.
+    torch backend uses for bfloat16 activations on the CPU, up to its max_rows rows; `select` and `to` drop it.
     """
 
     qweight: torch.Tensor
