@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from phixtral_kernels import BACKENDS, triton_unavailable_reason
 
-from .atomic import atomic_folder, check_destination, leftovers
+from .atomic import atomic_folder, check_destination, missing_folder_hint
 from .config import PhixtralConfig
 from .model import Phixtral
 
@@ -169,12 +169,9 @@ def resolve_checkpoint(path_or_id: Union[str, os.PathLike]) -> Path:
         return path
     if path.exists():
         raise ValueError(f"{path} is a file; pass the checkpoint folder (with config.json and *.safetensors)")
-    left = leftovers(path)
-    if any(".old-" in p.name for p in left):  # a save killed between its two renames (see phixtral.atomic)
-        raise ValueError(
-            f"no checkpoint folder {path}, but an interrupted save left {', '.join(p.name for p in left)} next to it: "
-            f"rename the .old-* one (the previous checkpoint) or the .tmp-* one (the new, complete one) to {path.name}"
-        )
+    hint = missing_folder_hint(path)
+    if hint:  # a save killed between its renames (see phixtral.atomic)
+        raise ValueError(f"no checkpoint folder {path}, but {hint}")
     name = str(path_or_id)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or name.startswith((".", "-")):
         raise ValueError(f"no checkpoint folder {name!r}, and it is not a hub id of the form 'owner/name'")

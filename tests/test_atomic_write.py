@@ -6,12 +6,14 @@ same logits, and nothing may be left next to it.
 """
 
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,23 +77,88 @@ def test_failure_leaves_the_old_folder_untouched(tmp_path, error, exists):
 
 
 def test_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """Without an atomic exchange: tmp -> .out.new-*, out -> .out.old-*, then .out.new-* -> out fails."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "a.bin").write_bytes(b"old")
     real, calls = os.rename, []
 
-    def rename(src, dst):  # the first rename (out -> .out.old-*) works, the second (tmp -> out) fails
-        calls.append((src, dst))
-        if len(calls) == 2:
+    def rename(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 3:
             raise OSError(errno.EIO, "I/O error")
         real(src, dst)
 
+    monkeypatch.setattr(phixtral.atomic, "_exchange", lambda a, b: False)
     monkeypatch.setattr(phixtral.atomic.os, "rename", rename)
     with pytest.raises(OSError, match="I/O error"):
         with atomic_folder(out, overwrite=True) as tmp:
             (tmp / "a.bin").write_bytes(b"new")
-    assert len(calls) == 3 and calls[2][1] == out  # the restoring rename
+    assert [c[1].split("-")[0] for c in calls] == [".out.new", ".out.old", "out", "out"]  # the last one restores
     assert snapshot(out) == {"a.bin": b"old"} and siblings(out) == ["out"]
+
+
+def test_the_exchange_never_leaves_the_destination_missing(tmp_path, monkeypatch):
+    """With renameat2's exchange there is no moment without `out`: no rename of `out` at all."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.bin").write_bytes(b"old")
+    renamed, exchanged, real_exchange = [], [], phixtral.atomic._exchange
+
+    def exchange(a, b):
+        done = real_exchange(a, b)
+        exchanged.append(done)
+        assert out.is_dir()
+        return done
+
+    monkeypatch.setattr(phixtral.atomic, "_exchange", exchange)
+    monkeypatch.setattr(phixtral.atomic.os, "rename", lambda *a: renamed.append(a) or pytest.fail("renamed"))
+    with atomic_folder(out, overwrite=True) as tmp:
+        (tmp / "a.bin").write_bytes(b"new")
+    if exchanged != [True]:
+        pytest.skip("this filesystem has no atomic exchange (renameat2 RENAME_EXCHANGE)")
+    assert snapshot(out) == {"a.bin": b"new"} and siblings(out) == ["out"] and renamed == []
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "renames"])
+def test_the_next_write_removes_what_killed_writes_left(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(phixtral.atomic, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    with atomic_folder(out, overwrite=True) as tmp:
+        (tmp / "a.bin").write_bytes(b"v1")
+    stale = {kind: tmp_path / f".out.{kind}-0000000{i}" for i, kind in enumerate(("tmp", "new", "old"))}
+    for folder in stale.values():
+        folder.mkdir()
+        (folder / "a.bin").write_bytes(b"left behind")
+    live = tmp_path / ".out.tmp-live0000"  # another writer's, still at work: its flock is held
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with atomic_folder(out, overwrite=True) as tmp:
+            assert not stale["tmp"].exists()  # garbage whatever happens next: gone before the write
+            assert stale["new"].exists() and stale["old"].exists()  # complete copies: kept until `out` is new
+            (tmp / "a.bin").write_bytes(b"v2")
+        assert siblings(out) == [".out.tmp-live0000", "out"] and snapshot(out) == {"a.bin": b"v2"}
+    finally:
+        os.close(fd)
+    with atomic_folder(out, overwrite=True) as tmp:
+        (tmp / "a.bin").write_bytes(b"v3")
+    assert siblings(out) == ["out"]
+
+
+def test_files_get_the_mode_of_a_plain_open(tmp_path):
+    """safetensors writes its files 0600 through a temporary file; the published folder has one mode throughout."""
+    from safetensors.torch import save_file
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    with atomic_folder(tmp_path / "out", overwrite=False) as tmp:
+        save_file({"a": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text("{}")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes == {"model.safetensors": 0o666 & ~umask, "config.json": 0o666 & ~umask}
 
 
 def test_refused_destinations_are_named_and_nothing_is_created(tmp_path):
@@ -257,14 +324,18 @@ def test_save_accepts_dtype_names(models, tmp_path, dtype, stored, torch_dtype):
 
 
 def test_a_save_killed_between_the_renames_is_recoverable(saved):
-    """Kill between `out -> .out.old-*` and `.out.tmp-* -> out`: both are complete, and loading says which is which."""
+    """Without the exchange, a kill between `out -> .out.old-*` and `.out.new-* -> out` leaves both, complete; loading
+    says which is which, and an unfinished `.out.tmp-*` is never offered as a checkpoint."""
     folder, files, logits = saved
     old = folder.parent / f".{folder.name}.old-0123abcd"
     os.rename(folder, old)
-    new = folder.parent / f".{folder.name}.tmp-4567ef01"
+    new = folder.parent / f".{folder.name}.new-4567ef01"
     shutil.copytree(old, new)
-    assert leftovers(folder) == [old, new]
-    with pytest.raises(ValueError, match=r"interrupted save left .*\.old-0123abcd.* rename the \.old-\* one"):
+    unfinished = folder.parent / f".{folder.name}.tmp-89abcdef"
+    unfinished.mkdir()
+    assert leftovers(folder) == [new, old, unfinished]
+    with pytest.raises(ValueError, match=r"interrupted save left .*\.new-4567ef01 \(the new checkpoint, complete\) and "
+                       r".*\.old-0123abcd \(the previous checkpoint, complete\).*tmp-\* folder is an unfinished write"):
         phixtral.from_pretrained(folder, backend="torch")
     os.rename(old, folder)  # the documented recovery
     assert snapshot(folder) == files and torch.equal(phixtral.from_pretrained(folder, backend="torch")(IDS), logits)
