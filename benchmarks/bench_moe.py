@@ -240,7 +240,7 @@ def build(provider: Provider, x, layer: Layer):
 
 
 # --- the run ---------------------------------------------------------------------------------------------------------
-def measure_one(provider, layer, T, ref, device, dtype, rep_budget_s):
+def measure_one(provider, layer, T, ref, device, dtype, rep_budget_s, floor_s=None):
     """Check, then time one provider at one T. -> dict with the timing, or with "skipped"."""
     x = layer.x[:T]
     run, mode = build(provider, x, layer)
@@ -251,8 +251,12 @@ def measure_one(provider, layer, T, ref, device, dtype, rep_budget_s):
     if not check.ok:
         row["skipped"] = f"failed the check: rel. error {check.rel_err:.3g} > {check.tol:g}" + ("" if check.finite else " (NaN/Inf)")
         return row
-    t = common.time_fn(run, device, budget_s=rep_budget_s)
-    row.update(median_s=t.median_s, p25_s=t.p25_s, p75_s=t.p75_s, min_s=t.min_s, reps=t.reps, spread=t.spread)
+    t, rounds, note = common.time_checked(run, device, budget_s=rep_budget_s, floor_s=floor_s)
+    row.update(median_s=t.median_s, p25_s=t.p25_s, p75_s=t.p75_s, min_s=t.min_s, reps=t.reps, spread=t.spread,
+               rounds=rounds)  # fmt: skip
+    if note:
+        row["note"] = note
+        print(f"warning: {provider.name} at T={T}: {note}", file=sys.stderr)
     return row
 
 
@@ -311,7 +315,7 @@ def run_benchmark(args) -> dict:
                     try:
                         if ref is None:
                             ref = points[T][1] = reference_moe(x, *layer.weights, top_k)
-                        row.update(measure_one(p, layer, T, ref, device, dtype, args.rep_budget_s))
+                        row.update(measure_one(p, layer, T, ref, device, dtype, args.rep_budget_s, base["floor_s"]))
                     except Exception as exc:  # noqa: BLE001: report the failure in the table, go on with the others
                         row.update(skipped=f"raised {common.first_line(exc)}", error=True)
                         if gpu:
@@ -361,7 +365,7 @@ def run_benchmark(args) -> dict:
 COLUMNS = [
     ("T", "T"), ("provider", "provider"), ("mode", "mode"), ("median_s", "median"), ("spread", "IQR/med"),
     ("tflops", "TFLOP/s"), ("weight_gbps", "GB/s (weights)"), ("experts_hit", "experts"), ("floor_s", "floor"),
-    ("pct_floor", "% floor"), ("speedup_vs_naive", "x naive"), ("rel_err", "rel err"),
+    ("pct_floor", "% floor"), ("speedup_vs_naive", "x naive"), ("rel_err", "rel err"), ("note", "note"),
 ]  # fmt: skip
 FORMATS = {
     "median_s": common.fmt_time,

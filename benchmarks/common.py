@@ -96,6 +96,46 @@ def time_fn(fn, device: torch.device, *, budget_s: float = 0.3, warmup: int = 2,
     return summarize(times)
 
 
+# A timing whose reruns disagree by more than this factor is re-measured (interference from other processes, a
+# first-call cost the warm-up missed, a frequency drop: one bench_moe --quick row once read 86 ms where reruns gave 0.3).
+RERUN_DISAGREE = 3.0
+# A median this many times its floor is measured once more before it is believed.
+FLOOR_DISAGREE = 10.0
+
+
+def time_checked(fn, device: torch.device, *, budget_s: float = 0.3, floor_s: float | None = None, max_rounds: int = 4):
+    """time_fn in independent rounds, re-measured while they disagree: -> (Timing, rounds, note or None).
+
+    Two rounds of half the budget each, then more (up to max_rounds) until the two fastest rounds' medians agree within
+    RERUN_DISAGREE x. On a GPU, a fastest median over FLOOR_DISAGREE x floor_s, or under the floor (which no correct run
+    can be), earns one more round. The round with the lowest median is kept (interference only adds time). The note
+    says what still disagreed after the last round, for the report to flag; None when the kept timing was confirmed.
+    On the CPU the floor is not checked: small shapes there are bound by per-op overhead, tens of times the floor.
+    """
+    rounds = [time_fn(fn, device, budget_s=budget_s / 2) for _ in range(2)]
+    check_floor = bool(floor_s) and device.type == "cuda"
+
+    def disagreement():
+        fastest, second = sorted(t.median_s for t in rounds)[:2]
+        if second > RERUN_DISAGREE * fastest:
+            medians = ", ".join(f"{t.median_s * 1e6:.4g}" for t in rounds)
+            return f"reruns disagree (medians {medians} us)", max_rounds
+        if check_floor and fastest > FLOOR_DISAGREE * floor_s:
+            return f"{fastest / floor_s:.0f}x the floor", 3
+        if check_floor and fastest < floor_s:
+            return f"below the floor ({fastest / floor_s:.2f}x): the floor or the check is wrong", 3
+        return None, len(rounds)
+
+    note, limit = disagreement()
+    while note and len(rounds) < limit:
+        rounds.append(time_fn(fn, device, budget_s=budget_s / 2))
+        note, limit = disagreement()
+    best = min(rounds, key=lambda t: t.median_s)
+    if note:
+        note += f" after {len(rounds)} rounds; kept the fastest"
+    return best, len(rounds), note
+
+
 def cuda_graph(fn):
     """Capture fn() in a CUDA graph; returns replay() -> fn's output tensor (the graph's static output).
 

@@ -88,7 +88,7 @@ def test_dry_run_of_every_stage(hidden_env, tmp_path):
     assert "GEMM 1 128x256x64 w8 s4 g16 tma: ok" in bench_log  # sm_90's prefill candidates, TMA ones too
     summary = (tmp_path / "summary.txt").read_text()
     item = r"GPU tests \(tests/test_kernels\*\.py, test_moe_backward\.py, test_decode_chain\.py, test_decode_graph_gpu\.py\)"
-    assert re.search(rf"\| {item} \| {counts[0][1]} collected \| all pass \| PASS \|", summary), summary
+    assert re.search(rf"\| {item} \| {counts[0][1]} collected \| all pass \| dry run \|", summary), summary
     assert re.search(r"\| bench_generate \| 0 \| \d+ \|", summary), summary
     assert re.search(r"\| tune \| 0 \| \d+ \|", summary), summary
 
