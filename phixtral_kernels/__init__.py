@@ -2,7 +2,8 @@
 
 from ._triton import triton_unavailable_reason
 from .grouped_gemm import GemmConfig, expert_gemm1, expert_gemm2, moe_gemm_configs
-from .moe import BACKENDS, check_moe_inputs, fused_moe, quantized_linear
+from .checks import BACKENDS, TRITON_DTYPES, check_moe_inputs
+from .moe import fused_moe, quantized_linear
 from .quant import (
     QuantizedExperts,
     absorb_act_order,
@@ -35,6 +36,7 @@ __all__ = [
     "GemmConfig",
     "QuantizedExperts",
     "RoutingMap",
+    "TRITON_DTYPES",
     "absorb_act_order",
     "act_order_g_idx",
     "check_moe_inputs",
