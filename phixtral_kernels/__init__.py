@@ -1,8 +1,9 @@
 """Fused Triton kernels for the phixtral Mixture-of-Experts layer, with plain-PyTorch twins of every op."""
 
 from ._triton import triton_unavailable_reason
-from .grouped_gemm import GemmConfig, expert_gemm1, expert_gemm2, moe_gemm_configs
 from .checks import BACKENDS, TRITON_DTYPES, check_moe_inputs
+from .gemm_configs import GemmConfig, moe_gemm_configs
+from .grouped_gemm import expert_gemm1, expert_gemm2
 from .moe import fused_moe, quantized_linear
 from .quant import (
     QuantizedExperts,

@@ -55,7 +55,7 @@ from unittest import mock
 
 import torch
 
-from . import grouped_gemm, moe, moe_backward, routing, unpermute
+from . import gemm_configs, grouped_gemm, moe, moe_backward, routing, unpermute
 from ._triton import INTERPRET, triton
 from .quant import QuantizedExperts
 
@@ -135,11 +135,11 @@ def _recording(warm_index=None, capability: int | None = None, tma: bool = False
     ]
     patches += [mock.patch.object(mod, "triton_unavailable_reason", lambda *args: None) for mod in (routing, grouped_gemm, unpermute, moe)]
     if capability is not None:
-        patches.append(mock.patch.object(grouped_gemm, "_capability", lambda device: divmod(capability, 10)))
+        patches.append(mock.patch.object(gemm_configs, "_capability", lambda device: divmod(capability, 10)))
     if tma:
-        heuristic = grouped_gemm.heuristic_configs
+        heuristic = gemm_configs.heuristic_configs
         with_tma = lambda *args, **kw: tuple(replace(c, tma=True) for c in heuristic(*args, **kw))  # noqa: E731
-        patches.append(mock.patch.object(grouped_gemm, "heuristic_configs", with_tma))
+        patches.append(mock.patch.object(gemm_configs, "heuristic_configs", with_tma))
     for p in patches:
         p.start()
     try:
@@ -210,7 +210,7 @@ def record_backward_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int,
     """The kernel launches of one fused_moe backward with every gradient asked for, on meta tensors of these shapes."""
     meta = dict(device="meta", dtype=dtype)
     with _recording(capability=capability):
-        gemm1, gemm2 = grouped_gemm.moe_gemm_configs(T, top_k, E, dims=(D, F), dtype=dtype, device="meta")
+        gemm1, gemm2 = gemm_configs.moe_gemm_configs(T, top_k, E, dims=(D, F), dtype=dtype, device="meta")
     S, block_m = T * top_k, gemm1.block_m
     index = dict(device="meta", dtype=torch.int32)
     routing_map = routing.RoutingMap(

@@ -28,7 +28,8 @@ import torch
 
 from ._triton import triton_unavailable_reason
 from .checks import BACKENDS, TRITON_DTYPES, check_moe_inputs
-from .grouped_gemm import _launch, moe_gemm_configs
+from .gemm_configs import moe_gemm_configs
+from .grouped_gemm import launch_grouped_gemm
 from .moe_backward import FusedMoEFunction, triton_moe_forward
 from .quant import QuantizedExperts, dense_weight, dequantize_experts, is_quantized
 from .reference import naive_moe, topk_softmax_torch
@@ -152,8 +153,8 @@ def quantized_linear(x: torch.Tensor, w: QuantizedExperts, bias=None, *, backend
     if T == 0:
         return out[0]
     config = moe_gemm_configs(T, 1, 1)[0]
-    _launch(x, w, None if bias is None else bias[None], out, _identity_routing(T, config.block_m, x.device), config,
-            gather_a=True, scatter_c=True, activation="", mul_routing_weight=False)  # fmt: skip
+    launch_grouped_gemm(x, w, None if bias is None else bias[None], out, _identity_routing(T, config.block_m, x.device), config,
+                        gather_a=True, scatter_c=True, activation="", mul_routing_weight=False)  # fmt: skip
     return out[0]
 
 

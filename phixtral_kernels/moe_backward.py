@@ -32,17 +32,8 @@ import os
 import torch
 
 from ._triton import INTERPRET, next_power_of_2, tl, triton
-from .grouped_gemm import (
-    GemmConfig,
-    _check_gemm_inputs,
-    _launch,
-    expert_gemm1,
-    expert_gemm2,
-    expert_gemm2_sum,
-    moe_gemm_configs,
-    pair_buffer,
-    topk_sum_fits,
-)
+from .gemm_configs import GemmConfig, moe_gemm_configs, topk_sum_fits
+from .grouped_gemm import check_gemm_inputs, expert_gemm1, expert_gemm2, expert_gemm2_sum, launch_grouped_gemm, pair_buffer
 from .quant import is_quantized
 from .routing import RoutingMap, fused_routing_fits, moe_routing, moe_routing_fused
 from .unpermute import moe_combine
@@ -237,10 +228,10 @@ if triton is not None:
 def _gathered_gemm_fp32(name, a, w, bias, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
     """c[r] = a[slot_r // top_k] @ w[e_r]^T (+ bias[e_r]) per sorted row, no activation: c [R, N] fp32, padding rows
     unwritten. w [E, N, K] may be a transposed view: the kernel takes strides."""
-    _check_gemm_inputs(name, a, w, bias, routing, config)
+    check_gemm_inputs(name, a, w, bias, routing, config)
     c = torch.empty(routing.max_rows, w.shape[1], dtype=torch.float32, device=a.device)
     if routing.num_slots:
-        _launch(a, w, bias, c, routing, config, gather_a=True, scatter_c=False, activation="", mul_routing_weight=False)
+        launch_grouped_gemm(a, w, bias, c, routing, config, gather_a=True, scatter_c=False, activation="", mul_routing_weight=False)
     return c
 
 
@@ -257,10 +248,10 @@ def expert_grad_hidden(g: torch.Tensor, w2: torch.Tensor, routing: RoutingMap, c
 def expert_grad_input(da: torch.Tensor, w1: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
     """dx[t] = sum_k da[r] @ w1[e]: da [R, F] sorted rows, w1 [E, F, D]. Returns dx [T, D] fp32 (fixed-order sum)."""
     w1_t = w1.transpose(1, 2)  # [E, D, F] view
-    _check_gemm_inputs("expert_grad_input", da, w1_t, None, routing, config)
+    check_gemm_inputs("expert_grad_input", da, w1_t, None, routing, config)
     y = torch.empty(config.split_k, routing.num_slots, w1.shape[2], dtype=torch.float32, device=da.device)
     if routing.num_slots:
-        _launch(da, w1_t, None, y, routing, config, gather_a=False, scatter_c=True, activation="", mul_routing_weight=False)
+        launch_grouped_gemm(da, w1_t, None, y, routing, config, gather_a=False, scatter_c=True, activation="", mul_routing_weight=False)
     return moe_combine(y, routing.top_k, torch.float32)
 
 
