@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import common  # noqa: E402
 from phixtral_kernels import fused_moe, gelu_tanh, gemm_configs, naive_moe, topk_softmax_torch  # noqa: E402
-from phixtral_kernels.moe_backward import DECODE_MAX_TOKENS, triton_moe_forward  # noqa: E402
+from phixtral_kernels.moe_triton import DECODE_MAX_TOKENS, triton_moe_forward  # noqa: E402
 
 GPU_SHAPE = dict(D=2560, F=10240, E=4, top_k=2)
 CPU_SHAPE = dict(D=1024, F=4096, E=4, top_k=2)  # 4 experts = 134 MB in fp32: larger than the L3 of a server CPU

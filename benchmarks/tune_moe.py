@@ -50,7 +50,7 @@ import common  # noqa: E402
 from phixtral_kernels import aot, gemm_configs, moe_routing, topk_softmax_torch  # noqa: E402
 from phixtral_kernels.gemm_configs import GemmConfig, heuristic_configs  # noqa: E402
 from phixtral_kernels.grouped_gemm import launch_grouped_gemm, pair_buffer  # noqa: E402
-from phixtral_kernels.moe_backward import DECODE_MAX_TOKENS  # noqa: E402
+from phixtral_kernels.moe_triton import DECODE_MAX_TOKENS  # noqa: E402
 from phixtral_kernels.reference import gelu_tanh  # noqa: E402
 from phixtral_kernels.routing import RoutingMap  # noqa: E402
 

@@ -26,7 +26,7 @@ points and `a` for act-order: w4g128, w4g128za, w8c. Act-order gives GEMM 1 and 
 group lookups); GEMM 2's act-order is absorbed at load (`absorb_act_order`), so its launch has none.
 
 `--path legacy` (or `decode`) reports the launches of that forward chain instead of the default one (see
-moe_backward.DECODE_PATHS): at T <= 16 the default is the three-launch decode chain.
+moe_triton.DECODE_PATHS): at T <= 16 the default is the three-launch decode chain.
 
 On a CUDA machine, `--warm` instead compiles the launches of these shapes for the GPU present into Triton's cache, the
 same way a first launch would (`JITFunction.warmup` on empty CUDA tensors), so that later processes start warm. It
@@ -55,7 +55,7 @@ from unittest import mock
 
 import torch
 
-from . import gemm_configs, grouped_gemm, moe, moe_backward, routing, unpermute
+from . import gemm_configs, grouped_gemm, moe, moe_backward, moe_triton, routing, unpermute
 from ._triton import INTERPRET, triton
 from .quant import QuantizedExperts
 
@@ -474,7 +474,7 @@ def _warm_groups(tokens, shape: dict = PHIXTRAL_SHAPE, quant=()) -> list:
     """(token counts, shape items) to warm: the default chain at every T; float experts also the legacy chain at the T
     where it differs (T <= DECODE_MAX_TOKENS), which benchmarks/bench_moe.py times against the default."""
     groups = [(tuple(tokens), s) for s in _shapes(shape, quant=quant)]
-    decode_tokens = tuple(T for T in tokens if T <= moe_backward.DECODE_MAX_TOKENS)
+    decode_tokens = tuple(T for T in tokens if T <= moe_triton.DECODE_MAX_TOKENS)
     if decode_tokens and not quant:
         groups += [(decode_tokens, s) for s in _shapes(shape, path="legacy")]
     return groups
@@ -536,7 +536,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backward", action="store_true", help="the launches of fused_moe's backward instead")
     parser.add_argument("--quant", nargs="+", default=[], metavar="SCHEME",
                         help="the launches of quantized experts instead, per scheme: w4g128, w4g128za, w8c, ...")  # fmt: skip
-    parser.add_argument("--path", default="auto", choices=list(moe_backward.DECODE_PATHS),
+    parser.add_argument("--path", default="auto", choices=list(moe_triton.DECODE_PATHS),
                         help="the forward chain to report (PHIXTRAL_MOE_DECODE_PATH's names; default: auto)")  # fmt: skip
     parser.add_argument("--tma", action="store_true", help="the forward's launches with every GEMM config's TMA flag set")
     parser.add_argument("--archs", type=int, nargs="+", choices=CAPABILITIES, default=list(CAPABILITIES),

@@ -1,7 +1,7 @@
 """fused_moe: the whole MoE layer as route -> GEMM 1 (gather, bias, GELU) -> GEMM 2 (bias, routing weight) -> combine.
 
 On the Triton backend a decode step (T <= 16 tokens) takes three launches: routing in one program from x and the router
-weight, GEMM 1, and GEMM 2 summing each token's top_k <= 2 rows itself (moe_backward.triton_moe_forward);
+weight, GEMM 1, and GEMM 2 summing each token's top_k <= 2 rows itself (moe_triton.triton_moe_forward);
 PHIXTRAL_MOE_DECODE_PATH=legacy selects the six-launch chain it replaced, to time one against the other.
 
 Backends:
@@ -30,7 +30,8 @@ from ._triton import triton_unavailable_reason
 from .checks import BACKENDS, TRITON_DTYPES, check_moe_inputs
 from .gemm_configs import moe_gemm_configs
 from .grouped_gemm import launch_grouped_gemm
-from .moe_backward import FusedMoEFunction, triton_moe_forward
+from .moe_backward import FusedMoEFunction
+from .moe_triton import triton_moe_forward
 from .quant import QuantizedExperts, dense_weight, dequantize_experts, is_quantized
 from .reference import naive_moe, topk_softmax_torch
 from .routing import RoutingMap

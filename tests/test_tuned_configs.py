@@ -217,11 +217,11 @@ def test_the_moe_passes_its_shape_dtype_and_device(monkeypatch):
     """fused_moe asks for the configs of its own layer; quantized experts are kept off the tables."""
     from kernel_cases import moe_layer
 
-    from phixtral_kernels import fused_moe, moe_backward, quantize_rtn
+    from phixtral_kernels import fused_moe, moe_triton, quantize_rtn
 
     calls = []
-    real = moe_backward.moe_gemm_configs
-    monkeypatch.setattr(moe_backward, "moe_gemm_configs", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
+    real = moe_triton.moe_gemm_configs
+    monkeypatch.setattr(moe_triton, "moe_gemm_configs", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
     x, g, w1, b1, w2, b2 = moe_layer(5, 64, 96, 4, torch.float16)
     fused_moe(x, g, w1, b1, w2, b2, 2, backend="triton")
     args, kw = calls[-1]
