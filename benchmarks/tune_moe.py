@@ -50,6 +50,7 @@ import common  # noqa: E402
 from phixtral_kernels import aot, gemm_configs, moe_routing, topk_softmax_torch  # noqa: E402
 from phixtral_kernels.gemm_configs import GemmConfig, heuristic_configs  # noqa: E402
 from phixtral_kernels.grouped_gemm import launch_grouped_gemm, pair_buffer  # noqa: E402
+from phixtral_kernels.launches import recording  # noqa: E402
 from phixtral_kernels.moe_triton import DECODE_MAX_TOKENS  # noqa: E402
 from phixtral_kernels.reference import gelu_tanh  # noqa: E402
 from phixtral_kernels.routing import RoutingMap  # noqa: E402
@@ -239,7 +240,7 @@ def _record(task, warm: bool):
     dtype_name, T, gemm, cfg_fields, shape = task
     cfg = GemmConfig(**cfg_fields)
     a, w, bias, out, rmap = _empty_launch_inputs(T, getattr(torch, dtype_name), cfg, gemm, dict(shape), "cuda")
-    with aot.recording(warm=warm) as launches:
+    with recording(warm=warm) as launches:
         _launch_gemm(gemm, a, w, bias, out, rmap, cfg)
     return launches
 
