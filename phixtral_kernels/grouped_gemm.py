@@ -23,7 +23,7 @@ them by slot, which Hopper's TMA cannot.
 One kernel serves both GEMMs, and the backward's (moe_backward.py: transposed weight views, no bias); compile-time flags
 pick the prologue and epilogue. Its grid is an upper bound computed from shapes alone (`RoutingMap.max_tiles`: the most
 tiles T * top_k slots can fill, not every tile of the padded map); tiles past expert_offsets[E] exit at once, so
-launching needs no host sync.
+launching needs no host sync. Tiles and launch options come in a `GemmConfig`, chosen in gemm_configs.py.
 
 The top-k sum inside GEMM 2 (PAIR_SUM, top_k = 2): each token's two weighted rows a, b (fp32, from tiles of two
 different experts, in any order) meet in an int32 [T, D] pair buffer that holds the sentinel -1 (written by the fused
