@@ -1,14 +1,14 @@
 """Compile every kernel ahead of time for sm_80 and sm_90, with the exact launches fused_moe makes at phixtral shapes.
 
-No GPU needed: `fused_moe` runs on meta tensors with the kernels swapped for recorders (launches.py), so the report covers the very
-arguments, constexprs and configs the launchers pick. Each distinct recorded launch is then compiled with
-`triton.compile` for each target, in a pool of processes (Triton's compile holds the GIL, so threads do not overlap),
-and the report gives shared memory, registers, stack bytes per thread (register spills: the kernels keep no local
-arrays), whether tensor-core instructions (mma.sync on sm_80, wgmma on sm_90) made it into the PTX, and how many
+No GPU needed: `fused_moe` runs on meta tensors with the kernels swapped for recorders (launches.py), so the report
+covers the very arguments, constexprs and configs the launchers pick. Each distinct recorded launch is then compiled
+with `triton.compile` for each target, in a pool of processes (Triton's compile holds the GIL, so threads do not
+overlap), and the report gives shared memory, registers, stack bytes per thread (register spills: the kernels keep no
+local arrays), whether tensor-core instructions (mma.sync on sm_80, wgmma on sm_90) made it into the PTX, and how many
 wgmma.mma_async and cp.async.bulk.tensor (TMA copy) instructions the PTX holds. The launches are recorded once per
 target with that target's configs (the heuristic picks 128x256 tiles on sm_90 for prefill); tuned tables play no part
-here (meta tensors have no GPU). sm_75 (T4) is reported for information only: Triton has no tensor-core path below
-sm_80 and `triton_unavailable_reason` gates it off.
+here (meta tensors have no GPU). sm_75 (T4) is reported for information only: Triton has no tensor-core path below sm_80
+and `triton_unavailable_reason` gates it off.
 
     python -m phixtral_kernels.aot [--tokens 1 64 128 4096] [--dtypes float16 bfloat16] [--backward | --quant SCHEME ...
         | --tma] [--jobs N] [--json]

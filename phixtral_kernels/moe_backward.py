@@ -1,4 +1,4 @@
-"""fused_moe with autograd: the Triton forward (moe_triton.py), and a backward that runs through the same sorted slot map.
+"""fused_moe with autograd: the forward of moe_triton.py, and a backward that runs through the same sorted slot map.
 
 Forward, slot s = (t, k), expert e = topk_ids[t, k], w_s its routing weight (softmax over the token's k picked logits):
     a_s = x[t] @ w1[e]^T + b1[e]      h_s = gelu_tanh(a_s)      out[t] = sum_k w_s (h_s @ w2[e]^T + b2[e])
