@@ -403,6 +403,7 @@ __all__ = [
     "CONFIG_DIR",
     "ENV",
     "SM90_PREFILL",
+    "SM90_PREFILL_MIN_ROWS",
     "GemmConfig",
     "TunedTable",
     "clear_cache",

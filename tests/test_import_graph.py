@@ -165,8 +165,8 @@ def test_old_import_paths_still_work():
     from phixtral_kernels import aot, checks, gemm_configs, grouped_gemm, launches, moe, moe_backward, moe_triton
 
     moved = {
-        grouped_gemm: (gemm_configs, ["GemmConfig", "SM90_PREFILL", "heuristic_configs", "moe_gemm_configs", "quantized_config",
-                                      "topk_sum_fits"]),
+        grouped_gemm: (gemm_configs, ["GemmConfig", "SM90_PREFILL", "SM90_PREFILL_MIN_ROWS", "heuristic_configs",
+                                      "moe_gemm_configs", "quantized_config", "topk_sum_fits"]),
         moe_backward: (moe_triton, ["DECODE_MAX_TOKENS", "DECODE_PATHS", "decode_path", "triton_moe_forward"]),
         moe: (checks, ["BACKENDS", "TRITON_DTYPES", "check_moe_inputs"]),
         aot: (launches, ["KERNEL_MODULES", "PHIXTRAL_SHAPE", "Launch", "empty_quantized", "parse_quant_scheme",
