@@ -12,7 +12,7 @@ Providers, each checked against an fp32 reference (‖out - ref‖ / ‖ref‖, 
     fused          GPU: fused_moe(backend="triton") replayed from a CUDA graph (the path has no host sync; a model's
                    decode step runs this way). CPU: fused_moe(backend="torch").
     fused_heuristic  GPU, when phixtral_kernels/configs has a tuned table for this GPU (benchmarks/tune_moe.py): "fused"
-                   with the heuristic's GEMM configs instead of the table's (tuned_configs.source("heuristic")), so one
+                   with the heuristic's GEMM configs instead of the table's (gemm_configs.source("heuristic")), so one
                    run compares tuned against untuned. "fused" and "fused_eager" use the table.
     fused_eager    GPU: the same kernels launched from Python each call.
     fused_legacy   GPU, T <= 16: the launch chain the decode chain replaced (router matmul, top-k, align, GEMM 1,
@@ -44,8 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing the package
 
 import common  # noqa: E402
-from phixtral_kernels import fused_moe, gelu_tanh, naive_moe, topk_softmax_torch, tuned_configs  # noqa: E402
-from phixtral_kernels.moe_backward import DECODE_MAX_TOKENS, triton_moe_forward  # noqa: E402
+from phixtral_kernels import fused_moe, gelu_tanh, gemm_configs, naive_moe, topk_softmax_torch  # noqa: E402
+from phixtral_kernels.moe_triton import DECODE_MAX_TOKENS, triton_moe_forward  # noqa: E402
 
 GPU_SHAPE = dict(D=2560, F=10240, E=4, top_k=2)
 CPU_SHAPE = dict(D=1024, F=4096, E=4, top_k=2)  # 4 experts = 134 MB in fp32: larger than the L3 of a server CPU
@@ -178,11 +178,11 @@ class Provider:
 def tuned_table(device) -> str | None:
     """The tuned-config table fused_moe reads on this device (its path), or None: no GPU, no table for it, or
     PHIXTRAL_MOE_CONFIGS=heuristic."""
-    if device.type != "cuda" or tuned_configs.current_source() == "heuristic":
+    if device.type != "cuda" or gemm_configs.current_source() == "heuristic":
         return None
-    source = tuned_configs.current_source()
-    path = tuned_configs.table_path(torch.cuda.get_device_name(device)) if source == "tuned" else Path(source)
-    return str(path) if tuned_configs.load_table(path) is not None else None
+    source = gemm_configs.current_source()
+    path = gemm_configs.table_path(torch.cuda.get_device_name(device)) if source == "tuned" else Path(source)
+    return str(path) if gemm_configs.load_table(path) is not None else None
 
 
 def providers(device, dtype, layer: Layer, gather_cap_bytes: float) -> tuple[list[Provider], dict]:
@@ -196,7 +196,7 @@ def providers(device, dtype, layer: Layer, gather_cap_bytes: float) -> tuple[lis
         return lambda x, *w: fused_moe(x, *w, backend=backend)
 
     def heuristic(x, *w):
-        with tuned_configs.source("heuristic"):  # the configs are picked at capture: the graph keeps them
+        with gemm_configs.source("heuristic"):  # the configs are picked at capture: the graph keeps them
             return fused_moe(x, *w, backend="triton")
 
     tuned = f", tuned configs ({Path(table).name})" if table else ""

@@ -47,9 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from phixtral_kernels import aot, moe_routing, topk_softmax_torch, tuned_configs  # noqa: E402
-from phixtral_kernels.grouped_gemm import GemmConfig, _launch, heuristic_configs, pair_buffer  # noqa: E402
-from phixtral_kernels.moe_backward import DECODE_MAX_TOKENS  # noqa: E402
+from phixtral_kernels import aot, gemm_configs, moe_routing, topk_softmax_torch  # noqa: E402
+from phixtral_kernels.gemm_configs import GemmConfig, heuristic_configs  # noqa: E402
+from phixtral_kernels.grouped_gemm import launch_grouped_gemm, pair_buffer  # noqa: E402
+from phixtral_kernels.launches import recording  # noqa: E402
+from phixtral_kernels.moe_triton import DECODE_MAX_TOKENS  # noqa: E402
 from phixtral_kernels.reference import gelu_tanh  # noqa: E402
 from phixtral_kernels.routing import RoutingMap  # noqa: E402
 
@@ -161,15 +163,15 @@ def _launch_gemm(gemm: str, a, w, bias, out, routing, cfg):
     """One launch as fused_moe makes it. "2sum": out is (out [T, D], its pair buffer), the pair buffer reset to the
     sentinel first, as the decode chain's routing kernel leaves it."""
     if gemm == "1":
-        _launch(a, w, bias, out, routing, cfg, gather_a=True, scatter_c=False, activation="gelu_tanh", mul_routing_weight=False)
+        launch_grouped_gemm(a, w, bias, out, routing, cfg, gather_a=True, scatter_c=False, activation="gelu_tanh", mul_routing_weight=False)
     elif gemm == "2":
-        _launch(a, w, bias, out, routing, cfg, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True)
+        launch_grouped_gemm(a, w, bias, out, routing, cfg, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True)
     else:
         c, pair = out
         if pair is not None:
             pair.fill_(-1)
         c = c if pair is not None else c.unsqueeze(0)  # top_k = 1: the slot rows are the token rows
-        _launch(a, w, bias, c, routing, cfg, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True, pair=pair)
+        launch_grouped_gemm(a, w, bias, c, routing, cfg, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True, pair=pair)
 
 
 def gemm_output(gemm: str, routing, cfg, F, D, dtype, device):
@@ -238,7 +240,7 @@ def _record(task, warm: bool):
     dtype_name, T, gemm, cfg_fields, shape = task
     cfg = GemmConfig(**cfg_fields)
     a, w, bias, out, rmap = _empty_launch_inputs(T, getattr(torch, dtype_name), cfg, gemm, dict(shape), "cuda")
-    with aot.recording(warm=warm) as launches:
+    with recording(warm=warm) as launches:
         _launch_gemm(gemm, a, w, bias, out, rmap, cfg)
     return launches
 
@@ -279,7 +281,7 @@ def config_fields(cfg: GemmConfig) -> dict:
 
 
 def new_table(gpu: str, shape: dict, conditions: dict) -> dict:
-    return {"format": tuned_configs.FORMAT, "gpu": gpu, "shape": dict(shape), "conditions": conditions, "configs": {}}
+    return {"format": gemm_configs.FORMAT, "gpu": gpu, "shape": dict(shape), "conditions": conditions, "configs": {}}
 
 
 def write_table(table: dict, paths) -> None:
@@ -367,10 +369,10 @@ def tune(args) -> int:
     compile_all(tasks, args.jobs or aot.default_jobs(), start + args.compile_share * args.budget_s)
     print(f"# compiled in {time.monotonic() - start:.0f} s", flush=True)
 
-    paths = [] if args.no_install else [tuned_configs.table_path(gpu)]
+    paths = [] if args.no_install else [gemm_configs.table_path(gpu)]
     out_dir = args.out or os.environ.get("OUT")
     if out_dir:
-        paths.append(Path(out_dir) / f"{tuned_configs.table_name(gpu)}.json")
+        paths.append(Path(out_dir) / f"{gemm_configs.table_name(gpu)}.json")
     table = new_table(gpu, shape, conditions)
     failures, rows = 0, []
     for dt in dtypes:
@@ -453,7 +455,7 @@ def dry_run(args) -> int:
         results[dname] = len(bucket.checked)
     out = Path(args.out or os.environ.get("OUT") or "out")
     write_table(table, [out / "dry-run.json"])
-    loaded = tuned_configs.load_table(out / "dry-run.json")
+    loaded = gemm_configs.load_table(out / "dry-run.json")
     ok = loaded is not None and all(None not in configs for _, configs in loaded.buckets.values())
     ok = ok and all(len(keys) == len(args.tokens) for keys, _ in loaded.buckets.values())
     print(f"tune_moe --dry-run: {count} candidates, {sum(results.values())} distinct runs in the interpreter, {failures} "
@@ -491,7 +493,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("tune_moe: unset TRITON_INTERPRET: interpreted kernels cannot be timed", file=sys.stderr)
         return 2
-    path = tuned_configs.table_path(torch.cuda.get_device_name())
+    path = gemm_configs.table_path(torch.cuda.get_device_name())
     if args.if_missing and path.exists():
         print(f"tune_moe: {path} exists: nothing to tune (delete it, or run without --if-missing, to tune again)")
         return 0

@@ -1,8 +1,10 @@
 """Fused Triton kernels for the phixtral Mixture-of-Experts layer, with plain-PyTorch twins of every op."""
 
 from ._triton import triton_unavailable_reason
-from .grouped_gemm import GemmConfig, expert_gemm1, expert_gemm2, moe_gemm_configs
-from .moe import BACKENDS, check_moe_inputs, fused_moe, quantized_linear
+from .checks import BACKENDS, TRITON_DTYPES, check_moe_inputs
+from .gemm_configs import GemmConfig, moe_gemm_configs
+from .grouped_gemm import expert_gemm1, expert_gemm2
+from .moe import fused_moe, quantized_linear
 from .quant import (
     QuantizedExperts,
     absorb_act_order,
@@ -35,6 +37,7 @@ __all__ = [
     "GemmConfig",
     "QuantizedExperts",
     "RoutingMap",
+    "TRITON_DTYPES",
     "absorb_act_order",
     "act_order_g_idx",
     "check_moe_inputs",

@@ -1,14 +1,14 @@
 """Compile every kernel ahead of time for sm_80 and sm_90, with the exact launches fused_moe makes at phixtral shapes.
 
-No GPU needed: `fused_moe` runs on meta tensors with the kernels swapped for recorders, so the report covers the very
-arguments, constexprs and configs the launchers pick. Each distinct recorded launch is then compiled with
-`triton.compile` for each target, in a pool of processes (Triton's compile holds the GIL, so threads do not overlap),
-and the report gives shared memory, registers, stack bytes per thread (register spills: the kernels keep no local
-arrays), whether tensor-core instructions (mma.sync on sm_80, wgmma on sm_90) made it into the PTX, and how many
+No GPU needed: `fused_moe` runs on meta tensors with the kernels swapped for recorders (launches.py), so the report
+covers the very arguments, constexprs and configs the launchers pick. Each distinct recorded launch is then compiled
+with `triton.compile` for each target, in a pool of processes (Triton's compile holds the GIL, so threads do not
+overlap), and the report gives shared memory, registers, stack bytes per thread (register spills: the kernels keep no
+local arrays), whether tensor-core instructions (mma.sync on sm_80, wgmma on sm_90) made it into the PTX, and how many
 wgmma.mma_async and cp.async.bulk.tensor (TMA copy) instructions the PTX holds. The launches are recorded once per
 target with that target's configs (the heuristic picks 128x256 tiles on sm_90 for prefill); tuned tables play no part
-here (meta tensors have no GPU). sm_75 (T4) is reported for information only: Triton has no tensor-core path below
-sm_80 and `triton_unavailable_reason` gates it off.
+here (meta tensors have no GPU). sm_75 (T4) is reported for information only: Triton has no tensor-core path below sm_80
+and `triton_unavailable_reason` gates it off.
 
     python -m phixtral_kernels.aot [--tokens 1 64 128 4096] [--dtypes float16 bfloat16] [--backward | --quant SCHEME ...
         | --tma] [--jobs N] [--json]
@@ -26,7 +26,7 @@ points and `a` for act-order: w4g128, w4g128za, w8c. Act-order gives GEMM 1 and 
 group lookups); GEMM 2's act-order is absorbed at load (`absorb_act_order`), so its launch has none.
 
 `--path legacy` (or `decode`) reports the launches of that forward chain instead of the default one (see
-moe_backward.DECODE_PATHS): at T <= 16 the default is the three-launch decode chain.
+moe_triton.DECODE_PATHS): at T <= 16 the default is the three-launch decode chain.
 
 On a CUDA machine, `--warm` instead compiles the launches of these shapes for the GPU present into Triton's cache, the
 same way a first launch would (`JITFunction.warmup` on empty CUDA tensors), so that later processes start warm. It
@@ -49,39 +49,21 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from unittest import mock
 
 import torch
 
-from . import grouped_gemm, moe, moe_backward, routing, unpermute
+from . import moe_triton
 from ._triton import INTERPRET, triton
-from .quant import QuantizedExperts
+from .launches import PHIXTRAL_SHAPE, Launch, parse_quant_scheme, record_backward_launches, record_launches
+from .launches import KERNEL_MODULES, empty_quantized, recording  # noqa: F401: their home before launches.py
 
-PHIXTRAL_SHAPE = dict(D=2560, F=10240, E=4, top_k=2)
-_KERNEL_MODULES = {
-    "_fused_routing_kernel": routing,
-    "_topk_softmax_kernel": routing,
-    "_align_kernel": routing,
-    "_grouped_gemm_kernel": grouped_gemm,
-    "_combine_kernel": unpermute,
-    "_act_backward_kernel": moe_backward,
-    "_weight_grad_kernel": moe_backward,
-}
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 # Checked targets: tensor cores in every fp16/bf16 GEMM, no spills, shared memory within the opt-in limit.
 CAPABILITIES = (80, 90)
 # Reported for information, never counted as a problem: (capability, dtypes). The kernels refuse sm_75 (T4, no bf16,
 # no tensor-core path in Triton below sm_80: its 128x128 GEMM tiles fall back to FMA and spill); its row shows why.
 INFO_CAPABILITIES = ((75, (torch.float16,)),)
-
-
-@dataclass
-class Launch:
-    kernel: object  # the JITFunction
-    args: tuple
-    kwargs: dict
 
 
 @dataclass
@@ -109,124 +91,9 @@ class CompileRow:
         return not self.info_only and bool(self.spill_bytes or (self.needs_tensor_core and not self.tensor_core) or no_tma)
 
 
-class _Recorder:
-    """Stands in for a kernel: records each launch; the launch numbered `warm_index` is compiled for the current GPU
-    (JITFunction.warmup: the JIT's own cache key, so a later launch with the same arguments finds it) but not run."""
-
-    def __init__(self, kernel, launches, warm_index=None):
-        self.kernel, self.launches, self.warm_index = kernel, launches, warm_index
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            if len(self.launches) == self.warm_index:
-                self.kernel.warmup(*args, grid=grid, **kwargs)
-            self.launches.append(Launch(self.kernel, args, kwargs))
-
-        return launch
-
-
-@contextmanager
-def _recording(warm_index=None, capability: int | None = None, tma: bool = False):
-    """Swap every kernel for a recorder and let the launchers accept meta tensors. capability (80, 90, ...): the GPU the
-    config heuristic sees (meta tensors have none); tma: every GEMM config with its TMA flag set."""
-    launches = []
-    patches = [
-        mock.patch.object(mod, name, _Recorder(getattr(mod, name), launches, warm_index)) for name, mod in _KERNEL_MODULES.items()
-    ]
-    patches += [mock.patch.object(mod, "triton_unavailable_reason", lambda *args: None) for mod in (routing, grouped_gemm, unpermute, moe)]
-    if capability is not None:
-        patches.append(mock.patch.object(grouped_gemm, "_capability", lambda device: divmod(capability, 10)))
-    if tma:
-        heuristic = grouped_gemm.heuristic_configs
-        with_tma = lambda *args, **kw: tuple(replace(c, tma=True) for c in heuristic(*args, **kw))  # noqa: E731
-        patches.append(mock.patch.object(grouped_gemm, "heuristic_configs", with_tma))
-    for p in patches:
-        p.start()
-    try:
-        yield launches
-    finally:
-        for p in patches:
-            p.stop()
-
-
-def recording(warm: bool = False):
-    """Context manager: the kernel launches made inside are recorded, not run (a list, yielded); with `warm`, the first
-    is compiled for the current GPU into Triton's cache (JITFunction.warmup), as a first real launch would."""
-    return _recording(0 if warm else None)
-
-
 def launch_key(launch: Launch) -> str:
     """Equal for two launches that compile to the same binary for a given target."""
     return _key(launch)
-
-
-def parse_quant_scheme(scheme: str) -> tuple[int, int, bool, bool]:
-    """'w4g128za' -> (bits 4, group_size 128, zero points, act-order); 'w8c' -> (8, -1, False, False)."""
-    m = re.fullmatch(r"w(4|8)(?:g(\d+)|c)(z?)(a?)", scheme)
-    if not m:
-        raise ValueError(f"quant scheme {scheme!r}: expected w<4|8>g<group> or w<4|8>c, then z (zero points), a (act-order)")
-    return int(m.group(1)), int(m.group(2) or -1), bool(m.group(3)), bool(m.group(4))
-
-
-def empty_quantized(E: int, N: int, K: int, scheme: str, scales_dtype, device, *, act_order: bool) -> QuantizedExperts:
-    """A QuantizedExperts of empty tensors (meta: no memory) in the layout of `scheme`; g_idx only if act_order and the
-    scheme has it."""
-    bits, group_size, zeros, has_act_order = parse_quant_scheme(scheme)
-    G = K // group_size if group_size > 0 else 1
-    i32 = dict(device=device, dtype=torch.int32)
-    return QuantizedExperts(
-        torch.empty(E, K * bits // 32, N, **i32),
-        torch.empty(E, G, N * bits // 32, **i32) if zeros else None,
-        torch.empty(E, G, N, device=device, dtype=scales_dtype),
-        torch.empty(E, K, **i32) if act_order and has_act_order else None,
-        bits, group_size, check=False,
-    )  # fmt: skip
-
-
-def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int, *, quant: str = "", path: str = "auto",
-                    device="meta", warm_index=None, capability: int | None = None, tma: bool = False) -> list:  # fmt: skip
-    """The kernel launches of one fused_moe call on empty tensors of these shapes (meta tensors: nothing runs).
-
-    quant: a scheme (see `parse_quant_scheme`): quantized w1 (with act-order's g_idx when the scheme has it) and w2
-    (act-order absorbed at load), then one quantized dense Linear of Wqkv's shape [3D, D].
-    path: the forward chain, as PHIXTRAL_MOE_DECODE_PATH names it ("auto", "decode" or "legacy"). capability: the
-    target the configs are picked for (meta tensors); tma: the GEMM configs with their TMA flag set."""
-    alloc = dict(device=device, dtype=dtype)
-    x = torch.empty(T, D, **alloc)
-    w1, w2 = torch.empty(E, F, D, **alloc), torch.empty(E, D, F, **alloc)
-    if quant:
-        w1 = empty_quantized(E, F, D, quant, dtype, device, act_order=True)
-        w2 = empty_quantized(E, D, F, quant, dtype, device, act_order=False)
-    weights = (torch.empty(E, D, **alloc), w1, torch.empty(E, F, **alloc), w2, torch.empty(E, D, **alloc))
-    with _recording(warm_index, capability, tma) as launches, mock.patch.dict(os.environ, {"PHIXTRAL_MOE_DECODE_PATH": path}):
-        moe.fused_moe(x, *weights, top_k, backend="triton")
-        if quant:
-            wqkv = empty_quantized(1, 3 * D, D, quant, dtype, device, act_order=True)
-            moe.quantized_linear(x, wqkv, torch.empty(3 * D, **alloc), backend="triton")
-    return launches
-
-
-def record_backward_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int, *, capability: int | None = None) -> list:
-    """The kernel launches of one fused_moe backward with every gradient asked for, on meta tensors of these shapes."""
-    meta = dict(device="meta", dtype=dtype)
-    with _recording(capability=capability):
-        gemm1, gemm2 = grouped_gemm.moe_gemm_configs(T, top_k, E, dims=(D, F), dtype=dtype, device="meta")
-    S, block_m = T * top_k, gemm1.block_m
-    index = dict(device="meta", dtype=torch.int32)
-    routing_map = routing.RoutingMap(
-        torch.empty(T, top_k, device="meta"), torch.empty(T, top_k, **index),
-        torch.empty(S + E * (block_m - 1), **index), torch.empty(E + 1, **index), block_m,
-    )  # fmt: skip
-    x, dout = torch.empty(T, D, **meta), torch.empty(T, D, **meta)
-    w1, b1, w2, b2 = torch.empty(E, F, D, **meta), torch.empty(E, F, **meta), torch.empty(E, D, F, **meta), torch.empty(E, D, **meta)
-    h = torch.empty(routing_map.max_rows, F, **meta)
-    with _recording(capability=capability) as launches:
-        u = moe_backward.expert_grad_hidden(dout, w2, routing_map, gemm1)
-        a = moe_backward.expert_preact(x, w1, b1, routing_map, gemm1)
-        da, _ = moe_backward.act_backward(u, a, h, dout, b2, routing_map, compute_da=True, compute_dwts=True)
-        moe_backward.expert_grad_input(da, w1, routing_map, gemm2)
-        moe_backward.expert_weight_grads(x, dout, h, da, routing_map, (True, True, True, True))
-    return launches
 
 
 def _signature(launch: Launch):
@@ -276,6 +143,10 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 
 def compile_launch(launch: Launch, capability: int):
+    """The compiled kernel (triton.compile's result: .asm["ptx"], .asm["cubin"], .metadata) of one recorded launch for
+    sm_<capability>, specialized as the JIT would specialize that launch."""
+    # Here, not at the top: triton is optional for the package (the torch backend runs without it), and only compiling
+    # needs its compiler modules.
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -474,7 +345,7 @@ def _warm_groups(tokens, shape: dict = PHIXTRAL_SHAPE, quant=()) -> list:
     """(token counts, shape items) to warm: the default chain at every T; float experts also the legacy chain at the T
     where it differs (T <= DECODE_MAX_TOKENS), which benchmarks/bench_moe.py times against the default."""
     groups = [(tuple(tokens), s) for s in _shapes(shape, quant=quant)]
-    decode_tokens = tuple(T for T in tokens if T <= moe_backward.DECODE_MAX_TOKENS)
+    decode_tokens = tuple(T for T in tokens if T <= moe_triton.DECODE_MAX_TOKENS)
     if decode_tokens and not quant:
         groups += [(decode_tokens, s) for s in _shapes(shape, path="legacy")]
     return groups
@@ -536,7 +407,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backward", action="store_true", help="the launches of fused_moe's backward instead")
     parser.add_argument("--quant", nargs="+", default=[], metavar="SCHEME",
                         help="the launches of quantized experts instead, per scheme: w4g128, w4g128za, w8c, ...")  # fmt: skip
-    parser.add_argument("--path", default="auto", choices=list(moe_backward.DECODE_PATHS),
+    parser.add_argument("--path", default="auto", choices=list(moe_triton.DECODE_PATHS),
                         help="the forward chain to report (PHIXTRAL_MOE_DECODE_PATH's names; default: auto)")  # fmt: skip
     parser.add_argument("--tma", action="store_true", help="the forward's launches with every GEMM config's TMA flag set")
     parser.add_argument("--archs", type=int, nargs="+", choices=CAPABILITIES, default=list(CAPABILITIES),

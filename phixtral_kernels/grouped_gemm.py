@@ -23,7 +23,7 @@ them by slot, which Hopper's TMA cannot.
 One kernel serves both GEMMs, and the backward's (moe_backward.py: transposed weight views, no bias); compile-time flags
 pick the prologue and epilogue. Its grid is an upper bound computed from shapes alone (`RoutingMap.max_tiles`: the most
 tiles T * top_k slots can fill, not every tile of the padded map); tiles past expert_offsets[E] exit at once, so
-launching needs no host sync.
+launching needs no host sync. Tiles and launch options come in a `GemmConfig`, chosen in gemm_configs.py.
 
 The top-k sum inside GEMM 2 (PAIR_SUM, top_k = 2): each token's two weighted rows a, b (fp32, from tiles of two
 different experts, in any order) meet in an int32 [T, D] pair buffer that holds the sentinel -1 (written by the fused
@@ -36,132 +36,13 @@ buffer and no cast launch; top_k = 1 stores its single row straight to out. Thre
 this way ((a + b) + c != a + (b + c)), so top_k > 2 and split-K keep `moe_combine`'s fixed-order sum.
 """
 
-import functools
-from dataclasses import dataclass, replace
-
 import torch
 
-from . import tuned_configs
 from ._triton import INTERPRET, next_power_of_2, tl, triton, triton_unavailable_reason
-from .quant import QuantizedExperts, is_quantized
+from .gemm_configs import GemmConfig, quantized_config, topk_sum_fits
+from .gemm_configs import SM90_PREFILL, SM90_PREFILL_MIN_ROWS, heuristic_configs, moe_gemm_configs  # noqa: F401: their home before gemm_configs.py
+from .quant import is_quantized
 from .routing import RoutingMap
-
-
-@dataclass(frozen=True)
-class GemmConfig:
-    """Tile shape and launch options of one grouped GEMM. block_m must equal the RoutingMap's."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-    # Weight tiles through a TMA tensor descriptor (tl.make_tensor_descriptor) instead of pointer loads. Taken only where
-    # it can serve: the triton version has the API, the weights are a contiguous float stack (not quantized, not the
-    # backward's transposed views) and each weight row is a multiple of 16 bytes; elsewhere the pointer loads run.
-    tma: bool = False
-
-    def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
-                raise ValueError(f"GemmConfig.{name} must be a power of two >= 16 (tl.dot's smallest tile), got {v!r}")
-        for name in ("split_k", "group_m", "num_warps", "num_stages"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"GemmConfig.{name} must be a positive int, got {v!r}")
-        if not isinstance(self.tma, bool):
-            raise ValueError(f"GemmConfig.tma must be a bool, got {self.tma!r}")
-
-
-# Prefill tiles on Hopper: 128x256 outputs in 64-deep K steps, two warpgroups issuing wgmma, 3 stages of A + B tiles
-# (48 KB a stage in fp16 / bf16, of the 227 KB a block may have), 16 row tiles walking one group of B columns so that
-# they share it while it sits in L2. Only where the rows per expert fill enough of these tiles: at T = 1024 (E = 4,
-# top_k = 2) GEMM 2 (N = D = 2560) would have 160 tiles, 1.2 waves of 132 SMs, against 320 of 128x128.
-SM90_PREFILL = GemmConfig(block_m=128, block_n=256, block_k=64, group_m=16, num_warps=8, num_stages=3)
-SM90_PREFILL_MIN_ROWS = 1024  # mean rows per expert
-
-
-def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_gemm2: bool = False, dims=None, dtype=None,
-                     device=None, tuned: bool | None = None) -> tuple[GemmConfig, GemmConfig]:  # fmt: skip
-    """(GEMM 1, GEMM 2) configs for T tokens: the tuned table of this GPU where it has them, else `heuristic_configs`.
-
-    Interpreter: one config with large tiles (its cost is per op, not per element).
-
-    dims (D, F) of the layer, dtype and device of its activations: with all three and a CUDA device, the table
-    that `python benchmarks/tune_moe.py` wrote for this GPU (tuned_configs.py) answers first, when it was tuned at this
-    shape and dtype. tuned=False, or PHIXTRAL_MOE_CONFIGS=heuristic, skips it; tuned=True reads it even under that
-    variable. The table is read once per process and GPU: a call costs a dictionary lookup and a bisection, never a
-    file read or a host sync. Both configs share block_m (the routing map's) and GEMM 1's split_k is 1.
-
-    sum_in_gemm2 (top_k <= 2): GEMM 2 without K-split, so that it can sum each token's rows itself (`expert_gemm2_sum`,
-    the decode chain): the table's "2sum" entry for the bucket, else the heuristic's no-split GEMM 2 on the table's
-    block_m. GEMM 1's config, and so block_m, never changes with it.
-    """
-    if INTERPRET:
-        cfg = GemmConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=1)
-        return cfg, cfg
-    if device is None:
-        return heuristic_configs(num_tokens, top_k, num_experts, sum_in_gemm2=sum_in_gemm2)
-    capability = _capability(device)
-    found = tuned_configs.lookup(num_tokens, top_k, num_experts, dims, dtype, device, tuned)
-    if found is None:
-        return heuristic_configs(num_tokens, top_k, num_experts, capability, sum_in_gemm2=sum_in_gemm2)
-    gemm1, gemm2, gemm2_sum = found
-    if not (sum_in_gemm2 and top_k <= 2):
-        return gemm1, gemm2
-    if gemm2_sum is not None:
-        return gemm1, gemm2_sum
-    if gemm2.split_k == 1:
-        return gemm1, gemm2  # the table's GEMM 2 sums as it is
-    no_split = heuristic_configs(num_tokens, top_k, num_experts, capability, sum_in_gemm2=True)[1]
-    return gemm1, replace(no_split, block_m=gemm1.block_m)
-
-
-def heuristic_configs(num_tokens: int, top_k: int, num_experts: int, capability=None, *,
-                      sum_in_gemm2: bool = False) -> tuple[GemmConfig, GemmConfig]:  # fmt: skip
-    """(GEMM 1, GEMM 2) configs for T tokens, chosen by the mean rows per expert; capability (major, minor) of the GPU.
-
-    Decode shapes stream weights (small M tile, K-split for GEMM 2 whose N = D gives too few tiles to fill the SMs);
-    prefill shapes use 128x128 tiles for the tensor cores, 128x256 (`SM90_PREFILL`) on Hopper once the experts have
-    enough rows. Starting points: the tuned tables replace them per GPU.
-
-    sum_in_gemm2 (top_k <= 2): GEMM 2 without K-split (see `moe_gemm_configs`); at decode it takes N tiles of 32 instead
-    (D = 2560: 80 programs per expert, each streaming all of F, where the K-split of 4 over N tiles of 64 had 160
-    programs streaming a quarter of F each) and six stages of loads in flight. (K steps of 256 spilled 4.9 KB per
-    thread in fp32 on sm_80; 128 x 6 stages spill 16 B there, fp16 / bf16 none.)
-    """
-    no_split = sum_in_gemm2 and top_k <= 2
-    rows_per_expert = num_tokens * top_k / max(num_experts, 1)
-    if rows_per_expert <= 16:
-        gemm1 = GemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
-        if no_split:
-            return gemm1, GemmConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=6)
-        return gemm1, GemmConfig(block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=4)
-    if rows_per_expert <= 64:
-        block_m = max(16, next_power_of_2(int(rows_per_expert)))
-        gemm1 = GemmConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4, num_stages=4)
-        return gemm1, GemmConfig(block_m=block_m, block_n=64, block_k=128, split_k=1 if no_split else 2, num_warps=4, num_stages=4)
-    # Hopper only: sm_120 (RTX Blackwell) has 99 KB of shared memory a block, too little for these stages; sm_100 untested.
-    if capability is not None and capability[0] == 9 and rows_per_expert >= SM90_PREFILL_MIN_ROWS:
-        return SM90_PREFILL, SM90_PREFILL
-    cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
-    return cfg, cfg
-
-
-def _capability(device) -> tuple[int, int] | None:
-    """(major, minor) of a CUDA device, None for any other device."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_capability(index: int) -> tuple[int, int]:
-    return tuple(torch.cuda.get_device_capability(index))
 
 
 # In-kernel tensor descriptors: tl.make_tensor_descriptor from triton 3.4 on (3.6 and 3.9 checked); 3.3 has only
@@ -413,8 +294,10 @@ if triton is not None:
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
-def _check_gemm_inputs(name: str, a: torch.Tensor, w, bias: torch.Tensor | None, routing: RoutingMap, config):
-    """w: [E, N, K] float or a QuantizedExperts; bias None: a GEMM without bias (the backward's)."""
+def check_gemm_inputs(name: str, a: torch.Tensor, w, bias: torch.Tensor | None, routing: RoutingMap, config: GemmConfig) -> None:
+    """Raise a ValueError, TypeError or RuntimeError, prefixed with the launcher's `name`, when one grouped GEMM's inputs
+    do not fit together or Triton cannot run on their device: a [rows, K], w [E, N, K] float (a's dtype) or a
+    QuantizedExperts, bias [E, N] or None (the backward's GEMMs have none), all on a's device, config.block_m the map's."""
     bias_shape = None if bias is None else tuple(bias.shape)
     if a.dim() != 2 or len(w.shape) != 3 or (bias is not None and bias.dim() != 2):
         raise ValueError(f"{name}: expected a [rows, K], w [E, N, K], bias [E, N]; got {tuple(a.shape)}, {tuple(w.shape)}, {bias_shape}")
@@ -434,22 +317,6 @@ def _check_gemm_inputs(name: str, a: torch.Tensor, w, bias: torch.Tensor | None,
     reason = triton_unavailable_reason(a.device)
     if reason is not None:
         raise RuntimeError(f"{name} cannot run: {reason}")
-
-
-def quantized_config(config: GemmConfig, w: QuantizedExperts) -> GemmConfig:
-    """The config a quantized GEMM runs with. Contiguous groups (no g_idx): K tiles no longer than a group, so that
-    each tile reads one scale row instead of one per input row. Act-order (g_idx): K tiles of 32 under 128x128 output
-    tiles, where the per-element scale and zero tiles would spill."""
-    group = w.kernel_group_size
-    if w.g_idx is not None:
-        if config.block_m * config.block_n >= 128 * 128 and config.block_k > 32:
-            # Per-element scale and zero tiles [BLOCK_K, BLOCK_N] next to the 128x128 accumulator spilled on sm_80
-            # (triton 3.6: 64 B of stack per thread at BLOCK_K 64); at 32 they fit.
-            return replace(config, block_k=32)
-        return config
-    if group and group % config.block_k and group >= 16 and not group & (group - 1):
-        return replace(config, block_k=group)  # a power of two below block_k: tiles of one group each
-    return config  # other group sizes: the kernel looks up each input row's group
 
 
 def _weight_args(w, like: torch.Tensor) -> tuple:
@@ -490,6 +357,8 @@ def _ensure_allocator() -> None:
     """In-kernel descriptors live in global scratch that Triton asks an allocator for: one from torch's caching allocator
     (graph-capture safe) unless the caller set one."""
     try:
+        # Here, not at the top: triton is optional (the torch backend runs without it) and _allocation is one of its
+        # private modules, which a release may move; only a TMA launch on a GPU needs it.
         from triton.runtime import _allocation
 
         if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
@@ -499,12 +368,19 @@ def _ensure_allocator() -> None:
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
-def _launch(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a, scatter_c, activation, mul_routing_weight,
-            pair=None, tight_grid=True):  # fmt: skip
-    """One grouped GEMM launch; w may be any strided [E, N] x K view (the backward passes transposed weights) or a
-    QuantizedExperts, bias None for no bias. pair: the int32 [T, N] buffer of the top-2 sum (c is then out [T, N]).
-    tight_grid: row tiles up to RoutingMap.max_tiles; False launches every tile of the padded map (the grid before the
-    bound, kept to time the two against each other)."""
+def launch_grouped_gemm(a, w, bias, c, routing: RoutingMap, config: GemmConfig, *, gather_a: bool, scatter_c: bool,
+                        activation: str, mul_routing_weight: bool, pair=None, tight_grid: bool = True) -> None:  # fmt: skip
+    """One launch of the grouped GEMM over the routing map's sorted rows r: c = epilogue(a[row] @ w[e_r]^T + bias[e_r]).
+    No host sync; inputs are the caller's to check (`check_gemm_inputs`), outputs the caller's to allocate.
+
+    a: gather_a: x [T, K], row slot_r // top_k (the permutation in the prologue); else h [R, K] in sorted order.
+    w: any strided [E, N, K] view (the backward passes transposed weights) or a QuantizedExperts; bias [E, N] or None.
+    c: scatter_c: y [split_k, S, N] fp32 partials in slot order (bias in split 0), or with `pair` the token rows out
+    [T, N]; else [R, N] in sorted order. activation: "gelu_tanh" or "" (on the fp32 accumulator); mul_routing_weight:
+    each row times its slot's routing weight. pair: the int32 [T, N] buffer of the top-2 sum (see the module
+    docstring). tight_grid: row tiles up to RoutingMap.max_tiles; False launches every tile of the padded map (the grid
+    before the bound, kept to time the two against each other).
+    """
     E, N, K = w.shape
     if is_quantized(w):
         config = quantized_config(config, w)
@@ -544,12 +420,12 @@ def expert_gemm1(x: torch.Tensor, w1, b1: torch.Tensor, routing: RoutingMap, con
 
     Returns h [R, F] in x's dtype, in sorted order; padding rows are left unwritten (never read by `expert_gemm2`).
     """
-    _check_gemm_inputs("expert_gemm1", x, w1, b1, routing, config)
+    check_gemm_inputs("expert_gemm1", x, w1, b1, routing, config)
     if config.split_k != 1:
         raise ValueError("expert_gemm1: split_k must be 1 (GELU is applied to the full sum)")
     h = torch.empty(routing.max_rows, w1.shape[1], dtype=x.dtype, device=x.device)
     if routing.num_slots:
-        _launch(x, w1, b1, h, routing, config, gather_a=True, scatter_c=False, activation="gelu_tanh", mul_routing_weight=False,
+        launch_grouped_gemm(x, w1, b1, h, routing, config, gather_a=True, scatter_c=False, activation="gelu_tanh", mul_routing_weight=False,
                 tight_grid=tight_grid)  # fmt: skip
     return h
 
@@ -560,19 +436,14 @@ def expert_gemm2(h: torch.Tensor, w2, b2: torch.Tensor, routing: RoutingMap, con
 
     Returns y [split_k, S, D] fp32: partial sums over K-splits (b2 in split 0), summed by `moe_combine`.
     """
-    _check_gemm_inputs("expert_gemm2", h, w2, b2, routing, config)
+    check_gemm_inputs("expert_gemm2", h, w2, b2, routing, config)
     if h.shape[0] != routing.max_rows:
         raise ValueError(f"expert_gemm2: h must have the routing map's {routing.max_rows} rows, got {h.shape[0]}")
     y = torch.empty(config.split_k, routing.num_slots, w2.shape[1], dtype=torch.float32, device=h.device)
     if routing.num_slots:
-        _launch(h, w2, b2, y, routing, config, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True,
+        launch_grouped_gemm(h, w2, b2, y, routing, config, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True,
                 tight_grid=tight_grid)  # fmt: skip
     return y
-
-
-def topk_sum_fits(top_k: int, config: GemmConfig) -> bool:
-    """Whether GEMM 2 can sum each token's rows itself (`expert_gemm2_sum`): one or two rows per token, no K-split."""
-    return top_k <= 2 and config.split_k == 1
 
 
 def pair_buffer(out: torch.Tensor, top_k: int) -> torch.Tensor | None:
@@ -595,7 +466,7 @@ def expert_gemm2_sum(h: torch.Tensor, w2, b2: torch.Tensor, routing: RoutingMap,
     top_k = 1: each row stored to its token. top_k = 2: pair = `pair_buffer(out, 2)` filled with -1 beforehand (see
     the module docstring: the sum is bit-identical from run to run). config.split_k must be 1.
     """
-    _check_gemm_inputs("expert_gemm2_sum", h, w2, b2, routing, config)
+    check_gemm_inputs("expert_gemm2_sum", h, w2, b2, routing, config)
     T, D = routing.num_tokens, w2.shape[1]
     if not topk_sum_fits(routing.top_k, config):
         raise ValueError(f"expert_gemm2_sum: needs top_k <= 2 and split_k == 1, got top_k={routing.top_k}, split_k={config.split_k}")
@@ -609,18 +480,16 @@ def expert_gemm2_sum(h: torch.Tensor, w2, b2: torch.Tensor, routing: RoutingMap,
         raise ValueError(f"expert_gemm2_sum: pair must be int32 [{T}, {D}] contiguous along D, got {pair.dtype} {tuple(pair.shape)}")
     if routing.num_slots:
         c = out if pair is not None else out.unsqueeze(0)  # top_k = 1: the slot rows are the token rows
-        _launch(h, w2, b2, c, routing, config, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True, pair=pair)
+        launch_grouped_gemm(h, w2, b2, c, routing, config, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True, pair=pair)
     return out
 
 
 __all__ = [
-    "GemmConfig",
+    "check_gemm_inputs",
     "expert_gemm1",
     "expert_gemm2",
     "expert_gemm2_sum",
-    "heuristic_configs",
-    "moe_gemm_configs",
+    "launch_grouped_gemm",
     "pair_buffer",
-    "quantized_config",
-    "topk_sum_fits",
+    "tma_applies",
 ]

@@ -1,4 +1,4 @@
-"""fused_moe with autograd: the Triton forward, and a backward that runs through the same sorted slot map.
+"""fused_moe with autograd: the forward of moe_triton.py, and a backward that runs through the same sorted slot map.
 
 Forward, slot s = (t, k), expert e = topk_ids[t, k], w_s its routing weight (softmax over the token's k picked logits):
     a_s = x[t] @ w1[e]^T + b1[e]      h_s = gelu_tanh(a_s)      out[t] = sum_k w_s (h_s @ w2[e]^T + b2[e])
@@ -27,24 +27,14 @@ No host sync, as in the forward: every grid is an upper bound and every row rang
 fixed order (no atomics), so gradients are bit-identical run to run. Not differentiable twice (`once_differentiable`).
 """
 
-import os
-
 import torch
 
 from ._triton import INTERPRET, next_power_of_2, tl, triton
-from .grouped_gemm import (
-    GemmConfig,
-    _check_gemm_inputs,
-    _launch,
-    expert_gemm1,
-    expert_gemm2,
-    expert_gemm2_sum,
-    moe_gemm_configs,
-    pair_buffer,
-    topk_sum_fits,
-)
-from .quant import is_quantized
-from .routing import RoutingMap, fused_routing_fits, moe_routing, moe_routing_fused
+from .gemm_configs import GemmConfig, moe_gemm_configs
+from .grouped_gemm import check_gemm_inputs, launch_grouped_gemm
+from .moe_triton import moe_config_args, triton_moe_forward
+from .moe_triton import DECODE_MAX_TOKENS, DECODE_PATHS, decode_path  # noqa: F401: their home before moe_triton.py
+from .routing import RoutingMap
 from .unpermute import moe_combine
 
 # Columns per step of the row pass. The interpreter's cost is per op, not per element: take bigger steps there.
@@ -237,10 +227,10 @@ if triton is not None:
 def _gathered_gemm_fp32(name, a, w, bias, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
     """c[r] = a[slot_r // top_k] @ w[e_r]^T (+ bias[e_r]) per sorted row, no activation: c [R, N] fp32, padding rows
     unwritten. w [E, N, K] may be a transposed view: the kernel takes strides."""
-    _check_gemm_inputs(name, a, w, bias, routing, config)
+    check_gemm_inputs(name, a, w, bias, routing, config)
     c = torch.empty(routing.max_rows, w.shape[1], dtype=torch.float32, device=a.device)
     if routing.num_slots:
-        _launch(a, w, bias, c, routing, config, gather_a=True, scatter_c=False, activation="", mul_routing_weight=False)
+        launch_grouped_gemm(a, w, bias, c, routing, config, gather_a=True, scatter_c=False, activation="", mul_routing_weight=False)
     return c
 
 
@@ -257,10 +247,10 @@ def expert_grad_hidden(g: torch.Tensor, w2: torch.Tensor, routing: RoutingMap, c
 def expert_grad_input(da: torch.Tensor, w1: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
     """dx[t] = sum_k da[r] @ w1[e]: da [R, F] sorted rows, w1 [E, F, D]. Returns dx [T, D] fp32 (fixed-order sum)."""
     w1_t = w1.transpose(1, 2)  # [E, D, F] view
-    _check_gemm_inputs("expert_grad_input", da, w1_t, None, routing, config)
+    check_gemm_inputs("expert_grad_input", da, w1_t, None, routing, config)
     y = torch.empty(config.split_k, routing.num_slots, w1.shape[2], dtype=torch.float32, device=da.device)
     if routing.num_slots:
-        _launch(da, w1_t, None, y, routing, config, gather_a=False, scatter_c=True, activation="", mul_routing_weight=False)
+        launch_grouped_gemm(da, w1_t, None, y, routing, config, gather_a=False, scatter_c=True, activation="", mul_routing_weight=False)
     return moe_combine(y, routing.top_k, torch.float32)
 
 
@@ -338,66 +328,7 @@ def expert_weight_grads(x, g, h, da, routing: RoutingMap, needs: tuple[bool, boo
     return dw1, db1, dw2, db2
 
 
-# -------------------------------------------------------------------------------------------- forward and Function
-
-
-# The forward's launch chains (PHIXTRAL_MOE_DECODE_PATH, or triton_moe_forward's `path`):
-#   "auto"    the decode chain up to DECODE_MAX_TOKENS tokens, the prefill chain above
-#   "decode"  the decode chain at every T (its routing is one program: slow at large T; for tests and timing)
-#   "legacy"  the chain before the decode chain existed, grids over every tile of the padded map: to time against
-DECODE_PATHS = ("auto", "decode", "legacy")
-# Tokens up to which "auto" routes in one program: its logits GEMV walks D once per 16 tokens on one SM, so its time
-# grows with T while the launches it saves cost the same at any T. phixtral decodes T = batch size tokens.
-DECODE_MAX_TOKENS = 16
-
-
-def decode_path() -> str:
-    """The launch chain named by PHIXTRAL_MOE_DECODE_PATH (default "auto"), read at each call."""
-    path = os.environ.get("PHIXTRAL_MOE_DECODE_PATH", "") or "auto"
-    if path not in DECODE_PATHS:
-        raise ValueError(f"PHIXTRAL_MOE_DECODE_PATH must be one of {DECODE_PATHS}, got {path!r}")
-    return path
-
-
-def _config_args(x, w1, w2) -> dict:
-    """moe_gemm_configs' keywords for this layer: its shape, dtype and device. Quantized experts keep the heuristic of
-    no particular GPU: the tuned tables and Hopper's prefill tiles were sized for float weights."""
-    quantized = is_quantized(w1) or is_quantized(w2)
-    return dict(dims=(x.shape[1], w1.shape[1]), dtype=x.dtype, device=None if quantized else x.device)
-
-
-def triton_moe_forward(x, gate_weight, w1, b1, w2, b2, top_k, *, path: str | None = None):
-    """The Triton forward: -> (out [T, D] in x's dtype, the RoutingMap, h [R, F] sorted rows). Inputs checked by the caller.
-
-    path: "auto", "decode" or "legacy" (see DECODE_PATHS); None reads PHIXTRAL_MOE_DECODE_PATH. No host sync on any.
-      prefill  logits (torch matmul), top-k, align, GEMM 1, GEMM 2, combine: 6 launches
-      decode   fused routing (logits, top-k, align, pair buffer), GEMM 1, GEMM 2 summing each token's rows: 3 launches
-               (top_k > 2: GEMM 2 writes slot rows and the combine sums them, 4)
-      legacy   the prefill chain with grids over every tile of the padded map
-    """
-    path = decode_path() if path is None else path
-    if path not in DECODE_PATHS:
-        raise ValueError(f"path must be one of {DECODE_PATHS}, got {path!r}")
-    T, D = x.shape
-    E = w1.shape[0]
-    decode = path == "decode" or (path == "auto" and T <= DECODE_MAX_TOKENS)
-    decode = decode and fused_routing_fits(T, E)
-    gemm1, gemm2 = moe_gemm_configs(T, top_k, E, sum_in_gemm2=decode, **_config_args(x, w1, w2))
-    if not decode:
-        tight = path != "legacy"
-        routing = moe_routing(x @ gate_weight.t(), top_k, gemm1.block_m)  # [T, E] logits in x's dtype, as the original
-        h = expert_gemm1(x, w1, b1, routing, gemm1, tight_grid=tight)  # [R, F] sorted rows
-        y = expert_gemm2(h, w2, b2, routing, gemm2, tight_grid=tight)  # [P, S, D] fp32, slot order
-        return moe_combine(y, top_k, x.dtype), routing, h  # [T, D]
-    sum_in_gemm2 = topk_sum_fits(top_k, gemm2)
-    out = torch.empty(T, D, dtype=x.dtype, device=x.device)
-    pair = pair_buffer(out, top_k) if sum_in_gemm2 else None  # [T, D] int32 or None; filled with -1 by the routing
-    routing = moe_routing_fused(x, gate_weight, top_k, gemm1.block_m, pair=pair)
-    h = expert_gemm1(x, w1, b1, routing, gemm1)  # [R, F] sorted rows
-    if sum_in_gemm2:
-        return expert_gemm2_sum(h, w2, b2, routing, gemm2, out, pair), routing, h
-    y = expert_gemm2(h, w2, b2, routing, gemm2)  # top_k > 2: [P, S, D] fp32, summed in a fixed order below
-    return moe_combine(y, top_k, x.dtype), routing, h
+# ----------------------------------------------------------------------------------------------- autograd Function
 
 
 class FusedMoEFunction(torch.autograd.Function):
@@ -422,7 +353,7 @@ class FusedMoEFunction(torch.autograd.Function):
             grads = [torch.zeros_like(t) if need else None for t, need in zip(inputs, ctx.needs_input_grad)]
             return (*grads, None)
         T, E, top_k = routing.num_tokens, routing.num_experts, routing.top_k
-        gemm1, gemm2 = moe_gemm_configs(T, top_k, E, **_config_args(x, w1, w2))  # the forward's: same arguments
+        gemm1, gemm2 = moe_gemm_configs(T, top_k, E, **moe_config_args(x, w1, w2))  # the forward's: same arguments
         g = dout  # [T, D] in x's dtype, any strides
         need_router = need_x or need_gate  # through the routing weights
         need_da = need_x or need_w1 or need_b1  # through the expert MLP's input side
@@ -449,15 +380,11 @@ class FusedMoEFunction(torch.autograd.Function):
 
 
 __all__ = [
-    "DECODE_MAX_TOKENS",
-    "DECODE_PATHS",
     "FusedMoEFunction",
     "act_backward",
-    "decode_path",
     "expert_grad_hidden",
     "expert_grad_input",
     "expert_preact",
     "expert_weight_grad",
     "expert_weight_grads",
-    "triton_moe_forward",
 ]

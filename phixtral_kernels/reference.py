@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from .checks import check_moe_inputs
 from .quant import dense_weight
 from .routing import RoutingMap
 
@@ -148,8 +149,6 @@ def naive_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="naive"):
     """
     if backend != "naive":
         raise ValueError(f"naive_moe: backend must be 'naive', got {backend!r}")
-    from .moe import check_moe_inputs
-
     check_moe_inputs(x, gate_weight, w1, b1, w2, b2, top_k)
     scores = x @ gate_weight.t()
     expert_weights, expert_indices = topk_lowest_index(scores, top_k)

@@ -113,9 +113,9 @@ class CountLaunches(TorchDispatchMode):
     def __enter__(self):
         from unittest import mock
 
-        from phixtral_kernels.aot import _KERNEL_MODULES  # every kernel the launchers call, by module
+        from phixtral_kernels.launches import KERNEL_MODULES  # every kernel the launchers call, by module
 
-        self._patches = [mock.patch.object(module, name, _Counted(name, getattr(module, name), self)) for name, module in _KERNEL_MODULES.items()]
+        self._patches = [mock.patch.object(module, name, _Counted(name, getattr(module, name), self)) for name, module in KERNEL_MODULES.items()]
         for p in self._patches:
             p.start()
         return super().__enter__()

@@ -1,4 +1,4 @@
-"""The decode chain of fused_moe's Triton forward (moe_backward.triton_moe_forward): one-program routing, GEMM 1, and
+"""The decode chain of fused_moe's Triton forward (moe_triton.triton_moe_forward): one-program routing, GEMM 1, and
 GEMM 2 summing each token's top_k <= 2 rows itself; grids of RoutingMap.max_tiles row tiles.
 
 Launch counts per MoE layer, results against the fp64 reference over T x top_k x E, the top-2 sum bit for bit against
@@ -12,7 +12,7 @@ from kernel_cases import DEVICE, CountLaunches, assert_close_to_reference, moe_l
 
 from phixtral_kernels import GemmConfig, expert_gemm1, expert_gemm1_torch, expert_gemm2_torch, fused_moe, moe_combine, moe_routing
 from phixtral_kernels.grouped_gemm import expert_gemm2, expert_gemm2_sum, pair_buffer
-from phixtral_kernels.moe_backward import DECODE_MAX_TOKENS, triton_moe_forward
+from phixtral_kernels.moe_triton import DECODE_MAX_TOKENS, triton_moe_forward
 from phixtral_kernels.routing import RoutingMap, moe_routing_fused
 
 # (E, top_k): every top_k of 1 to 4 that E allows

@@ -113,10 +113,10 @@ def test_warm_index_compiles_that_launch_alone(monkeypatch):
     """aot --warm: of one fused_moe call, exactly the chosen launch goes to JITFunction.warmup, with its own arguments."""
     import torch
 
-    from phixtral_kernels import aot
+    from phixtral_kernels.launches import KERNEL_MODULES, record_launches
 
     calls = []
-    for name, module in aot._KERNEL_MODULES.items():
+    for name, module in KERNEL_MODULES.items():
         kernel = getattr(module, name)
         monkeypatch.setattr(kernel, "warmup", lambda *a, _k=kernel, **kw: calls.append((_k, a, kw)), raising=False)
     shape = dict(D=64, F=128, E=4, top_k=2)
@@ -125,11 +125,11 @@ def test_warm_index_compiles_that_launch_alone(monkeypatch):
         "legacy": ["_topk_softmax_kernel", "_align_kernel", "_grouped_gemm_kernel", "_grouped_gemm_kernel", "_combine_kernel"],
     }
     for path, names in chains.items():
-        launches = aot.record_launches(5, torch.float16, **shape, path=path)
+        launches = record_launches(5, torch.float16, **shape, path=path)
         assert [launch.kernel.__name__ for launch in launches] == names
         for index, launch in enumerate(launches):
             calls.clear()
-            aot.record_launches(5, torch.float16, **shape, path=path, warm_index=index)
+            record_launches(5, torch.float16, **shape, path=path, warm_index=index)
             assert len(calls) == 1
             kernel, args, kwargs = calls[0]
             assert kernel is launch.kernel and "grid" in kwargs

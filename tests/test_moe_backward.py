@@ -11,7 +11,8 @@ from kernel_cases import DEVICE, ERROR_FLOOR, HOST_SYNC_OPS, RecordOps, moe_laye
 
 from phixtral_kernels import fused_moe, moe_routing
 from phixtral_kernels import moe_backward as backward_module
-from phixtral_kernels.moe_backward import act_backward, expert_weight_grads, triton_moe_forward
+from phixtral_kernels.moe_backward import act_backward, expert_weight_grads
+from phixtral_kernels.moe_triton import triton_moe_forward
 from phixtral_kernels.reference import expert_gemm1_torch, expert_weight_grads_torch, gelu_tanh, moe_routing_torch, topk_lowest_index
 
 NAMES = ("x", "gate_weight", "w1", "b1", "w2", "b2")

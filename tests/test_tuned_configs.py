@@ -1,4 +1,4 @@
-"""The tuned-config tables (tuned_configs.py) and the config choice of moe_gemm_configs, on a faked CUDA GPU.
+"""The tuned-config tables (gemm_configs.py) and the config choice of moe_gemm_configs, on a faked CUDA GPU.
 
 No GPU is needed: torch.cuda's name, capability and properties are faked, the interpreter's one-config shortcut is
 switched off, and nothing is launched. A table is used where it holds the shape, dtype and bucket; everywhere else,
@@ -11,8 +11,8 @@ import warnings
 import pytest
 import torch
 
-from phixtral_kernels import grouped_gemm, tuned_configs
-from phixtral_kernels.grouped_gemm import SM90_PREFILL, GemmConfig, heuristic_configs, moe_gemm_configs
+from phixtral_kernels import gemm_configs
+from phixtral_kernels.gemm_configs import SM90_PREFILL, GemmConfig, heuristic_configs, moe_gemm_configs
 
 GPU = "NVIDIA H200"
 DIMS = (2560, 10240)
@@ -40,25 +40,25 @@ def _table(**changes) -> dict:
 @pytest.fixture
 def gpu(monkeypatch, tmp_path):
     """A faked H200 whose table folder is tmp_path; returns write(table or text) -> the table's path."""
-    monkeypatch.setattr(grouped_gemm, "INTERPRET", False)
-    monkeypatch.setattr(tuned_configs, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(gemm_configs, "INTERPRET", False)
+    monkeypatch.setattr(gemm_configs, "CONFIG_DIR", tmp_path)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: GPU)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
     props = types.SimpleNamespace(shared_memory_per_block_optin=227 * 1024)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: props)
-    monkeypatch.delenv(tuned_configs.ENV, raising=False)
-    tuned_configs.clear_cache()
-    grouped_gemm._cuda_capability.cache_clear()
+    monkeypatch.delenv(gemm_configs.ENV, raising=False)
+    gemm_configs.clear_cache()
+    gemm_configs._cuda_capability.cache_clear()
 
-    def write(table, name=tuned_configs.table_name(GPU) + ".json"):
+    def write(table, name=gemm_configs.table_name(GPU) + ".json"):
         path = tmp_path / name
         path.write_text(table if isinstance(table, str) else json.dumps(table))
-        tuned_configs.clear_cache()
+        gemm_configs.clear_cache()
         return path
 
     yield write
-    tuned_configs.clear_cache()
-    grouped_gemm._cuda_capability.cache_clear()
+    gemm_configs.clear_cache()
+    gemm_configs._cuda_capability.cache_clear()
 
 
 def configs(T, dtype=torch.bfloat16, dims=DIMS, **kw):
@@ -66,9 +66,9 @@ def configs(T, dtype=torch.bfloat16, dims=DIMS, **kw):
 
 
 def test_table_name_sanitizes_the_gpu_name():
-    assert tuned_configs.table_name("NVIDIA H200") == "NVIDIA_H200"
-    assert tuned_configs.table_name("NVIDIA A100-SXM4-80GB") == "NVIDIA_A100-SXM4-80GB"
-    assert tuned_configs.table_name("NVIDIA RTX PRO 6000 (Blackwell) / x") == "NVIDIA_RTX_PRO_6000_Blackwell_x"
+    assert gemm_configs.table_name("NVIDIA H200") == "NVIDIA_H200"
+    assert gemm_configs.table_name("NVIDIA A100-SXM4-80GB") == "NVIDIA_A100-SXM4-80GB"
+    assert gemm_configs.table_name("NVIDIA RTX PRO 6000 (Blackwell) / x") == "NVIDIA_RTX_PRO_6000_Blackwell_x"
 
 
 def test_valid_table_is_used_by_bucket(gpu):
@@ -92,8 +92,8 @@ def test_valid_table_is_used_by_bucket(gpu):
 def test_table_is_read_once_per_process(gpu, monkeypatch):
     gpu(_table())
     reads = []
-    load = tuned_configs.load_table
-    monkeypatch.setattr(tuned_configs, "load_table", lambda *a, **kw: reads.append(a) or load(*a, **kw))
+    load = gemm_configs.load_table
+    monkeypatch.setattr(gemm_configs, "load_table", lambda *a, **kw: reads.append(a) or load(*a, **kw))
     for T in (1, 3, 64, 5000, 1, 64):
         configs(T)
     assert len(reads) == 1
@@ -157,21 +157,21 @@ def test_env_switch_and_source_select_the_heuristic(gpu, monkeypatch, tmp_path):
     gpu(_table())
     tuned, heuristic = configs(1), heuristic_configs(1, 2, 4, (9, 0))
     assert tuned != heuristic
-    monkeypatch.setenv(tuned_configs.ENV, "heuristic")
+    monkeypatch.setenv(gemm_configs.ENV, "heuristic")
     assert configs(1) == heuristic
     assert configs(1, tuned=True) == tuned  # the argument wins over the variable
-    monkeypatch.delenv(tuned_configs.ENV)
+    monkeypatch.delenv(gemm_configs.ENV)
     assert configs(1, tuned=False) == heuristic
-    with tuned_configs.source("heuristic"):
+    with gemm_configs.source("heuristic"):
         assert configs(1) == heuristic
     assert configs(1) == tuned
     # A table's path: that table, for whatever GPU it was written.
     other = _table(gpu="somewhere else")
     other["configs"]["bfloat16"]["1"]["1"]["config"]["block_k"] = 64
     path = gpu(other, name="elsewhere.json")
-    monkeypatch.setenv(tuned_configs.ENV, str(path))
+    monkeypatch.setenv(gemm_configs.ENV, str(path))
     assert configs(1)[0].block_k == 64
-    monkeypatch.setenv(tuned_configs.ENV, str(tmp_path / "absent.json"))
+    monkeypatch.setenv(gemm_configs.ENV, str(tmp_path / "absent.json"))
     with pytest.warns(RuntimeWarning, match="no file"):
         assert configs(1) == heuristic
 
@@ -217,11 +217,11 @@ def test_the_moe_passes_its_shape_dtype_and_device(monkeypatch):
     """fused_moe asks for the configs of its own layer; quantized experts are kept off the tables."""
     from kernel_cases import moe_layer
 
-    from phixtral_kernels import fused_moe, moe_backward, quantize_rtn
+    from phixtral_kernels import fused_moe, moe_triton, quantize_rtn
 
     calls = []
-    real = moe_backward.moe_gemm_configs
-    monkeypatch.setattr(moe_backward, "moe_gemm_configs", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
+    real = moe_triton.moe_gemm_configs
+    monkeypatch.setattr(moe_triton, "moe_gemm_configs", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
     x, g, w1, b1, w2, b2 = moe_layer(5, 64, 96, 4, torch.float16)
     fused_moe(x, g, w1, b1, w2, b2, 2, backend="triton")
     args, kw = calls[-1]
