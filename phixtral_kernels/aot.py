@@ -56,7 +56,7 @@ import torch
 from . import moe_triton
 from ._triton import INTERPRET, triton
 from .launches import PHIXTRAL_SHAPE, Launch, parse_quant_scheme, record_backward_launches, record_launches
-from .launches import KERNEL_MODULES, empty_quantized, recording  # noqa: F401: their home before launches.py
+from .launches import KERNEL_MODULES, empty_quantized, recording  # noqa: F401 -- their home before launches.py
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 # Checked targets: tensor cores in every fp16/bf16 GEMM, no spills, shared memory within the opt-in limit.

@@ -34,7 +34,11 @@ def check_moe_inputs(x, gate_weight, w1, b1, w2, b2, top_k) -> None:
     expected = {"gate_weight": (E, D), "w1": (E, F, D), "b1": (E, F), "w2": (E, D, F), "b2": (E, D)}
     for name, shape in expected.items():
         if tuple(named[name].shape) != shape:
-            packed = f" (a QuantizedExperts with qweight {tuple(named[name].qweight.shape)})" if is_quantized(named[name]) else ""
+            packed = (
+                f" (a QuantizedExperts with qweight {tuple(named[name].qweight.shape)})"
+                if is_quantized(named[name])
+                else ""
+            )
             raise ValueError(
                 f"{name} must have shape {shape} (E={E} experts from w1, D={D} from x, F={F} from w1), "
                 f"got {tuple(named[name].shape)}{packed}"

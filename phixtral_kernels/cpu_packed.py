@@ -79,7 +79,9 @@ class CPUPackedExperts:
         else:
             y = torch._weight_int4pack_mm_for_cpu(xq, self.weights[e], self.group_size, self.scales[e])
             if self.mode == "int8x2":
-                y = y[:, : self.out_features].float() + y[:, self.out_features :]  # the hi and lo planes, summed in fp32
+                y = (
+                    y[:, : self.out_features].float() + y[:, self.out_features :]
+                )  # the hi and lo planes, summed in fp32
         if self.offsets is not None:
             offsets = self.offsets[e]
             group_sums = xq.float().view(xq.shape[0], offsets.shape[0], -1).sum(-1)  # [T, G]
@@ -106,7 +108,9 @@ def cpu_packing_unsupported(w: QuantizedExperts) -> Optional[str]:
     if _int4_group(K // groups) is None:
         return f"groups of {K // groups} rows do not split into groups of 32, 64, 128 or 256"
     if w.g_idx is not None:
-        counts = torch.zeros(E, groups, dtype=torch.int64).scatter_add_(1, w.g_idx.long(), torch.ones(E, K, dtype=torch.int64))
+        counts = torch.zeros(E, groups, dtype=torch.int64).scatter_add_(
+            1, w.g_idx.long(), torch.ones(E, K, dtype=torch.int64)
+        )
         if not bool((counts == K // groups).all()):
             return "g_idx puts unequal numbers of rows into the groups"
     return None
@@ -146,7 +150,9 @@ def pack_for_cpu(w: QuantizedExperts, dtype: torch.dtype = torch.bfloat16) -> CP
         op_scales = torch.cat([16 * scales, scales], dim=2)  # [E, G, 2N]
         op_zeros = torch.cat([torch.zeros_like(scales), 8 * scales], dim=2)
     scale_zero = torch.stack([op_scales, op_zeros], dim=-1).repeat_interleave(repeat, dim=1)  # [E, K / op_group, N', 2]
-    weights = tuple(torch._convert_weight_to_int4pack_for_cpu(codes[e].to(torch.int32).contiguous(), 1) for e in range(E))
+    weights = tuple(
+        torch._convert_weight_to_int4pack_for_cpu(codes[e].to(torch.int32).contiguous(), 1) for e in range(E)
+    )
     return CPUPackedExperts(mode, weights, per_expert(scale_zero.to(dtype)), offsets, perm, op_group, N, K, dtype)
 
 

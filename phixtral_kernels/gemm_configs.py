@@ -155,7 +155,9 @@ def heuristic_configs(num_tokens: int, top_k: int, num_experts: int, capability=
     if rows_per_expert <= 64:
         block_m = max(16, next_power_of_2(int(rows_per_expert)))
         gemm1 = GemmConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4, num_stages=4)
-        return gemm1, GemmConfig(block_m=block_m, block_n=64, block_k=128, split_k=1 if no_split else 2, num_warps=4, num_stages=4)
+        return gemm1, GemmConfig(
+            block_m=block_m, block_n=64, block_k=128, split_k=1 if no_split else 2, num_warps=4, num_stages=4
+        )
     # Hopper only: sm_120 (RTX Blackwell) has 99 KB of shared memory a block, too little for these stages; sm_100 untested.
     if capability is not None and capability[0] == 9 and rows_per_expert >= SM90_PREFILL_MIN_ROWS:
         return SM90_PREFILL, SM90_PREFILL
@@ -250,8 +252,13 @@ class TunedTable:
 def parse_table(data, *, where: str, shared_bytes: int = DEFAULT_SHARED_BYTES) -> TunedTable | None:
     """A TunedTable from a table's JSON object, or None with a warning when it is not one. Rejected buckets: a warning
     each, None in their place."""
+
     def bad(why: str):
-        warnings.warn(f"tuned GEMM configs {where} ignored ({why}): the heuristic configs serve instead", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"tuned GEMM configs {where} ignored ({why}): the heuristic configs serve instead",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return None
 
     if not isinstance(data, dict):
@@ -296,7 +303,9 @@ def parse_table(data, *, where: str, shared_bytes: int = DEFAULT_SHARED_BYTES) -
             keys = sorted(entries)
             buckets[dtype_name] = (keys, [entries[k] for k in keys])
     for problem in problems:
-        warnings.warn(f"tuned GEMM configs {where}: {problem}; the heuristic serves there", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"tuned GEMM configs {where}: {problem}; the heuristic serves there", RuntimeWarning, stacklevel=3
+        )
     gpu = data.get("gpu") if isinstance(data.get("gpu"), str) else ""
     conditions = data.get("conditions") if isinstance(data.get("conditions"), dict) else {}
     return TunedTable(gpu, (shape["D"], shape["F"], shape["E"], shape["top_k"]), buckets, conditions)
@@ -327,7 +336,9 @@ def _entry(entry, gemm: str, element: int, shared_bytes: int) -> GemmConfig:
                          f"(<= 8), split_k {config.split_k} (<= 16: each split has its own fp32 output)")  # fmt: skip
     stage_bytes = (config.block_m + config.block_n) * config.block_k * element
     if config.num_stages * stage_bytes > shared_bytes:
-        raise ValueError(f"GEMM {gemm}: {config.num_stages} stages of {stage_bytes} B exceed {shared_bytes} B of shared memory")
+        raise ValueError(
+            f"GEMM {gemm}: {config.num_stages} stages of {stage_bytes} B exceed {shared_bytes} B of shared memory"
+        )
     return config
 
 
@@ -340,7 +351,9 @@ def load_table(path: Path, *, shared_bytes: int = DEFAULT_SHARED_BYTES, gpu_name
         text = Path(path).read_text()
     except FileNotFoundError:
         if not missing_ok:
-            warnings.warn(f"tuned GEMM configs: no file {path} ({ENV}): the heuristic configs serve", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"tuned GEMM configs: no file {path} ({ENV}): the heuristic configs serve", RuntimeWarning, stacklevel=2
+            )
         return None
     except OSError as e:
         warnings.warn(f"tuned GEMM configs {where} ignored (unreadable: {e})", RuntimeWarning, stacklevel=2)
@@ -353,7 +366,7 @@ def load_table(path: Path, *, shared_bytes: int = DEFAULT_SHARED_BYTES, gpu_name
         return None
     try:
         table = parse_table(data, where=where, shared_bytes=shared_bytes)
-    except Exception as e:  # noqa: BLE001: whatever the file holds, the heuristic serves and nothing raises
+    except Exception as e:  # noqa: BLE001 -- whatever the file holds, the heuristic serves and nothing raises
         warnings.warn(f"tuned GEMM configs {where} ignored ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
         return None
     if table is not None and gpu_name is not None and table.gpu != gpu_name:

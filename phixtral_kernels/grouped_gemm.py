@@ -40,7 +40,7 @@ import torch
 
 from ._triton import INTERPRET, next_power_of_2, tl, triton, triton_unavailable_reason
 from .gemm_configs import GemmConfig, quantized_config, topk_sum_fits
-from .gemm_configs import SM90_PREFILL, SM90_PREFILL_MIN_ROWS, heuristic_configs, moe_gemm_configs  # noqa: F401: their home before gemm_configs.py
+from .gemm_configs import SM90_PREFILL, SM90_PREFILL_MIN_ROWS, heuristic_configs, moe_gemm_configs  # noqa: F401 -- their home before gemm_configs.py
 from .quant import is_quantized
 from .routing import RoutingMap
 

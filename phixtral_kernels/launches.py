@@ -61,9 +61,13 @@ def _recording(warm_index=None, capability: int | None = None, tma: bool = False
     config heuristic sees (meta tensors have none); tma: every GEMM config with its TMA flag set."""
     launches = []
     patches = [
-        mock.patch.object(mod, name, _Recorder(getattr(mod, name), launches, warm_index)) for name, mod in KERNEL_MODULES.items()
+        mock.patch.object(mod, name, _Recorder(getattr(mod, name), launches, warm_index))
+        for name, mod in KERNEL_MODULES.items()
     ]
-    patches += [mock.patch.object(mod, "triton_unavailable_reason", lambda *args: None) for mod in (routing, grouped_gemm, unpermute, moe)]
+    patches += [
+        mock.patch.object(mod, "triton_unavailable_reason", lambda *args: None)
+        for mod in (routing, grouped_gemm, unpermute, moe)
+    ]
     if capability is not None:
         patches.append(mock.patch.object(gemm_configs, "_capability", lambda device: divmod(capability, 10)))
     if tma:
@@ -89,7 +93,9 @@ def parse_quant_scheme(scheme: str) -> tuple[int, int, bool, bool]:
     """'w4g128za' -> (bits 4, group_size 128, zero points, act-order); 'w8c' -> (8, -1, False, False)."""
     m = re.fullmatch(r"w(4|8)(?:g(\d+)|c)(z?)(a?)", scheme)
     if not m:
-        raise ValueError(f"quant scheme {scheme!r}: expected w<4|8>g<group> or w<4|8>c, then z (zero points), a (act-order)")
+        raise ValueError(
+            f"quant scheme {scheme!r}: expected w<4|8>g<group> or w<4|8>c, then z (zero points), a (act-order)"
+        )
     return int(m.group(1)), int(m.group(2) or -1), bool(m.group(3)), bool(m.group(4))
 
 
@@ -123,7 +129,10 @@ def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: i
         w1 = empty_quantized(E, F, D, quant, dtype, device, act_order=True)
         w2 = empty_quantized(E, D, F, quant, dtype, device, act_order=False)
     weights = (torch.empty(E, D, **alloc), w1, torch.empty(E, F, **alloc), w2, torch.empty(E, D, **alloc))
-    with _recording(warm_index, capability, tma) as launches, mock.patch.dict(os.environ, {"PHIXTRAL_MOE_DECODE_PATH": path}):
+    with (
+        _recording(warm_index, capability, tma) as launches,
+        mock.patch.dict(os.environ, {"PHIXTRAL_MOE_DECODE_PATH": path}),
+    ):
         moe.fused_moe(x, *weights, top_k, backend="triton")
         if quant:
             wqkv = empty_quantized(1, 3 * D, D, quant, dtype, device, act_order=True)
@@ -131,7 +140,9 @@ def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: i
     return launches
 
 
-def record_backward_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int, *, capability: int | None = None) -> list:
+def record_backward_launches(
+    T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int, *, capability: int | None = None
+) -> list:
     """The kernel launches of one fused_moe backward with every gradient asked for, on meta tensors of these shapes."""
     meta = dict(device="meta", dtype=dtype)
     with _recording(capability=capability):
@@ -143,7 +154,12 @@ def record_backward_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int,
         torch.empty(S + E * (block_m - 1), **index), torch.empty(E + 1, **index), block_m,
     )  # fmt: skip
     x, dout = torch.empty(T, D, **meta), torch.empty(T, D, **meta)
-    w1, b1, w2, b2 = torch.empty(E, F, D, **meta), torch.empty(E, F, **meta), torch.empty(E, D, F, **meta), torch.empty(E, D, **meta)
+    w1, b1, w2, b2 = (
+        torch.empty(E, F, D, **meta),
+        torch.empty(E, F, **meta),
+        torch.empty(E, D, F, **meta),
+        torch.empty(E, D, **meta),
+    )
     h = torch.empty(routing_map.max_rows, F, **meta)
     with _recording(capability=capability) as launches:
         u = moe_backward.expert_grad_hidden(dout, w2, routing_map, gemm1)

@@ -113,7 +113,9 @@ def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
     if reason is not None:
         raise RuntimeError(f"backend='triton' cannot run: {reason}")
     if x.dtype not in TRITON_DTYPES:
-        raise TypeError(f"backend='triton' takes float16, bfloat16 or float32 tensors, got {x.dtype} (backend='torch' takes any)")
+        raise TypeError(
+            f"backend='triton' takes float16, bfloat16 or float32 tensors, got {x.dtype} (backend='torch' takes any)"
+        )
     if needs_grad:
         if quantized:
             raise NotImplementedError(
@@ -138,7 +140,9 @@ def quantized_linear(x: torch.Tensor, w: QuantizedExperts, bias=None, *, backend
     if not is_quantized(w) or w.num_experts != 1:
         raise TypeError(f"w must be a QuantizedExperts of one expert, got {getattr(w, 'shape', type(w).__name__)}")
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != w.in_features:
-        raise ValueError(f"x must have shape [T, {w.in_features}] (w's in features), got {tuple(getattr(x, 'shape', ()))}")
+        raise ValueError(
+            f"x must have shape [T, {w.in_features}] (w's in features), got {tuple(getattr(x, 'shape', ()))}"
+        )
     if bias is not None and (tuple(bias.shape) != (w.out_features,) or bias.dtype != x.dtype):
         raise ValueError(f"bias must be a {x.dtype} tensor [{w.out_features}], got {bias.dtype} {tuple(bias.shape)}")
     if backend == "auto":
@@ -164,4 +168,6 @@ def _identity_routing(T: int, block_m: int, device) -> RoutingMap:
     rows = -(-T // block_m) * block_m
     ids = torch.arange(T + block_m - 1, dtype=torch.int32, device=device).clamp_(max=T)  # sentinel T past the tokens
     offsets = torch.arange(2, dtype=torch.int32, device=device) * rows  # [0, rows], made on the device (graph-safe)
-    return RoutingMap(torch.ones(T, 1, device=device), torch.zeros(T, 1, dtype=torch.int32, device=device), ids, offsets, block_m)
+    return RoutingMap(
+        torch.ones(T, 1, device=device), torch.zeros(T, 1, dtype=torch.int32, device=device), ids, offsets, block_m
+    )

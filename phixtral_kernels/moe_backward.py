@@ -32,8 +32,7 @@ import torch
 from ._triton import INTERPRET, next_power_of_2, tl, triton
 from .gemm_configs import GemmConfig, moe_gemm_configs
 from .grouped_gemm import check_gemm_inputs, launch_grouped_gemm
-from .moe_triton import moe_config_args, triton_moe_forward
-from .moe_triton import DECODE_MAX_TOKENS, DECODE_PATHS, decode_path  # noqa: F401: their home before moe_triton.py
+from .moe_triton import DECODE_MAX_TOKENS, DECODE_PATHS, decode_path, moe_config_args, triton_moe_forward  # noqa: F401 -- their home before moe_triton.py
 from .routing import RoutingMap
 from .unpermute import moe_combine
 
@@ -107,7 +106,9 @@ if triton is not None:
                 s = tl.sigmoid(1.5957691216057308 * (a + 0.044715 * a * a * a))
                 slope = s * (1.0 + a * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * a * a))
                 da = tl.where(mask, weight[:, None] * u * slope, 0.0)  # padding rows: 0, summed by the weight grads
-                tl.store(da_ptr + rows * stride_da_r + offs_f[None, :], da.to(da_ptr.dtype.element_ty), mask=mask_f[None, :])
+                tl.store(
+                    da_ptr + rows * stride_da_r + offs_f[None, :], da.to(da_ptr.dtype.element_ty), mask=mask_f[None, :]
+                )
 
         # --- along D: the g[t] . b2[e] part of dwts, then one store per slot
         if COMPUTE_DWTS:
@@ -126,7 +127,6 @@ if triton is not None:
                 b2 = tl.load(b2_ptr + expert.to(tl.int64) * stride_b2_e + offs_d * stride_b2_d, mask=mask_d, other=0.0)
                 dwts += tl.sum(g * b2.to(tl.float32)[None, :], axis=1)
             tl.store(dwts_ptr + slots, dwts, mask=mask_m)
-
 
     @triton.jit
     def _weight_grad_kernel(
@@ -191,7 +191,11 @@ if triton is not None:
                 p_rows = (slots // TOP_K).to(tl.int64)
             else:
                 p_rows = offs_r.to(tl.int64)
-            p = tl.load(p_ptr + p_rows[:, None] * stride_p_r + offs_n[None, :] * stride_p_n, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            p = tl.load(
+                p_ptr + p_rows[:, None] * stride_p_r + offs_n[None, :] * stride_p_n,
+                mask=mask_r[:, None] & mask_n[None, :],
+                other=0.0,
+            )
             if SCALE_P:
                 weight = tl.load(topk_weights_ptr + slots, mask=mask_r, other=0.0)
                 p_f32 = p.to(tl.float32) * weight[:, None]
@@ -205,7 +209,11 @@ if triton is not None:
                     q_rows = (slots // TOP_K).to(tl.int64)
                 else:
                     q_rows = offs_r.to(tl.int64)
-                q = tl.load(q_ptr + q_rows[:, None] * stride_q_r + offs_k[None, :] * stride_q_k, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+                q = tl.load(
+                    q_ptr + q_rows[:, None] * stride_q_r + offs_k[None, :] * stride_q_k,
+                    mask=mask_r[:, None] & mask_k[None, :],
+                    other=0.0,
+                )
                 if DOT_IN_FP32:
                     p = p_f32
                     q = q.to(tl.float32)
@@ -213,7 +221,12 @@ if triton is not None:
 
         # --- stores, cast once; the bias gradient from the first K tile only
         if WEIGHT_GRAD:
-            dw_ptrs = dweight_ptr + expert.to(tl.int64) * stride_dw_e + offs_n[:, None] * stride_dw_n + offs_k[None, :] * stride_dw_k
+            dw_ptrs = (
+                dweight_ptr
+                + expert.to(tl.int64) * stride_dw_e
+                + offs_n[:, None] * stride_dw_n
+                + offs_k[None, :] * stride_dw_k
+            )
             tl.store(dw_ptrs, acc.to(dweight_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
         if BIAS_GRAD:
             if pid_k == 0:
@@ -230,11 +243,15 @@ def _gathered_gemm_fp32(name, a, w, bias, routing: RoutingMap, config: GemmConfi
     check_gemm_inputs(name, a, w, bias, routing, config)
     c = torch.empty(routing.max_rows, w.shape[1], dtype=torch.float32, device=a.device)
     if routing.num_slots:
-        launch_grouped_gemm(a, w, bias, c, routing, config, gather_a=True, scatter_c=False, activation="", mul_routing_weight=False)
+        launch_grouped_gemm(
+            a, w, bias, c, routing, config, gather_a=True, scatter_c=False, activation="", mul_routing_weight=False
+        )
     return c
 
 
-def expert_preact(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
+def expert_preact(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, routing: RoutingMap, config: GemmConfig
+) -> torch.Tensor:
     """a = x[slot // top_k] @ w1[e]^T + b1[e] per sorted row: GEMM 1 without its activation. Returns a [R, F] fp32."""
     return _gathered_gemm_fp32("expert_preact", x, w1, b1, routing, config)
 
@@ -250,7 +267,9 @@ def expert_grad_input(da: torch.Tensor, w1: torch.Tensor, routing: RoutingMap, c
     check_gemm_inputs("expert_grad_input", da, w1_t, None, routing, config)
     y = torch.empty(config.split_k, routing.num_slots, w1.shape[2], dtype=torch.float32, device=da.device)
     if routing.num_slots:
-        launch_grouped_gemm(da, w1_t, None, y, routing, config, gather_a=False, scatter_c=True, activation="", mul_routing_weight=False)
+        launch_grouped_gemm(
+            da, w1_t, None, y, routing, config, gather_a=False, scatter_c=True, activation="", mul_routing_weight=False
+        )
     return moe_combine(y, routing.top_k, torch.float32)
 
 
@@ -287,7 +306,9 @@ def _weight_grad_config() -> dict:
     return dict(BLOCK_R=32, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
 
 
-def expert_weight_grad(p, q, routing: RoutingMap, *, gather_p: bool, gather_q: bool, scale_p: bool, weight: bool, bias: bool):
+def expert_weight_grad(
+    p, q, routing: RoutingMap, *, gather_p: bool, gather_q: bool, scale_p: bool, weight: bool, bias: bool
+):
     """Per expert, over its rows r of the sorted map: dweight[e] = sum_r p'_r^T q_r [E, N, K] and dbias[e] = sum_r p'_r
     [E, N], p'_r = w_s p_r if scale_p else p_r. p [T or R, N], q [T or R, K]: gathered by token (slot // top_k) when
     gather_*, else sorted rows. Returns (dweight or None, dbias or None) in p's dtype, summed in fp32. No host sync."""
@@ -322,9 +343,13 @@ def expert_weight_grads(x, g, h, da, routing: RoutingMap, needs: tuple[bool, boo
     need_w1, need_b1, need_w2, need_b2 = needs
     dw1 = db1 = dw2 = db2 = None
     if need_w1 or need_b1:
-        dw1, db1 = expert_weight_grad(da, x, routing, gather_p=False, gather_q=True, scale_p=False, weight=need_w1, bias=need_b1)
+        dw1, db1 = expert_weight_grad(
+            da, x, routing, gather_p=False, gather_q=True, scale_p=False, weight=need_w1, bias=need_b1
+        )
     if need_w2 or need_b2:
-        dw2, db2 = expert_weight_grad(g, h, routing, gather_p=True, gather_q=False, scale_p=True, weight=need_w2, bias=need_b2)
+        dw2, db2 = expert_weight_grad(
+            g, h, routing, gather_p=True, gather_q=False, scale_p=True, weight=need_w2, bias=need_b2
+        )
     return dw1, db1, dw2, db2
 
 
@@ -338,7 +363,9 @@ class FusedMoEFunction(torch.autograd.Function):
     def forward(ctx, x, gate_weight, w1, b1, w2, b2, top_k):
         out, routing, h = triton_moe_forward(x, gate_weight, w1, b1, w2, b2, top_k)
         r = routing
-        ctx.save_for_backward(x, gate_weight, w1, b1, w2, b2, h, r.topk_weights, r.topk_ids, r.sorted_token_ids, r.expert_offsets)
+        ctx.save_for_backward(
+            x, gate_weight, w1, b1, w2, b2, h, r.topk_weights, r.topk_ids, r.sorted_token_ids, r.expert_offsets
+        )
         ctx.block_m = routing.block_m
         return out
 
@@ -366,7 +393,9 @@ class FusedMoEFunction(torch.autograd.Function):
 
         dx = dgate = None
         if need_router:
-            dvalues = topk_weights * (dwts - (topk_weights * dwts).sum(-1, keepdim=True))  # softmax backward, [T, top_k]
+            dvalues = topk_weights * (
+                dwts - (topk_weights * dwts).sum(-1, keepdim=True)
+            )  # softmax backward, [T, top_k]
             dlogits = torch.zeros(T, E, dtype=torch.float32, device=x.device).scatter_(1, topk_ids.long(), dvalues)
             if need_gate:
                 dgate = (dlogits.t() @ x.float()).to(gate_weight.dtype)  # [E, D]

@@ -59,7 +59,9 @@ class QuantizedExperts:
         E, words, N = self.qweight.shape
         K = words * (32 // bits)
         if group_size > 0 and K % group_size:
-            raise ValueError(f"group_size {group_size} does not divide K={K} (the in features qweight {_shape(self.qweight)} packs)")
+            raise ValueError(
+                f"group_size {group_size} does not divide K={K} (the in features qweight {_shape(self.qweight)} packs)"
+            )
         G = K // group_size if group_size > 0 else 1
         if not self.scales.is_floating_point() or _shape(self.scales) != (E, G, N):
             raise ValueError(
@@ -70,10 +72,20 @@ class QuantizedExperts:
             if (N * bits) % 32:
                 raise ValueError(f"qzeros: N={N} out features do not pack into 32-bit words at {bits} bits")
             want = (E, G, N * bits // 32)
-            if not isinstance(self.qzeros, torch.Tensor) or self.qzeros.dtype != torch.int32 or _shape(self.qzeros) != want:
-                raise ValueError(f"qzeros must be an int32 tensor [E, G, N * bits / 32] = {want}, got {_describe(self.qzeros)}")
+            if (
+                not isinstance(self.qzeros, torch.Tensor)
+                or self.qzeros.dtype != torch.int32
+                or _shape(self.qzeros) != want
+            ):
+                raise ValueError(
+                    f"qzeros must be an int32 tensor [E, G, N * bits / 32] = {want}, got {_describe(self.qzeros)}"
+                )
         if self.g_idx is not None:
-            if not isinstance(self.g_idx, torch.Tensor) or self.g_idx.dtype not in _INDEX_DTYPES or _shape(self.g_idx) != (E, K):
+            if (
+                not isinstance(self.g_idx, torch.Tensor)
+                or self.g_idx.dtype not in _INDEX_DTYPES
+                or _shape(self.g_idx) != (E, K)
+            ):
                 raise ValueError(f"g_idx must be an int32 tensor [E, K] = {(E, K)}, got {_describe(self.g_idx)}")
             if check and self.g_idx.device.type != "meta" and self.g_idx.numel():
                 lo, hi = (int(v) for v in self.g_idx.aminmax())
@@ -81,7 +93,8 @@ class QuantizedExperts:
                     raise ValueError(f"g_idx holds groups in [{lo}, {hi}], outside [0, G={G})")
         packed = self.cpu_packed
         if packed is not None and (
-            (packed.num_experts, packed.out_features, packed.in_features) != (E, N, K) or self.qweight.device.type != "cpu"
+            (packed.num_experts, packed.out_features, packed.in_features) != (E, N, K)
+            or self.qweight.device.type != "cpu"
         ):
             raise ValueError(f"cpu_packed holds [E, N, K] = {(packed.num_experts, packed.out_features, packed.in_features)}"
                              f" but qweight packs {(E, N, K)} on {self.qweight.device}")  # fmt: skip
@@ -212,7 +225,9 @@ def dequantize_experts(w: QuantizedExperts, dtype: Optional[torch.dtype] = None)
         out = (q.view(E, G, K // G, N) - zeros[:, :, None]).float() * scales[:, :, None]
     else:
         g = w.g_idx.long()
-        out = torch.stack([(q[e] - zeros[e].index_select(0, g[e])).float() * scales[e].index_select(0, g[e]) for e in range(E)])
+        out = torch.stack(
+            [(q[e] - zeros[e].index_select(0, g[e])).float() * scales[e].index_select(0, g[e]) for e in range(E)]
+        )
     return out.view(E, K, N).transpose(1, 2).to(dtype or w.dtype)
 
 
@@ -329,7 +344,9 @@ def absorb_act_order(w1, b1: torch.Tensor, w2: QuantizedExperts):
     g_sorted = torch.gather(w2.g_idx.long(), 1, perm)
     q2 = unpack_rows(w2.qweight, w2.bits)  # [E, F, D]
     q2 = torch.gather(q2, 1, perm[:, :, None].expand_as(q2))
-    trivial = w2.group_size > 0 and bool(torch.equal(g_sorted, (torch.arange(w2.in_features, device=perm.device) // w2.group_size).expand_as(g_sorted)))
+    trivial = w2.group_size > 0 and bool(
+        torch.equal(g_sorted, (torch.arange(w2.in_features, device=perm.device) // w2.group_size).expand_as(g_sorted))
+    )
     g2 = None if trivial else g_sorted.to(torch.int32)
     new_w2 = QuantizedExperts(pack_rows(q2, w2.bits), w2.qzeros, w2.scales, g2, w2.bits, w2.group_size, check=False)
     new_b1 = torch.gather(b1, 1, perm)

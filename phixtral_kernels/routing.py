@@ -224,9 +224,13 @@ if triton is not None:
 
         # --- this block's slots, then (program 0) the expert offsets and the padding sentinels
         offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-        _place_slots(topk_ids_ptr, sorted_token_ids_ptr, offs_t, offs_t < T, offs_e, starts + earlier, TOP_K, E_PAD, BLOCK_T)
+        _place_slots(
+            topk_ids_ptr, sorted_token_ids_ptr, offs_t, offs_t < T, offs_e, starts + earlier, TOP_K, E_PAD, BLOCK_T
+        )
         if pid == 0:
-            _write_offsets(expert_offsets_ptr, sorted_token_ids_ptr, starts, totals, padded, mask_e, E, num_slots, E_PAD, BLOCK_M)
+            _write_offsets(
+                expert_offsets_ptr, sorted_token_ids_ptr, starts, totals, padded, mask_e, E, num_slots, E_PAD, BLOCK_M
+            )
 
     @triton.jit
     def _fused_routing_kernel(
@@ -315,7 +319,9 @@ if triton is not None:
             placed += _place_slots(
                 topk_ids_ptr, sorted_token_ids_ptr, offs_t, offs_t < T, offs_e, starts + placed, TOP_K, E_PAD, BLOCK_T
             )
-        _write_offsets(expert_offsets_ptr, sorted_token_ids_ptr, starts, totals, padded, mask_e, E, num_slots, E_PAD, BLOCK_M)
+        _write_offsets(
+            expert_offsets_ptr, sorted_token_ids_ptr, starts, totals, padded, mask_e, E, num_slots, E_PAD, BLOCK_M
+        )
 
 
 def _token_block(T: int) -> int:
@@ -353,7 +359,9 @@ def moe_routing(router_logits: torch.Tensor, top_k: int, block_m: int) -> Routin
     the M tile of the expert GEMMs that will read the map.
     """
     if router_logits.dim() != 2 or not router_logits.is_floating_point():
-        raise ValueError(f"router_logits must be a float tensor [T, E], got {tuple(router_logits.shape)} {router_logits.dtype}")
+        raise ValueError(
+            f"router_logits must be a float tensor [T, E], got {tuple(router_logits.shape)} {router_logits.dtype}"
+        )
     T, E = router_logits.shape
     _check_routing_args("moe_routing", E, top_k, block_m, router_logits.device)
 
@@ -399,8 +407,12 @@ def moe_routing_fused(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, bl
     _check_routing_args("moe_routing_fused", E, top_k, block_m, x.device)
     if not fused_routing_fits(T, E):
         raise ValueError(f"moe_routing_fused: E={E} experts do not fit one program's logits tile (at most 128)")
-    if pair is not None and (pair.dtype != torch.int32 or tuple(pair.shape) != (T, D) or (D > 1 and pair.stride(1) != 1)):
-        raise ValueError(f"moe_routing_fused: pair must be int32 [{T}, {D}] contiguous along D, got {pair.dtype} {tuple(pair.shape)}")
+    if pair is not None and (
+        pair.dtype != torch.int32 or tuple(pair.shape) != (T, D) or (D > 1 and pair.stride(1) != 1)
+    ):
+        raise ValueError(
+            f"moe_routing_fused: pair must be int32 [{T}, {D}] contiguous along D, got {pair.dtype} {tuple(pair.shape)}"
+        )
 
     device = x.device
     topk_weights, topk_ids, sorted_token_ids, expert_offsets = _routing_outputs(T, E, top_k, block_m, device)

@@ -6,7 +6,7 @@ Its names stay importable from here. Patching them here changes nothing: patch `
 
 import warnings
 
-from .gemm_configs import (  # noqa: F401: the names this module held
+from .gemm_configs import (  # noqa: F401 -- the names this module held
     CONFIG_DIR,
     DEFAULT_SHARED_BYTES,
     DTYPES,
@@ -24,7 +24,20 @@ from .gemm_configs import (  # noqa: F401: the names this module held
 )
 
 warnings.warn(
-    "phixtral_kernels.tuned_configs is deprecated: import from phixtral_kernels.gemm_configs", DeprecationWarning, stacklevel=2
+    "phixtral_kernels.tuned_configs is deprecated: import from phixtral_kernels.gemm_configs",
+    DeprecationWarning,
+    stacklevel=2,
 )
 
-__all__ = ["ENV", "CONFIG_DIR", "TunedTable", "clear_cache", "load_table", "lookup", "parse_table", "source", "table_name", "table_path"]
+__all__ = [
+    "ENV",
+    "CONFIG_DIR",
+    "TunedTable",
+    "clear_cache",
+    "load_table",
+    "lookup",
+    "parse_table",
+    "source",
+    "table_name",
+    "table_path",
+]

@@ -38,7 +38,11 @@ if triton is not None:
         for p in tl.static_range(SPLIT):
             for k in tl.static_range(TOP_K):
                 rows = (offs_t * TOP_K + k).to(tl.int64)
-                acc += tl.load(y_ptr + p * stride_y_split.to(tl.int64) + rows[:, None] * stride_y_s + offs_d[None, :], mask=mask, other=0.0)
+                acc += tl.load(
+                    y_ptr + p * stride_y_split.to(tl.int64) + rows[:, None] * stride_y_s + offs_d[None, :],
+                    mask=mask,
+                    other=0.0,
+                )
         out_ptrs = out_ptr + offs_t.to(tl.int64)[:, None] * stride_out_t + offs_d[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
