@@ -42,7 +42,8 @@ import torch
 from phixtral_kernels import triton_unavailable_reason
 from phixtral_kernels.moe import TRITON_DTYPES
 
-from .model import MoE, Phixtral, QuantizedLinear
+from .model import MoE, Phixtral
+from .quant.modules import QuantizedLinear
 
 log = logging.getLogger("phixtral.decode_graph")
 

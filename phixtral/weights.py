@@ -5,7 +5,8 @@ names, then checked against config.json); the same map, read backwards, writes t
 
 Loading builds the model on the meta device, allocates it once on the target device in the target dtype, then copies
 tensor by tensor out of the memory-mapped safetensors files: peak host memory stays near one copy of the model.
-GPTQ checkpoints (phixtral/gptq.py) load the same way, into packed modules where a Linear is quantized.
+Quantized checkpoints load the same way, into packed modules where a Linear is quantized: this file asks
+phixtral.quant which format a folder holds and leaves the format's tensors to the format object's hooks.
 """
 
 import json
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 
 from phixtral_kernels import BACKENDS, triton_unavailable_reason
 
+from . import quant
 from .atomic import atomic_folder, check_destination, leftovers
 from .config import PhixtralConfig
 from .layouts import IGNORED_SUFFIXES, INDEX_FILE, Target, checkpoint_map, detect_layout, read_json
@@ -125,15 +127,13 @@ def _name_list(names, limit=20) -> str:
 
 def inspect_checkpoint(folder: Path, config: PhixtralConfig) -> tuple[list[Path], str, dict[str, Target]]:
     """Check names, shapes and dtypes from the file headers (no tensor is read): (files, layout, map) or one ValueError.
-    GPTQ checkpoints are checked too (their packed tensors are in the map): see `inspect_quantized`."""
+    Quantized checkpoints are checked too (their packed tensors are in the map): see `inspect_quantized`."""
     return inspect_quantized(folder, config)[:3]
 
 
 def inspect_quantized(folder: Path, config: PhixtralConfig):
-    """`inspect_checkpoint` plus the quantization: (files, layout, map, GPTQConfig or None, {model module: (E, N, K)}
-    for the modules that run GPTQ-packed)."""
-    from .gptq import quantized_map, read_quantization_config
-
+    """`inspect_checkpoint` plus the quantization: (files, layout, map, the format (phixtral.quant, e.g. a GPTQConfig)
+    or None, {model module: (E, N, K)} for the modules that run packed)."""
     files = checkpoint_files(folder)
     shapes, dtypes, owner = {}, {}, {}
     for file in files:
@@ -150,15 +150,15 @@ def inspect_quantized(folder: Path, config: PhixtralConfig):
             f"config.json describes {config.num_local_experts} experts but the tensors in {folder} are a dense model "
             f"({layout} layout, no 'moe.' names)"
         )
-    gptq = read_quantization_config(folder)
-    mapping, runtime = quantized_map(checkpoint_map(config, layout), set(shapes), gptq)
+    fmt = quant.read_quantization_config(folder)
+    mapping, packed = quant.packed_map(checkpoint_map(config, layout), set(shapes), fmt)
     present = {n for n in shapes if not n.endswith(IGNORED_SUFFIXES)}
     missing = {n for n, t in mapping.items() if not t.optional} - present
     unexpected = present - mapping.keys()
     known = sorted(present & mapping.keys())
     wrong = [f"{n}: expected {mapping[n].shape}, got {shapes[n]}" for n in known if shapes[n] != mapping[n].shape]
     bad_dtype = [f"{n}: {dtypes[n]}" for n in known if mapping[n].kind == "float" and dtypes[n] not in _FLOAT_DTYPES]
-    bad_int = [f"{n}: {dtypes[n]}" for n in known if mapping[n].kind == "int" and dtypes[n] not in _int_dtypes(n)]
+    bad_int = [f"{n}: {dtypes[n]}" for n in known if mapping[n].kind == "int" and dtypes[n] not in fmt.int_dtypes(n)]
     if missing or unexpected or wrong or bad_dtype or bad_int:
         lines = [
             f"checkpoint {folder} does not match its config.json ({layout} layout, {config.n_layer} layers, "
@@ -171,16 +171,12 @@ def inspect_quantized(folder: Path, config: PhixtralConfig):
         if wrong:
             lines.append(f"  mis-shaped tensors ({len(wrong)}): " + "; ".join(wrong[:20]))
         if bad_dtype:
-            hint = "" if gptq else " (a GPTQ checkpoint also needs its quantize_config.json)"
+            hint = "" if fmt else quant.missing_settings_hint()
             lines.append(f"  non-float tensors ({len(bad_dtype)}){hint}: " + "; ".join(bad_dtype[:20]))
         if bad_int:
-            lines.append(f"  GPTQ tensors that are not int32 ({len(bad_int)}): " + "; ".join(bad_int[:20]))
+            lines.append(f"  {fmt.label} tensors that are not {fmt.int_dtype_name} ({len(bad_int)}): " + "; ".join(bad_int[:20]))
         raise ValueError("\n".join(lines))
-    return files, layout, mapping, gptq, runtime
-
-
-def _int_dtypes(name: str) -> tuple:
-    return ("I32", "I64") if name.endswith(".g_idx") else ("I32",)
+    return files, layout, mapping, fmt, packed
 
 
 # --- loading -------------------------------------------------------------------------------------------------------
@@ -225,37 +221,28 @@ def resolve_dtype(dtype, device: torch.device, config: PhixtralConfig) -> torch.
     return dtype
 
 
-def prepare_quantized(model: Phixtral, runtime: dict, gptq) -> None:
-    """Swap in a GPTQ-packed module at each model module of `runtime` ({name: (E, N, K)}), before allocation."""
-    from .model import quantized_module
-
-    for name, (E, N, K) in runtime.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, quantized_module(name, E, N, K, gptq.bits, gptq.group_size))
-    model.quantization = gptq if runtime else None
-    model.set_backend(model.backend)
+def prepare_quantized(model: Phixtral, packed: dict, fmt) -> None:
+    """Swap in the format's packed module at each model module of `packed` ({name: (E, N, K)}), before allocation."""
+    fmt.prepare(model, packed)
 
 
 def load_weights(model: Phixtral, folder: Path, *, progress: Optional[bool] = None, inspected=None) -> str:
     """Fill every parameter of `model` from the checkpoint in `folder`, tensor by tensor; returns the layout.
 
     Raises a ValueError listing the missing, unexpected or mis-shaped tensors before anything is read.
-    GPTQ checkpoints: `model` must already hold the packed modules (`prepare_quantized`); a g_idx outside [0, G) is a
-    ValueError naming it. Afterwards packed modules drop trivial g_idx / symmetric qzeros and fc2's act-order moves
-    into a permutation of the experts' hidden units (`phixtral_kernels.absorb_act_order`).
+    Quantized checkpoints: `model` must already hold the packed modules (`prepare_quantized`); the format checks each
+    of its tensors as it is read (GPTQ: a g_idx outside [0, G) is a ValueError naming it), dequantizes the Linears that
+    load as float weights, and finishes the packed modules once all is read (see phixtral/quant/format.py).
     inspected: `inspect_quantized`'s answer, when the caller already has it.
     """
     from tqdm.auto import tqdm
 
-    from .gptq import check_g_idx, dequantize_staged, finish_quantized
-
-    files, layout, mapping, gptq, _ = inspected or inspect_quantized(folder, model.config)
+    files, layout, mapping, fmt, _ = inspected or inspect_quantized(folder, model.config)
     params = dict(model.named_parameters())
     params.update(model.named_buffers())
-    for module in model.modules():
-        if getattr(module, "g_idx", None) is not None and hasattr(module, "default_g_idx"):
-            module.g_idx.copy_(module.default_g_idx())  # what a checkpoint without g_idx means
-    staged = {}  # checkpoint module -> {suffix: tensor}: GPTQ Linears that load as float weights
+    if fmt is not None:
+        fmt.before_load(model)
+    staged = {}  # checkpoint module -> (its Target, {suffix: tensor}): packed Linears that load as float weights
     device = model.device
     read_device = str(device) if device.type == "cuda" else "cpu"  # CUDA: straight from the file to the GPU
     total = sum(f.stat().st_size for f in files)
@@ -270,16 +257,16 @@ def load_weights(model: Phixtral, folder: Path, *, progress: Optional[bool] = No
                     tensor = f.get_tensor(name)
                     bar.update(tensor.numel() * tensor.element_size())
                     if target.stage is not None:
-                        staged.setdefault(target.stage, {})[name.rsplit(".", 1)[1]] = tensor
+                        staged.setdefault(target.stage, (target, {}))[1][name.rsplit(".", 1)[1]] = tensor
                         continue
-                    if name.endswith(".g_idx"):
-                        check_g_idx(name, tensor, mapping[name[: -len("g_idx")] + "scales"].shape[0])
+                    if fmt is not None:
+                        fmt.check_tensor(name, tensor, mapping)
                     params[target.param].data[target.index].copy_(tensor)  # casts to the model's dtype on the way
                     del tensor
-        for module, tensors in staged.items():
-            target = mapping[module + ".qweight"]
-            params[target.param].data[target.index].copy_(dequantize_staged(module, tensors, gptq, model.dtype))
-        finish_quantized(model)
+        for module, (target, tensors) in staged.items():
+            params[target.param].data[target.index].copy_(fmt.dequantize(module, tensors, model.dtype))
+        if fmt is not None:
+            fmt.finish(model)
         if layout != "phi-msft-moe":
             for block in model.h:  # one expert: its routing weight is softmax of one logit = 1 whatever the gate holds
                 block.moe.gate.weight.zero_()
@@ -336,7 +323,7 @@ def from_pretrained(
 
     device: None (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: None (float32 on the CPU, the checkpoint's dtype elsewhere), torch.float16 / "fp16", bfloat16, float32.
-        GPTQ checkpoints (found by themselves, see phixtral/gptq.py) keep their packed weights; dtype is that of the
+        GPTQ checkpoints (found by themselves, see phixtral/quant/) keep their packed weights; dtype is that of the
         activations, scales and everything not packed. On the CPU their default is bfloat16, the one activation dtype
         that torch's packed int8 / int4 kernels run fast on (repacked here, at load); float32 computes everything in
         fp32 from the dequantized weights instead: exact, and slower than the float checkpoint.
@@ -352,17 +339,14 @@ def from_pretrained(
     if backend == "triton" and (reason := triton_unavailable_reason(device)) is not None:
         raise RuntimeError(f"backend='triton' cannot run on {device}: {reason}")
     inspected = inspect_quantized(folder, config)
-    if dtype is None and device.type == "cpu" and inspected[4]:
+    fmt, packed = inspected[3:]
+    if dtype is None and device.type == "cpu" and packed:
         dtype = torch.bfloat16  # torch's packed CPU kernels are fast with bf16 activations only (phixtral_kernels.cpu_packed)
     dtype = resolve_dtype(dtype, device, config)
     with torch.device("meta"):
-        model = Phixtral(config, backend=backend)
-        prepare_quantized(model, inspected[4], inspected[3])
-    model = model.to(dtype)
-    if dtype == torch.bfloat16:
-        for module in model.modules():  # GPTQ scales are fp16: bf16 would drop 3 of their bits
-            if hasattr(module, "scales"):
-                module.scales = module.scales.to(torch.float16)
+        model = Phixtral(config, backend=backend).to(dtype)
+        if fmt is not None:
+            prepare_quantized(model, packed, fmt)  # in the model's dtype: after the cast, which would round GPTQ's scales
     model = model.to_empty(device=device)  # one allocation, in the target dtype, on the target device
     load_weights(model, folder, progress=progress, inspected=inspected)
     model.eval().requires_grad_(False)
@@ -418,17 +402,14 @@ def write_msft_files(
     """The files of `save_msft_checkpoint`, written straight into an existing folder (the temporary one of
     `atomic_folder`): shards, index and config.json. Returns the shard paths.
 
-    quantization: a `phixtral.gptq.GPTQConfig` when `state` holds GPTQ-packed modules (`<module>.qweight`, ...): they are
-    written in AutoGPTQ's v1 layout (int32 tensors as they are, scales and biases in `dtype`), with quantize_config.json
-    and config.json's quantization_config."""
-    from .gptq import checkpoint_tensor, quantized_map, write_quantize_config
-
+    quantization: the format (phixtral.quant, e.g. a GPTQConfig; `Phixtral.quantization`) when `state` holds packed
+    modules: the format names their tensors and writes its settings. GPTQ writes AutoGPTQ's v1 layout (int32 tensors as
+    they are, scales and biases in `dtype`), with quantize_config.json and config.json's quantization_config."""
     folder = Path(folder)
     mapping = checkpoint_map(config, "phi-msft-moe" if config.is_moe else "phi-msft-dense")
     if quantization is not None:
-        packed = {n.replace(".weight", ".qweight") for n, t in mapping.items() if t.param.replace(".weight", ".qweight") in state}
-        mapping, _ = quantized_map(mapping, packed, quantization)
-    needed = {t.param for t in mapping.values() if t.kind == "float" or t.param.endswith(".qweight")}
+        mapping = quantization.save_map(mapping, state)
+    needed = {t.param for t in mapping.values() if not t.optional}  # the format derives the optional ones
     missing = needed - state.keys()
     if missing:
         raise ValueError(f"state lacks tensors the phi-msft layout needs: {_name_list(missing)}")
@@ -436,7 +417,7 @@ def write_msft_files(
 
     def tensor(name):
         t = mapping[name]
-        return state[t.param][t.index] if quantization is None else checkpoint_tensor(state, name, t, quantization)
+        return state[t.param][t.index] if quantization is None else quantization.checkpoint_tensor(state, name, t)
 
     # Group by size first (no data read), so that file names can carry the shard count.
     shards, size = [[]], 0
@@ -466,13 +447,13 @@ def write_msft_files(
     config_dict = config.to_msft_dict()
     config_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
     if quantization is not None:
-        write_quantize_config(folder, quantization, config_dict)
+        quantization.write_settings(folder, config_dict)
     (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     return paths
 
 
 def _file_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A CPU copy to write: floats in `dtype`, GPTQ's int32 words and indices as they are."""
+    """A CPU copy to write: floats in `dtype`, a format's packed words and indices as they are."""
     # copy=True: expert slices share their stacked storage, which save_file refuses.
     return t.detach().to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype, copy=True).contiguous()
 
