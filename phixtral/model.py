@@ -9,6 +9,8 @@ What is special about this family:
     - GPTQ checkpoints keep Wqkv, out_proj, fc1 and fc2 packed (phixtral/quant/modules.py): on a GPU they run through
       the same grouped GEMM, which dequantizes inside its K loop; on a CPU, in bfloat16, through torch's packed int8 /
       int4 kernels (phixtral_kernels.cpu_packed), repacked at load. This file holds the float modules only;
+    - backend, attention_upcast and cuda_graph are one RuntimeSettings per model (phixtral/runtime.py), set on the model
+      and read by the layers when they run.
 Module names keep the phi-msft checkpoint's words (wte, h, ln, mixer.Wqkv, mixer.out_proj, moe.gate, fc1, fc2,
 lm_head.ln, lm_head.linear) so that weights.py is a short name map. Shapes: B batch, S new tokens, L cache slots,
 D model dim, H heads, hd head dim, V vocab.
@@ -23,15 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phixtral_kernels import BACKENDS, fused_moe, triton_unavailable_reason
+from phixtral_kernels import fused_moe
 
 from .atomic import atomic_folder
 from .config import PhixtralConfig
 from .quant.modules import QuantizedExpertLinear, QuantizedLinear, quantized_module  # noqa: F401  (their former home)
-
-# How an fp16 model's attention avoids phi-2's overflow of q.k^T (see Attention.forward): "fp32" upcasts q, k and v (the
-# original code's way; it copies the whole cache to fp32 every step), "scores" keeps them in fp16 and pre-scales q.
-ATTENTION_UPCAST = ("fp32", "scores")
+from .runtime import ATTENTION_UPCAST  # noqa: F401  (importable from here, its former home)
+from .runtime import RuntimeSettings, check_backend_device
 
 
 class KVCache(nn.Module):
@@ -64,16 +64,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     """Causal self-attention: fused qkv (HF's split q/k/v are concatenated into Wqkv at load), partial rotary, SDPA."""
 
-    def __init__(self, config: PhixtralConfig):
+    def __init__(self, config: PhixtralConfig, runtime: Optional[RuntimeSettings] = None):
         super().__init__()
+        self.runtime = runtime if runtime is not None else RuntimeSettings()  # the model's: attention_upcast
         self.n_head, self.n_head_kv, self.head_dim = config.n_head, config.n_head_kv, config.head_dim
         # Wqkv rows: [Q (H * hd) | K (H_kv * hd) | V (H_kv * hd)], heads contiguous inside each part.
         self.Wqkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_head_kv) * self.head_dim)
         self.out_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd)
         self.kv_cache: Optional[KVCache] = None
-        self.upcast = "fp32"  # fp16 models only, one of ATTENTION_UPCAST (Phixtral.attention_upcast sets every layer's)
         # "scores": q times 2^-floor(log2(sqrt(hd))), exact in fp16; SDPA's scale is the rest of 1/sqrt(hd), in (1/2, 1].
         self.prescale = 2.0 ** -math.floor(math.log2(math.sqrt(self.head_dim)))
+
+    @property
+    def upcast(self) -> str:
+        """How this layer computes fp16 attention, one of ATTENTION_UPCAST: its model's attention_upcast."""
+        return self.runtime.attention_upcast
 
     def forward(self, x, cos, sin, mask, input_pos):
         # x [B, S, D]; cos, sin [B, S, 1, rotary_dim / 2]; mask [B, 1, S, L] bool or None (causal); input_pos [S] or None
@@ -91,7 +96,8 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
         scale = 1.0 / math.sqrt(hd)
-        if q.dtype == torch.float16 and self.upcast == "scores":
+        upcast = self.runtime.attention_upcast
+        if q.dtype == torch.float16 and upcast == "scores":
             # SDPA's fused CUDA kernels (flash, memory-efficient) accumulate q.k^T and take the softmax in fp32; with q
             # pre-scaled, a kernel that stores q.k^T in fp16 holds at most twice the final score, not 9x (hd = 80).
             q, scale = q * self.prescale, scale / self.prescale
@@ -126,14 +132,19 @@ class MoE(nn.Module):
 
     fc1 and fc2 are expert stacks: an ExpertLinear or a packed one (phixtral/quant), each answering `weight_for(x)`."""
 
-    def __init__(self, config: PhixtralConfig):
+    def __init__(self, config: PhixtralConfig, runtime: Optional[RuntimeSettings] = None):
         super().__init__()
         E, D, F_ = config.num_local_experts, config.n_embd, config.n_inner
+        self.runtime = runtime if runtime is not None else RuntimeSettings()  # the model's: backend
         self.gate = nn.Linear(D, E, bias=False)
         self.fc1 = ExpertLinear(E, F_, D)  # w1 [E, F, D], b1 [E, F] (or a QuantizedExpertLinear)
         self.fc2 = ExpertLinear(E, D, F_)  # w2 [E, D, F], b2 [E, D] (or a QuantizedExpertLinear)
         self.top_k = config.num_experts_per_tok
-        self.backend = "auto"
+
+    @property
+    def backend(self) -> str:
+        """The MoE implementation this layer runs: its model's backend."""
+        return self.runtime.backend
 
     def forward(self, x):
         # x [B, S, D] -> [B, S, D]
@@ -145,7 +156,7 @@ class MoE(nn.Module):
             self.fc2.weight_for(x),
             self.fc2.bias,
             self.top_k,
-            backend=self.backend,
+            backend=self.runtime.backend,
         )
         return y.view(x.shape)
 
@@ -153,11 +164,11 @@ class MoE(nn.Module):
 class Block(nn.Module):
     """Parallel residual block: one LayerNorm feeds attention and the MoE, both added to the residual."""
 
-    def __init__(self, config: PhixtralConfig):
+    def __init__(self, config: PhixtralConfig, runtime: Optional[RuntimeSettings] = None):
         super().__init__()
         self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mixer = Attention(config)
-        self.moe = MoE(config)
+        self.mixer = Attention(config, runtime)
+        self.moe = MoE(config, runtime)
 
     def forward(self, x, cos, sin, mask, input_pos):
         h = self.ln(x)
@@ -180,22 +191,27 @@ class Phixtral(nn.Module):
     """The decoder. `model(input_ids) -> logits [B, S, V]` (fp32); `generate` / `chat` for text (see generate.py).
 
     Build with `phixtral.from_pretrained(path_or_id)`; `tokenizer` is set there when the checkpoint ships one.
+    backend, attention_upcast and cuda_graph live in `runtime` (a phixtral.runtime.RuntimeSettings), which every layer
+    that needs one reads when it runs; pass `runtime` to share one already checked (from_pretrained does), else one is
+    made with `backend`. Put modules into a model with `set_submodule`, which makes them read this model's settings.
     """
 
-    def __init__(self, config: PhixtralConfig, *, backend: str = "auto"):
+    def __init__(self, config: PhixtralConfig, *, backend: str = "auto", runtime: Optional[RuntimeSettings] = None):
         super().__init__()
+        if runtime is not None and backend != "auto":
+            raise ValueError("pass backend or runtime, not both")
+        self.runtime = runtime if runtime is not None else RuntimeSettings(backend=backend)
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.h = nn.ModuleList(Block(config, self.runtime) for _ in range(config.n_layer))
         self.lm_head = Head(config)
         self.tokenizer = None
         self.eos_token_ids: list[int] = []  # filled by from_pretrained from the tokenizer and the configs
         self.last_generation_stats = None  # a GenerationStats after each generate()
         self._inv_freq = {}  # device -> [rotary_dim / 2] fp32; a plain dict so .half() can never round it
         self.quantization = None  # the format (phixtral.quant, e.g. a GPTQConfig) when some Linears are packed
-        self.cuda_graph = "auto"  # decode steps replayed from CUDA graphs: "auto", True or False (phixtral/decode_graph.py)
         self.decode_graphs = None  # the captured decode steps (a decode_graph.DecodeGraphs); they point into the KV cache
-        self.set_backend(backend)
+        check_backend_device(self.runtime.backend, self.device)
 
     @classmethod
     def from_pretrained(cls, path_or_id, **kwargs) -> "Phixtral":
@@ -245,37 +261,51 @@ class Phixtral(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.wte.weight.dtype
 
+    # --- runtime settings (phixtral/runtime.py) ---------------------------------------------------------------------
     @property
     def backend(self) -> str:
-        return self.h[0].moe.backend if len(self.h) else "auto"
+        return self.runtime.backend
 
     def set_backend(self, backend: str) -> None:
         """Choose the MoE implementation of every layer: "auto", "triton", "torch" or "naive" (see phixtral_kernels).
         GPTQ-packed dense Linears follow it too ("naive" runs them as "torch" does)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "triton" and self.device.type != "meta" and (reason := triton_unavailable_reason(self.device)):
-            raise RuntimeError(f"backend='triton' cannot run on {self.device}: {reason}")
+        check_backend_device(backend, self.device)
+        self.runtime.backend = backend
         self.decode_graphs = None  # captured with the old backend
-        for block in self.h:
-            block.moe.backend = backend
-        for module in self.modules():
-            if isinstance(module, QuantizedLinear):
-                module.backend = backend
 
     @property
     def attention_upcast(self) -> str:
         """How an fp16 model computes attention: "fp32" (q, k, v upcast, the default) or "scores" (fp16 q, k, v, q
         pre-scaled; see Attention.forward). No effect on fp32 and bf16 models."""
-        return self.h[0].mixer.upcast if len(self.h) else "fp32"
+        return self.runtime.attention_upcast
 
     @attention_upcast.setter
     def attention_upcast(self, mode: str) -> None:
-        if mode not in ATTENTION_UPCAST:
-            raise ValueError(f"attention_upcast must be one of {ATTENTION_UPCAST}, got {mode!r}")
+        self.runtime.attention_upcast = mode
         self.decode_graphs = None  # captured with the other mode
-        for block in self.h:
-            block.mixer.upcast = mode
+
+    @property
+    def cuda_graph(self):
+        """Whether decode steps replay from CUDA graphs: "auto" (the default), True or False (phixtral/decode_graph.py);
+        generate's cuda_graph argument overrides it for one call."""
+        return self.runtime.cuda_graph
+
+    @cuda_graph.setter
+    def cuda_graph(self, mode) -> None:
+        self.runtime.cuda_graph = mode
+
+    def set_submodule(self, target: str, module: nn.Module, strict: bool = False) -> None:
+        """Put `module` at `target` (e.g. "h.0.mixer.Wqkv"), as torch's set_submodule does; the layers inside it read
+        this model's runtime settings from then on (a module built alone, or taken from another model, would otherwise
+        keep reading the settings it was made with)."""
+        parent_name, _, name = target.rpartition(".")
+        parent = self.get_submodule(parent_name)
+        if strict and not hasattr(parent, name):
+            raise AttributeError(f"{parent_name or type(self).__name__} has no attribute {name!r}")
+        for layer in module.modules():
+            if isinstance(getattr(layer, "runtime", None), RuntimeSettings):
+                layer.runtime = self.runtime
+        setattr(parent, name, module)
 
     def pack_for_cpu(self) -> None:
         """Repack the packed Linears for torch's CPU int8 / int4 kernels now (a bfloat16 model on the CPU) rather than at

@@ -20,14 +20,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from phixtral_kernels import BACKENDS, triton_unavailable_reason
-
 from . import quant
 from .atomic import atomic_folder, check_destination, leftovers
 from .config import PhixtralConfig
 from .layouts import IGNORED_SUFFIXES, INDEX_FILE, Target, checkpoint_map, detect_layout, read_json
 from .layouts import LAYOUTS  # noqa: F401  (importable from here, its former home)
 from .model import Phixtral
+from .runtime import RuntimeSettings, check_backend_device
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "vocab.json", "merges.txt", "*.model", "*.txt"]
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -331,20 +330,18 @@ def from_pretrained(
     num_experts_per_tok: override the checkpoint's top_k (1..num_local_experts).
     progress: show a tqdm bar (None: only for loads of a few hundred MB and more).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    runtime = RuntimeSettings(backend=backend)  # the one check of the value, before any file is read
     folder = resolve_checkpoint(path_or_id)
     config = read_config(folder, num_experts_per_tok=num_experts_per_tok)
     device = resolve_device(device)
-    if backend == "triton" and (reason := triton_unavailable_reason(device)) is not None:
-        raise RuntimeError(f"backend='triton' cannot run on {device}: {reason}")
+    check_backend_device(backend, device)
     inspected = inspect_quantized(folder, config)
     fmt, packed = inspected[3:]
     if dtype is None and device.type == "cpu" and packed:
         dtype = torch.bfloat16  # torch's packed CPU kernels are fast with bf16 activations only (phixtral_kernels.cpu_packed)
     dtype = resolve_dtype(dtype, device, config)
     with torch.device("meta"):
-        model = Phixtral(config, backend=backend).to(dtype)
+        model = Phixtral(config, runtime=runtime).to(dtype)
         if fmt is not None:
             prepare_quantized(model, packed, fmt)  # in the model's dtype: after the cast, which would round GPTQ's scales
     model = model.to_empty(device=device)  # one allocation, in the target dtype, on the target device

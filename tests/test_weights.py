@@ -255,10 +255,11 @@ def test_devices_and_dtypes_that_are_not_available():
 
 
 def test_triton_backend_that_cannot_run_fails_at_load(monkeypatch):
-    monkeypatch.setattr(phixtral.weights, "triton_unavailable_reason", lambda device: "no driver here")
+    monkeypatch.setattr(phixtral.runtime, "triton_unavailable_reason", lambda device: "no driver here")  # the one check
     with pytest.raises(RuntimeError, match="backend='triton' cannot run on cpu: no driver here"):
         phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", backend="triton")
     assert phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", backend="torch").backend == "torch"
+
 
 
 # --- hub ids ---------------------------------------------------------------------------------------------------------

@@ -132,7 +132,6 @@ class GPTQConfig(QuantFormat):
                 module.scales = module.scales.to(torch.float16)
             model.set_submodule(name, module)
         model.quantization = self if packed else None
-        model.set_backend(model.backend)
 
     def before_load(self, model) -> None:
         for module in model.modules():

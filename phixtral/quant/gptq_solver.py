@@ -185,5 +185,4 @@ def quantize_model_gptq(model, gptq: GPTQConfig, windows: torch.Tensor, *, batch
             x[b : b + batch_size] = block(xb, cos, sin, None, None)
     bar.close()
     model.quantization = gptq
-    model.set_backend(model.backend)
     return losses

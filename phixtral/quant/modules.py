@@ -6,11 +6,15 @@ through torch's packed int8 / int4 kernels (phixtral_kernels.cpu_packed), repack
 whenever one of them changes. Other dtypes and devices dequantize and run the float ops.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
 from phixtral_kernels import QuantizedExperts, quantized_linear
 from phixtral_kernels.cpu_packed import cpu_packing_unsupported, pack_for_cpu
+
+from ..runtime import RuntimeSettings
 
 
 class QuantizedExpertLinear(nn.Module):
@@ -82,18 +86,26 @@ class QuantizedLinear(QuantizedExpertLinear):
     """One GPTQ-packed torch Linear (an expert stack of one): y = x @ W^T + b through `phixtral_kernels.quantized_linear`,
     the MoE's grouped GEMM at one expert on the triton backend, dequantize + F.linear on the torch backend."""
 
-    def __init__(self, out_features: int, in_features: int, bits: int, group_size: int):
+    def __init__(self, out_features: int, in_features: int, bits: int, group_size: int,
+                 runtime: Optional[RuntimeSettings] = None):  # fmt: skip
         super().__init__(1, out_features, in_features, bits, group_size)
-        self.backend = "auto"
+        self.runtime = runtime if runtime is not None else RuntimeSettings()  # the model's (see phixtral.runtime)
+
+    @property
+    def backend(self) -> str:
+        """The backend this Linear runs: its model's setting ("naive" runs as "torch" does)."""
+        return self.runtime.backend
 
     def forward(self, x):
         # x [..., in] -> [..., out]
-        y = quantized_linear(x.reshape(-1, x.shape[-1]), self.weight_for(x), self.bias[0], backend=self.backend)
+        y = quantized_linear(x.reshape(-1, x.shape[-1]), self.weight_for(x), self.bias[0], backend=self.runtime.backend)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def quantized_module(path: str, num_experts: int, out_features: int, in_features: int, bits: int, group_size: int) -> nn.Module:
-    """The packed module that stands at `path` (a model module name such as "h.0.mixer.Wqkv" or "h.0.moe.fc1")."""
+    """The packed module that stands at `path` (a model module name such as "h.0.mixer.Wqkv" or "h.0.moe.fc1").
+
+    A QuantizedLinear reads the backend of the model it is put into with `Phixtral.set_submodule`."""
     if path.endswith((".moe.fc1", ".moe.fc2")):
         return QuantizedExpertLinear(num_experts, out_features, in_features, bits, group_size)
     return QuantizedLinear(out_features, in_features, bits, group_size)

@@ -33,14 +33,13 @@ def float_bias(module) -> torch.Tensor:
 
 
 def set_quantized(model, name: str, w: QuantizedExperts, bias: torch.Tensor) -> None:
-    """Put a packed module holding `w` and `bias` [E, N] at model module `name`, on the model's device and dtype."""
+    """Put a packed module holding `w` and `bias` [E, N] at model module `name`, on the model's device and dtype; it
+    reads the model's runtime settings (`Phixtral.set_submodule`)."""
     E, N, K = w.shape
     module = quantized_module(name, E, N, K, w.bits, w.group_size).to(device=model.device, dtype=model.dtype)
     module.set_weight(w.to(model.device))
     module.bias.data = bias.to(device=model.device, dtype=model.dtype).clone()
     module.compact()
-    if hasattr(module, "backend"):
-        module.backend = model.backend
     model.set_submodule(name, module)
 
 
@@ -59,4 +58,3 @@ def quantize_model_rtn(model, gptq: GPTQConfig, *, orders: Optional[dict] = None
         q = quantize_rtn(w, gptq.bits, gptq.group_size, sym=gptq.sym, g_idx=g_idx)
         set_quantized(model, name, q, float_bias(module))
     model.quantization = gptq
-    model.set_backend(model.backend)
