@@ -214,8 +214,8 @@ class Phixtral(nn.Module):
         check_backend_device(self.runtime.backend, self.device)
 
     @classmethod
-    def from_pretrained(cls, path_or_id, **kwargs) -> "Phixtral":
-        """See `phixtral.weights.from_pretrained`."""
+    def from_pretrained(cls, path_or_id=None, **kwargs) -> "Phixtral":
+        """See `phixtral.weights.from_pretrained` (no path: the bundled tiny phixtral)."""
         from .weights import from_pretrained
 
         return from_pretrained(path_or_id, **kwargs)

@@ -310,7 +310,7 @@ def eos_token_ids(folder: Path, config: PhixtralConfig, tokenizer) -> list[int]:
 
 
 def from_pretrained(
-    path_or_id,
+    path_or_id=None,
     *,
     device=None,
     dtype=None,
@@ -320,6 +320,8 @@ def from_pretrained(
 ) -> Phixtral:
     """Load a phixtral / phi-2 checkpoint (local folder or hub id) into an eval-mode Phixtral with its tokenizer.
 
+    path_or_id: a checkpoint folder or a hub id; None (or no argument) loads the tiny phixtral bundled with the package
+        (`default_model_path()`).
     device: None (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: None (float32 on the CPU, the checkpoint's dtype elsewhere), torch.float16 / "fp16", bfloat16, float32.
         GPTQ checkpoints (found by themselves, see phixtral/quant/) keep their packed weights; dtype is that of the
@@ -331,7 +333,7 @@ def from_pretrained(
     progress: show a tqdm bar (None: only for loads of a few hundred MB and more).
     """
     runtime = RuntimeSettings(backend=backend)  # the one check of the value, before any file is read
-    folder = resolve_checkpoint(path_or_id)
+    folder = resolve_checkpoint(default_model_path() if path_or_id is None else path_or_id)
     config = read_config(folder, num_experts_per_tok=num_experts_per_tok)
     device = resolve_device(device)
     check_backend_device(backend, device)

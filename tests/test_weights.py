@@ -16,7 +16,7 @@ from helpers_models import (
 
 import phixtral
 from phixtral import PhixtralConfig
-from phixtral.weights import checkpoint_map, detect_layout, resolve_checkpoint
+from phixtral.weights import checkpoint_map, detect_layout, read_config, resolve_checkpoint
 
 PHIXTRAL_4X2_8 = msft_config(
     hidden=2560, layers=32, heads=32, vocab=51200, n_positions=2048, rotary_dim=32, experts=4, top_k=2
@@ -261,6 +261,11 @@ def test_triton_backend_that_cannot_run_fails_at_load(monkeypatch):
     assert phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", backend="torch").backend == "torch"
 
 
+
+def test_from_pretrained_without_a_path_loads_the_bundled_model():
+    model = phixtral.from_pretrained(backend="torch")
+    assert model.config == read_config(phixtral.default_model_path()) and model.tokenizer is not None
+    assert phixtral.Phixtral.from_pretrained(backend="torch").config == model.config
 
 # --- hub ids ---------------------------------------------------------------------------------------------------------
 def test_hub_id_is_fetched_with_snapshot_download(monkeypatch):
