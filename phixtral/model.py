@@ -166,6 +166,7 @@ class Block(nn.Module):
 
     def __init__(self, config: PhixtralConfig, runtime: Optional[RuntimeSettings] = None):
         super().__init__()
+        runtime = runtime if runtime is not None else RuntimeSettings()  # one for both layers of a block built alone
         self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mixer = Attention(config, runtime)
         self.moe = MoE(config, runtime)

@@ -170,10 +170,11 @@ def inspect_quantized(folder: Path, config: PhixtralConfig):
         if wrong:
             lines.append(f"  mis-shaped tensors ({len(wrong)}): " + "; ".join(wrong[:20]))
         if bad_dtype:
-            hint = "" if fmt else quant.missing_settings_hint()
+            hint = "" if fmt is not None else quant.missing_settings_hint()
             lines.append(f"  non-float tensors ({len(bad_dtype)}){hint}: " + "; ".join(bad_dtype[:20]))
         if bad_int:
-            lines.append(f"  {fmt.label} tensors that are not {fmt.int_dtype_name} ({len(bad_int)}): " + "; ".join(bad_int[:20]))
+            words = f"{fmt.label} tensors that are not {fmt.int_dtype_name}"
+            lines.append(f"  {words} ({len(bad_int)}): " + "; ".join(bad_int[:20]))
         raise ValueError("\n".join(lines))
     return files, layout, mapping, fmt, packed
 

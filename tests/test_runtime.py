@@ -9,7 +9,7 @@ from helpers_models import msft_moe_checkpoint
 
 import phixtral
 from phixtral import decode_graph
-from phixtral.model import Attention, MoE, Phixtral
+from phixtral.model import Attention, Block, MoE, Phixtral
 from phixtral.quant import GPTQConfig, QuantizedLinear, quantize_model_rtn
 from phixtral.runtime import RuntimeSettings
 from phixtral_kernels import triton_unavailable_reason
@@ -92,4 +92,6 @@ def test_a_module_moved_to_another_model_reads_that_models_settings(model):
         other.set_submodule("h.0.mo", moe, strict=True)
     alone = MoE(model.config)
     assert alone.backend == "auto" and Attention(model.config).upcast == "fp32"
+    block = Block(model.config)
+    assert block.mixer.runtime is block.moe.runtime
 
