@@ -307,6 +307,7 @@ class Phixtral(nn.Module):
             if isinstance(getattr(layer, "runtime", None), RuntimeSettings):
                 layer.runtime = self.runtime
         setattr(parent, name, module)
+        self.decode_graphs = None  # captured over the module it replaces
 
     def pack_for_cpu(self) -> None:
         """Repack the packed Linears for torch's CPU int8 / int4 kernels now (a bfloat16 model on the CPU) rather than at

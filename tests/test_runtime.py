@@ -86,7 +86,9 @@ def test_a_copy_has_its_own_settings_and_state_dict_has_none(model):
 def test_a_module_moved_to_another_model_reads_that_models_settings(model):
     other = phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", backend="naive")
     moe = model.h[0].moe
+    other.decode_graphs = object()
     other.set_submodule("h.0.moe", moe)
+    assert other.decode_graphs is None
     assert other.h[0].moe is moe and moe.runtime is other.runtime and moe.backend == "naive"
     with pytest.raises(AttributeError, match="has no attribute 'mo'"):
         other.set_submodule("h.0.mo", moe, strict=True)
