@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import common  # noqa: E402
 import phixtral  # noqa: E402
-from phixtral.gptq import GPTQConfig, quantize_model_rtn  # noqa: E402
+from phixtral.quant import GPTQConfig, quantize_model_rtn  # noqa: E402
 
 DENSE = dict(vocab_size=4096, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, intermediate_size=4096,
              partial_rotary_factor=0.5, max_position_embeddings=2048)  # fmt: skip

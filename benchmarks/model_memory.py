@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing the package
 
 from phixtral import Phixtral, PhixtralConfig  # noqa: E402
-from phixtral.gptq import RUNTIME_QUANTIZED, GPTQConfig  # noqa: E402
+from phixtral.quant import RUNTIME_QUANTIZED, GPTQConfig  # noqa: E402
 from phixtral.weights import prepare_quantized  # noqa: E402
 
 # phixtral-4x2_8's config.json (mlabonne/phixtral-4x2_8): 4 phi-2 experts, top 2.

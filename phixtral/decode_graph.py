@@ -12,7 +12,8 @@ Static inputs: the token ids [B, 1], the cache slot input_pos [1] and, for a lef
 server's per-row sampler) stays outside the graph and runs eagerly on those logits, so every token and every draw of the
 generator is the eager path's.
 
-When: `cuda_graph` of generate() / generate_tokens(), else the model's attribute `cuda_graph` (default "auto"):
+When: `cuda_graph` of generate() / generate_tokens(), else the model's setting `cuda_graph` (default "auto", checked
+when set; phixtral/runtime.py):
     "auto"  graphs when they can work: a CUDA model whose every MoE layer (and GPTQ Linear) runs the Triton kernels,
             which never read device memory on the host. The torch and naive backends read expert counts on the host, a
             sync that capture forbids, so they decode eagerly; so does every CPU model. The first capture for a shape
@@ -42,13 +43,15 @@ import torch
 from phixtral_kernels import triton_unavailable_reason
 from phixtral_kernels.moe import TRITON_DTYPES
 
-from .model import MoE, Phixtral, QuantizedLinear
+from .model import MoE, Phixtral
+from .quant.modules import QuantizedLinear
+from .runtime import CUDA_GRAPH_MODES as MODES  # noqa: F401  (importable from here, as before)
+from .runtime import check_cuda_graph as check_mode
 
 log = logging.getLogger("phixtral.decode_graph")
 
 ENV_VAR = "PHIXTRAL_CUDA_GRAPH"
 _ENV_OFF = ("0", "off", "false", "no")
-MODES = ("auto", True, False)
 # "auto" captures a new graph only when at least this many decode steps lie ahead: a capture costs a few eager steps
 # (a synchronize and empty_cache, a warm-up step, the capture, instantiation; an estimate, not measured yet), and a step
 # replayed from a graph saves roughly half of one at batch 1 (see benchmarks/RESULTS.md).
@@ -57,17 +60,12 @@ CAPTURE_MIN_STEPS = 16
 _CAPTURE_LOCK = threading.Lock()
 
 
-def check_mode(value, name: str = "cuda_graph") -> None:
-    """ValueError unless value is "auto", True or False."""
-    if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
-        raise ValueError(f"{name} must be 'auto', True or False, got {value!r}")
-
-
 def resolve_mode(model: Phixtral, cuda_graph=None):
-    """The mode of one generation: cuda_graph, else model.cuda_graph; "auto" becomes False when PHIXTRAL_CUDA_GRAPH
-    says off. -> "auto", True or False."""
+    """The mode of one generation: cuda_graph (checked here), else model.cuda_graph (checked when set); "auto" becomes
+    False when PHIXTRAL_CUDA_GRAPH says off. -> "auto", True or False."""
+    if cuda_graph is not None:
+        check_mode(cuda_graph)
     mode = model.cuda_graph if cuda_graph is None else cuda_graph
-    check_mode(mode, "cuda_graph" if cuda_graph is not None else "model.cuda_graph")
     if mode == "auto" and os.environ.get(ENV_VAR, "").strip().lower() in _ENV_OFF:
         return False
     return mode

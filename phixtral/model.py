@@ -6,9 +6,11 @@ What is special about this family:
     - phi-2's attention scores overflow fp16 in the late layers, so attention runs in fp32 when the model runs in fp16
       (attention_upcast="scores" instead keeps q, k, v in fp16 and pre-scales q so that no fp16 product overflows);
     - every MLP is a MoE layer: a dense checkpoint is one expert with top_k 1, and all layers call `fused_moe`;
-    - GPTQ checkpoints keep Wqkv, out_proj, fc1 and fc2 packed (QuantizedLinear, QuantizedExpertLinear): on a GPU they
-      run through the same grouped GEMM, which dequantizes inside its K loop (see phixtral/gptq.py); on a CPU, in
-      bfloat16, through torch's packed int8 / int4 kernels (phixtral_kernels.cpu_packed), repacked at load.
+    - GPTQ checkpoints keep Wqkv, out_proj, fc1 and fc2 packed (phixtral/quant/modules.py): on a GPU they run through
+      the same grouped GEMM, which dequantizes inside its K loop; on a CPU, in bfloat16, through torch's packed int8 /
+      int4 kernels (phixtral_kernels.cpu_packed), repacked at load. This file holds the float modules only;
+    - backend, attention_upcast and cuda_graph are one RuntimeSettings per model (phixtral/runtime.py), set on the model
+      and read by the layers when they run.
 Module names keep the phi-msft checkpoint's words (wte, h, ln, mixer.Wqkv, mixer.out_proj, moe.gate, fc1, fc2,
 lm_head.ln, lm_head.linear) so that weights.py is a short name map. Shapes: B batch, S new tokens, L cache slots,
 D model dim, H heads, hd head dim, V vocab.
@@ -23,15 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phixtral_kernels import BACKENDS, QuantizedExperts, fused_moe, quantized_linear, triton_unavailable_reason
-from phixtral_kernels.cpu_packed import cpu_packing_unsupported, pack_for_cpu
+from phixtral_kernels import fused_moe
 
 from .atomic import atomic_folder
 from .config import PhixtralConfig
-
-# How an fp16 model's attention avoids phi-2's overflow of q.k^T (see Attention.forward): "fp32" upcasts q, k and v (the
-# original code's way; it copies the whole cache to fp32 every step), "scores" keeps them in fp16 and pre-scales q.
-ATTENTION_UPCAST = ("fp32", "scores")
+from .quant.modules import QuantizedExpertLinear, QuantizedLinear, quantized_module  # noqa: F401  (their former home)
+from .runtime import ATTENTION_UPCAST  # noqa: F401  (importable from here, its former home)
+from .runtime import RuntimeSettings, check_backend_device
 
 
 class KVCache(nn.Module):
@@ -64,16 +64,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     """Causal self-attention: fused qkv (HF's split q/k/v are concatenated into Wqkv at load), partial rotary, SDPA."""
 
-    def __init__(self, config: PhixtralConfig):
+    def __init__(self, config: PhixtralConfig, runtime: Optional[RuntimeSettings] = None):
         super().__init__()
+        self.runtime = runtime if runtime is not None else RuntimeSettings()  # the model's: attention_upcast
         self.n_head, self.n_head_kv, self.head_dim = config.n_head, config.n_head_kv, config.head_dim
         # Wqkv rows: [Q (H * hd) | K (H_kv * hd) | V (H_kv * hd)], heads contiguous inside each part.
         self.Wqkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_head_kv) * self.head_dim)
         self.out_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd)
         self.kv_cache: Optional[KVCache] = None
-        self.upcast = "fp32"  # fp16 models only, one of ATTENTION_UPCAST (Phixtral.attention_upcast sets every layer's)
         # "scores": q times 2^-floor(log2(sqrt(hd))), exact in fp16; SDPA's scale is the rest of 1/sqrt(hd), in (1/2, 1].
         self.prescale = 2.0 ** -math.floor(math.log2(math.sqrt(self.head_dim)))
+
+    @property
+    def upcast(self) -> str:
+        """How this layer computes fp16 attention, one of ATTENTION_UPCAST: its model's attention_upcast."""
+        return self.runtime.attention_upcast
 
     def forward(self, x, cos, sin, mask, input_pos):
         # x [B, S, D]; cos, sin [B, S, 1, rotary_dim / 2]; mask [B, 1, S, L] bool or None (causal); input_pos [S] or None
@@ -91,7 +96,8 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
         scale = 1.0 / math.sqrt(hd)
-        if q.dtype == torch.float16 and self.upcast == "scores":
+        upcast = self.runtime.attention_upcast
+        if q.dtype == torch.float16 and upcast == "scores":
             # SDPA's fused CUDA kernels (flash, memory-efficient) accumulate q.k^T and take the softmax in fp32; with q
             # pre-scaled, a kernel that stores q.k^T in fp16 holds at most twice the final score, not 9x (hd = 80).
             q, scale = q * self.prescale, scale / self.prescale
@@ -116,117 +122,41 @@ class ExpertLinear(nn.Module):
             nn.init.kaiming_uniform_(self.weight[e], a=math.sqrt(5))
             nn.init.uniform_(self.bias[e], -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
 
-
-class QuantizedExpertLinear(nn.Module):
-    """E GPTQ-packed Linears stacked for the kernels; `weight` is their `phixtral_kernels.QuantizedExperts` [E, out, in].
-
-    Buffers: qweight [E, in * bits / 32, out] int32, qzeros [E, G, out * bits / 32] int32 (None once found symmetric),
-    scales [E, G, out] (the model's dtype), g_idx [E, in] int32 (None once found to be k // group_size); bias [E, out].
-    """
-
-    def __init__(self, num_experts: int, out_features: int, in_features: int, bits: int, group_size: int):
-        super().__init__()
-        self.bits, self.group_size = bits, group_size
-        groups = in_features // group_size if group_size > 0 else 1
-        E, i32 = num_experts, dict(dtype=torch.int32)
-        self.register_buffer("qweight", torch.zeros(E, in_features * bits // 32, out_features, **i32))
-        self.register_buffer("qzeros", torch.zeros(E, groups, out_features * bits // 32, **i32))
-        self.register_buffer("scales", torch.zeros(E, groups, out_features))
-        self.register_buffer("g_idx", torch.zeros(E, in_features, **i32))
-        self.bias = nn.Parameter(torch.zeros(E, out_features))
-        self._cache = {}  # packed (bool) -> (buffers, their versions, QuantizedExperts): see _container
-
-    @property
-    def weight(self) -> QuantizedExperts:
-        """The packed weights as the kernels take them (shapes checked, no device read)."""
-        return self._container(packed=False)
-
-    def weight_for(self, x: torch.Tensor) -> QuantizedExperts:
-        """`weight`, carrying torch's packed CPU form when x is a bfloat16 CPU tensor: repacked from these buffers the
-        first time, and again whenever one of them is replaced or written to (see phixtral_kernels.cpu_packed)."""
-        return self._container(packed=x.device.type == "cpu" and x.dtype == torch.bfloat16)
-
-    def _container(self, packed: bool) -> QuantizedExperts:
-        # Cached per (buffer objects, their in-place versions): a decode step asks for it 2-4 times per layer, and
-        # building and checking a container costs more than the int4 GEMV of a small layer. The cache holds the
-        # buffers it was built from, so an id can never be reused while it lives. Tensors made under
-        # torch.inference_mode() keep no version: an in-place write into one is not seen (replace it, or set_weight).
-        b = self._buffers
-        buffers = (b["qweight"], b["qzeros"], b["scales"], b["g_idx"])
-        versions = tuple(None if t is None or t.is_inference() else t._version for t in buffers)  # inference tensors have none
-        cached = self._cache.get(packed)
-        if cached is not None and cached[1] == versions and all(x is y for x, y in zip(cached[0], buffers)):
-            return cached[2]
-        w = QuantizedExperts(*buffers, self.bits, self.group_size, check=False)
-        if packed and not cpu_packing_unsupported(w):
-            w = QuantizedExperts(*buffers, self.bits, self.group_size, check=False, cpu_packed=pack_for_cpu(w, torch.bfloat16))
-        self._cache[packed] = (buffers, versions, w)
-        return w
-
-    def set_weight(self, w: QuantizedExperts) -> None:
-        """Replace the packed tensors (qzeros and g_idx may be None)."""
-        self.qweight, self.qzeros, self.scales, self.g_idx = w.qweight, w.qzeros, w.scales.to(self.scales.dtype), w.g_idx
-
-    def default_g_idx(self) -> torch.Tensor:
-        """[E, in] int32: k // group_size, what a checkpoint without g_idx means."""
-        E, K = self.qweight.shape[0], self.qweight.shape[1] * 32 // self.bits
-        k = torch.arange(K, dtype=torch.int32, device=self.qweight.device)
-        return (k // self.group_size if self.group_size > 0 else torch.zeros_like(k)).expand(E, K).contiguous()
-
-    def compact(self) -> None:
-        """Drop g_idx when every expert's groups are contiguous (k // group_size) and qzeros when every zero point is
-        2^(bits-1) (symmetric): the kernels then take their faster paths. Reads the tensors once (a host sync)."""
-        if self.g_idx is not None and torch.equal(self.g_idx, self.default_g_idx()):
-            self.g_idx = None
-        if self.qzeros is not None and bool((self.weight.zero_points() == 2 ** (self.bits - 1)).all()):
-            self.qzeros = None
-
-
-class QuantizedLinear(QuantizedExpertLinear):
-    """One GPTQ-packed torch Linear (an expert stack of one): y = x @ W^T + b through `phixtral_kernels.quantized_linear`,
-    the MoE's grouped GEMM at one expert on the triton backend, dequantize + F.linear on the torch backend."""
-
-    def __init__(self, out_features: int, in_features: int, bits: int, group_size: int):
-        super().__init__(1, out_features, in_features, bits, group_size)
-        self.backend = "auto"
-
-    def forward(self, x):
-        # x [..., in] -> [..., out]
-        y = quantized_linear(x.reshape(-1, x.shape[-1]), self.weight_for(x), self.bias[0], backend=self.backend)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def quantized_module(path: str, num_experts: int, out_features: int, in_features: int, bits: int, group_size: int) -> nn.Module:
-    """The packed module that stands at `path` (a model module name such as "h.0.mixer.Wqkv" or "h.0.moe.fc1")."""
-    if path.endswith((".moe.fc1", ".moe.fc2")):
-        return QuantizedExpertLinear(num_experts, out_features, in_features, bits, group_size)
-    return QuantizedLinear(out_features, in_features, bits, group_size)
+    def weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight as the kernels take it for input x: the stacked tensor (packed modules answer their own form)."""
+        return self.weight
 
 
 class MoE(nn.Module):
-    """Router + E experts fc2(gelu_new(fc1(x))), top_k per token; the whole layer is one `fused_moe` call."""
+    """Router + E experts fc2(gelu_new(fc1(x))), top_k per token; the whole layer is one `fused_moe` call.
 
-    def __init__(self, config: PhixtralConfig):
+    fc1 and fc2 are expert stacks: an ExpertLinear or a packed one (phixtral/quant), each answering `weight_for(x)`."""
+
+    def __init__(self, config: PhixtralConfig, runtime: Optional[RuntimeSettings] = None):
         super().__init__()
         E, D, F_ = config.num_local_experts, config.n_embd, config.n_inner
+        self.runtime = runtime if runtime is not None else RuntimeSettings()  # the model's: backend
         self.gate = nn.Linear(D, E, bias=False)
         self.fc1 = ExpertLinear(E, F_, D)  # w1 [E, F, D], b1 [E, F] (or a QuantizedExpertLinear)
         self.fc2 = ExpertLinear(E, D, F_)  # w2 [E, D, F], b2 [E, D] (or a QuantizedExpertLinear)
         self.top_k = config.num_experts_per_tok
-        self.backend = "auto"
+
+    @property
+    def backend(self) -> str:
+        """The MoE implementation this layer runs: its model's backend."""
+        return self.runtime.backend
 
     def forward(self, x):
         # x [B, S, D] -> [B, S, D]
-        fc1, fc2 = (fc.weight_for(x) if isinstance(fc, QuantizedExpertLinear) else fc.weight for fc in (self.fc1, self.fc2))
         y = fused_moe(
             x.reshape(-1, x.shape[-1]),  # [T = B * S, D]
             self.gate.weight,
-            fc1,
+            self.fc1.weight_for(x),
             self.fc1.bias,
-            fc2,
+            self.fc2.weight_for(x),
             self.fc2.bias,
             self.top_k,
-            backend=self.backend,
+            backend=self.runtime.backend,
         )
         return y.view(x.shape)
 
@@ -234,11 +164,12 @@ class MoE(nn.Module):
 class Block(nn.Module):
     """Parallel residual block: one LayerNorm feeds attention and the MoE, both added to the residual."""
 
-    def __init__(self, config: PhixtralConfig):
+    def __init__(self, config: PhixtralConfig, runtime: Optional[RuntimeSettings] = None):
         super().__init__()
+        runtime = runtime if runtime is not None else RuntimeSettings()  # one for both layers of a block built alone
         self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mixer = Attention(config)
-        self.moe = MoE(config)
+        self.mixer = Attention(config, runtime)
+        self.moe = MoE(config, runtime)
 
     def forward(self, x, cos, sin, mask, input_pos):
         h = self.ln(x)
@@ -261,26 +192,31 @@ class Phixtral(nn.Module):
     """The decoder. `model(input_ids) -> logits [B, S, V]` (fp32); `generate` / `chat` for text (see generate.py).
 
     Build with `phixtral.from_pretrained(path_or_id)`; `tokenizer` is set there when the checkpoint ships one.
+    backend, attention_upcast and cuda_graph live in `runtime` (a phixtral.runtime.RuntimeSettings), which every layer
+    that needs one reads when it runs; pass `runtime` to share one already checked (from_pretrained does), else one is
+    made with `backend`. Put modules into a model with `set_submodule`, which makes them read this model's settings.
     """
 
-    def __init__(self, config: PhixtralConfig, *, backend: str = "auto"):
+    def __init__(self, config: PhixtralConfig, *, backend: str = "auto", runtime: Optional[RuntimeSettings] = None):
         super().__init__()
+        if runtime is not None and backend != "auto":
+            raise ValueError("pass backend or runtime, not both")
+        self.runtime = runtime if runtime is not None else RuntimeSettings(backend=backend)
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.h = nn.ModuleList(Block(config, self.runtime) for _ in range(config.n_layer))
         self.lm_head = Head(config)
         self.tokenizer = None
         self.eos_token_ids: list[int] = []  # filled by from_pretrained from the tokenizer and the configs
         self.last_generation_stats = None  # a GenerationStats after each generate()
         self._inv_freq = {}  # device -> [rotary_dim / 2] fp32; a plain dict so .half() can never round it
-        self.quantization = None  # a phixtral.gptq.GPTQConfig when some Linears are GPTQ-packed
-        self.cuda_graph = "auto"  # decode steps replayed from CUDA graphs: "auto", True or False (phixtral/decode_graph.py)
+        self.quantization = None  # the format (phixtral.quant, e.g. a GPTQConfig) when some Linears are packed
         self.decode_graphs = None  # the captured decode steps (a decode_graph.DecodeGraphs); they point into the KV cache
-        self.set_backend(backend)
+        check_backend_device(self.runtime.backend, self.device)
 
     @classmethod
-    def from_pretrained(cls, path_or_id, **kwargs) -> "Phixtral":
-        """See `phixtral.weights.from_pretrained`."""
+    def from_pretrained(cls, path_or_id=None, **kwargs) -> "Phixtral":
+        """See `phixtral.weights.from_pretrained` (no path: the bundled tiny phixtral)."""
         from .weights import from_pretrained
 
         return from_pretrained(path_or_id, **kwargs)
@@ -326,46 +262,61 @@ class Phixtral(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.wte.weight.dtype
 
+    # --- runtime settings (phixtral/runtime.py) ---------------------------------------------------------------------
     @property
     def backend(self) -> str:
-        return self.h[0].moe.backend if len(self.h) else "auto"
+        return self.runtime.backend
 
     def set_backend(self, backend: str) -> None:
         """Choose the MoE implementation of every layer: "auto", "triton", "torch" or "naive" (see phixtral_kernels).
         GPTQ-packed dense Linears follow it too ("naive" runs them as "torch" does)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "triton" and self.device.type != "meta" and (reason := triton_unavailable_reason(self.device)):
-            raise RuntimeError(f"backend='triton' cannot run on {self.device}: {reason}")
+        check_backend_device(backend, self.device)
+        self.runtime.backend = backend
         self.decode_graphs = None  # captured with the old backend
-        for block in self.h:
-            block.moe.backend = backend
-        for module in self.modules():
-            if isinstance(module, QuantizedLinear):
-                module.backend = backend
 
     @property
     def attention_upcast(self) -> str:
         """How an fp16 model computes attention: "fp32" (q, k, v upcast, the default) or "scores" (fp16 q, k, v, q
         pre-scaled; see Attention.forward). No effect on fp32 and bf16 models."""
-        return self.h[0].mixer.upcast if len(self.h) else "fp32"
+        return self.runtime.attention_upcast
 
     @attention_upcast.setter
     def attention_upcast(self, mode: str) -> None:
-        if mode not in ATTENTION_UPCAST:
-            raise ValueError(f"attention_upcast must be one of {ATTENTION_UPCAST}, got {mode!r}")
+        self.runtime.attention_upcast = mode
         self.decode_graphs = None  # captured with the other mode
-        for block in self.h:
-            block.mixer.upcast = mode
+
+    @property
+    def cuda_graph(self):
+        """Whether decode steps replay from CUDA graphs: "auto" (the default), True or False (phixtral/decode_graph.py);
+        generate's cuda_graph argument overrides it for one call."""
+        return self.runtime.cuda_graph
+
+    @cuda_graph.setter
+    def cuda_graph(self, mode) -> None:
+        self.runtime.cuda_graph = mode
+
+    def set_submodule(self, target: str, module: nn.Module, strict: bool = False) -> None:
+        """Put `module` at `target` (e.g. "h.0.mixer.Wqkv"), as torch's set_submodule does; the layers inside it read
+        this model's runtime settings from then on (a module built alone, or taken from another model, would otherwise
+        keep reading the settings it was made with)."""
+        parent_name, _, name = target.rpartition(".")
+        parent = self.get_submodule(parent_name)
+        if strict and not hasattr(parent, name):
+            raise AttributeError(f"{parent_name or type(self).__name__} has no attribute {name!r}")
+        for layer in module.modules():
+            if isinstance(getattr(layer, "runtime", None), RuntimeSettings):
+                layer.runtime = self.runtime
+        setattr(parent, name, module)
+        self.decode_graphs = None  # captured over the module it replaces
 
     def pack_for_cpu(self) -> None:
-        """Repack the GPTQ-packed Linears for torch's CPU int8 / int4 kernels now (a bfloat16 model on the CPU) rather
-        than at their first call; from_pretrained does this. A no-op for other models."""
+        """Repack the packed Linears for torch's CPU int8 / int4 kernels now (a bfloat16 model on the CPU) rather than at
+        their first call; from_pretrained does this. A no-op for other models."""
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:
             return
         probe = torch.empty(0, 0, dtype=torch.bfloat16)
         for module in self.modules():
-            if isinstance(module, QuantizedExpertLinear):
+            if hasattr(module, "weight_for"):
                 module.weight_for(probe)
 
     # --- static KV cache -------------------------------------------------------------------------------------------

@@ -1,22 +1,18 @@
-"""Checkpoint folders <-> Phixtral: hub resolution, the three key layouts, tensor-by-tensor loading, phi-msft writing.
+"""Checkpoint folders <-> Phixtral: hub resolution, checking the files, tensor-by-tensor loading, phi-msft writing.
 
-Key layouts (detected from the tensor names, then checked against config.json):
-    phi-msft-moe    phixtral:   transformer.h.N.moe.gate.weight, transformer.h.N.moe.mlp.E.fc1.weight, ...
-    phi-msft-dense  old phi-2:  transformer.h.N.mlp.fc1.weight, ...
-    hf              phi (HF):   model.layers.N.self_attn.q_proj.weight, ..., model.final_layernorm.weight, lm_head.weight
-`checkpoint_map` turns one layout into {checkpoint name: where it goes in the model}: experts land in one slice of the
-stacked [E, F, D] weights, HF's q/k/v in a row block of Wqkv. The same map, read backwards, writes the phi-msft files.
+The key layouts and the map from checkpoint names to model tensors are in phixtral/layouts.py (detected from the tensor
+names, then checked against config.json); the same map, read backwards, writes the phi-msft files.
 
 Loading builds the model on the meta device, allocates it once on the target device in the target dtype, then copies
 tensor by tensor out of the memory-mapped safetensors files: peak host memory stays near one copy of the model.
-GPTQ checkpoints (phixtral/gptq.py) load the same way, into packed modules where a Linear is quantized.
+Quantized checkpoints load the same way, into packed modules where a Linear is quantized: this file asks
+phixtral.quant which format a folder holds and leaves the format's tensors to the format object's hooks.
 """
 
 import json
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -24,17 +20,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from phixtral_kernels import BACKENDS, triton_unavailable_reason
-
+from . import quant
 from .atomic import atomic_folder, check_destination, missing_folder_hint
 from .config import PhixtralConfig
+from .layouts import IGNORED_SUFFIXES, INDEX_FILE, Target, checkpoint_map, detect_layout, read_json
+from .layouts import LAYOUTS  # noqa: F401  (importable from here, its former home)
 from .model import Phixtral
+from .runtime import RuntimeSettings, check_backend_device
 
-LAYOUTS = ("phi-msft-moe", "phi-msft-dense", "hf")
-INDEX_FILE = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "vocab.json", "merges.txt", "*.model", "*.txt"]
-# Buffers some old phi-msft exports saved; recomputed by the model.
-_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # Loads above this size show a progress bar (a few hundred MB take about a second from a warm page cache).
 _PROGRESS_MIN_BYTES = 256 * 2**20
@@ -51,104 +45,7 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / "tiny-phixtral"
 
 
-# --- key layouts -----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Target:
-    """Where one checkpoint tensor goes: model parameter (or buffer) `param`, at `param[index]`, holding `shape`.
-
-    kind: "float", or "int" for GPTQ's packed words and group indices. stage: for a GPTQ tensor of a Linear that loads
-    as a float weight, the checkpoint module whose tensors are collected and dequantized into `param`. optional: may
-    be absent (a GPTQ g_idx without act-order).
-    """
-
-    param: str
-    index: tuple
-    shape: tuple
-    kind: str = "float"
-    stage: Optional[str] = None
-    optional: bool = False
-
-
-def checkpoint_map(config: PhixtralConfig, layout: str) -> dict[str, Target]:
-    """{checkpoint tensor name: Target} for every tensor a checkpoint of this config and layout must hold, in file order."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    V, D, F, E = config.vocab_size, config.n_embd, config.n_inner, config.num_local_experts
-    H, H_kv, hd = config.n_head, config.n_head_kv, config.head_dim
-    m = {}
-
-    def add(src, dst, shape, index=()):
-        m[src] = Target(dst, index, tuple(shape))
-
-    def linear(src, dst, out_f, in_f, index=()):
-        add(src + ".weight", dst + ".weight", (out_f, in_f), index)
-        add(src + ".bias", dst + ".bias", (out_f,), index)
-
-    def layernorm(src, dst):
-        add(src + ".weight", dst + ".weight", (D,))
-        add(src + ".bias", dst + ".bias", (D,))
-
-    def expert(src, dst, e):
-        linear(src + ".fc1", dst + ".moe.fc1", F, D, (e,))
-        linear(src + ".fc2", dst + ".moe.fc2", D, F, (e,))
-
-    if layout == "hf":
-        add("model.embed_tokens.weight", "wte.weight", (V, D))
-        q, k = H * hd, H_kv * hd
-        for i in range(config.n_layer):
-            src, dst = f"model.layers.{i}", f"h.{i}"
-            layernorm(src + ".input_layernorm", dst + ".ln")
-            for name, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + k)), ("v_proj", slice(q + k, q + 2 * k))):
-                linear(f"{src}.self_attn.{name}", dst + ".mixer.Wqkv", rows.stop - rows.start, D, (rows,))
-            linear(src + ".self_attn.dense", dst + ".mixer.out_proj", D, H * hd)
-            expert(src + ".mlp", dst, 0)
-        layernorm("model.final_layernorm", "lm_head.ln")
-        linear("lm_head", "lm_head.linear", V, D)
-        return m
-    add("transformer.embd.wte.weight", "wte.weight", (V, D))
-    for i in range(config.n_layer):
-        src, dst = f"transformer.h.{i}", f"h.{i}"
-        layernorm(src + ".ln", dst + ".ln")
-        linear(src + ".mixer.Wqkv", dst + ".mixer.Wqkv", (H + 2 * H_kv) * hd, D)
-        linear(src + ".mixer.out_proj", dst + ".mixer.out_proj", D, H * hd)
-        if layout == "phi-msft-moe":
-            add(src + ".moe.gate.weight", dst + ".moe.gate.weight", (E, D))
-            for e in range(E):
-                expert(f"{src}.moe.mlp.{e}", dst, e)
-        else:
-            expert(src + ".mlp", dst, 0)
-    layernorm("lm_head.ln", "lm_head.ln")
-    linear("lm_head.linear", "lm_head.linear", V, D)
-    return m
-
-
-def detect_layout(names) -> str:
-    """The key layout of a checkpoint from its tensor names."""
-    names = list(names)
-    if any(n.startswith("model.layers.") or n == "model.embed_tokens.weight" for n in names):
-        return "hf"
-    if any(n.startswith("transformer.h.") and ".moe." in n for n in names):
-        return "phi-msft-moe"
-    if any(n.startswith("transformer.") for n in names):
-        return "phi-msft-dense"
-    raise ValueError(
-        f"unrecognized tensor names (e.g. {sorted(names)[:4]}): expected phi-msft names ('transformer.h.N. ...') "
-        "or transformers' Phi names ('model.layers.N. ...')"
-    )
-
-
 # --- reading files, with errors that name them ---------------------------------------------------------------------
-def read_json(path: Path) -> dict:
-    """The JSON object in `path`, or a ValueError naming the file."""
-    try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a JSON object, got a {type(d).__name__}")
-    return d
-
-
 @contextmanager
 def open_safetensors(file: Path, device: str = "cpu"):
     """safetensors' safe_open; a truncated or corrupt file (on open or on a tensor read) raises a ValueError naming it."""
@@ -226,15 +123,13 @@ def _name_list(names, limit=20) -> str:
 
 def inspect_checkpoint(folder: Path, config: PhixtralConfig) -> tuple[list[Path], str, dict[str, Target]]:
     """Check names, shapes and dtypes from the file headers (no tensor is read): (files, layout, map) or one ValueError.
-    GPTQ checkpoints are checked too (their packed tensors are in the map): see `inspect_quantized`."""
+    Quantized checkpoints are checked too (their packed tensors are in the map): see `inspect_quantized`."""
     return inspect_quantized(folder, config)[:3]
 
 
 def inspect_quantized(folder: Path, config: PhixtralConfig):
-    """`inspect_checkpoint` plus the quantization: (files, layout, map, GPTQConfig or None, {model module: (E, N, K)}
-    for the modules that run GPTQ-packed)."""
-    from .gptq import quantized_map, read_quantization_config
-
+    """`inspect_checkpoint` plus the quantization: (files, layout, map, the format (phixtral.quant, e.g. a GPTQConfig)
+    or None, {model module: (E, N, K)} for the modules that run packed)."""
     files = checkpoint_files(folder)
     shapes, dtypes, owner = {}, {}, {}
     for file in files:
@@ -251,15 +146,15 @@ def inspect_quantized(folder: Path, config: PhixtralConfig):
             f"config.json describes {config.num_local_experts} experts but the tensors in {folder} are a dense model "
             f"({layout} layout, no 'moe.' names)"
         )
-    gptq = read_quantization_config(folder)
-    mapping, runtime = quantized_map(checkpoint_map(config, layout), set(shapes), gptq)
-    present = {n for n in shapes if not n.endswith(_IGNORED_SUFFIXES)}
+    fmt = quant.read_quantization_config(folder)
+    mapping, packed = quant.packed_map(checkpoint_map(config, layout), set(shapes), fmt)
+    present = {n for n in shapes if not n.endswith(IGNORED_SUFFIXES)}
     missing = {n for n, t in mapping.items() if not t.optional} - present
     unexpected = present - mapping.keys()
     known = sorted(present & mapping.keys())
     wrong = [f"{n}: expected {mapping[n].shape}, got {shapes[n]}" for n in known if shapes[n] != mapping[n].shape]
     bad_dtype = [f"{n}: {dtypes[n]}" for n in known if mapping[n].kind == "float" and dtypes[n] not in _FLOAT_DTYPES]
-    bad_int = [f"{n}: {dtypes[n]}" for n in known if mapping[n].kind == "int" and dtypes[n] not in _int_dtypes(n)]
+    bad_int = [f"{n}: {dtypes[n]}" for n in known if mapping[n].kind == "int" and dtypes[n] not in fmt.int_dtypes(n)]
     if missing or unexpected or wrong or bad_dtype or bad_int:
         lines = [
             f"checkpoint {folder} does not match its config.json ({layout} layout, {config.n_layer} layers, "
@@ -272,16 +167,13 @@ def inspect_quantized(folder: Path, config: PhixtralConfig):
         if wrong:
             lines.append(f"  mis-shaped tensors ({len(wrong)}): " + "; ".join(wrong[:20]))
         if bad_dtype:
-            hint = "" if gptq else " (a GPTQ checkpoint also needs its quantize_config.json)"
+            hint = "" if fmt is not None else quant.missing_settings_hint()
             lines.append(f"  non-float tensors ({len(bad_dtype)}){hint}: " + "; ".join(bad_dtype[:20]))
         if bad_int:
-            lines.append(f"  GPTQ tensors that are not int32 ({len(bad_int)}): " + "; ".join(bad_int[:20]))
+            words = f"{fmt.label} tensors that are not {fmt.int_dtype_name}"
+            lines.append(f"  {words} ({len(bad_int)}): " + "; ".join(bad_int[:20]))
         raise ValueError("\n".join(lines))
-    return files, layout, mapping, gptq, runtime
-
-
-def _int_dtypes(name: str) -> tuple:
-    return ("I32", "I64") if name.endswith(".g_idx") else ("I32",)
+    return files, layout, mapping, fmt, packed
 
 
 # --- loading -------------------------------------------------------------------------------------------------------
@@ -326,37 +218,28 @@ def resolve_dtype(dtype, device: torch.device, config: PhixtralConfig) -> torch.
     return dtype
 
 
-def prepare_quantized(model: Phixtral, runtime: dict, gptq) -> None:
-    """Swap in a GPTQ-packed module at each model module of `runtime` ({name: (E, N, K)}), before allocation."""
-    from .model import quantized_module
-
-    for name, (E, N, K) in runtime.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, quantized_module(name, E, N, K, gptq.bits, gptq.group_size))
-    model.quantization = gptq if runtime else None
-    model.set_backend(model.backend)
+def prepare_quantized(model: Phixtral, packed: dict, fmt) -> None:
+    """Swap in the format's packed module at each model module of `packed` ({name: (E, N, K)}), before allocation."""
+    fmt.prepare(model, packed)
 
 
 def load_weights(model: Phixtral, folder: Path, *, progress: Optional[bool] = None, inspected=None) -> str:
     """Fill every parameter of `model` from the checkpoint in `folder`, tensor by tensor; returns the layout.
 
     Raises a ValueError listing the missing, unexpected or mis-shaped tensors before anything is read.
-    GPTQ checkpoints: `model` must already hold the packed modules (`prepare_quantized`); a g_idx outside [0, G) is a
-    ValueError naming it. Afterwards packed modules drop trivial g_idx / symmetric qzeros and fc2's act-order moves
-    into a permutation of the experts' hidden units (`phixtral_kernels.absorb_act_order`).
+    Quantized checkpoints: `model` must already hold the packed modules (`prepare_quantized`); the format checks each
+    of its tensors as it is read (GPTQ: a g_idx outside [0, G) is a ValueError naming it), dequantizes the Linears that
+    load as float weights, and finishes the packed modules once all is read (see phixtral/quant/format.py).
     inspected: `inspect_quantized`'s answer, when the caller already has it.
     """
     from tqdm.auto import tqdm
 
-    from .gptq import check_g_idx, dequantize_staged, finish_quantized
-
-    files, layout, mapping, gptq, _ = inspected or inspect_quantized(folder, model.config)
+    files, layout, mapping, fmt, _ = inspected or inspect_quantized(folder, model.config)
     params = dict(model.named_parameters())
     params.update(model.named_buffers())
-    for module in model.modules():
-        if getattr(module, "g_idx", None) is not None and hasattr(module, "default_g_idx"):
-            module.g_idx.copy_(module.default_g_idx())  # what a checkpoint without g_idx means
-    staged = {}  # checkpoint module -> {suffix: tensor}: GPTQ Linears that load as float weights
+    if fmt is not None:
+        fmt.before_load(model)
+    staged = {}  # checkpoint module -> (its Target, {suffix: tensor}): packed Linears that load as float weights
     device = model.device
     read_device = str(device) if device.type == "cuda" else "cpu"  # CUDA: straight from the file to the GPU
     total = sum(f.stat().st_size for f in files)
@@ -371,16 +254,16 @@ def load_weights(model: Phixtral, folder: Path, *, progress: Optional[bool] = No
                     tensor = f.get_tensor(name)
                     bar.update(tensor.numel() * tensor.element_size())
                     if target.stage is not None:
-                        staged.setdefault(target.stage, {})[name.rsplit(".", 1)[1]] = tensor
+                        staged.setdefault(target.stage, (target, {}))[1][name.rsplit(".", 1)[1]] = tensor
                         continue
-                    if name.endswith(".g_idx"):
-                        check_g_idx(name, tensor, mapping[name[: -len("g_idx")] + "scales"].shape[0])
+                    if fmt is not None:
+                        fmt.check_tensor(name, tensor, mapping)
                     params[target.param].data[target.index].copy_(tensor)  # casts to the model's dtype on the way
                     del tensor
-        for module, tensors in staged.items():
-            target = mapping[module + ".qweight"]
-            params[target.param].data[target.index].copy_(dequantize_staged(module, tensors, gptq, model.dtype))
-        finish_quantized(model)
+        for module, (target, tensors) in staged.items():
+            params[target.param].data[target.index].copy_(fmt.dequantize(module, tensors, model.dtype))
+        if fmt is not None:
+            fmt.finish(model)
         if layout != "phi-msft-moe":
             for block in model.h:  # one expert: its routing weight is softmax of one logit = 1 whatever the gate holds
                 block.moe.gate.weight.zero_()
@@ -425,7 +308,7 @@ def eos_token_ids(folder: Path, config: PhixtralConfig, tokenizer) -> list[int]:
 
 
 def from_pretrained(
-    path_or_id,
+    path_or_id=None,
     *,
     device=None,
     dtype=None,
@@ -435,9 +318,11 @@ def from_pretrained(
 ) -> Phixtral:
     """Load a phixtral / phi-2 checkpoint (local folder or hub id) into an eval-mode Phixtral with its tokenizer.
 
+    path_or_id: a checkpoint folder or a hub id; None (or no argument) loads the tiny phixtral bundled with the package
+        (`default_model_path()`).
     device: None (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: None (float32 on the CPU, the checkpoint's dtype elsewhere), torch.float16 / "fp16", bfloat16, float32.
-        GPTQ checkpoints (found by themselves, see phixtral/gptq.py) keep their packed weights; dtype is that of the
+        GPTQ checkpoints (found by themselves, see phixtral/quant/) keep their packed weights; dtype is that of the
         activations, scales and everything not packed. On the CPU their default is bfloat16, the one activation dtype
         that torch's packed int8 / int4 kernels run fast on (repacked here, at load); float32 computes everything in
         fp32 from the dequantized weights instead: exact, and slower than the float checkpoint.
@@ -445,25 +330,20 @@ def from_pretrained(
     num_experts_per_tok: override the checkpoint's top_k (1..num_local_experts).
     progress: show a tqdm bar (None: only for loads of a few hundred MB and more).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    folder = resolve_checkpoint(path_or_id)
+    runtime = RuntimeSettings(backend=backend)  # the one check of the value, before any file is read
+    folder = resolve_checkpoint(default_model_path() if path_or_id is None else path_or_id)
     config = read_config(folder, num_experts_per_tok=num_experts_per_tok)
     device = resolve_device(device)
-    if backend == "triton" and (reason := triton_unavailable_reason(device)) is not None:
-        raise RuntimeError(f"backend='triton' cannot run on {device}: {reason}")
+    check_backend_device(backend, device)
     inspected = inspect_quantized(folder, config)
-    if dtype is None and device.type == "cpu" and inspected[4]:
+    fmt, packed = inspected[3:]
+    if dtype is None and device.type == "cpu" and packed:
         dtype = torch.bfloat16  # torch's packed CPU kernels are fast with bf16 activations only (phixtral_kernels.cpu_packed)
     dtype = resolve_dtype(dtype, device, config)
     with torch.device("meta"):
-        model = Phixtral(config, backend=backend)
-        prepare_quantized(model, inspected[4], inspected[3])
-    model = model.to(dtype)
-    if dtype == torch.bfloat16:
-        for module in model.modules():  # GPTQ scales are fp16: bf16 would drop 3 of their bits
-            if hasattr(module, "scales"):
-                module.scales = module.scales.to(torch.float16)
+        model = Phixtral(config, runtime=runtime).to(dtype)
+        if fmt is not None:
+            prepare_quantized(model, packed, fmt)  # in the model's dtype: after the cast, which would round GPTQ's scales
     model = model.to_empty(device=device)  # one allocation, in the target dtype, on the target device
     load_weights(model, folder, progress=progress, inspected=inspected)
     model.eval().requires_grad_(False)
@@ -519,17 +399,14 @@ def write_msft_files(
     """The files of `save_msft_checkpoint`, written straight into an existing folder (the temporary one of
     `atomic_folder`): shards, index and config.json. Returns the shard paths.
 
-    quantization: a `phixtral.gptq.GPTQConfig` when `state` holds GPTQ-packed modules (`<module>.qweight`, ...): they are
-    written in AutoGPTQ's v1 layout (int32 tensors as they are, scales and biases in `dtype`), with quantize_config.json
-    and config.json's quantization_config."""
-    from .gptq import checkpoint_tensor, quantized_map, write_quantize_config
-
+    quantization: the format (phixtral.quant, e.g. a GPTQConfig; `Phixtral.quantization`) when `state` holds packed
+    modules: the format names their tensors and writes its settings. GPTQ writes AutoGPTQ's v1 layout (int32 tensors as
+    they are, scales and biases in `dtype`), with quantize_config.json and config.json's quantization_config."""
     folder = Path(folder)
     mapping = checkpoint_map(config, "phi-msft-moe" if config.is_moe else "phi-msft-dense")
     if quantization is not None:
-        packed = {n.replace(".weight", ".qweight") for n, t in mapping.items() if t.param.replace(".weight", ".qweight") in state}
-        mapping, _ = quantized_map(mapping, packed, quantization)
-    needed = {t.param for t in mapping.values() if t.kind == "float" or t.param.endswith(".qweight")}
+        mapping = quantization.save_map(mapping, state)
+    needed = {t.param for t in mapping.values() if not t.optional}  # the format derives the optional ones
     missing = needed - state.keys()
     if missing:
         raise ValueError(f"state lacks tensors the phi-msft layout needs: {_name_list(missing)}")
@@ -537,7 +414,7 @@ def write_msft_files(
 
     def tensor(name):
         t = mapping[name]
-        return state[t.param][t.index] if quantization is None else checkpoint_tensor(state, name, t, quantization)
+        return state[t.param][t.index] if quantization is None else quantization.checkpoint_tensor(state, name, t)
 
     # Group by size first (no data read), so that file names can carry the shard count.
     shards, size = [[]], 0
@@ -567,13 +444,13 @@ def write_msft_files(
     config_dict = config.to_msft_dict()
     config_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
     if quantization is not None:
-        write_quantize_config(folder, quantization, config_dict)
+        quantization.write_settings(folder, config_dict)
     (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     return paths
 
 
 def _file_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A CPU copy to write: floats in `dtype`, GPTQ's int32 words and indices as they are."""
+    """A CPU copy to write: floats in `dtype`, a format's packed words and indices as they are."""
     # copy=True: expert slices share their stacked storage, which save_file refuses.
     return t.detach().to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype, copy=True).contiguous()
 

@@ -306,7 +306,7 @@ def gptq_moe_checkpoint(bits=4, group_size=32, sym=False, act_order=True, seed=0
     v1 layout in fp16 (as published GPTQ checkpoints are). act_order: every Linear gets a random column order, so its
     g_idx is a real act-order one."""
     import phixtral
-    from phixtral.gptq import GPTQConfig, quantizable, quantize_model_rtn
+    from phixtral.quant import GPTQConfig, quantizable, quantize_model_rtn
 
     model = phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", dtype="float32", backend="torch")
     orders = None

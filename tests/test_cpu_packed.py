@@ -10,7 +10,7 @@ import torch
 from helpers_models import dequantize_gptq_tensors, gptq_moe_checkpoint, read_tensors, reference_phixtral_forward
 
 import phixtral
-from phixtral.model import QuantizedExpertLinear, QuantizedLinear
+from phixtral.quant import QuantizedExpertLinear, QuantizedLinear
 from phixtral_kernels import (
     QuantizedExperts,
     act_order_g_idx,

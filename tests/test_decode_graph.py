@@ -20,6 +20,7 @@ from helpers_models import msft_moe_checkpoint
 import phixtral
 from phixtral import decode_graph
 from phixtral.generate import generate_tokens
+from phixtral.runtime import RuntimeSettings
 from phixtral.serve.engine import Request, SamplingParams, _RowSampler
 
 PROMPTS = ["def f7(x, y):\n", "import os\nclass A", "for i in range(10):"]
@@ -89,15 +90,13 @@ def test_cpu_decodes_eagerly(model):
 
 @pytest.mark.parametrize("value", ["on", 1, 0, None, "True"])
 def test_bad_cuda_graph_values_are_refused(model, value):
+    """A generation's argument is checked when generate runs; the model's setting when it is set."""
     if value is not None:
         with pytest.raises(ValueError, match="cuda_graph must be 'auto', True or False"):
             model.generate(PROMPTS[0], max_new_tokens=2, cuda_graph=value)
-    model.cuda_graph = value
-    try:
-        with pytest.raises(ValueError, match="model.cuda_graph must be 'auto', True or False"):
-            model.generate(PROMPTS[0], max_new_tokens=2)
-    finally:
-        model.cuda_graph = "auto"
+    with pytest.raises(ValueError, match="model.cuda_graph must be 'auto', True or False"):
+        model.cuda_graph = value
+    assert model.cuda_graph == "auto", "a refused value leaves the setting as it was"
 
 
 def test_environment_variable_turns_auto_off(model, monkeypatch):
@@ -123,9 +122,10 @@ def test_only_the_triton_backend_is_captured(model):
         assert decode_graph.host_sync_reason(model) is None
         model.set_backend("auto")
         assert decode_graph.host_sync_reason(model) is None
-        model.h[1].moe.backend = "torch"  # one layer is enough to forbid it
+        model.h[1].moe.runtime = RuntimeSettings(backend="torch")  # one layer reading other settings is enough to forbid it
         assert decode_graph.host_sync_reason(model).startswith("h.1.moe runs the 'torch' backend")
     finally:
+        model.h[1].moe.runtime = model.runtime
         model.set_backend("torch")
     cpu = torch.device("cpu")
     assert decode_graph._resolved_backend("auto", cpu, torch.float64) == "torch"  # the kernels take fp16 / bf16 / fp32

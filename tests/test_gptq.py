@@ -16,7 +16,8 @@ from helpers_models import (
 )
 
 import phixtral
-from phixtral.model import ExpertLinear, QuantizedExpertLinear, QuantizedLinear
+from phixtral.model import ExpertLinear
+from phixtral.quant import QuantizedExpertLinear, QuantizedLinear
 from phixtral_kernels import quantize_rtn
 from phixtral_kernels.quant import pack_cols
 

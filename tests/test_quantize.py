@@ -11,8 +11,7 @@ from phixtral.cli import main
 from phixtral.commands.evaluate import evaluate
 from phixtral.commands.quantize import gptq_quantize
 from phixtral.commands.stdlib_data import slice_texts
-from phixtral.gptq import GPTQConfig, quantize_model_rtn
-from phixtral.model import QuantizedExpertLinear
+from phixtral.quant import GPTQConfig, QuantizedExpertLinear, quantize_model_rtn
 from phixtral_kernels import dequantize_experts, quantize_rtn
 
 IDS = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(1))

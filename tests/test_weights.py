@@ -16,7 +16,7 @@ from helpers_models import (
 
 import phixtral
 from phixtral import PhixtralConfig
-from phixtral.weights import checkpoint_map, detect_layout, resolve_checkpoint
+from phixtral.weights import checkpoint_map, detect_layout, read_config, resolve_checkpoint
 
 PHIXTRAL_4X2_8 = msft_config(
     hidden=2560, layers=32, heads=32, vocab=51200, n_positions=2048, rotary_dim=32, experts=4, top_k=2
@@ -255,11 +255,17 @@ def test_devices_and_dtypes_that_are_not_available():
 
 
 def test_triton_backend_that_cannot_run_fails_at_load(monkeypatch):
-    monkeypatch.setattr(phixtral.weights, "triton_unavailable_reason", lambda device: "no driver here")
+    monkeypatch.setattr(phixtral.runtime, "triton_unavailable_reason", lambda device: "no driver here")  # the one check
     with pytest.raises(RuntimeError, match="backend='triton' cannot run on cpu: no driver here"):
         phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", backend="triton")
     assert phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", backend="torch").backend == "torch"
 
+
+
+def test_from_pretrained_without_a_path_loads_the_bundled_model():
+    model = phixtral.from_pretrained(backend="torch")
+    assert model.config == read_config(phixtral.default_model_path()) and model.tokenizer is not None
+    assert phixtral.Phixtral.from_pretrained(backend="torch").config == model.config
 
 # --- hub ids ---------------------------------------------------------------------------------------------------------
 def test_hub_id_is_fetched_with_snapshot_download(monkeypatch):

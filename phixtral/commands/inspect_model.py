@@ -28,7 +28,7 @@ NEAR_IDENTICAL_COSINE = 0.99
 
 def checkpoint_summary(folder) -> dict:
     """Config, parameter counts and dtypes from the file headers, and the router weights (the only tensors read)."""
-    from ..gptq import read_quantization_config
+    from ..quant import read_quantization_config
     from ..weights import inspect_checkpoint, open_safetensors, read_config, resolve_checkpoint
 
     folder = resolve_checkpoint(folder)

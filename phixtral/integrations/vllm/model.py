@@ -7,7 +7,7 @@ head. The MoE layer is `phixtral::fused_moe` over this rank's slice of every exp
 the torch backend on the CPU. A dense checkpoint is one expert with top_k 1, as in phixtral.model.
 
 Module names keep phixtral's (wte, h.N.ln, h.N.mixer.Wqkv, h.N.mixer.out_proj, h.N.moe.gate / fc1 / fc2), so the loader
-is phixtral.weights.checkpoint_map plus the per-rank slicing of sharding.py. Shapes: T flattened tokens (vLLM batches
+is phixtral.layouts.checkpoint_map plus the per-rank slicing of sharding.py. Shapes: T flattened tokens (vLLM batches
 every running sequence into one [T] row), D model dim, F expert hidden dim (F_r = F / tensor-parallel size), E experts.
 """
 
@@ -31,10 +31,9 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
 from ...config import PhixtralConfig
-from ...weights import checkpoint_map, detect_layout
+from ...layouts import IGNORED_SUFFIXES, checkpoint_map, detect_layout
 from .ops import fused_moe_op
 from .sharding import (
-    IGNORED_SUFFIXES,
     checkpoint_targets,
     expert_name,
     expert_rows,

@@ -22,10 +22,9 @@ from typing import Optional
 import torch
 
 from ...config import PhixtralConfig
-from ...weights import Target, checkpoint_map
+from ...layouts import IGNORED_SUFFIXES  # noqa: F401  (importable from here, as before)
+from ...layouts import Target, checkpoint_map
 
-# Buffers some old phi-msft exports saved; the model recomputes them.
-IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 EXPERT_TENSORS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 
 

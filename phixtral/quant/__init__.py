@@ -1,0 +1,53 @@
+"""Quantized checkpoints: the formats, the packed modules they load into, and the methods that write them.
+
+    format.py        QuantFormat: what the loader and the writer (phixtral/weights.py) ask of a format
+    registry.py      the formats by quant_method; which one a checkpoint folder holds
+    gptq_format.py   GPTQ, AutoGPTQ's v1 layout: settings, tensor names and shapes, loading hooks, writing
+    modules.py       QuantizedLinear, QuantizedExpertLinear: GPTQ-packed Linears run by phixtral_kernels
+    rtn.py           round-to-nearest into the GPTQ layout (and the helpers every method shares)
+    gptq_solver.py   GPTQ proper, calibrated
+
+weights.py reaches formats only through this package (read_quantization_config, packed_map and the format object's
+hooks). A new format is one module here, a QuantFormat subclass registered with `register_format` (below, for the
+ones phixtral ships), plus its tests.
+"""
+
+from .format import QuantFormat
+from .gptq_format import QUANT_SUFFIXES, QUANTIZE_CONFIG_FILE, RUNTIME_QUANTIZED, GPTQConfig
+from .gptq_solver import gptq_quantize, quantize_model_gptq
+from .modules import QuantizedExpertLinear, QuantizedLinear, quantized_module
+from .registry import (
+    FORMATS,
+    missing_settings_hint,
+    packed_map,
+    read_quantization_config,
+    register_format,
+    unregister_format,
+)
+from .rtn import float_bias, float_weight, quantizable, quantize_model_rtn, set_quantized
+
+register_format(GPTQConfig)
+
+__all__ = [
+    "FORMATS",
+    "GPTQConfig",
+    "QUANTIZE_CONFIG_FILE",
+    "QUANT_SUFFIXES",
+    "QuantFormat",
+    "QuantizedExpertLinear",
+    "QuantizedLinear",
+    "RUNTIME_QUANTIZED",
+    "float_bias",
+    "float_weight",
+    "gptq_quantize",
+    "missing_settings_hint",
+    "packed_map",
+    "quantizable",
+    "quantize_model_gptq",
+    "quantize_model_rtn",
+    "quantized_module",
+    "read_quantization_config",
+    "register_format",
+    "set_quantized",
+    "unregister_format",
+]

@@ -1,0 +1,188 @@
+"""GPTQ (Frantar et al. 2022) of a loaded float model's Linears, in place, into GPTQ's v1 layout.
+
+Each Linear's rows are quantized one input column at a time, the rounding error pushed onto the columns not yet
+quantized through the inverse Hessian of its calibration inputs (H = 2/n X^T X). Layer by layer: a layer's inputs come
+from the already quantized layers before it; inside a layer Wqkv and fc1 first (both read ln(x)), then out_proj and fc2
+on the outputs of the quantized Wqkv / fc1. An expert's Hessian only sees the calibration tokens routed to it.
+desc_act (act-order) processes columns by decreasing Hessian diagonal (g_idx records each column's group).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from phixtral_kernels import (
+    QuantizedExperts,
+    act_order_g_idx,
+    dequantize_experts,
+    gelu_tanh,
+    pack_cols,
+    pack_rows,
+    quant_grid,
+    quantize_values,
+    topk_softmax_torch,
+)
+
+from .gptq_format import GPTQConfig
+from .rtn import float_bias, float_weight, set_quantized
+
+
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, gptq: GPTQConfig, *, block_size: int = 128):
+    """GPTQ on one Linear: w [N, K] float, H [K, K] = 2/n sum x x^T of its inputs -> (q [K, N] codes, scale [G, N],
+    zero [G, N], g_idx [K] or None, the Hessian-weighted error sum).
+
+    Columns are quantized in order (by decreasing H diagonal with desc_act); each group's grid (`quant_grid`) is set
+    when its first column comes up, from the columns as the earlier errors left them. Dead inputs (H_kk = 0) are
+    quantized as zeros. Damping: damp_percent of the mean diagonal.
+    """
+    W = w.detach().float().clone()
+    N, K = W.shape
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    gs = gptq.group_size if gptq.group_size > 0 else K
+    perm = None
+    if gptq.desc_act:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    H += gptq.damp_percent * torch.mean(torch.diag(H)) * torch.eye(K, device=H.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros(K, N, device=W.device)
+    scales = torch.zeros(K // gs, N, device=W.device)
+    zeros = torch.zeros(K // gs, N, device=W.device)
+    loss = 0.0
+    if gptq.group_size > 0:
+        block_size = max(block_size // gs, 1) * gs  # a multiple of the group size: groups never straddle blocks
+    else:  # per channel: one grid for the whole row, from the weights as they are
+        scales[0], zeros[0] = quant_grid(W.min(1).values, W.max(1).values, gptq.bits, gptq.sym)
+    for b0 in range(0, K, block_size):
+        b1 = min(b0 + block_size, K)
+        W1, Err1, Hinv1 = W[:, b0:b1].clone(), torch.zeros(N, b1 - b0, device=W.device), Hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            if gptq.group_size > 0 and col % gs == 0:
+                group = W1[:, i : i + gs]  # the group's columns with the errors of every earlier column applied
+                s, z = quant_grid(group.min(1).values, group.max(1).values, gptq.bits, gptq.sym)
+                scales[col // gs], zeros[col // gs] = s, z
+            s, z = scales[col // gs], zeros[col // gs]
+            w_col = W1[:, i]
+            q = quantize_values(w_col, s, z, gptq.bits)
+            Q[col] = q
+            err = (w_col - s * (q - z)) / Hinv1[i, i]
+            loss += float((err**2).sum()) / 2
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, b1:] -= Err1 @ Hinv[b0:b1, b1:]
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q = Q[inv]
+        g_idx = act_order_g_idx(perm, gs)
+    return Q, scales, zeros, g_idx, loss
+
+
+def _pack(codes: list, scales: list, zeros: list, g_idx: list, gptq: GPTQConfig) -> QuantizedExperts:
+    """Stack per-expert GPTQ results into a QuantizedExperts."""
+    q = pack_rows(torch.stack(codes).to(torch.int32), gptq.bits)
+    qzeros = None if gptq.sym else pack_cols((torch.stack(zeros) - 1).to(torch.int32), gptq.bits)
+    g = torch.stack(g_idx).to(torch.int32) if g_idx[0] is not None else None
+    return QuantizedExperts(q, qzeros, torch.stack(scales).half(), g, gptq.bits, gptq.group_size)
+
+
+class _Hessians:
+    """Running H = 2/n sum x x^T per expert of one Linear stack."""
+
+    def __init__(self, E: int, K: int, device):
+        self.H = torch.zeros(E, K, K, device=device)
+        self.n = [0] * E
+
+    def add(self, e: int, x: torch.Tensor) -> None:
+        # x [rows, K]; running mean of 2 x x^T, as GPTQ's add_batch
+        rows = x.shape[0]
+        if rows == 0:
+            return
+        total = self.n[e] + rows
+        x = x.float() * math.sqrt(2.0 / total)
+        self.H[e] *= self.n[e] / total
+        self.H[e] += x.t() @ x
+        self.n[e] = total
+
+
+def _quantize_stack(model, name: str, hessians: _Hessians, gptq: GPTQConfig) -> float:
+    module = model.get_submodule(name)
+    w = float_weight(module)
+    # An expert no calibration token reached has H = 0: every input would count as dead and be zeroed. The identity
+    # instead makes GPTQ plain rounding for it.
+    eye = torch.eye(w.shape[2], device=w.device)
+    results = [gptq_quantize(w[e], hessians.H[e] if hessians.n[e] else eye, gptq) for e in range(w.shape[0])]
+    codes, scales, zeros, g_idx, losses = zip(*results)
+    set_quantized(model, name, _pack(codes, scales, zeros, g_idx, gptq), float_bias(module))
+    return sum(losses)
+
+
+def _moe_inputs(moe, h: torch.Tensor):
+    """Per expert, the rows of h [T, D] routed to it (top-k over the router logits, ties to the lowest index)."""
+    _, experts = topk_softmax_torch(h @ moe.gate.weight.t(), moe.top_k)  # [T, top_k], ties to the lowest index
+    return [h[(experts == e).any(-1)] for e in range(moe.gate.weight.shape[0])]
+
+
+@torch.no_grad()
+def quantize_model_gptq(model, gptq: GPTQConfig, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = True) -> dict:
+    """GPTQ of every `quantizable` Linear, in place, calibrated on token windows [n, S]. Returns {module: error}."""
+    from tqdm.auto import tqdm
+
+    x = torch.cat([model.wte(windows[i : i + batch_size].to(model.device)) for i in range(0, len(windows), batch_size)])
+    B, S = windows.shape
+    position_ids = torch.arange(S, device=model.device)[None].expand(batch_size, S)
+    losses = {}
+    bar = tqdm(total=4 * len(model.h), desc="gptq", unit="linear", disable=not progress)
+    for i, block in enumerate(model.h):
+        prefix = f"h.{i}"
+
+        def ln_batches():
+            for b in range(0, B, batch_size):
+                yield x[b : b + batch_size], block.ln(x[b : b + batch_size])
+
+        # 1. Wqkv and fc1 read ln(x)
+        D = x.shape[-1]
+        attn_in = _Hessians(1, D, model.device)
+        E = block.moe.gate.weight.shape[0]
+        fc1_in = _Hessians(E, D, model.device)
+        for _, h in ln_batches():
+            flat = h.reshape(-1, D)
+            attn_in.add(0, flat)
+            for e, rows in enumerate(_moe_inputs(block.moe, flat)):
+                fc1_in.add(e, rows)
+        for name, H in ((prefix + ".mixer.Wqkv", attn_in), (prefix + ".moe.fc1", fc1_in)):
+            losses[name] = _quantize_stack(model, name, H, gptq)
+            bar.update(1)
+        # 2. out_proj reads the attention output, fc2 the hidden units, both from the quantized Wqkv / fc1
+        out_proj_in = _Hessians(1, block.mixer.out_proj.in_features, model.device)
+        F_ = block.moe.fc1.weight.shape[1]
+        fc2_in = _Hessians(E, F_, model.device)
+        hook = block.mixer.out_proj.register_forward_pre_hook(lambda mod, args: out_proj_in.add(0, args[0].reshape(-1, args[0].shape[-1])))
+        try:
+            for xb, h in ln_batches():
+                cos, sin = model._rope(position_ids[: xb.shape[0]])
+                block.mixer(h, cos, sin, None, None)
+                flat = h.reshape(-1, D)
+                fc1 = block.moe.fc1.weight  # quantized in step 1
+                for e, rows in enumerate(_moe_inputs(block.moe, flat)):
+                    if rows.shape[0]:
+                        w1 = dequantize_experts(fc1.select(e), rows.dtype)[0]
+                        fc2_in.add(e, gelu_tanh(F.linear(rows, w1, block.moe.fc1.bias[e])))
+        finally:
+            hook.remove()
+        for name, H in ((prefix + ".mixer.out_proj", out_proj_in), (prefix + ".moe.fc2", fc2_in)):
+            losses[name] = _quantize_stack(model, name, H, gptq)
+            bar.update(1)
+        # 3. the next layer's inputs: this layer, quantized
+        for b in range(0, B, batch_size):
+            xb = x[b : b + batch_size]
+            cos, sin = model._rope(position_ids[: xb.shape[0]])
+            x[b : b + batch_size] = block(xb, cos, sin, None, None)
+    bar.close()
+    model.quantization = gptq
+    return losses
