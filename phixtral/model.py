@@ -211,6 +211,8 @@ class Phixtral(nn.Module):
         self.last_generation_stats = None  # a GenerationStats after each generate()
         self._inv_freq = {}  # device -> [rotary_dim / 2] fp32; a plain dict so .half() can never round it
         self.quantization = None  # the format (phixtral.quant, e.g. a GPTQConfig) when some Linears are packed
+        self.source = None  # the checkpoint folder from_pretrained read: save_pretrained never writes over it
+        self.source_dtype = None  # the float dtype of its files: save_pretrained's default
         self.decode_graphs = None  # the captured decode steps (a decode_graph.DecodeGraphs); they point into the KV cache
         check_backend_device(self.runtime.backend, self.device)
 
@@ -225,19 +227,25 @@ class Phixtral(nn.Module):
                         sources=(), extra_files: Optional[dict] = None):  # fmt: skip
         """Write this model (phi-msft layout, sharded safetensors + index + config.json) and its tokenizer to `folder`.
 
-        dtype: None (the model's), torch.float16 / bfloat16 / float32 or their names ("float16", "bf16", ...).
+        dtype: None (the dtype of the checkpoint the model was loaded from, else the model's), torch.float16 /
+            bfloat16 / float32 or their names ("float16", "bf16", ...).
         The checkpoint is written to a temporary folder next to `folder` that replaces it whole once complete: a failure
         (full disk, Ctrl-C) leaves `folder` as it was, and no file of an earlier checkpoint survives a successful save.
         overwrite: replace an existing checkpoint folder (one with a config.json and no subfolders; any other non-empty
         folder is refused); False refuses every non-empty folder. Arguments are checked before anything is written.
         A generation_config.json carries `eos_token_ids` when the tokenizer and config.json do not already name them all.
-        sources: folders `folder` may not be, contain or lie inside (what a command read its inputs from).
+        sources: folders `folder` may not be, contain or lie inside (what a command read its inputs from); the folder
+            the model was loaded from is always one of them, so a save can never replace (or delete files of) its own
+            source.
         extra_files: {file name: text} written beside the checkpoint, in the same atomic write (e.g. a training log).
         Returns the shard paths.
         """
         from .weights import check_checkpoint_destination, checkpoint_dtype, eos_token_ids, write_msft_files
 
         dtype = checkpoint_dtype(dtype)
+        if dtype is None and self.source_dtype is not None and self.source_dtype != self.dtype:
+            dtype = self.source_dtype
+        sources = [*sources, *([self.source] if self.source is not None else [])]
         extra_files = dict(extra_files or {})
         for name in extra_files:
             if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):

@@ -102,7 +102,11 @@ def checkpoint_files(folder: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no weight_map")
-        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        names = list(dict.fromkeys(weight_map.values()))
+        outside = [f for f in names if not isinstance(f, str) or Path(f).name != f or f in ("", ".", "..")]
+        if outside:  # an absolute path or ../ would read a file from outside the checkpoint folder
+            raise ValueError(f"{index} names shards outside {folder} (only plain file names are allowed): {outside[:5]}")
+        files = [folder / f for f in names]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise ValueError(f"{index} names shards that are not in {folder}: {absent}")
@@ -257,11 +261,18 @@ def load_weights(model: Phixtral, folder: Path, *, progress: Optional[bool] = No
                         staged.setdefault(target.stage, (target, {}))[1][name.rsplit(".", 1)[1]] = tensor
                         continue
                     if fmt is not None:
-                        fmt.check_tensor(name, tensor, mapping)
+                        try:
+                            fmt.check_tensor(name, tensor, mapping)
+                        except ValueError as e:
+                            raise ValueError(f"{file}: {e}") from None
                     params[target.param].data[target.index].copy_(tensor)  # casts to the model's dtype on the way
                     del tensor
         for module, (target, tensors) in staged.items():
-            params[target.param].data[target.index].copy_(fmt.dequantize(module, tensors, model.dtype))
+            try:
+                weight = fmt.dequantize(module, tensors, model.dtype)
+            except ValueError as e:
+                raise ValueError(f"{folder}: {e}") from None
+            params[target.param].data[target.index].copy_(weight)
         if fmt is not None:
             fmt.finish(model)
         if layout != "phi-msft-moe":
@@ -350,7 +361,23 @@ def from_pretrained(
     model.pack_for_cpu()
     model.tokenizer = load_tokenizer(folder)
     model.eos_token_ids = eos_token_ids(folder, config, model.tokenizer)
+    model.source, model.source_dtype = folder.resolve(), stored_float_dtype(inspected[0])
     return model
+
+
+_STORED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float32}
+
+
+def stored_float_dtype(files: list[Path]) -> Optional[torch.dtype]:
+    """The float dtype most of the checkpoint's float tensors are stored in (read from the headers), or None."""
+    counts = {}
+    for file in files:
+        with open_safetensors(file) as f:
+            for name in f.keys():
+                stored = f.get_slice(name).get_dtype()
+                if stored in _STORED_DTYPES:
+                    counts[_STORED_DTYPES[stored]] = counts.get(_STORED_DTYPES[stored], 0) + 1
+    return max(counts, key=counts.get) if counts else None
 
 
 # --- writing ---------------------------------------------------------------------------------------------------------

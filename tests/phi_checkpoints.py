@@ -1,6 +1,7 @@
 """Tiny random phi-2 checkpoints for the merge / eval / inspect tests: both key layouts, with a real BPE tokenizer."""
 
 import json
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -70,8 +71,11 @@ def make_phi(folder, seed: int, layout: str = "hf", **shape) -> Path:
     if layout == "msft":
         from phixtral.weights import from_pretrained
 
-        dense = from_pretrained(folder, device="cpu", dtype=torch.float32, backend="torch")
-        dense.save_pretrained(folder, dtype=torch.float32)  # replaces the HF files whole, keeps the tokenizer
+        hf = folder.with_name(folder.name + "-hf")
+        folder.rename(hf)
+        dense = from_pretrained(hf, device="cpu", dtype=torch.float32, backend="torch")
+        dense.save_pretrained(folder, dtype=torch.float32)  # the phi-msft files and the tokenizer
+        shutil.rmtree(hf)
         assert json.loads((folder / "config.json").read_text())["model_type"] == "phi-msft"
     return folder
 

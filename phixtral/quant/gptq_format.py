@@ -141,6 +141,8 @@ class GPTQConfig(QuantFormat):
     def check_tensor(self, name: str, tensor: torch.Tensor, mapping: dict) -> None:
         if name.endswith(".g_idx"):
             check_g_idx(name, tensor, mapping[name[: -len("g_idx")] + "scales"].shape[0])
+        elif name.endswith(".scales"):
+            check_scales(name, tensor)
 
     def dequantize(self, module: str, tensors: dict, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_staged(module, tensors, self, dtype)
@@ -235,10 +237,18 @@ def check_g_idx(name: str, g_idx: torch.Tensor, num_groups: int) -> None:
             raise ValueError(f"{name}: holds groups in [{lo}, {hi}], outside [0, G={num_groups})")
 
 
+def check_scales(name: str, scales: torch.Tensor) -> None:
+    """A ValueError naming the tensor when scales hold NaN or Inf (every output they touch would be NaN)."""
+    bad = ~torch.isfinite(scales)
+    if bool(bad.any()):
+        raise ValueError(f"{name}: {int(bad.sum())} of {scales.numel()} scales are NaN or Inf")
+
+
 def dequantize_staged(module: str, tensors: dict, gptq: GPTQConfig, dtype: torch.dtype) -> torch.Tensor:
     """The float weight [N, K] of one quantized Linear from its staged checkpoint tensors."""
     g_idx = tensors.get("g_idx")
     G = tensors["scales"].shape[0]
+    check_scales(f"{module}.scales", tensors["scales"])
     if g_idx is not None:
         check_g_idx(f"{module}.g_idx", g_idx, G)
         g_idx = g_idx.to(torch.int32)[None]

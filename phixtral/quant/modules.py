@@ -35,6 +35,7 @@ class QuantizedExpertLinear(nn.Module):
         self.register_buffer("g_idx", torch.zeros(E, in_features, **i32))
         self.bias = nn.Parameter(torch.zeros(E, out_features))
         self._cache = {}  # packed (bool) -> (buffers, their versions, QuantizedExperts): see _container
+        self.register_load_state_dict_post_hook(_validate_after_load)
 
     @property
     def weight(self) -> QuantizedExperts:
@@ -57,15 +58,35 @@ class QuantizedExpertLinear(nn.Module):
         cached = self._cache.get(packed)
         if cached is not None and cached[1] == versions and all(x is y for x, y in zip(cached[0], buffers)):
             return cached[2]
-        w = QuantizedExperts(*buffers, self.bits, self.group_size, check=False)
+        w = self.validate()  # new or changed buffers: checked once before any kernel indexes with them
         if packed and not cpu_packing_unsupported(w):
             w = QuantizedExperts(*buffers, self.bits, self.group_size, check=False, cpu_packed=pack_for_cpu(w, torch.bfloat16))
         self._cache[packed] = (buffers, versions, w)
         return w
 
     def set_weight(self, w: QuantizedExperts) -> None:
-        """Replace the packed tensors (qzeros and g_idx may be None)."""
+        """Replace the packed tensors (qzeros and g_idx may be None); a ValueError, with the module unchanged, when they
+        do not fit it (see `validate`)."""
+        old = self.qweight, self.qzeros, self.scales, self.g_idx
         self.qweight, self.qzeros, self.scales, self.g_idx = w.qweight, w.qzeros, w.scales.to(self.scales.dtype), w.g_idx
+        try:
+            self.validate()
+        except ValueError:
+            self.qweight, self.qzeros, self.scales, self.g_idx = old
+            raise
+
+    def validate(self) -> QuantizedExperts:
+        """The buffers as a checked QuantizedExperts: shapes and dtypes, g_idx inside [0, G), scales finite; a ValueError
+        naming the tensor otherwise. Reads g_idx and scales once (a host sync): run when buffers are set, never per
+        step, so that no kernel ever indexes scales with an out-of-range group."""
+        b = self._buffers
+        try:
+            w = QuantizedExperts(b["qweight"], b["qzeros"], b["scales"], b["g_idx"], self.bits, self.group_size)
+            if w.scales.device.type != "meta" and not bool(torch.isfinite(w.scales).all()):
+                raise ValueError("scales hold NaN or Inf")
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__} ({self.bits}-bit, group {self.group_size}): {e}") from None
+        return w
 
     def default_g_idx(self) -> torch.Tensor:
         """[E, in] int32: k // group_size, what a checkpoint without g_idx means."""
@@ -80,6 +101,10 @@ class QuantizedExpertLinear(nn.Module):
             self.g_idx = None
         if self.qzeros is not None and bool((self.weight.zero_points() == 2 ** (self.bits - 1)).all()):
             self.qzeros = None
+
+
+def _validate_after_load(module: QuantizedExpertLinear, incompatible_keys) -> None:
+    module.validate()  # a module-level function, not a lambda: the module stays picklable
 
 
 class QuantizedLinear(QuantizedExpertLinear):
