@@ -27,8 +27,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from ..generate import _find_stop
 from ..model import Phixtral
+from ..text import decode_text, left_pad, row_text
 from ..weights import default_model_path, from_pretrained
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class PhixtralLM(TemplateLM):
         return self.tokenizer(string, add_special_tokens=special, verbose=False)["input_ids"]
 
     def tok_decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return decode_text(self.tokenizer, tokens)
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -214,19 +214,10 @@ class PhixtralLM(TemplateLM):
         budget = self.max_length - max_new_tokens  # context tokens kept, from the right
         if budget < 1:
             raise ValueError(f"max_gen_toks={max_new_tokens} leaves no room for a context in max_length={self.max_length}")
-        rows = [c[-budget:] if c else [self.prefix_token_id] for c in contexts]
-        S = max(map(len, rows))
-        ids = torch.tensor([[self.eot_token_id] * (S - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (S - len(r)) + [1] * len(r) for r in rows])
+        ids, mask = left_pad([c[-budget:] if c else [self.prefix_token_id] for c in contexts], self.eot_token_id)
         out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, stop=stop or None, **sampling)
         eos = set(self.model.eos_token_ids)
-        texts = []
-        for new in out[:, S:].tolist():
-            end = next((k for k, t in enumerate(new) if t in eos), len(new))
-            text = self.tok_decode(new[:end])
-            cut = _find_stop(text, stop)
-            texts.append(text if cut < 0 else text[:cut])
-        return texts
+        return [row_text(self.tok_decode, new, eos, stop) for new in out[:, ids.shape[1] :].tolist()]
 
 
 def main(argv=None) -> int:
