@@ -24,7 +24,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..generate import generate_tokens, generation_lock, sample
+from ..generate import generate_tokens, sample
+from ..generation_lock import generation_lock
 from ..model import Phixtral
 from ..text import TextStream, decode_text, left_pad, pad_id
 
