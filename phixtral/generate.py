@@ -263,7 +263,8 @@ def generate(
     seed makes sampling reproducible. stream=True (one prompt) returns an iterator of text pieces instead.
     The KV cache belongs to the model, so generations on one model run one at a time: a call from another thread waits
     for the running one (a stream holds the model until it is exhausted or closed); a second generation started by the
-    thread that holds an open stream raises a RuntimeError. Non-finite logits raise NonFiniteLogitsError.
+    thread that holds an open stream raises a RuntimeError. A stream's close() may come from another thread: see
+    `phixtral.generation_lock.LockedStream`. Non-finite logits raise NonFiniteLogitsError.
     cuda_graph: "auto", True or False; None takes model.cuda_graph ("auto" unless set). On CUDA with the Triton MoE
     kernels, "auto" replays each decode step's forward from a CUDA graph (phixtral/decode_graph.py: same tokens, much
     less host time per step); True insists (an error says why it cannot); False decodes eagerly.

@@ -1,7 +1,7 @@
 """One generation per model at a time.
 
 The KV cache belongs to the model, so two generations on one model would overwrite each other's keys and values.
-Each model gets a lock: a generation holds it from the call until it ends (a stream: until it is exhausted or closed).
+Each model gets a lock: a generation holds it from the call until it ends (a stream: until its generator has stopped).
 Another thread waits for it; the thread that holds it gets an error instead, since waiting would deadlock.
 """
 
@@ -46,25 +46,59 @@ def generation_lock(model: Phixtral) -> GenerationLock:
 
 
 class LockedStream:
-    """The iterator of text pieces that generate(stream=True) returns: holds the model's generation lock until it is
-    exhausted, fails or is closed (or garbage-collected)."""
+    """The iterator of text pieces that generate(stream=True) returns: holds the model's generation lock until the
+    generator has stopped (exhausted, failed, closed or garbage-collected).
+
+    close() may come from any thread. While no step runs, it stops the generator and frees the model at once. While
+    another thread is inside a step, close() only asks for the stop and returns: that step still returns its piece,
+    then the iterating thread stops the generator and frees the model, and later steps raise StopIteration. The model
+    is thus never freed while a step still uses its KV cache: a generation started right after close() waits for the
+    running step. Two threads iterating one stream at once is a RuntimeError for the second.
+    """
 
     def __init__(self, pieces: Iterator[str], lock: GenerationLock):
         self._pieces, self._lock = pieces, lock
+        self._state = threading.Lock()  # guards _lock, _busy and _stop between the iterating thread and close()
+        self._busy = False  # a thread is inside a step (next of the generator)
+        self._stop = False  # close() came during a step: stop after it
 
     def __iter__(self):
         return self
 
     def __next__(self) -> str:
+        with self._state:
+            if self._lock is None:
+                raise StopIteration
+            if self._busy:
+                raise RuntimeError("this stream is being iterated by another thread")
+            self._busy = True
         try:
-            return next(self._pieces)
+            piece = next(self._pieces)
         except BaseException:
-            self.close()
+            self._end(take=True)
             raise
+        self._end(take=False)
+        return piece
 
     def close(self) -> None:
-        """Stop generating and free the model for the next generation."""
-        lock, self._lock = self._lock, None
+        """Stop generating and free the model for the next generation (after the running step, if one runs)."""
+        with self._state:
+            if self._busy:
+                self._stop = True
+                return
+            lock, self._lock = self._lock, None
+        self._free(lock)
+
+    def _end(self, *, take: bool) -> None:
+        """The iterating thread leaves a step; with take, it also stops the generator and frees the model."""
+        with self._state:
+            self._busy = False
+            lock = None
+            if take or self._stop:
+                lock, self._lock = self._lock, None
+        self._free(lock)
+
+    def _free(self, lock: Optional[GenerationLock]) -> None:
         if lock is not None:
             try:
                 self._pieces.close()
