@@ -1,5 +1,5 @@
 """The model flags every command shares: declared once (same help, same checks), each bad value an exit 2 under the
-flag's name, and --threads applied."""
+flag's name, --threads applied, and defaults that fit the model."""
 
 import argparse
 
@@ -105,7 +105,7 @@ def test_bad_model_flag_values_exit_2_naming_the_flag(command, tmp_path, text_fi
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("command", ["eval"])
+@pytest.mark.parametrize("command", ["eval", "train-router"])
 def test_a_window_longer_than_the_context_exits_2_naming_seq_len(command, tmp_path, text_file, capsys):
     err = exits_2([*argv_of(command, tmp_path, text_file), "--seq-len", "4096"], capsys)
     assert "argument --seq-len: 4096 exceeds the model's n_positions (128)" in err
@@ -140,3 +140,15 @@ def test_threads_sets_torchs_threads(command, tmp_path, text_file, capsys):
         assert torch.get_num_threads() == wanted
     finally:
         torch.set_num_threads(before)
+
+
+# --- defaults that fit the model ---------------------------------------------------------------------------------------
+def test_train_router_default_window_fits_a_short_context(tmp_path, text_file, capsys):
+    import json
+
+    argv = [*argv_of("train-router", tmp_path, text_file), "--batch-size", "2", "--eval-every", "1", "--eval-tokens", "128"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "--seq-len: 128 tokens per window, the model's n_positions (the default 256 does not fit)" in err
+    record = json.loads((tmp_path / "out" / "router_training.json").read_text())
+    assert record["settings"]["seq_len"] == 128

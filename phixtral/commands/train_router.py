@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .args import add_model_args, check_experts_per_tok, check_out, float_in, int_at_least, load_model, seed
+from .args import add_model_args, check_experts_per_tok, check_fits_context, check_out, float_in, int_at_least, load_model, seed
 from .stdlib_data import SLICES, slice_texts
 
 LOG_FILE = "router_training.json"
@@ -303,7 +303,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--expert-data", nargs="+", default=None,
                    help="the dataset of expert 0, 1, ... (stdlib slice names or file names; default: none)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the window sampling")
-    p.add_argument("--seq-len", type=int_at_least(2), default=256, help="tokens per training window")
+    p.add_argument("--seq-len", type=int_at_least(2), default=None,
+                   help=f"tokens per training window (default: {RouterTrainingSettings.seq_len}, or the model's n_positions if smaller)")  # fmt: skip
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per step")
     p.add_argument("--eval-every", type=int_at_least(1), default=50, help="steps between held-out measurements")
     p.add_argument("--eval-tokens", type=int_at_least(1), default=16384, help="held-out tokens per dataset")
@@ -323,7 +324,7 @@ def run(args) -> int:
 
     settings = RouterTrainingSettings(
         steps=args.steps, lr=args.lr, aux_loss_coef=args.aux_loss_coef, experts_per_tok=args.experts_per_tok,
-        seed=args.seed, seq_len=args.seq_len, batch_size=args.batch_size,
+        seed=args.seed, seq_len=args.seq_len or RouterTrainingSettings.seq_len, batch_size=args.batch_size,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, add_base_expert=args.add_base_expert,
         domain_loss_coef=args.domain_loss_coef, expert_data=args.expert_data,
     )  # fmt: skip
@@ -342,6 +343,7 @@ def run(args) -> int:
         append_base_expert(model, sources[1])
     if args.experts_per_tok is not None:
         check_experts_per_tok(args.parser, args.experts_per_tok, model.config.num_local_experts)
+    settings.seq_len = fit_seq_len(args, model)
     data = load_token_data(model.tokenizer, args.data, min_tokens=settings.seq_len)
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731
     record = train_router(model, data, settings, progress=not args.no_progress, log=say)
@@ -353,6 +355,19 @@ def run(args) -> int:
     b, a = record["heldout_before"]["mean"], record["heldout_after"]["mean"]
     print(f"wrote {args.out}: held-out loss {b:.4f} -> {a:.4f} ({record['train_seconds']:.0f} s of training)")
     return 0
+
+
+def fit_seq_len(args, model) -> int:
+    """--seq-len, which must fit the model's context; without it the default, cut to n_positions with a note."""
+    n = model.config.n_positions
+    if args.seq_len is not None:
+        check_fits_context(args.parser, "--seq-len", args.seq_len, model)
+        return args.seq_len
+    if RouterTrainingSettings.seq_len > n:
+        print(f"--seq-len: {n} tokens per window, the model's n_positions (the default {RouterTrainingSettings.seq_len} "
+              "does not fit)", file=sys.stderr)  # fmt: skip
+        return n
+    return RouterTrainingSettings.seq_len
 
 
 __all__ = ["RouterTrainingSettings", "append_base_expert", "load_balancing_loss", "train_router"]
