@@ -270,7 +270,9 @@ def generate(
     less host time per step); True insists (an error says why it cannot); False decodes eagerly.
     """
     # 1. Check every argument before the model is touched.
-    stops = _check_arguments(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, stream, cuda_graph)
+    stops = _check_arguments(
+        max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, stream, cuda_graph
+    )
     # 2. Encode: token ids [B, S] on the model's device, left-padded where mask says so.
     kind, ids, mask = _encode(model, prompt, attention_mask)
     _check_fits(model, kind, ids, max_new_tokens, stream, stops)

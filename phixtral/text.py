@@ -47,7 +47,8 @@ def decode_text(tokenizer, ids: list[int]) -> str:
 
 
 def row_text(decode: Callable[[list[int]], str], ids: list[int], eos, stops: list[str]) -> str:
-    """The text of one generated row: ids up to the first eos id (left out), decoded, cut before the first stop string."""
+    """The text of one generated row: ids up to the first eos id (left out), decoded, cut before the first stop
+    string."""
     end = next((k for k, t in enumerate(ids) if t in eos), len(ids))
     return cut_at_stop(decode(ids[:end]), stops)
 

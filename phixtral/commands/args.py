@@ -66,7 +66,7 @@ HELP = {
     "--device": "cpu, cuda, cuda:1, ... (default: cuda when available)",
     "--backend": "MoE implementation",
     "--experts-per-tok": "experts run per token, 1 to the model's experts (default: the config's num_experts_per_tok)",
-    "--threads": "torch CPU threads (default: torch's, one per core)",
+    "--threads": "torch CPU threads (default: torch's choice)",
 }
 
 
@@ -85,7 +85,9 @@ def add_model_args(parser: argparse.ArgumentParser, *, model: str = "optional", 
     if model == "required":
         group.add_argument("--model", required=True, help=MODEL_HELP)
     elif model == "repeatable":
-        group.add_argument("--model", action="append", default=None, help=f"{MODEL_HELP} (repeatable; default: {BUNDLED})")
+        group.add_argument(
+            "--model", action="append", default=None, help=f"{MODEL_HELP} (repeatable; default: {BUNDLED})"
+        )
     elif model == "optional":
         group.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: {BUNDLED})")
     else:
@@ -132,38 +134,42 @@ def load_model(args, parser: argparse.ArgumentParser, path=None, **fixed):
     """
     from phixtral_kernels import triton_unavailable_reason
 
-    from ..weights import default_model_path, from_pretrained, read_config, resolve_checkpoint, resolve_device, resolve_dtype
+    from ..weights import (
+        default_model_path, from_pretrained, read_config, resolve_checkpoint, resolve_device, resolve_dtype,
+    )  # fmt: skip
 
     apply_threads(args)
     if path is None:
         path = args.model if args.model is not None else default_model_path()
-    kwargs = {
+    flags = {
         "device": getattr(args, "device", None), "dtype": getattr(args, "dtype", None),
         "backend": getattr(args, "backend", "auto"), "num_experts_per_tok": getattr(args, "experts_per_tok", None),
-        **fixed,
     }  # fmt: skip
+    flags = {k: v for k, v in flags.items() if k not in fixed}  # only what the user chose is checked as a flag
+    kwargs = {**flags, **fixed}
     try:
-        device = resolve_device(kwargs["device"])
+        device = resolve_device(kwargs.get("device"))
     except (ValueError, RuntimeError) as e:
         flag_error(parser, "--device", str(e))
-    if kwargs["backend"] == "triton" and (reason := triton_unavailable_reason(device)) is not None:
+    if flags.get("backend") == "triton" and (reason := triton_unavailable_reason(device)) is not None:
         flag_error(parser, "--backend", f"triton cannot run on {device}: {reason}")
     folder = resolve_checkpoint(path)
     config = read_config(folder)
-    if kwargs["dtype"] is not None:
+    if flags.get("dtype") is not None:
         try:
-            resolve_dtype(kwargs["dtype"], device, config)
+            resolve_dtype(flags["dtype"], device, config)
         except (ValueError, RuntimeError) as e:
             flag_error(parser, "--dtype", str(e))
-    if kwargs["num_experts_per_tok"] is not None:
-        check_experts_per_tok(parser, kwargs["num_experts_per_tok"], config.num_local_experts)
+    if flags.get("num_experts_per_tok") is not None:
+        check_experts_per_tok(parser, flags["num_experts_per_tok"], config.num_local_experts)
     return from_pretrained(folder, **kwargs)
 
 
 def check_experts_per_tok(parser: argparse.ArgumentParser, k: int, num_experts: int) -> None:
     """--experts-per-tok k must not exceed the model's experts (exit 2 naming the flag)."""
     if k > num_experts:
-        flag_error(parser, "--experts-per-tok", f"{k} exceeds the model's {num_experts} expert{'s' * (num_experts != 1)}")
+        experts = f"{num_experts} expert{'s' * (num_experts != 1)}"
+        flag_error(parser, "--experts-per-tok", f"{k} exceeds the model's {experts}")
 
 
 def check_fits_context(parser: argparse.ArgumentParser, flag: str, value: int, model) -> None:

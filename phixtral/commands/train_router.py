@@ -30,7 +30,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .args import add_model_args, check_experts_per_tok, check_fits_context, check_out, float_in, int_at_least, load_model, seed
+from .args import (
+    add_model_args, check_experts_per_tok, check_fits_context, check_out, float_in, int_at_least, load_model, seed,
+)  # fmt: skip
 from .stdlib_data import SLICES, slice_texts
 
 LOG_FILE = "router_training.json"
