@@ -92,6 +92,8 @@ def test_dtype_choices_are_the_names_the_loader_accepts():
 # --- bad values: exit 2 under the flag ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", list(DECLARED))
 def test_bad_model_flag_values_exit_2_naming_the_flag(command, tmp_path, text_file, capsys):
+    import logging
+
     argv = argv_of(command, tmp_path, text_file)
     cases = [("--threads", "0", "argument --threads: must be >= 1, got 0"),
              ("--device", "gpu", "argument --device: invalid device 'gpu'")]  # fmt: skip
@@ -103,6 +105,7 @@ def test_bad_model_flag_values_exit_2_naming_the_flag(command, tmp_path, text_fi
         err = exits_2([*argv, flag, value], capsys)
         assert message in err and "config.json" not in err, (flag, err)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+    assert not logging.getLogger("phixtral.serve").handlers  # the server's log was not set up for a refused start
 
 
 @pytest.mark.parametrize("command", ["eval", "train-router"])

@@ -59,9 +59,9 @@ def run(args) -> int:
         raise RuntimeError(f"the server needs the serve extra ({e}): pip install 'phixtral-kernels[serve]'") from e
     from ..serve.engine import Engine
 
-    _setup_logging()
     model_path = args.model if args.model is not None else default_model_path()
     model = load_model(args, args.parser, model_path)
+    _setup_logging()  # after the checks of the flags, so that a command that exits at once leaves no handler behind
     name = args.served_model_name or served_name(args.model)
     engine = Engine(model, max_batch_size=args.max_batch_size)
     logging.getLogger("phixtral.serve").info(
