@@ -6,16 +6,16 @@ token i. Sampling draws with exponential noise (argmax(p / q), q ~ Exp(1)) inste
 On CUDA with the Triton MoE kernels, each decode step's forward is replayed from a CUDA graph (decode_graph.py).
 """
 
-import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
 
 from . import decode_graph
+from .generation_lock import LockedStream, generation_lock
 from .model import Phixtral
+from .text import TextStream, decode_text, find_stop, left_pad, pad_id, row_text
 
 # The KV cache length is rounded up to this, so that prompts of similar length reuse one allocation.
 _CACHE_ROUND = 64
@@ -54,42 +54,6 @@ class GenerationStats:
 
 class NonFiniteLogitsError(RuntimeError):
     """The model produced NaN or inf logits: its weights or its arithmetic (e.g. fp16 overflow) are broken."""
-
-
-# --- one generation per model at a time --------------------------------------------------------------------------------
-# The KV cache belongs to the model, so two generations on one model would overwrite each other's keys and values.
-# Each model gets a lock: a generation holds it from the call until it ends (a stream: until it is exhausted or
-# closed). Another thread waits for it; the thread that holds it gets an error instead, since waiting would deadlock.
-_LOCKS: "weakref.WeakKeyDictionary[Phixtral, _GenerationLock]" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-class _GenerationLock:
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.holder: Optional[int] = None  # thread id of the generation that holds the lock
-
-    def acquire(self) -> None:
-        if self.holder == threading.get_ident():
-            raise RuntimeError(
-                "this model is already generating in this thread (a stream still open?): exhaust or close() it "
-                "before starting another generation"
-            )
-        self._lock.acquire()
-        self.holder = threading.get_ident()
-
-    def release(self) -> None:
-        self.holder = None
-        self._lock.release()
-
-
-def generation_lock(model: Phixtral) -> _GenerationLock:
-    """The lock that serializes generations on `model` (see above)."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = _GenerationLock()
-        return lock
 
 
 # --- sampling --------------------------------------------------------------------------------------------------------
@@ -274,6 +238,87 @@ def locate_nonfinite(model: Phixtral, input_ids: torch.Tensor, attention_mask: O
 
 
 # --- text in, text out -----------------------------------------------------------------------------------------------
+def generate(
+    model: Phixtral,
+    prompt,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    repetition_penalty: float = 1.0,
+    stop=None,
+    seed: Optional[int] = None,
+    stream: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+    cuda_graph=None,
+):
+    """Generate from a prompt.
+
+    prompt: str -> str (the new text); list[str] -> list[str] (batched, left-padded); LongTensor [B, S] (optionally
+    left-padded with attention_mask) -> LongTensor [B, S + n], prompt and new ids, rows that ended early padded with
+    the pad (else eos) id, as transformers does.
+    temperature 0 is greedy; top_k / top_p filter before sampling; repetition_penalty as transformers (1 = off).
+    Generation of a row ends at an eos id (tokenizer + config) or a stop string; text results exclude both.
+    seed makes sampling reproducible. stream=True (one prompt) returns an iterator of text pieces instead.
+    The KV cache belongs to the model, so generations on one model run one at a time: a call from another thread waits
+    for the running one (a stream holds the model until it is exhausted or closed); a second generation started by the
+    thread that holds an open stream raises a RuntimeError. A stream's close() may come from another thread: see
+    `phixtral.generation_lock.LockedStream`. Non-finite logits raise NonFiniteLogitsError.
+    cuda_graph: "auto", True or False; None takes model.cuda_graph ("auto" unless set). On CUDA with the Triton MoE
+    kernels, "auto" replays each decode step's forward from a CUDA graph (phixtral/decode_graph.py: same tokens, much
+    less host time per step); True insists (an error says why it cannot); False decodes eagerly.
+    """
+    # 1. Check every argument before the model is touched.
+    stops = _check_arguments(
+        max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, stream, cuda_graph
+    )
+    # 2. Encode: token ids [B, S] on the model's device, left-padded where mask says so.
+    kind, ids, mask = _encode(model, prompt, attention_mask)
+    _check_fits(model, kind, ids, max_new_tokens, stream, stops)
+    B, S = ids.shape
+    eos = set(model.eos_token_ids)
+    timing = {"prefill_s": 0.0, "decode_s": 0.0, "cuda_graph": False}
+
+    def record(new_tokens):
+        model.last_generation_stats = GenerationStats(B, S, new_tokens, timing["prefill_s"], timing["decode_s"],
+                                                      timing["cuda_graph"])  # fmt: skip
+
+    # 3. The token loop, holding the model until it ends.
+    generator = _sampling_generator(model, seed)
+    lock = generation_lock(model)
+    lock.acquire()
+    steps = generate_tokens(
+        model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, generator=generator, stats=timing, cuda_graph=cuda_graph,
+    )  # fmt: skip
+    if stream:
+        return LockedStream(_stream(model, steps, eos, stops, record), lock)
+    rows, n = _run_rows(model, steps, B, eos, stops, record, lock)
+    # 4. Detokenize: ids back in the prompt's kind.
+    if kind == "tensor":
+        pad = pad_id(model)
+        new = torch.tensor([r + [pad] * (n - len(r)) for r in rows], dtype=torch.int64, device=ids.device)
+        return torch.cat([prompt.to(ids.device, torch.int64), new], dim=1)
+    texts = [row_text(lambda r: decode_text(model.tokenizer, r), r, eos, stops) for r in rows]
+    return texts[0] if kind == "str" else texts
+
+
+def _check_arguments(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, stream, cuda_graph):
+    """generate()'s checks that need no model, in its argument order; returns the stop strings as a list."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    stops = _check_stop(stop)
+    if not isinstance(stream, bool):
+        raise TypeError(f"stream must be a bool, got {type(stream).__name__}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if cuda_graph is not None:
+        decode_graph.check_mode(cuda_graph)
+    return stops
+
+
 def _check_stop(stop) -> list[str]:
     if stop is None:
         return []
@@ -285,11 +330,18 @@ def _check_stop(stop) -> list[str]:
     return list(stops)
 
 
-def _pad_id(model: Phixtral) -> int:
-    tok = model.tokenizer
-    if tok is not None and tok.pad_token_id is not None:
-        return tok.pad_token_id
-    return model.eos_token_ids[0] if model.eos_token_ids else 0
+def _check_fits(model: Phixtral, kind: str, ids: torch.Tensor, max_new_tokens: int, stream: bool, stops) -> None:
+    """generate()'s checks that need the encoded prompt."""
+    S = ids.shape[1]
+    if S + max_new_tokens > model.config.n_positions:
+        raise ValueError(
+            f"prompt ({S} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's n_positions "
+            f"({model.config.n_positions})"
+        )
+    if stream and (kind != "str"):
+        raise ValueError("stream=True takes a single string prompt")
+    if stops and model.tokenizer is None:
+        raise ValueError("stop strings need a tokenizer, and this checkpoint ships none")
 
 
 def _encode(model: Phixtral, prompt, attention_mask):
@@ -328,100 +380,26 @@ def _encode(model: Phixtral, prompt, attention_mask):
         raise TypeError(f"prompt must be a str, a list of str or a LongTensor [B, S], got {type(prompt).__name__}")
     if model.tokenizer is None:
         raise ValueError("this checkpoint ships no tokenizer: pass token ids as a LongTensor [B, S]")
-    rows = [model.tokenizer(p, verbose=False)["input_ids"] for p in prompts]  # the length check below names the limit
+    rows = [model.tokenizer(p, verbose=False)["input_ids"] for p in prompts]  # the length check names the limit
     empty = [i for i, (p, r) in enumerate(zip(prompts, rows)) if not p or not r]
     if empty:
         raise ValueError(f"empty prompt (index {empty[0]}): give at least one token of text")
-    S = max(map(len, rows))
-    pad = _pad_id(model)
-    ids = torch.tensor([[pad] * (S - len(r)) + r for r in rows], dtype=torch.int64)  # left padding
-    mask = None
-    if any(len(r) != S for r in rows):
-        mask = torch.tensor([[0] * (S - len(r)) + [1] * len(r) for r in rows], dtype=torch.int64).to(model.device)
-    return kind, ids.to(model.device), mask
+    ids, mask = left_pad(rows, pad_id(model), model.device)
+    return kind, ids, mask
 
 
-def _find_stop(text: str, stops: list[str]) -> int:
-    """Index of the earliest stop string in text, or -1."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
-
-
-def _decode(model: Phixtral, ids: list[int]) -> str:
-    return model.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def generate(
-    model: Phixtral,
-    prompt,
-    *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    repetition_penalty: float = 1.0,
-    stop=None,
-    seed: Optional[int] = None,
-    stream: bool = False,
-    attention_mask: Optional[torch.Tensor] = None,
-    cuda_graph=None,
-):
-    """Generate from a prompt.
-
-    prompt: str -> str (the new text); list[str] -> list[str] (batched, left-padded); LongTensor [B, S] (optionally
-    left-padded with attention_mask) -> LongTensor [B, S + n], prompt and new ids, rows that ended early padded with
-    the pad (else eos) id, as transformers does.
-    temperature 0 is greedy; top_k / top_p filter before sampling; repetition_penalty as transformers (1 = off).
-    Generation of a row ends at an eos id (tokenizer + config) or a stop string; text results exclude both.
-    seed makes sampling reproducible. stream=True (one prompt) returns an iterator of text pieces instead.
-    The KV cache belongs to the model, so generations on one model run one at a time: a call from another thread waits
-    for the running one (a stream holds the model until it is exhausted or closed); a second generation started by the
-    thread that holds an open stream raises a RuntimeError. Non-finite logits raise NonFiniteLogitsError.
-    cuda_graph: "auto", True or False; None takes model.cuda_graph ("auto" unless set). On CUDA with the Triton MoE
-    kernels, "auto" replays each decode step's forward from a CUDA graph (phixtral/decode_graph.py: same tokens, much
-    less host time per step); True insists (an error says why it cannot); False decodes eagerly.
-    """
-    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
-    stops = _check_stop(stop)
-    if not isinstance(stream, bool):
-        raise TypeError(f"stream must be a bool, got {type(stream).__name__}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if seed is not None and not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    if cuda_graph is not None:
-        decode_graph.check_mode(cuda_graph)
-    kind, ids, mask = _encode(model, prompt, attention_mask)
-    B, S = ids.shape
-    if S + max_new_tokens > model.config.n_positions:
-        raise ValueError(
-            f"prompt ({S} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's n_positions "
-            f"({model.config.n_positions})"
-        )
-    if stream and (kind != "str"):
-        raise ValueError("stream=True takes a single string prompt")
-    if stops and model.tokenizer is None:
-        raise ValueError("stop strings need a tokenizer, and this checkpoint ships none")
+def _sampling_generator(model: Phixtral, seed: Optional[int]) -> torch.Generator:
     generator = torch.Generator(device=model.device)
     if seed is None:
         generator.seed()
     else:
         generator.manual_seed(seed)
-    timing = {"prefill_s": 0.0, "decode_s": 0.0, "cuda_graph": False}
-    lock = generation_lock(model)
-    lock.acquire()
-    steps = generate_tokens(
-        model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, generator=generator, stats=timing, cuda_graph=cuda_graph,
-    )  # fmt: skip
-    eos = set(model.eos_token_ids)
+    return generator
 
-    def record(new_tokens):
-        model.last_generation_stats = GenerationStats(B, S, new_tokens, timing["prefill_s"], timing["decode_s"],
-                                                      timing["cuda_graph"])  # fmt: skip
 
-    if stream:
-        return _LockedStream(_stream(model, steps, eos, stops, record), lock)
+def _run_rows(model, steps, B: int, eos, stops, record, lock) -> tuple[list[list[int]], int]:
+    """Run the token loop until every row has ended; -> (each row's tokens, its eos or stop-completing token included;
+    the steps run). Records the stats and frees the model however the loop ends."""
     rows, done, n = [[] for _ in range(B)], [False] * B, 0
     try:
         for step in steps:
@@ -430,106 +408,19 @@ def generate(
                 if done[b]:
                     continue
                 rows[b].append(t)
-                done[b] = t in eos or (bool(stops) and _find_stop(_decode(model, rows[b]), stops) >= 0)
+                done[b] = t in eos or (bool(stops) and find_stop(decode_text(model.tokenizer, rows[b]), stops) >= 0)
             if all(done):
                 break
     finally:
         steps.close()
         record(n)
         lock.release()
-    if kind == "tensor":
-        pad = _pad_id(model)
-        new = torch.tensor([r + [pad] * (n - len(r)) for r in rows], dtype=torch.int64, device=ids.device)
-        return torch.cat([prompt.to(ids.device, torch.int64), new], dim=1)
-    texts = []
-    for r in rows:
-        text = _decode(model, r[:-1] if r and r[-1] in eos else r)
-        cut = _find_stop(text, stops)
-        texts.append(text if cut < 0 else text[:cut])
-    return texts[0] if kind == "str" else texts
-
-
-class _LockedStream:
-    """The iterator of text pieces that generate(stream=True) returns: holds the model's generation lock until it is
-    exhausted, fails or is closed (or garbage-collected)."""
-
-    def __init__(self, pieces: Iterator[str], lock: _GenerationLock):
-        self._pieces, self._lock = pieces, lock
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> str:
-        try:
-            return next(self._pieces)
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        """Stop generating and free the model for the next generation."""
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            try:
-                self._pieces.close()
-            finally:
-                lock.release()
-
-    def __del__(self):
-        self.close()
-
-
-class TextStream:
-    """Incremental text of one generated row: push each new token, get the text that can be shown now.
-
-    Text is held back while it ends in a partial UTF-8 character or in a prefix of a stop string; generation of the row
-    ends at an eos id (not part of the text) or at a stop string (the text ends before it), and `finish_reason` becomes
-    "stop". The pieces joined equal `generate`'s text for the same tokens. decode: token ids -> text.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], eos, stops: list[str]):
-        self._decode, self._eos, self._stops = decode, eos, stops
-        self.ids: list[int] = []  # the row's tokens so far, without eos
-        self.emitted = 0  # characters of the decoded text already returned
-        self.finish_reason: Optional[str] = None  # "stop" once eos or a stop string ended the row
-
-    def push(self, token: int) -> str:
-        """Take the row's next token; return the new text that is safe to show ("" while it is held back)."""
-        if token in self._eos:
-            self.finish_reason = "stop"
-            return self._rest()
-        self.ids.append(token)
-        text = self._decode(self.ids)
-        cut = _find_stop(text, self._stops)
-        if cut >= 0:
-            self.finish_reason = "stop"
-            piece = text[self.emitted : cut]
-            self.emitted = max(self.emitted, cut)
-            return piece
-        safe = len(text.rstrip("\ufffd"))  # a byte-level token can end inside a multi-byte character
-        for s in self._stops:  # a stop string may be completed by the next token
-            for k in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:k]):
-                    safe -= k
-                    break
-        if safe <= self.emitted:
-            return ""
-        piece, self.emitted = text[self.emitted : safe], safe
-        return piece
-
-    def flush(self) -> str:
-        """The text held back so far, at the end of a row that ran out of tokens ("" once the row has stopped)."""
-        return "" if self.finish_reason is not None else self._rest()
-
-    def _rest(self) -> str:
-        text = self._decode(self.ids)
-        piece, self.emitted = text[self.emitted :], max(self.emitted, len(text))
-        return piece
+    return rows, n
 
 
 def _stream(model, steps, eos, stops, record) -> Iterator[str]:
     """Yield the new text of the first row piece by piece (see TextStream)."""
-    text, n = TextStream(lambda ids: _decode(model, ids), eos, stops), 0
+    text, n = TextStream(lambda ids: decode_text(model.tokenizer, ids), eos, stops), 0
     try:
         for step in steps:
             n += 1
@@ -561,3 +452,11 @@ def chat(model: Phixtral, messages, **kwargs):
             raise ValueError(f"each message must be a dict with string 'role' and 'content', got {m!r}")
     text = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     return generate(model, text, **kwargs)
+
+
+# Names these helpers had here before phixtral.text and phixtral.generation_lock held them.
+_pad_id, _find_stop = pad_id, find_stop
+__all__ = [
+    "GenerationStats", "NonFiniteLogitsError", "TextStream", "apply_repetition_penalty", "chat", "check_sampling",
+    "filter_logits", "generate", "generate_tokens", "generation_lock", "locate_nonfinite", "sample",
+]  # fmt: skip

@@ -7,7 +7,8 @@ import torch
 from helpers_models import msft_moe_checkpoint
 
 import phixtral
-from phixtral.generate import TextStream, apply_repetition_penalty, filter_logits, sample
+from phixtral.generate import apply_repetition_penalty, filter_logits, sample
+from phixtral.text import TextStream, find_stop, left_pad, row_text
 
 PROMPT = "def f7(x, y):\n"
 
@@ -106,6 +107,28 @@ def test_text_stream_holds_back_what_a_stop_string_or_eos_may_change():
     assert text.push(0) == "\ufffd" and text.finish_reason == "stop"  # eos: the rest, as generate() returns it
     text = TextStream(decode, eos={0}, stops=["</s>"])
     assert [text.push(t) for t in (5, 2)] == ["c", ""] and text.flush() == "<"  # out of tokens: the rest
+
+
+def test_left_pad_row_text_and_find_stop():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = left_pad([[1, 2], [3, 4]], pad=0)
+    assert ids.dtype == torch.int64 and mask is None  # no row padded: no mask, as generate() passes none
+    assert find_stop("a</s>b\n\n", ["\n\n", "</s>"]) == 1 and find_stop("abc", ["x"]) == -1
+    pieces = {1: "ab", 2: "</s>", 3: "c", 0: ""}
+    decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
+    assert row_text(decode, [1, 3, 0, 3], eos={0}, stops=[]) == "abc"  # up to the first eos
+    assert row_text(decode, [1, 2, 3], eos={0}, stops=["</s>"]) == "ab"  # before the first stop string
+
+
+def test_helpers_keep_their_old_names():
+    from phixtral import text
+    from phixtral.cli import cmd_generate
+    from phixtral.commands.generate import run
+
+    gen = importlib.import_module("phixtral.generate")
+    assert (gen._pad_id, gen._find_stop, gen.TextStream) == (text.pad_id, text.find_stop, text.TextStream)
+    assert cmd_generate is run
 
 
 def test_generation_ends_at_eos():

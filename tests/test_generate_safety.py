@@ -81,6 +81,54 @@ def test_a_stream_waits_in_another_thread_until_the_first_is_closed(model):
     assert done.is_set() and out == [model.generate(PROMPTS[2], max_new_tokens=8)]
 
 
+def test_close_from_another_thread_during_a_step_frees_the_model_only_after_it():
+    """Thread A is inside a step of its stream (held in a forward hook) when this thread closes the stream and starts
+    a generation of its own: the close takes effect after A's step, and the new generation waits for it instead of
+    sharing A's KV cache."""
+    m = phixtral.from_pretrained(msft_moe_checkpoint(), backend="torch")
+    full_a, expected_b = m.generate(PROMPTS[0], max_new_tokens=30), m.generate(PROMPTS[1], max_new_tokens=30)
+    m.last_generation_stats = None
+    in_step, resume = threading.Event(), threading.Event()
+    a_thread, streams, calls, stats_seen_by_b, pieces, errors = [None], [], [0], [], [], []
+
+    def hook(module, args, out):
+        if threading.get_ident() == a_thread[0]:
+            calls[0] += 1
+            if calls[0] == 4:  # the 4th token's forward: A is inside next(stream)
+                in_step.set()
+                assert resume.wait(60)
+        elif not stats_seen_by_b:
+            stats_seen_by_b.append(m.last_generation_stats)  # the first forward of this thread's generation
+
+    def consume():
+        a_thread[0] = threading.get_ident()
+        streams.append(m.generate(PROMPTS[0], max_new_tokens=30, stream=True))
+        try:
+            pieces.extend(streams[0])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    handle = m.lm_head.register_forward_hook(hook)
+    try:
+        worker = threading.Thread(target=consume)
+        worker.start()
+        assert in_step.wait(60)
+        stream = streams[0]
+        stream.close()  # from this thread, while A's step runs: deferred
+        resume.set()
+        got_b = m.generate(PROMPTS[1], max_new_tokens=30)
+        worker.join(timeout=60)
+    finally:
+        resume.set()
+        handle.remove()
+    assert not errors and not worker.is_alive()
+    stats_a = stats_seen_by_b[0]
+    assert stats_a is not None, "the second generation started before the first one's generator stopped"
+    assert 4 <= stats_a.new_tokens < 30  # the step that ran during close() finished, and it was the last
+    assert full_a.startswith("".join(pieces)) and got_b == expected_b
+    assert list(stream) == [] and generation_lock(m).holder is None
+
+
 def test_nan_weight_raises_naming_the_first_bad_module():
     model = phixtral.from_pretrained(msft_moe_checkpoint(), backend="torch")
     with torch.no_grad():

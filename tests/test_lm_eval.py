@@ -125,3 +125,28 @@ def test_model_args_are_checked():
         PhixtralLM(dtpye="float32")
     with pytest.raises(ValueError, match="max_length"):
         PhixtralLM(backend="torch", max_length=10_000)
+
+
+@pytest.mark.parametrize(
+    "model_args, code, message",
+    [
+        ("pretrained={tasks},backend=torch", 1, "{tasks} has no config.json"),
+        ("dtpye=float32,backend=torch", 2, "phixtral takes no argument 'dtpye' (did you mean 'dtype'?)"),
+    ],
+)
+def test_command_line_model_args_errors_are_one_line(tasks, monkeypatch, capsys, model_args, code, message):
+    from phixtral.integrations.lm_eval import main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])  # main() replaces it
+    argv = ["--model", "phixtral", "--model_args", model_args.format(tasks=tasks), "--tasks", "phixtral_test_choice",
+            "--include_path", str(tasks)]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if "phixtral lm_eval" in line]
+    assert len(err) == 1 and err[0].startswith("phixtral lm_eval: error: ") and message.format(tasks=tasks) in err[0]
+
+
+def test_model_args_string_names_a_misspelled_argument():
+    with pytest.raises(TypeError, match=r"no argument 'max_lenght' \(did you mean 'max_length'\?\)"):
+        PhixtralLM.create_from_arg_string("max_lenght=10", {"batch_size": 2, "device": None})

@@ -24,7 +24,7 @@ from phixtral.cli import build_parser
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 from phixtral.serve.app import Server, create_app  # noqa: E402  needs fastapi, as uvicorn
-from phixtral.serve.command import served_name  # noqa: E402
+from phixtral.commands.serve import served_name  # noqa: E402
 from phixtral.serve import engine as engine_module  # noqa: E402
 from phixtral.serve.engine import Done, Engine, Failed, Piece, Request, SamplingParams  # noqa: E402
 
@@ -360,6 +360,17 @@ def test_serve_parser_and_served_name(tmp_path):
             build_parser().parse_args(["serve", *bad])
     assert served_name(None) == NAME and served_name("owner/model") == "owner/model"
     assert served_name(str(tmp_path) + "/") == tmp_path.name
+
+
+def test_serve_command_old_import_path_still_works():
+    import importlib
+
+    sys.modules.pop("phixtral.serve.command", None)
+    with pytest.warns(DeprecationWarning, match="phixtral.commands.serve"):
+        old = importlib.import_module("phixtral.serve.command")
+    from phixtral.commands import serve
+
+    assert (old.served_name, old.add_parser, old.run) == (serve.served_name, serve.add_parser, serve.run)
 
 
 def test_serve_command_answers_logs_and_stops_on_sigterm():

@@ -110,7 +110,8 @@ def test_command_writes_a_checkpoint_that_loads_with_its_log(tmp_path, text_file
         assert not torch.equal(mine.moe.gate.weight, theirs.moe.gate.weight)
         assert torch.equal(mine.moe.fc1.weight, theirs.moe.fc1.weight)
     assert main(argv) == 1  # --out is not empty now
-    assert "pass overwrite" in capsys.readouterr().err or "not empty" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not empty; pass --overwrite to replace it" in err and "overwrite=True" not in err
 
 
 def test_command_refuses_to_write_over_its_source(tmp_path, text_file, capsys):

@@ -1,1 +1,2 @@
-"""The commands built on the decoder: merge, eval, inspect, train-router, quantize (each one file with add_parser and run)."""
+"""The `phixtral` subcommands, one file each with add_parser and run: generate, serve, merge, eval (evaluate.py),
+inspect (inspect_model.py), train-router, quantize. args.py holds what they share: value types and the model flags."""

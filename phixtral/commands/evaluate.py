@@ -18,9 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from phixtral_kernels import BACKENDS
-
-from .args import int_at_least
+from .args import add_model_args, check_fits_context, int_at_least, load_model
 from .stdlib_data import EXPERT_SLICES, SLICES, slice_texts
 
 
@@ -154,7 +152,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         f"(--stdlib-slice, one of {', '.join(SLICES)} or 'all' = {', '.join(EXPERT_SLICES)}). Prints a table (perplexity; "
         "a 'mean' column over the datasets) and one JSON line with every number.",
     )
-    p.add_argument("--model", action="append", default=None, help="checkpoint folder (repeatable; default: the bundled model)")
     p.add_argument("--data", action="append", default=None, help="a UTF-8 text file, one document (repeatable)")
     p.add_argument("--stdlib-slice", action="append", default=None, help="a stdlib slice name or 'all' (repeatable)")
     p.add_argument("--split", default="heldout", choices=("heldout", "train"), help="which part of the stdlib slices")
@@ -163,16 +160,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int_at_least(1), default=None, help="score at most this many tokens per dataset (default: all)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: float32 on CPU)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="MoE implementation")
-    p.add_argument("--experts-per-tok", type=int_at_least(1), default=None, help="override num_experts_per_tok of every model (default: the config's)")
+    add_model_args(p, model="repeatable")
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
-    from ..weights import default_model_path, from_pretrained
+    from ..weights import default_model_path
 
     models = args.model or [default_model_path()]
     if models[0] is None:
@@ -180,9 +174,9 @@ def run(args) -> int:
     datasets = load_datasets(args.data, args.stdlib_slice, args.split)
     results = []
     for path, name in zip(models, _names([str(m) for m in models])):
-        model = from_pretrained(
-            path, device=args.device, dtype=args.dtype, backend=args.backend, num_experts_per_tok=args.experts_per_tok
-        )
+        model = load_model(args, args.parser, path)
+        if args.seq_len is not None:
+            check_fits_context(args.parser, "--seq-len", args.seq_len, model)
         if args.experts_per_tok is not None and model.config.is_moe:
             name = f"{name} (top-{args.experts_per_tok})"
         for data, texts in datasets.items():

@@ -18,9 +18,7 @@ from collections import Counter
 
 import torch
 
-from phixtral_kernels import BACKENDS
-
-from .args import int_at_least
+from .args import add_model_args, int_at_least, load_model
 from .merge import IDENTICAL_COSINE, gate_similarity, tie_consequence
 
 NEAR_IDENTICAL_COSINE = 0.99
@@ -144,21 +142,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="config, parameter counts, dtype and router health of a checkpoint",
         description="Print a checkpoint's config, parameter counts (total and active per token), dtype and, per layer, "
         "the router's health (identical or near-identical gate rows flagged); with --prompt, how many tokens each expert "
-        "receives in each layer.",
+        "receives in each layer (--dtype, --device, --backend and --threads apply to that run).",
     )
-    p.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the bundled model)")
     p.add_argument("--prompt", default=None, help="count the tokens routed to each expert on this text (default: none, headers and router only)")
     p.add_argument("--stdlib-slice", default=None, help="... or on the held-out text of this stdlib slice (default: none)")
     p.add_argument("--max-tokens", type=int_at_least(1), default=4096, help="tokens of --stdlib-slice to route")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
-    p.add_argument("--device", default=None, help="where --prompt runs (default: cuda when available)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="MoE implementation for --prompt")
+    # The report gives the checkpoint's own top-k, so --experts-per-tok would contradict it; the rest applies to --prompt.
+    add_model_args(p, experts=False)
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
-    from ..weights import default_model_path, from_pretrained
+    from ..weights import default_model_path
 
     path = args.model if args.model is not None else default_model_path()
     if path is None:
@@ -170,7 +167,7 @@ def run(args) -> int:
     if args.prompt is not None and args.stdlib_slice is not None:
         raise ValueError("pass --prompt or --stdlib-slice, not both")
     if (args.prompt is not None or args.stdlib_slice is not None) and E > 1:
-        model = from_pretrained(s["folder"], device=args.device, backend=args.backend)
+        model = load_model(args, args.parser, s["folder"])
         what, ids = routing_input(model, args.prompt, args.stdlib_slice, args.max_tokens)
         counts, first_weight = expert_token_counts(model, ids)
     if args.json:

@@ -45,7 +45,7 @@ from typing import Optional
 
 import torch
 
-from .args import float_in, seed
+from .args import add_threads_arg, apply_threads, check_out, float_in, seed
 from ..config import PhixtralConfig
 
 GATE_MODES = ("hidden", "cheap_embed", "random")
@@ -366,14 +366,8 @@ def router_warning(pairs: dict, n_layer: int, num_experts: int, top_k: int) -> s
 # --- the merge -------------------------------------------------------------------------------------------------------
 def _check_out(out: Path, overwrite: bool, sources) -> None:
     """--out is writable: not a source (nor inside or around one), empty or, with --overwrite, a checkpoint folder."""
-    from ..atomic import check_destination
-    from ..weights import check_checkpoint_destination
-
     try:
-        check_destination(out, overwrite=True, sources=sources)  # a file or a source: refused even with --overwrite
-        if not overwrite and out.is_dir() and any(out.iterdir()):
-            raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it")
-        check_checkpoint_destination(out, overwrite=overwrite)
+        check_out(out, overwrite=overwrite, sources=sources)
     except ValueError as e:
         raise RecipeError(f"--out: {e}") from e
 
@@ -461,11 +455,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=0, help="seed of gate_mode random")
     p.add_argument("--device", default="cpu", help="where the base model runs for gate_mode hidden")
     p.add_argument("--max-shard-size", type=float_in(0, low_open=True), default=2.0, help="GiB per safetensors shard")
+    add_threads_arg(p)
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
+    apply_threads(args)
     recipe = load_recipe(args.recipe)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

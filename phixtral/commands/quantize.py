@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..quant import GPTQConfig, gptq_quantize, quantizable, quantize_model_gptq, quantize_model_rtn
-from .args import float_in, int_at_least, parse_number
+from .args import add_model_args, check_out, float_in, int_at_least, load_model, parse_number
 
 METHODS = ("rtn", "gptq")
 REPORT_FILE = "quantize_report.json"
@@ -83,7 +83,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Weight-only quantization of Wqkv, out_proj and the experts' fc1 / fc2 to 4 or 8 bits, written "
         "atomically to --out in AutoGPTQ's v1 layout (loads with phixtral.from_pretrained and other GPTQ tools).",
     )
-    p.add_argument("--model", required=True, help="the float checkpoint folder or hub id")
     p.add_argument("--bits", type=int, choices=(4, 8), required=True, help="bits per weight")
     p.add_argument("--group-size", type=_group_size, default=128, help="input rows per group, -1 for per channel")
     p.add_argument("--method", choices=METHODS, default="rtn", help="rtn (no data) or gptq (calibrated)")
@@ -94,10 +93,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calib-seq-len", type=int_at_least(2), default=256, help="gptq: tokens per window")
     p.add_argument("--damp", type=float_in(0, 1, low_open=True, high_open=True), default=0.01, help="gptq: damping, a fraction of the mean Hessian diagonal")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="gptq: seed of the calibration windows")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (a checkpoint folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # The solvers compute in float32 on the torch MoE path, and the checkpoint keeps its own top-k: no --dtype,
+    # --backend or --experts-per-tok.
+    add_model_args(p, model="required", dtype=False, backend=False, experts=False)
     p.set_defaults(func=run)
     return p
 
@@ -110,14 +111,17 @@ def _group_size(text: str) -> int:
 
 
 def run(args) -> int:
-    from ..weights import check_checkpoint_destination, from_pretrained, resolve_checkpoint
+    from ..weights import resolve_checkpoint
 
     if args.act_order and args.method != "gptq":
         raise ValueError("--act-order orders columns by the calibration Hessian: it needs --method gptq")
     gptq = GPTQConfig(bits=args.bits, group_size=args.group_size, desc_act=args.act_order, sym=args.sym, damp_percent=args.damp)
     source = resolve_checkpoint(args.model)
-    check_checkpoint_destination(args.out, overwrite=args.overwrite, sources=[source])  # refuse before the work
-    model = from_pretrained(source, device=args.device, dtype="float32", backend="torch")
+    try:
+        check_out(args.out, overwrite=args.overwrite, sources=[source])  # refuse before the work
+    except ValueError as e:
+        raise ValueError(f"--out: {e}") from e
+    model = load_model(args, args.parser, source, dtype="float32", backend="torch")
     if model.quantization is not None:
         raise ValueError(f"{source} is already quantized ({model.quantization.bits} bits)")
     K_sizes = {model.get_submodule(n).weight.shape[-1] for n in quantizable(model)}

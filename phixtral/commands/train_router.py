@@ -30,7 +30,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .args import float_in, int_at_least, seed
+from .args import (
+    add_model_args, check_experts_per_tok, check_fits_context, check_out, float_in, int_at_least, load_model, seed,
+)  # fmt: skip
 from .stdlib_data import SLICES, slice_texts
 
 LOG_FILE = "router_training.json"
@@ -293,7 +295,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Train the gate rows of every MoE layer (everything else frozen) on the next-token loss plus an "
         "optional load-balancing loss, and write the result (checkpoint + router_training.json) atomically to --out.",
     )
-    p.add_argument("--model", required=True, help="the merged phixtral checkpoint folder or hub id")
     p.add_argument("--data", nargs="+", default=["stdlib"],
                    help=f"'stdlib' (the slices {', '.join(SLICES)}) and / or UTF-8 text files")  # fmt: skip
     p.add_argument("--steps", type=int_at_least(1), default=300, help="optimizer steps")
@@ -303,40 +304,48 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="weight of a cross-entropy pulling each --expert-data dataset's tokens to its own expert")
     p.add_argument("--expert-data", nargs="+", default=None,
                    help="the dataset of expert 0, 1, ... (stdlib slice names or file names; default: none)")
-    p.add_argument("--experts-per-tok", type=int_at_least(1), default=None, help="top-k to train and save (default: the config's)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the window sampling")
-    p.add_argument("--seq-len", type=int_at_least(2), default=256, help="tokens per training window")
+    p.add_argument("--seq-len", type=int_at_least(2), default=None,
+                   help=f"tokens per training window (default: {RouterTrainingSettings.seq_len}, or the model's n_positions if smaller)")  # fmt: skip
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per step")
     p.add_argument("--eval-every", type=int_at_least(1), default=50, help="steps between held-out measurements")
     p.add_argument("--eval-tokens", type=int_at_least(1), default=16384, help="held-out tokens per dataset")
     p.add_argument("--add-base-expert", default=None, help="a dense phi-2 folder whose MLP becomes one more expert (default: none)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"), help="MoE implementation")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # Training runs in float32, so no --dtype; --backend offers the paths training is tested on (not naive);
+    # --experts-per-tok is the top-k trained and saved.
+    add_model_args(p, model="required", dtype=False, backends=("auto", "triton", "torch"))
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
-    from ..weights import check_checkpoint_destination, from_pretrained, resolve_checkpoint
+    from ..weights import resolve_checkpoint
 
     settings = RouterTrainingSettings(
         steps=args.steps, lr=args.lr, aux_loss_coef=args.aux_loss_coef, experts_per_tok=args.experts_per_tok,
-        seed=args.seed, seq_len=args.seq_len, batch_size=args.batch_size, eval_every=args.eval_every,
-        eval_tokens=args.eval_tokens, add_base_expert=args.add_base_expert, domain_loss_coef=args.domain_loss_coef,
-        expert_data=args.expert_data,
+        seed=args.seed, seq_len=args.seq_len or RouterTrainingSettings.seq_len, batch_size=args.batch_size,
+        eval_every=args.eval_every, eval_tokens=args.eval_tokens, add_base_expert=args.add_base_expert,
+        domain_loss_coef=args.domain_loss_coef, expert_data=args.expert_data,
     )  # fmt: skip
     settings.validate()
     source = resolve_checkpoint(args.model)
     sources = [source] + ([resolve_checkpoint(args.add_base_expert)] if args.add_base_expert else [])
-    check_checkpoint_destination(args.out, overwrite=args.overwrite, sources=sources)  # refuse before training
-    model = from_pretrained(source, device=args.device, dtype="float32", backend=args.backend)
+    try:
+        check_out(args.out, overwrite=args.overwrite, sources=sources)  # refuse before training
+    except ValueError as e:
+        raise ValueError(f"--out: {e}") from e
+    # The top-k is set by train_router, after --add-base-expert may have added an expert.
+    model = load_model(args, args.parser, source, dtype="float32", num_experts_per_tok=None)
     if model.tokenizer is None:
         raise ValueError(f"{source} has no tokenizer files: train-router needs them to encode the text")
     if args.add_base_expert:
         append_base_expert(model, sources[1])
+    if args.experts_per_tok is not None:
+        check_experts_per_tok(args.parser, args.experts_per_tok, model.config.num_local_experts)
+    settings.seq_len = fit_seq_len(args, model)
     data = load_token_data(model.tokenizer, args.data, min_tokens=settings.seq_len)
     say = lambda text: print(text, file=sys.stderr)  # noqa: E731
     record = train_router(model, data, settings, progress=not args.no_progress, log=say)
@@ -348,6 +357,19 @@ def run(args) -> int:
     b, a = record["heldout_before"]["mean"], record["heldout_after"]["mean"]
     print(f"wrote {args.out}: held-out loss {b:.4f} -> {a:.4f} ({record['train_seconds']:.0f} s of training)")
     return 0
+
+
+def fit_seq_len(args, model) -> int:
+    """--seq-len, which must fit the model's context; without it the default, cut to n_positions with a note."""
+    n = model.config.n_positions
+    if args.seq_len is not None:
+        check_fits_context(args.parser, "--seq-len", args.seq_len, model)
+        return args.seq_len
+    if RouterTrainingSettings.seq_len > n:
+        print(f"--seq-len: {n} tokens per window, the model's n_positions (the default {RouterTrainingSettings.seq_len} "
+              "does not fit)", file=sys.stderr)  # fmt: skip
+        return n
+    return RouterTrainingSettings.seq_len
 
 
 __all__ = ["RouterTrainingSettings", "append_base_expert", "load_balancing_loss", "train_router"]

@@ -16,6 +16,8 @@ touches a scored position; generate_until runs `model.generate` on left-padded t
 do_sample, and stops at the task's `until` strings and at eos.
 """
 
+import difflib
+import inspect
 import json
 import logging
 import sys
@@ -24,17 +26,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm.auto import tqdm
 
-from ..generate import _find_stop
 from ..model import Phixtral
+from ..text import decode_text, left_pad, row_text
 from ..weights import default_model_path, from_pretrained
 
 log = logging.getLogger(__name__)
 
 # generate_until's gen_kwargs this model reads; others are warned about once and ignored.
 _GEN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "seed"}
+# What building the model from model_args may raise (a misspelled name, a pretrained= that is no checkpoint, ...):
+# main() prints these in one line, as `phixtral`'s own commands do, instead of lm_eval's traceback.
+_MODEL_ARGS_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 
 
 class PhixtralLM(TemplateLM):
@@ -91,6 +96,32 @@ class PhixtralLM(TemplateLM):
         self.add_bos_token = bool(add_bos_token)
         self._warned: set[str] = set()
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "PhixtralLM":
+        """A PhixtralLM from lm_eval's model_args string "pretrained=DIR,dtype=float32" (see create_from_arg_obj)."""
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None) -> "PhixtralLM":
+        """A PhixtralLM from model_args and lm_eval's own batch_size / max_batch_size / device (those not None).
+
+        A name that is no argument of PhixtralLM is a TypeError naming it, the closest argument and all of them.
+        """
+        try:
+            given = set(arg_dict) | {k for k, v in (additional_config or {}).items() if v is not None}
+            names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+            unknown = sorted(given - set(names))
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(
+                    f"model_args: phixtral takes no argument {unknown[0]!r}{hint}; it takes {', '.join(names)}"
+                )
+            return super().create_from_arg_obj(arg_dict, additional_config)
+        except _MODEL_ARGS_ERRORS as e:
+            e.from_model_args = True  # for main()
+            raise
+
     # --- what TemplateLM asks for --------------------------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
@@ -111,7 +142,7 @@ class PhixtralLM(TemplateLM):
         return self.tokenizer(string, add_special_tokens=special, verbose=False)["input_ids"]
 
     def tok_decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return decode_text(self.tokenizer, tokens)
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -214,30 +245,28 @@ class PhixtralLM(TemplateLM):
         budget = self.max_length - max_new_tokens  # context tokens kept, from the right
         if budget < 1:
             raise ValueError(f"max_gen_toks={max_new_tokens} leaves no room for a context in max_length={self.max_length}")
-        rows = [c[-budget:] if c else [self.prefix_token_id] for c in contexts]
-        S = max(map(len, rows))
-        ids = torch.tensor([[self.eot_token_id] * (S - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (S - len(r)) + [1] * len(r) for r in rows])
+        ids, mask = left_pad([c[-budget:] if c else [self.prefix_token_id] for c in contexts], self.eot_token_id)
         out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, stop=stop or None, **sampling)
         eos = set(self.model.eos_token_ids)
-        texts = []
-        for new in out[:, S:].tolist():
-            end = next((k for k, t in enumerate(new) if t in eos), len(new))
-            text = self.tok_decode(new[:end])
-            cut = _find_stop(text, stop)
-            texts.append(text if cut < 0 else text[:cut])
-        return texts
+        return [row_text(self.tok_decode, new, eos, stop) for new in out[:, ids.shape[1] :].tolist()]
 
 
 def main(argv=None) -> int:
-    """lm_eval's command line with the `phixtral` model registered."""
+    """lm_eval's command line with the `phixtral` model registered. A model that cannot be built from --model_args is
+    one line on stderr, "phixtral lm_eval: error: ...", and exit 2 (a name that is no argument) or 1 (it does not load)."""
     import lm_eval.__main__
 
     import phixtral.integrations.lm_eval  # noqa: F401  the registered copy when this file runs as __main__
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    lm_eval.__main__.cli_evaluate()
+    try:
+        lm_eval.__main__.cli_evaluate()
+    except _MODEL_ARGS_ERRORS as e:
+        if not getattr(e, "from_model_args", False):
+            raise
+        print(f"phixtral lm_eval: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, TypeError) else 1
     return 0
 
 

@@ -3,6 +3,5 @@
 engine.py   the batching engine: one thread owns the model and runs waiting requests as left-padded batches
 protocol.py OpenAI's request bodies and error format
 app.py      the FastAPI app: routes, server-sent events, one log line per request
-command.py  the `serve` subcommand
-Only command.py's parser is imported by `phixtral`'s command line; the HTTP stack loads when the server starts.
+The `serve` subcommand is phixtral/commands/serve.py; the HTTP stack loads only when the server starts.
 """

@@ -24,8 +24,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ..generate import TextStream, _pad_id, generate_tokens, generation_lock, sample
+from ..generate import generate_tokens, sample
+from ..generation_lock import generation_lock
 from ..model import Phixtral
+from ..text import TextStream, decode_text, left_pad, pad_id
 
 log = logging.getLogger("phixtral.serve")
 
@@ -140,7 +142,7 @@ class Engine:
 
     def decode(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
-            return self.model.tokenizer.decode(ids, skip_special_tokens=True)
+            return decode_text(self.model.tokenizer, ids)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """ContextLengthError unless prompt + max_tokens fit the context (OpenAI's message)."""
@@ -250,13 +252,8 @@ class Engine:
     @torch.inference_mode()
     def _run(self, batch: list[Request]) -> None:
         model = self.model
-        B, S = len(batch), max(len(r.prompt_ids) for r in batch)
-        pad = _pad_id(model)
-        ids = torch.tensor([[pad] * (S - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=model.device)
-        mask = None  # as generate(): no mask when no row is padded
-        if any(len(r.prompt_ids) != S for r in batch):
-            rows = [[0] * (S - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch]
-            mask = torch.tensor(rows, device=model.device)
+        B = len(batch)
+        ids, mask = left_pad([r.prompt_ids for r in batch], pad_id(model), model.device)  # as generate() pads
         eos = set(model.eos_token_ids)
         texts = [TextStream(self.decode, eos, r.params.stop) for r in batch]
         sampler = _RowSampler(batch, model.device)
