@@ -61,7 +61,9 @@ def check_destination(out: PathLike, *, overwrite: bool, sources: Iterable[PathL
         s = Path(src).expanduser().resolve()
         where = "is" if real == s else "lies inside" if s in real.parents else "contains" if real in s.parents else None
         if where:
-            raise ValueError(f"refusing to write {path}: it {where} the source model folder {src}; choose another folder")
+            raise ValueError(
+                f"refusing to write {path}: it {where} the source model folder {src}; choose another folder"
+            )
     if real.exists() and not real.is_dir():
         raise ValueError(f"{path} exists and is not a folder")
     if not overwrite and real.is_dir() and any(real.iterdir()):

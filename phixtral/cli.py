@@ -25,7 +25,11 @@ class HelpWithDefaults(argparse.HelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         value = action.default
-        if action.option_strings and "default" not in text and not (value is None or value is False or value == argparse.SUPPRESS):
+        if (
+            action.option_strings
+            and "default" not in text
+            and not (value is None or value is False or value == argparse.SUPPRESS)
+        ):
             text += " (default: %(default)s)"
         return text
 

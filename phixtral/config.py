@@ -176,7 +176,9 @@ def _missing(d: dict, keys) -> None:
 
 def _reject_tied(d: dict) -> None:
     if d.get("tie_word_embeddings"):
-        raise ValueError("config: tie_word_embeddings=true is not supported (phi-2 and phixtral have an untied lm_head)")
+        raise ValueError(
+            "config: tie_word_embeddings=true is not supported (phi-2 and phixtral have an untied lm_head)"
+        )
 
 
 def _from_msft(d: dict) -> dict:

@@ -85,7 +85,11 @@ def host_sync_reason(model: Phixtral) -> Optional[str]:
         if isinstance(module, (MoE, QuantizedLinear)):
             backend = _resolved_backend(module.backend, device, dtype)
             if backend != "triton":
-                why = f" (backend 'auto' on {device}, {str(dtype).replace('torch.', '')})" if module.backend == "auto" else ""
+                why = (
+                    f" (backend 'auto' on {device}, {str(dtype).replace('torch.', '')})"
+                    if module.backend == "auto"
+                    else ""
+                )
                 return f"{name} runs the {backend!r} backend{why}, which reads routing results on the host"
     return None
 
@@ -100,7 +104,9 @@ def graph_unavailable_reason(model: Phixtral) -> Optional[str]:
     return host_sync_reason(model)
 
 
-def eager_step(model: Phixtral, valid: Optional[torch.Tensor], tok: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+def eager_step(
+    model: Phixtral, valid: Optional[torch.Tensor], tok: torch.Tensor, input_pos: torch.Tensor
+) -> torch.Tensor:
     """One decode step: tok [B] at cache slot input_pos [1] -> logits [B, V] fp32 of the new position."""
     hidden = model.hidden_states(tok[:, None], valid, input_pos)  # [B, 1, D]
     return model.lm_head(hidden[:, -1]).float()
@@ -210,10 +216,12 @@ class DecodeGraphs:
         step = functools.partial(_static_step, model, ids, static_pos, static_valid)
         try:
             graph, replay, logits = _capture(step, self, model.device)
-        except Exception as exc:  # noqa: BLE001: any failure means this step cannot be replayed; decode eagerly
+        except Exception as exc:  # noqa: BLE001 -- any failure means this step cannot be replayed; decode eagerly
             if model.device.type == "cuda":
                 torch.cuda.synchronize(model.device)  # an error that broke the context surfaces here, not later
-            self.pool = None  # the pool's state after a failed capture is not worth trusting: the next capture gets a new one
+            self.pool = (
+                None  # the pool's state after a failed capture is not worth trusting: the next capture gets a new one
+            )
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             log.warning("CUDA graph capture of the decode step (batch %d, cache %d) failed, decoding eagerly: %s",
                         key[0], key[1], reason)  # fmt: skip
@@ -267,7 +275,9 @@ class GraphStep:
             self.stats["cuda_graph"] = True
 
 
-def decode_step(model: Phixtral, valid: Optional[torch.Tensor], *, cuda_graph=None, steps: int, stats: Optional[dict] = None):
+def decode_step(
+    model: Phixtral, valid: Optional[torch.Tensor], *, cuda_graph=None, steps: int, stats: Optional[dict] = None
+):
     """The decode step function for one generation: (tok [B], input_pos [1]) -> logits [B, V] fp32.
 
     valid [B, L] or None: the key slots holding real tokens (generate_tokens'). steps: decode steps ahead (after the

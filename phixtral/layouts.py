@@ -69,7 +69,11 @@ def checkpoint_map(config: PhixtralConfig, layout: str) -> dict[str, Target]:
         for i in range(config.n_layer):
             src, dst = f"model.layers.{i}", f"h.{i}"
             layernorm(src + ".input_layernorm", dst + ".ln")
-            for name, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + k)), ("v_proj", slice(q + k, q + 2 * k))):
+            for name, rows in (
+                ("q_proj", slice(0, q)),
+                ("k_proj", slice(q, q + k)),
+                ("v_proj", slice(q + k, q + 2 * k)),
+            ):
                 linear(f"{src}.self_attn.{name}", dst + ".mixer.Wqkv", rows.stop - rows.start, D, (rows,))
             linear(src + ".self_attn.dense", dst + ".mixer.out_proj", D, H * hd)
             expert(src + ".mlp", dst, 0)

@@ -30,8 +30,11 @@ from phixtral_kernels import fused_moe
 from .atomic import atomic_folder
 from .config import PhixtralConfig
 from .quant.modules import QuantizedExpertLinear, QuantizedLinear, quantized_module  # noqa: F401  (their former home)
-from .runtime import ATTENTION_UPCAST  # noqa: F401  (importable from here, its former home)
-from .runtime import RuntimeSettings, check_backend_device
+from .runtime import (
+    ATTENTION_UPCAST,  # noqa: F401  (importable from here, its former home)
+    RuntimeSettings,
+    check_backend_device,
+)
 
 
 class KVCache(nn.Module):
@@ -89,7 +92,11 @@ class Attention(nn.Module):
         if cos.shape[-1]:
             qk = apply_rotary(qk, cos, sin)  # q's and k's heads in one call
         q, k = qk.split([self.n_head, self.n_head_kv], dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, S, self.n_head_kv, hd).transpose(1, 2)  # [B, H, S, hd]
+        q, k, v = (
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.view(B, S, self.n_head_kv, hd).transpose(1, 2),
+        )  # [B, H, S, hd]
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, L, hd]
         if self.n_head_kv != self.n_head:
@@ -213,7 +220,9 @@ class Phixtral(nn.Module):
         self.quantization = None  # the format (phixtral.quant, e.g. a GPTQConfig) when some Linears are packed
         self.source = None  # the checkpoint folder from_pretrained read: save_pretrained never writes over it
         self.source_dtype = None  # the float dtype of its files: save_pretrained's default
-        self.decode_graphs = None  # the captured decode steps (a decode_graph.DecodeGraphs); they point into the KV cache
+        self.decode_graphs = (
+            None  # the captured decode steps (a decode_graph.DecodeGraphs); they point into the KV cache
+        )
         check_backend_device(self.runtime.backend, self.device)
 
     @classmethod
@@ -382,9 +391,13 @@ class Phixtral(nn.Module):
                 raise RuntimeError("input_pos given but no KV cache: call setup_caches(batch_size, length) first")
             cache_batch = self.h[0].mixer.kv_cache.k_cache.shape[0]
             if input_pos.dim() != 1 or input_pos.shape[0] != S:
-                raise ValueError(f"input_pos must have shape [S={S}] (one cache slot per new token), got {tuple(input_pos.shape)}")
+                raise ValueError(
+                    f"input_pos must have shape [S={S}] (one cache slot per new token), got {tuple(input_pos.shape)}"
+                )
             if B > cache_batch:
-                raise ValueError(f"batch of {B} exceeds the KV cache's batch size {cache_batch}: call setup_caches again")
+                raise ValueError(
+                    f"batch of {B} exceeds the KV cache's batch size {cache_batch}: call setup_caches again"
+                )
             slots = input_pos
             L = self.cache_length
         if attention_mask is None:

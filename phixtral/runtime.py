@@ -76,4 +76,3 @@ class RuntimeSettings:
     def __repr__(self) -> str:
         return (f"RuntimeSettings(backend={self.backend!r}, attention_upcast={self.attention_upcast!r}, "
                 f"cuda_graph={self.cuda_graph!r})")  # fmt: skip
-

@@ -23,8 +23,15 @@ from safetensors.torch import save_file
 from . import quant
 from .atomic import atomic_folder, check_destination, missing_folder_hint
 from .config import PhixtralConfig
-from .layouts import IGNORED_SUFFIXES, INDEX_FILE, Target, checkpoint_map, detect_layout, read_json
-from .layouts import LAYOUTS  # noqa: F401  (importable from here, its former home)
+from .layouts import (
+    IGNORED_SUFFIXES,
+    INDEX_FILE,
+    LAYOUTS,  # noqa: F401  (importable from here, its former home)
+    Target,
+    checkpoint_map,
+    detect_layout,
+    read_json,
+)
 from .model import Phixtral
 from .runtime import RuntimeSettings, check_backend_device
 
@@ -105,7 +112,9 @@ def checkpoint_files(folder: Path) -> list[Path]:
         names = list(dict.fromkeys(weight_map.values()))
         outside = [f for f in names if not isinstance(f, str) or Path(f).name != f or f in ("", ".", "..")]
         if outside:  # an absolute path or ../ would read a file from outside the checkpoint folder
-            raise ValueError(f"{index} names shards outside {folder} (only plain file names are allowed): {outside[:5]}")
+            raise ValueError(
+                f"{index} names shards outside {folder} (only plain file names are allowed): {outside[:5]}"
+            )
         files = [folder / f for f in names]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
@@ -191,7 +200,9 @@ def resolve_device(device) -> torch.device:
         raise ValueError(f"invalid device {device!r}: {e}") from e
     if d.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but CUDA is not available (torch.cuda.is_available() is False)")
+            raise RuntimeError(
+                f"device {device!r} requested but CUDA is not available (torch.cuda.is_available() is False)"
+            )
         index = torch.cuda.current_device() if d.index is None else d.index
         if index >= torch.cuda.device_count():
             raise RuntimeError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
@@ -284,7 +295,9 @@ def load_weights(model: Phixtral, folder: Path, *, progress: Optional[bool] = No
 def load_tokenizer(folder: Path):
     """transformers' AutoTokenizer from the checkpoint folder, or None when the folder ships no tokenizer files."""
     folder = Path(folder)
-    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+    if not any(
+        (folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    ):
         return None
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -349,12 +362,16 @@ def from_pretrained(
     inspected = inspect_quantized(folder, config)
     fmt, packed = inspected[3:]
     if dtype is None and device.type == "cpu" and packed:
-        dtype = torch.bfloat16  # torch's packed CPU kernels are fast with bf16 activations only (phixtral_kernels.cpu_packed)
+        dtype = (
+            torch.bfloat16
+        )  # torch's packed CPU kernels are fast with bf16 activations only (phixtral_kernels.cpu_packed)
     dtype = resolve_dtype(dtype, device, config)
     with torch.device("meta"):
         model = Phixtral(config, runtime=runtime).to(dtype)
         if fmt is not None:
-            prepare_quantized(model, packed, fmt)  # in the model's dtype: after the cast, which would round GPTQ's scales
+            prepare_quantized(
+                model, packed, fmt
+            )  # in the model's dtype: after the cast, which would round GPTQ's scales
     model = model.to_empty(device=device)  # one allocation, in the target dtype, on the target device
     load_weights(model, folder, progress=progress, inspected=inspected)
     model.eval().requires_grad_(False)

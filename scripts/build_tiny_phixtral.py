@@ -76,7 +76,12 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_len: int):
     )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, model_max_length=max_len, clean_up_tokenization_spaces=False
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        model_max_length=max_len,
+        clean_up_tokenization_spaces=False,
     )
 
 
@@ -120,12 +125,18 @@ def train(model, stream: torch.Tensor, *, steps: int, lr: float, warmup: int, ba
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+    )
     g = torch.Generator().manual_seed(seed)
     model.train()
     t0, running, last = time.time(), 0.0, float("nan")
     for step in range(1, steps + 1):
-        scale = step / warmup if step <= warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        scale = (
+            step / warmup
+            if step <= warmup
+            else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        )
         for group in opt.param_groups:
             group["lr"] = lr * scale
         starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,), generator=g)
@@ -140,7 +151,9 @@ def train(model, stream: torch.Tensor, *, steps: int, lr: float, warmup: int, ba
             n = log_every if step % log_every == 0 else step % log_every
             last = running / n
             dt = time.time() - t0
-            log(f"    {tag} step {step:4d}/{steps}  loss {last:.3f}  lr {lr * scale:.2e}  {dt:6.0f} s  {step * batch_size * seq_len / dt:6.0f} tok/s")
+            log(
+                f"    {tag} step {step:4d}/{steps}  loss {last:.3f}  lr {lr * scale:.2e}  {dt:6.0f} s  {step * batch_size * seq_len / dt:6.0f} tok/s"
+            )
             running = 0.0
     model.eval()
     return last
@@ -190,7 +203,13 @@ def write_recipe(work: Path, prompts: dict, negatives: bool) -> Path:
         if negatives:
             e["negative_prompts"] = [p for o in EXPERT_SLICES if o != s for p in prompts[o]]
         experts.append(e)
-    recipe = {"base_model": "base", "gate_mode": "hidden", "dtype": "float16", "experts_per_token": 2, "experts": experts}
+    recipe = {
+        "base_model": "base",
+        "gate_mode": "hidden",
+        "dtype": "float16",
+        "experts_per_token": 2,
+        "experts": experts,
+    }
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False, width=120, allow_unicode=True))
     return path
@@ -221,7 +240,9 @@ def build_merged(args, work: Path, merged: Path, log: "Log") -> tuple[dict, Path
     log()
     log("[1] stdlib slices (pieces of ~16 KB, every 10th held out) and the tokenizer")
     for row in describe_slices():
-        log(f"    {row['slice']:8s} {row['files']:4d} files {row['pieces']:4d} pieces  train {row['train_chars']:>9,d} chars  held out {row['heldout_chars']:>8,d} chars")
+        log(
+            f"    {row['slice']:8s} {row['files']:4d} files {row['pieces']:4d} pieces  train {row['train_chars']:>9,d} chars  held out {row['heldout_chars']:>8,d} chars"
+        )
     train_texts = {s: slice_texts(s, "train") for s in EXPERT_SLICES + ("general",)}
     t = time.time()
     tokenizer = train_tokenizer([x for texts in train_texts.values() for x in texts], args.vocab_size, args.seq_len)
@@ -305,7 +326,9 @@ def main(argv=None) -> int:
     p.add_argument("--router-domain-loss-coef", type=float, default=ROUTER["domain_loss_coef"],
                    help="pull each expert slice's tokens toward its own expert")  # fmt: skip
     p.add_argument("--no-eval", action="store_true", help="skip step 6 (EVAL.md)")
-    p.add_argument("--reuse-work", action="store_true", help="reuse steps 1-4 (base, experts, merge) from --work when there")
+    p.add_argument(
+        "--reuse-work", action="store_true", help="reuse steps 1-4 (base, experts, merge) from --work when there"
+    )
     args = p.parse_args(argv)
 
     import tokenizers
@@ -323,7 +346,9 @@ def main(argv=None) -> int:
     log()
     log("```")
     log(f"started   {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    log(f"python {python_version()}  torch {torch.__version__}  transformers {transformers.__version__}  tokenizers {tokenizers.__version__}")
+    log(
+        f"python {python_version()}  torch {torch.__version__}  transformers {transformers.__version__}  tokenizers {tokenizers.__version__}"
+    )
     log(f"machine   {platform.machine()} {platform.processor() or ''}  torch threads {torch.get_num_threads()}")
     log(f"args      {json.dumps({k: str(v) for k, v in vars(args).items()})}")
 
@@ -333,7 +358,9 @@ def main(argv=None) -> int:
     merged, steps_log = work / "merged", work / "BUILD_LOG.steps-1-4.md"
     if args.reuse_work and (merged / "config.json").is_file() and steps_log.is_file():
         log()
-        log(f"[1-4] reused from {work.relative_to(ROOT) if work.is_relative_to(ROOT) else work} (--reuse-work): the log of the run that built them")
+        log(
+            f"[1-4] reused from {work.relative_to(ROOT) if work.is_relative_to(ROOT) else work} (--reuse-work): the log of the run that built them"
+        )
         for line in steps_log.read_text().splitlines():
             log(line)
         times = {}
@@ -360,7 +387,9 @@ def main(argv=None) -> int:
             log("    " + line)
     times["router"] = time.time() - t
     shutil.copy2(recipe, out / "merge-recipe.yaml")
-    log(f"    train-router took {times['router']:.0f} s; recipe copied to merge-recipe.yaml (model paths relative to {work.relative_to(ROOT) if work.is_relative_to(ROOT) else work})")
+    log(
+        f"    train-router took {times['router']:.0f} s; recipe copied to merge-recipe.yaml (model paths relative to {work.relative_to(ROOT) if work.is_relative_to(ROOT) else work})"
+    )
     size = 0
     for f in sorted(out.iterdir()):
         size += f.stat().st_size
@@ -372,7 +401,11 @@ def main(argv=None) -> int:
         log()
         models = [work / "base"] + [work / f"expert-{s}" for s in EXPERT_SLICES] + [merged, out]
         rel = lambda q: str(q.relative_to(ROOT)) if q.is_relative_to(ROOT) else str(q)  # noqa: E731
-        argv_eval = ["eval"] + [a for m in models for a in ("--model", rel(m))] + ["--stdlib-slice", "all", "--markdown", "--no-progress"]
+        argv_eval = (
+            ["eval"]
+            + [a for m in models for a in ("--model", rel(m))]
+            + ["--stdlib-slice", "all", "--markdown", "--no-progress"]
+        )
         command = "python -m phixtral " + " ".join(argv_eval)
         log(f"[6] {command}")
         t = time.time()
@@ -390,7 +423,11 @@ def main(argv=None) -> int:
     elif old_eval:
         eval_md.write_text(old_eval)  # as it was before the merge (its table is the previous build's)
     log()
-    log("times: " + "  ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"  total {log.elapsed():.0f} s ({log.elapsed() / 60:.1f} min)")
+    log(
+        "times: "
+        + "  ".join(f"{k} {v:.0f} s" for k, v in times.items())
+        + f"  total {log.elapsed():.0f} s ({log.elapsed() / 60:.1f} min)"
+    )
     log("```")
     (out / "BUILD_LOG.md").write_text("\n".join(log.lines) + "\n")
     return 0

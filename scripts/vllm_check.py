@@ -57,9 +57,10 @@ def reference_tokens(model, prompt_ids, max_tokens):
 
 
 def model_folder(name):
-    import phixtral
     from helpers_models import hf_phi_checkpoint, msft_moe_checkpoint
     from phi_checkpoints import make_phi
+
+    import phixtral
 
     if name == "tiny":
         return phixtral.default_model_path(), {}
@@ -78,9 +79,10 @@ def model_folder(name):
 
 def check_offline(name, max_tokens, tp=1):
     """vLLM's greedy tokens for PROMPTS (one batch) against phixtral's; returns a result dict."""
-    import phixtral
     from vllm import LLM, SamplingParams
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    import phixtral
 
     folder, kwargs = model_folder(name)
     model = phixtral.from_pretrained(folder, dtype="float32", device="cpu", backend="torch")

@@ -135,7 +135,12 @@ def load_model(args, parser: argparse.ArgumentParser, path=None, **fixed):
     from phixtral_kernels import triton_unavailable_reason
 
     from ..weights import (
-        default_model_path, from_pretrained, read_config, resolve_checkpoint, resolve_device, resolve_dtype,
+        default_model_path,
+        from_pretrained,
+        read_config,
+        resolve_checkpoint,
+        resolve_device,
+        resolve_dtype,
     )  # fmt: skip
 
     apply_threads(args)

@@ -67,7 +67,10 @@ def stream_nll(model, stream: torch.Tensor, *, seq_len: int, batch_size: int = 4
             group = starts[b : b + batch_size]
             # The last window of the stream may be shorter: it goes alone so that no padding is needed.
             lengths = [min(seq_len, N - 1 - s) for s in group]
-            for batch in ([g for g, n in zip(group, lengths) if n == seq_len], [g for g, n in zip(group, lengths) if n < seq_len]):
+            for batch in (
+                [g for g, n in zip(group, lengths) if n == seq_len],
+                [g for g, n in zip(group, lengths) if n < seq_len],
+            ):
                 if not batch:
                     continue
                 n = min(seq_len, N - 1 - batch[0])
@@ -91,7 +94,9 @@ def evaluate(model, texts: list[str], *, name: str = "model", data: str = "data"
     if stream.numel() < 2:
         raise ValueError(f"{data}: no text to evaluate")
     seq_len = seq_len or min(model.config.n_positions, 1024)
-    total, count = stream_nll(model, stream, seq_len=seq_len, batch_size=batch_size, progress=progress, desc=f"{name} | {data}")
+    total, count = stream_nll(
+        model, stream, seq_len=seq_len, batch_size=batch_size, progress=progress, desc=f"{name} | {data}"
+    )
     # Bytes of the text actually scored: decode what was kept (exact when max_tokens did not cut).
     nbytes = len(model.tokenizer.decode(stream[1:].tolist()).encode("utf-8"))
     return EvalResult(name, data, count, nbytes, total / count)
@@ -155,9 +160,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=None, help="a UTF-8 text file, one document (repeatable)")
     p.add_argument("--stdlib-slice", action="append", default=None, help="a stdlib slice name or 'all' (repeatable)")
     p.add_argument("--split", default="heldout", choices=("heldout", "train"), help="which part of the stdlib slices")
-    p.add_argument("--seq-len", type=int_at_least(2), default=None, help="window length (default: n_positions, at most 1024)")
+    p.add_argument(
+        "--seq-len", type=int_at_least(2), default=None, help="window length (default: n_positions, at most 1024)"
+    )
     p.add_argument("--batch-size", type=int_at_least(1), default=4, help="windows per forward")
-    p.add_argument("--max-tokens", type=int_at_least(1), default=None, help="score at most this many tokens per dataset (default: all)")
+    p.add_argument(
+        "--max-tokens",
+        type=int_at_least(1),
+        default=None,
+        help="score at most this many tokens per dataset (default: all)",
+    )
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p, model="repeatable")
@@ -185,9 +197,15 @@ def run(args) -> int:
                 max_tokens=args.max_tokens, progress=not args.no_progress,
             )  # fmt: skip
             results.append(r)
-            print(f"{name} | {data}: perplexity {r.perplexity:.3f} over {r.tokens} tokens ({r.bits_per_byte:.3f} bits/byte)", file=sys.stderr)
+            print(
+                f"{name} | {data}: perplexity {r.perplexity:.3f} over {r.tokens} tokens ({r.bits_per_byte:.3f} bits/byte)",
+                file=sys.stderr,
+            )
         del model
     print(format_table(results, markdown=args.markdown))
-    print(json.dumps({"results": [{**asdict(r), "perplexity": r.perplexity, "bits_per_byte": r.bits_per_byte} for r in results]}))
+    print(
+        json.dumps(
+            {"results": [{**asdict(r), "perplexity": r.perplexity, "bits_per_byte": r.bits_per_byte} for r in results]}
+        )
+    )
     return 0
-

@@ -15,7 +15,9 @@ def add_parser(subparsers):
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float_in(0), default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int_at_least(0), default=None, help="sample among the k most likely tokens (default: off)")
+    p.add_argument(
+        "--top-k", type=int_at_least(0), default=None, help="sample among the k most likely tokens (default: off)"
+    )
     p.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=None, help="nucleus sampling (default: off)")
     p.add_argument("--repetition-penalty", type=float_in(0, low_open=True), default=1.0, help="1 = off")
     p.add_argument("--stop", action="append", default=None, help="stop string, repeatable (default: none)")

@@ -119,7 +119,9 @@ def routing_input(model, prompt=None, stdlib_slice=None, max_tokens: int = 4096)
     if model.tokenizer is None:
         raise ValueError("the checkpoint has no tokenizer files: routing counts need them")
     if prompt is not None:
-        ids = model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"]  # [1, S]
+        ids = model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt", verbose=False)[
+            "input_ids"
+        ]  # [1, S]
         if ids.numel() == 0:
             raise ValueError("--prompt encodes to no tokens")
         return "the prompt", ids
@@ -144,8 +146,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "the router's health (identical or near-identical gate rows flagged); with --prompt, how many tokens each expert "
         "receives in each layer (--dtype, --device, --backend and --threads apply to that run).",
     )
-    p.add_argument("--prompt", default=None, help="count the tokens routed to each expert on this text (default: none, headers and router only)")
-    p.add_argument("--stdlib-slice", default=None, help="... or on the held-out text of this stdlib slice (default: none)")
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help="count the tokens routed to each expert on this text (default: none, headers and router only)",
+    )
+    p.add_argument(
+        "--stdlib-slice", default=None, help="... or on the held-out text of this stdlib slice (default: none)"
+    )
     p.add_argument("--max-tokens", type=int_at_least(1), default=4096, help="tokens of --stdlib-slice to route")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     # The report gives the checkpoint's own top-k, so --experts-per-tok would contradict it; the rest applies to --prompt.
@@ -194,7 +202,10 @@ def run(args) -> int:
         flags += [f"near-identical experts {i} and {j}" for i, j in row["near_identical"]]
         bad_layers += bool(row["identical"])
         norms = " ".join(f"{x:.3g}" for x in row["norms"])
-        print(f"  layer {row['layer']:3d}  max cosine {row['max_cosine']:.4f}  norms [{norms}]" + ("  " + "; ".join(flags) if flags else "  ok"))
+        print(
+            f"  layer {row['layer']:3d}  max cosine {row['max_cosine']:.4f}  norms [{norms}]"
+            + ("  " + "; ".join(flags) if flags else "  ok")
+        )
     if bad_layers:
         print(f"WARNING: {bad_layers} of {len(health)} layers have identical gate rows: {tie_consequence(E, k)}.")
     if counts is not None:
@@ -203,6 +214,9 @@ def run(args) -> int:
               "mean routing weight of each token's first pick)")  # fmt: skip
         print("  layer  " + "  ".join(f"{'e' + str(e):>13s}" for e in range(E)) + "  first pick")
         for layer, c in enumerate(counts):
-            print(f"  {layer:5d}  " + "  ".join(f"{x:>6d} ({100 * x / slots:3.0f}%)" for x in c) + f"  {first_weight[layer]:10.2f}")
+            print(
+                f"  {layer:5d}  "
+                + "  ".join(f"{x:>6d} ({100 * x / slots:3.0f}%)" for x in c)
+                + f"  {first_weight[layer]:10.2f}"
+            )
     return 0
-

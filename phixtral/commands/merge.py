@@ -45,8 +45,8 @@ from typing import Optional
 
 import torch
 
-from .args import add_threads_arg, apply_threads, check_out, float_in, seed
 from ..config import PhixtralConfig
+from .args import add_threads_arg, apply_threads, check_out, float_in, seed
 
 GATE_MODES = ("hidden", "cheap_embed", "random")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -196,9 +196,13 @@ def check_source(path: Path, what: str) -> Source:
     except ValueError as e:
         raise RecipeError(f"{what} {path}: {e}") from e
     if any(t.kind != "float" or t.stage is not None for t in mapping.values()):
-        raise RecipeError(f"{what} {path} is a GPTQ checkpoint; merge reads float checkpoints (quantize the merged model)")
+        raise RecipeError(
+            f"{what} {path} is a GPTQ checkpoint; merge reads float checkpoints (quantize the merged model)"
+        )
     if config.is_moe:
-        raise RecipeError(f"{what} {path} is already a MoE ({config.num_local_experts} experts); sources must be dense phi-2 models")
+        raise RecipeError(
+            f"{what} {path} is already a MoE ({config.num_local_experts} experts); sources must be dense phi-2 models"
+        )
     return Source(path, config, layout, mapping)
 
 
@@ -220,7 +224,9 @@ def check_sources(recipe: Recipe) -> tuple[Source, list[Source]]:
             if a != b:
                 problems.append(f"experts[{i}] ({src.path}): {key} = {b}, but the base model has {key} = {a}")
     if problems:
-        raise RecipeError("the experts do not fit the base model (fc1 / fc2 shapes must match):\n  " + "\n  ".join(problems))
+        raise RecipeError(
+            "the experts do not fit the base model (fc1 / fc2 shapes must match):\n  " + "\n  ".join(problems)
+        )
     return base, experts
 
 
@@ -265,7 +271,10 @@ def _encode_prompts(tokenizer, prompts: list[str], max_len: int) -> list[torch.T
 def _mean_hidden(model, ids: list[torch.Tensor]) -> torch.Tensor:
     """[L, D]: per layer, the MoE input ln(x) averaged over each prompt's tokens, then over the prompts."""
     captured = []
-    hooks = [block.ln.register_forward_hook(lambda mod, inp, out: captured.append(out[0].float().mean(0))) for block in model.h]
+    hooks = [
+        block.ln.register_forward_hook(lambda mod, inp, out: captured.append(out[0].float().mean(0)))
+        for block in model.h
+    ]
     try:
         total = 0
         with torch.no_grad():
@@ -312,7 +321,9 @@ def gate_vectors(recipe: Recipe, base: Source, *, device="cpu", seed: int = 0, p
             v = v - vector(_encode_prompts(tokenizer, expert.negative_prompts, base.config.n_positions))
         norm = v.norm(dim=-1, keepdim=True)  # [L, 1]
         if (norm == 0).any():
-            raise RecipeError(f"experts[{i}]: the positive and negative prompts give the same vector, so the gate row is zero")
+            raise RecipeError(
+                f"experts[{i}]: the positive and negative prompts give the same vector, so the gate row is zero"
+            )
         rows.append(v / norm)
     return torch.stack(rows, dim=1)  # [L, E, D]
 
@@ -401,7 +412,9 @@ def merge(recipe: Recipe, out, *, overwrite: bool = False, seed: int = 0, device
     shapes = _meta_shapes(config)
     dense_shapes = _meta_shapes(base.config)
     is_expert = lambda name: ".moe.fc" in name  # noqa: E731
-    state = read_params(base, [n for n in dense_shapes if not is_expert(n) and ".moe.gate" not in n], dtype, dense_shapes)
+    state = read_params(
+        base, [n for n in dense_shapes if not is_expert(n) and ".moe.gate" not in n], dtype, dense_shapes
+    )
     for name in shapes:
         if is_expert(name):
             state[name] = torch.empty(shapes[name], dtype=dtype)  # [E, F, D] / [E, F] / [E, D, F] / [E, D]
@@ -479,4 +492,3 @@ def run(args) -> int:
     )
     print("largest cosine between two gate rows, per layer: " + " ".join(f"{x:.4f}" for x in report.max_gate_cosine))
     return 0
-

@@ -86,12 +86,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=(4, 8), required=True, help="bits per weight")
     p.add_argument("--group-size", type=_group_size, default=128, help="input rows per group, -1 for per channel")
     p.add_argument("--method", choices=METHODS, default="rtn", help="rtn (no data) or gptq (calibrated)")
-    p.add_argument("--act-order", action="store_true", help="gptq only: columns by decreasing Hessian diagonal (desc_act)")
+    p.add_argument(
+        "--act-order", action="store_true", help="gptq only: columns by decreasing Hessian diagonal (desc_act)"
+    )
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True, help="symmetric grid (no zero points)")
-    p.add_argument("--calib", default="stdlib", help="gptq calibration text: 'stdlib' (the standard library slices) or a text file")
+    p.add_argument(
+        "--calib", default="stdlib", help="gptq calibration text: 'stdlib' (the standard library slices) or a text file"
+    )
     p.add_argument("--calib-samples", type=int_at_least(1), default=128, help="gptq: calibration windows")
     p.add_argument("--calib-seq-len", type=int_at_least(2), default=256, help="gptq: tokens per window")
-    p.add_argument("--damp", type=float_in(0, 1, low_open=True, high_open=True), default=0.01, help="gptq: damping, a fraction of the mean Hessian diagonal")
+    p.add_argument(
+        "--damp",
+        type=float_in(0, 1, low_open=True, high_open=True),
+        default=0.01,
+        help="gptq: damping, a fraction of the mean Hessian diagonal",
+    )
     p.add_argument("--seed", type=int_at_least(0), default=0, help="gptq: seed of the calibration windows")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (a checkpoint folder)")
@@ -115,7 +124,9 @@ def run(args) -> int:
 
     if args.act_order and args.method != "gptq":
         raise ValueError("--act-order orders columns by the calibration Hessian: it needs --method gptq")
-    gptq = GPTQConfig(bits=args.bits, group_size=args.group_size, desc_act=args.act_order, sym=args.sym, damp_percent=args.damp)
+    gptq = GPTQConfig(
+        bits=args.bits, group_size=args.group_size, desc_act=args.act_order, sym=args.sym, damp_percent=args.damp
+    )
     source = resolve_checkpoint(args.model)
     try:
         check_out(args.out, overwrite=args.overwrite, sources=[source])  # refuse before the work
@@ -126,7 +137,9 @@ def run(args) -> int:
         raise ValueError(f"{source} is already quantized ({model.quantization.bits} bits)")
     K_sizes = {model.get_submodule(n).weight.shape[-1] for n in quantizable(model)}
     if args.group_size > 0 and any(k % args.group_size for k in K_sizes):
-        raise ValueError(f"--group-size {args.group_size} does not divide the in features of every Linear {sorted(K_sizes)}")
+        raise ValueError(
+            f"--group-size {args.group_size} does not divide the in features of every Linear {sorted(K_sizes)}"
+        )
     start = time.perf_counter()
     report = {"source": str(args.model), "method": args.method, **gptq.to_dict()}
     if args.method == "rtn":
@@ -135,9 +148,13 @@ def run(args) -> int:
         if model.tokenizer is None:
             raise ValueError(f"{source} has no tokenizer files: gptq needs them to encode the calibration text")
         seq_len = min(args.calib_seq_len, model.config.n_positions)
-        windows = calibration_windows(model.tokenizer, args.calib, samples=args.calib_samples, seq_len=seq_len, seed=args.seed)
+        windows = calibration_windows(
+            model.tokenizer, args.calib, samples=args.calib_samples, seq_len=seq_len, seed=args.seed
+        )
         losses = quantize_model_gptq(model, gptq, windows, progress=not args.no_progress)
-        report.update(calib=args.calib, calib_samples=args.calib_samples, calib_seq_len=seq_len, seed=args.seed, errors=losses)
+        report.update(
+            calib=args.calib, calib_samples=args.calib_samples, calib_seq_len=seq_len, seed=args.seed, errors=losses
+        )
     report["seconds"] = time.perf_counter() - start
     dtype = model.config.torch_dtype or "float16"
     model.save_pretrained(args.out, dtype=dtype, overwrite=args.overwrite, sources=[source],

@@ -20,7 +20,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve a model over HTTP: OpenAI's /v1/completions and /v1/chat/completions (streamed or not), "
         "/v1/models and /health. Needs the serve extra: pip install 'phixtral-kernels[serve]'.",
     )
-    p.add_argument("--served-model-name", default=None, help="the name clients use (default: the folder's name or the hub id)")
+    p.add_argument(
+        "--served-model-name", default=None, help="the name clients use (default: the folder's name or the hub id)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port (0: any free port)")
     p.add_argument("--max-batch-size", type=int_at_least(1), default=8, help="requests decoded together at most")

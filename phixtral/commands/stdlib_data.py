@@ -117,7 +117,11 @@ def slice_pieces(name: str, split: Optional[str] = None, root: Optional[Path] = 
     root = Path(root) if root is not None else stdlib_dir()
     files = slice_files(name, root)
     if not files:
-        hint = " (some Linux distributions ship Lib/test separately, e.g. Debian's libpython3-testsuite)" if name == "tests" else ""
+        hint = (
+            " (some Linux distributions ship Lib/test separately, e.g. Debian's libpython3-testsuite)"
+            if name == "tests"
+            else ""
+        )
         raise FileNotFoundError(f"stdlib slice {name!r}: no source files under {root}{hint}")
     pieces = [Piece(str(f.relative_to(root)), text) for f in files for text in _cut(_read(f))]
     if split is None:
@@ -138,5 +142,13 @@ def describe_slices(root: Optional[Path] = None) -> list[dict]:
         pieces = slice_pieces(name, None, root)
         held = sum(len(p.text) for i, p in enumerate(pieces) if i % _HELDOUT_EVERY == _HELDOUT_EVERY - 1)
         total = sum(len(p.text) for p in pieces)
-        rows.append(dict(slice=name, files=len({p.source for p in pieces}), pieces=len(pieces), train_chars=total - held, heldout_chars=held))
+        rows.append(
+            dict(
+                slice=name,
+                files=len({p.source for p in pieces}),
+                pieces=len(pieces),
+                train_chars=total - held,
+                heldout_chars=held,
+            )
+        )
     return rows

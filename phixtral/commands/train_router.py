@@ -31,7 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from .args import (
-    add_model_args, check_experts_per_tok, check_fits_context, check_out, float_in, int_at_least, load_model, seed,
+    add_model_args,
+    check_experts_per_tok,
+    check_fits_context,
+    check_out,
+    float_in,
+    int_at_least,
+    load_model,
+    seed,
 )  # fmt: skip
 from .stdlib_data import SLICES, slice_texts
 
@@ -103,7 +110,9 @@ def load_token_data(tokenizer, data: list[str], *, min_tokens: int) -> TokenData
     for split, streams in (("training", out.train), ("held-out", out.heldout)):
         for name, s in streams.items():
             if s.numel() < min_tokens + 1:
-                raise ValueError(f"{name}: its {split} text has {s.numel()} tokens, fewer than one window of {min_tokens + 1}")
+                raise ValueError(
+                    f"{name}: its {split} text has {s.numel()} tokens, fewer than one window of {min_tokens + 1}"
+                )
     return out
 
 
@@ -197,7 +206,9 @@ def append_base_expert(model, base_path) -> None:
     base = from_pretrained(base_path, device=model.device, dtype=model.dtype, backend="torch")
     c, b = model.config, base.config
     if b.is_moe:
-        raise ValueError(f"--add-base-expert {base_path}: a dense phi-2 checkpoint is needed, got {b.num_local_experts} experts")
+        raise ValueError(
+            f"--add-base-expert {base_path}: a dense phi-2 checkpoint is needed, got {b.num_local_experts} experts"
+        )
     if (b.n_embd, b.n_inner, b.n_layer) != (c.n_embd, c.n_inner, c.n_layer):
         raise ValueError(
             f"--add-base-expert {base_path}: shapes differ (n_embd, n_inner, n_layer) {(b.n_embd, b.n_inner, b.n_layer)} "
@@ -246,13 +257,19 @@ def train_router(model, data: TokenData, settings: RouterTrainingSettings, *, pr
     if unknown:
         raise ValueError(f"expert_data names {unknown}, which are not among the datasets {sorted(data.train)}")
     if settings.expert_data and len(settings.expert_data) > model.config.num_local_experts:
-        raise ValueError(f"expert_data names {len(settings.expert_data)} datasets for {model.config.num_local_experts} experts")
+        raise ValueError(
+            f"expert_data names {len(settings.expert_data)} datasets for {model.config.num_local_experts} experts"
+        )
     if settings.domain_loss_coef and not own_expert:
         raise ValueError("domain_loss_coef needs expert_data: the dataset of each expert, in expert order")
     record = {"settings": asdict(settings), "top_k": top_k, "num_experts": model.config.num_local_experts, "log": []}
     before = heldout_loss(model, windows, settings.batch_size)
     record["heldout_before"] = before
-    log(f"held-out loss before: {before['mean']:.4f} (" + ", ".join(f"{k} {v:.3f}" for k, v in before.items() if k != "mean") + ")")
+    log(
+        f"held-out loss before: {before['mean']:.4f} ("
+        + ", ".join(f"{k} {v:.3f}" for k, v in before.items() if k != "mean")
+        + ")"
+    )
     collector = RouterLogits(model)
     clock = time.perf_counter()
     try:
@@ -275,7 +292,9 @@ def train_router(model, data: TokenData, settings: RouterTrainingSettings, *, pr
                 collector.remove()
                 entry["heldout"] = heldout_loss(model, windows, settings.batch_size)
                 collector = RouterLogits(model)
-                log(f"step {step}: train loss {entry['loss']:.4f}, aux {entry['aux_loss']:.3f}, held-out {entry['heldout']['mean']:.4f}")
+                log(
+                    f"step {step}: train loss {entry['loss']:.4f}, aux {entry['aux_loss']:.3f}, held-out {entry['heldout']['mean']:.4f}"
+                )
             record["log"].append(entry)
     finally:
         collector.remove()
@@ -300,17 +319,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int_at_least(1), default=300, help="optimizer steps")
     p.add_argument("--lr", type=float_in(0, low_open=True), default=3e-3, help="Adam learning rate")
     p.add_argument("--aux-loss-coef", type=float_in(0), default=0.0, help="weight of the load-balancing loss")
-    p.add_argument("--domain-loss-coef", type=float_in(0), default=0.0,
-                   help="weight of a cross-entropy pulling each --expert-data dataset's tokens to its own expert")
-    p.add_argument("--expert-data", nargs="+", default=None,
-                   help="the dataset of expert 0, 1, ... (stdlib slice names or file names; default: none)")
+    p.add_argument(
+        "--domain-loss-coef",
+        type=float_in(0),
+        default=0.0,
+        help="weight of a cross-entropy pulling each --expert-data dataset's tokens to its own expert",
+    )
+    p.add_argument(
+        "--expert-data",
+        nargs="+",
+        default=None,
+        help="the dataset of expert 0, 1, ... (stdlib slice names or file names; default: none)",
+    )
     p.add_argument("--seed", type=seed, default=0, help="seed of the window sampling")
     p.add_argument("--seq-len", type=int_at_least(2), default=None,
                    help=f"tokens per training window (default: {RouterTrainingSettings.seq_len}, or the model's n_positions if smaller)")  # fmt: skip
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per step")
     p.add_argument("--eval-every", type=int_at_least(1), default=50, help="steps between held-out measurements")
     p.add_argument("--eval-tokens", type=int_at_least(1), default=16384, help="held-out tokens per dataset")
-    p.add_argument("--add-base-expert", default=None, help="a dense phi-2 folder whose MLP becomes one more expert (default: none)")
+    p.add_argument(
+        "--add-base-expert", default=None, help="a dense phi-2 folder whose MLP becomes one more expert (default: none)"
+    )
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -351,7 +380,10 @@ def run(args) -> int:
     record = train_router(model, data, settings, progress=not args.no_progress, log=say)
     record["source"] = str(args.model)
     model.save_pretrained(
-        args.out, dtype=model.config.torch_dtype, overwrite=args.overwrite, sources=sources,
+        args.out,
+        dtype=model.config.torch_dtype,
+        overwrite=args.overwrite,
+        sources=sources,
         extra_files={LOG_FILE: json.dumps(record, indent=2) + "\n"},
     )  # the checkpoint's own dtype, not the float32 it trained in
     b, a = record["heldout_before"]["mean"], record["heldout_after"]["mean"]

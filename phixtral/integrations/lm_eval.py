@@ -145,7 +145,9 @@ class PhixtralLM(TemplateLM):
         return decode_text(self.tokenizer, tokens)
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     # --- scoring -------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -168,7 +170,9 @@ class PhixtralLM(TemplateLM):
                 rows.append((whole[:-1], list(continuation)))
             T = max(len(inp) for inp, _ in rows)
             # Right padding: causal attention keeps every real position blind to the pads after it.
-            ids = torch.tensor([inp + [self.eot_token_id] * (T - len(inp)) for inp, _ in rows], device=self.model.device)
+            ids = torch.tensor(
+                [inp + [self.eot_token_id] * (T - len(inp)) for inp, _ in rows], device=self.model.device
+            )
             logprobs = F.log_softmax(self.model(ids), dim=-1)  # [B, T, V] fp32
             for b, (i, (inp, cont)) in enumerate(zip(chunk, rows)):
                 n = len(cont)
@@ -233,7 +237,10 @@ class PhixtralLM(TemplateLM):
         until = kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         sampled = bool(kwargs.get("do_sample", False))  # greedy unless the task asks to sample, as transformers
-        settings = {"stop": [s for s in until if s], "max_new_tokens": int(kwargs.get("max_gen_toks", self.max_gen_toks))}
+        settings = {
+            "stop": [s for s in until if s],
+            "max_new_tokens": int(kwargs.get("max_gen_toks", self.max_gen_toks)),
+        }
         if sampled:
             settings.update(temperature=float(kwargs.get("temperature", 1.0)), top_p=kwargs.get("top_p"),
                             top_k=kwargs.get("top_k"), seed=kwargs.get("seed"))  # fmt: skip
@@ -244,9 +251,13 @@ class PhixtralLM(TemplateLM):
     def _generate(self, contexts: list[list[int]], *, stop: list[str], max_new_tokens: int, **sampling) -> list[str]:
         budget = self.max_length - max_new_tokens  # context tokens kept, from the right
         if budget < 1:
-            raise ValueError(f"max_gen_toks={max_new_tokens} leaves no room for a context in max_length={self.max_length}")
+            raise ValueError(
+                f"max_gen_toks={max_new_tokens} leaves no room for a context in max_length={self.max_length}"
+            )
         ids, mask = left_pad([c[-budget:] if c else [self.prefix_token_id] for c in contexts], self.eot_token_id)
-        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, stop=stop or None, **sampling)
+        out = self.model.generate(
+            ids, attention_mask=mask, max_new_tokens=max_new_tokens, stop=stop or None, **sampling
+        )
         eos = set(self.model.eos_token_ids)
         return [row_text(self.tok_decode, new, eos, stop) for new in out[:, ids.shape[1] :].tolist()]
 

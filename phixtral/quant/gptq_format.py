@@ -151,11 +151,17 @@ class GPTQConfig(QuantFormat):
         finish_quantized(model)
 
     def save_map(self, mapping: dict, state: dict) -> dict:
-        packed = {n.replace(".weight", ".qweight") for n, t in mapping.items() if t.param.replace(".weight", ".qweight") in state}
+        packed = {
+            n.replace(".weight", ".qweight")
+            for n, t in mapping.items()
+            if t.param.replace(".weight", ".qweight") in state
+        }
         out, _ = quantized_map(mapping, packed, self)
         # A compacted module has no qzeros (symmetric) or g_idx (contiguous groups): checkpoint_tensor derives them.
         derived = (".qzeros", ".g_idx")
-        return {n: Target(t.param, t.index, t.shape, t.kind, t.stage, t.param.endswith(derived)) for n, t in out.items()}
+        return {
+            n: Target(t.param, t.index, t.shape, t.kind, t.stage, t.param.endswith(derived)) for n, t in out.items()
+        }
 
     def checkpoint_tensor(self, state: dict, name: str, target: Target) -> torch.Tensor:
         return checkpoint_tensor(state, name, target, self)

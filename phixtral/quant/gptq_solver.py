@@ -129,7 +129,9 @@ def _moe_inputs(moe, h: torch.Tensor):
 
 
 @torch.no_grad()
-def quantize_model_gptq(model, gptq: GPTQConfig, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = True) -> dict:
+def quantize_model_gptq(
+    model, gptq: GPTQConfig, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = True
+) -> dict:
     """GPTQ of every `quantizable` Linear, in place, calibrated on token windows [n, S]. Returns {module: error}."""
     from tqdm.auto import tqdm
 
@@ -162,7 +164,9 @@ def quantize_model_gptq(model, gptq: GPTQConfig, windows: torch.Tensor, *, batch
         out_proj_in = _Hessians(1, block.mixer.out_proj.in_features, model.device)
         F_ = block.moe.fc1.weight.shape[1]
         fc2_in = _Hessians(E, F_, model.device)
-        hook = block.mixer.out_proj.register_forward_pre_hook(lambda mod, args: out_proj_in.add(0, args[0].reshape(-1, args[0].shape[-1])))
+        hook = block.mixer.out_proj.register_forward_pre_hook(
+            lambda mod, args: out_proj_in.add(0, args[0].reshape(-1, args[0].shape[-1]))
+        )
         try:
             for xb, h in ln_batches():
                 cos, sin = model._rope(position_ids[: xb.shape[0]])

@@ -54,13 +54,17 @@ class QuantizedExpertLinear(nn.Module):
         # torch.inference_mode() keep no version: an in-place write into one is not seen (replace it, or set_weight).
         b = self._buffers
         buffers = (b["qweight"], b["qzeros"], b["scales"], b["g_idx"])
-        versions = tuple(None if t is None or t.is_inference() else t._version for t in buffers)  # inference tensors have none
+        versions = tuple(
+            None if t is None or t.is_inference() else t._version for t in buffers
+        )  # inference tensors have none
         cached = self._cache.get(packed)
         if cached is not None and cached[1] == versions and all(x is y for x, y in zip(cached[0], buffers)):
             return cached[2]
         w = self.validate()  # new or changed buffers: checked once before any kernel indexes with them
         if packed and not cpu_packing_unsupported(w):
-            w = QuantizedExperts(*buffers, self.bits, self.group_size, check=False, cpu_packed=pack_for_cpu(w, torch.bfloat16))
+            w = QuantizedExperts(
+                *buffers, self.bits, self.group_size, check=False, cpu_packed=pack_for_cpu(w, torch.bfloat16)
+            )
         self._cache[packed] = (buffers, versions, w)
         return w
 
@@ -68,7 +72,12 @@ class QuantizedExpertLinear(nn.Module):
         """Replace the packed tensors (qzeros and g_idx may be None); a ValueError, with the module unchanged, when they
         do not fit it (see `validate`)."""
         old = self.qweight, self.qzeros, self.scales, self.g_idx
-        self.qweight, self.qzeros, self.scales, self.g_idx = w.qweight, w.qzeros, w.scales.to(self.scales.dtype), w.g_idx
+        self.qweight, self.qzeros, self.scales, self.g_idx = (
+            w.qweight,
+            w.qzeros,
+            w.scales.to(self.scales.dtype),
+            w.g_idx,
+        )
         try:
             self.validate()
         except ValueError:
@@ -127,7 +136,9 @@ class QuantizedLinear(QuantizedExpertLinear):
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def quantized_module(path: str, num_experts: int, out_features: int, in_features: int, bits: int, group_size: int) -> nn.Module:
+def quantized_module(
+    path: str, num_experts: int, out_features: int, in_features: int, bits: int, group_size: int
+) -> nn.Module:
     """The packed module that stands at `path` (a model module name such as "h.0.mixer.Wqkv" or "h.0.moe.fc1").
 
     A QuantizedLinear reads the backend of the model it is put into with `Phixtral.set_submodule`."""

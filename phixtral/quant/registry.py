@@ -15,7 +15,9 @@ DEFAULT_METHOD = "gptq"
 def register_format(cls: type) -> type:
     """Add a QuantFormat subclass under its `method` (usable as a class decorator); a second one for a method replaces
     the first. Its settings are then found in checkpoint folders and written with the models that carry them."""
-    if not (isinstance(cls, type) and issubclass(cls, QuantFormat)) or not isinstance(getattr(cls, "method", None), str):
+    if not (isinstance(cls, type) and issubclass(cls, QuantFormat)) or not isinstance(
+        getattr(cls, "method", None), str
+    ):
         raise TypeError(f"a format is a QuantFormat subclass with a `method` name, got {cls!r}")
     FORMATS[cls.method] = cls
     return cls
@@ -78,5 +80,7 @@ def packed_map(mapping: dict, present: set, fmt: Optional[QuantFormat]) -> tuple
 def missing_settings_hint() -> str:
     """What a checkpoint whose tensors are not float may lack, for the loader's error (" (a GPTQ checkpoint also needs
     its quantize_config.json)")."""
-    needs = [f"a {cls.label} checkpoint also needs its {cls.settings_file}" for cls in FORMATS.values() if cls.settings_file]
+    needs = [
+        f"a {cls.label} checkpoint also needs its {cls.settings_file}" for cls in FORMATS.values() if cls.settings_file
+    ]
     return f" ({'; '.join(needs)})" if needs else ""

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import uvicorn
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
@@ -193,7 +194,9 @@ def _chat_prompt(engine: Engine, body: ChatBody) -> str:
 class _Job:
     """The engine requests of one HTTP request (one per prompt), their events on one asyncio queue, and its log line."""
 
-    def __init__(self, engine: Engine, http: HTTPRequest, prefix: str, model_name: str, prompts, params: SamplingParams):
+    def __init__(
+        self, engine: Engine, http: HTTPRequest, prefix: str, model_name: str, prompts, params: SamplingParams
+    ):
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.model_name = model_name

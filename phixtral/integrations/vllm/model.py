@@ -68,7 +68,11 @@ class Attention(nn.Module):
         # No reduction here: the block reduces attention and MoE together. vLLM adds a row-parallel bias only when it
         # reduces, so the bias comes back unadded (skip_bias_add) and rank 0 adds it.
         self.out_proj = RowParallelLinear(
-            config.n_head * hd, config.n_embd, bias=True, skip_bias_add=True, reduce_results=False,
+            config.n_head * hd,
+            config.n_embd,
+            bias=True,
+            skip_bias_add=True,
+            reduce_results=False,
             prefix=f"{prefix}.out_proj",
         )
         self.rotary_emb = None
@@ -76,7 +80,11 @@ class Attention(nn.Module):
             rope = {"rope_type": "default", "rope_theta": config.rope_theta, "rope_dim": config.rotary_dim}
             self.rotary_emb = get_rope(hd, max_position=config.n_positions, is_neox_style=True, rope_parameters=rope)
         self.attn = PagedAttention(
-            self.n_head, hd, hd**-0.5, num_kv_heads=self.n_head_kv, cache_config=vllm_config.cache_config,
+            self.n_head,
+            hd,
+            hd**-0.5,
+            num_kv_heads=self.n_head_kv,
+            cache_config=vllm_config.cache_config,
             prefix=f"{prefix}.attn",  # unique per layer: vLLM keys the KV cache by it
         )
 

@@ -22,8 +22,11 @@ from typing import Optional
 import torch
 
 from ...config import PhixtralConfig
-from ...layouts import IGNORED_SUFFIXES  # noqa: F401  (importable from here, as before)
-from ...layouts import Target, checkpoint_map
+from ...layouts import (
+    IGNORED_SUFFIXES,  # noqa: F401  (importable from here, as before)
+    Target,
+    checkpoint_map,
+)
 
 EXPERT_TENSORS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 
@@ -118,6 +121,6 @@ def shard_experts(w1, b1, w2, b2, rank: int, world: int):
 
 
 def expert_name(param: str) -> Optional[str]:
-    """"fc1.weight", ... when a vLLM parameter name is a stacked expert tensor (`...moe.fc1.weight`), else None."""
+    """ "fc1.weight", ... when a vLLM parameter name is a stacked expert tensor (`...moe.fc1.weight`), else None."""
     _, sep, tail = param.rpartition(".moe.")
     return tail if sep and tail in EXPERT_TENSORS else None
