@@ -51,41 +51,62 @@ def encode_documents(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _windows(stream: torch.Tensor, seq_len: int, batch_size: int):
+    """(inputs [B, n], targets [B, n]) in stream order: non-overlapping windows of seq_len predictions, batch_size at a
+    time; the last window of the stream may be shorter and goes alone, so that no padding is needed."""
+    N = stream.numel()
+    starts = list(range(0, N - 1, seq_len))
+    for b in range(0, len(starts), batch_size):
+        group = starts[b : b + batch_size]
+        lengths = [min(seq_len, N - 1 - s) for s in group]
+        for batch in (
+            [g for g, n in zip(group, lengths) if n == seq_len],
+            [g for g, n in zip(group, lengths) if n < seq_len],
+        ):
+            if not batch:
+                continue
+            n = min(seq_len, N - 1 - batch[0])
+            x = torch.stack([stream[s : s + n] for s in batch])  # [B, n]
+            y = torch.stack([stream[s + 1 : s + n + 1] for s in batch])  # [B, n]
+            yield x, y
+
+
+def _check_seq_len(model, seq_len: int) -> None:
+    if seq_len < 2 or seq_len > model.config.n_positions:
+        raise ValueError(f"seq_len must be in [2, n_positions={model.config.n_positions}], got {seq_len}")
+
+
 @torch.no_grad()
 def stream_nll(model, stream: torch.Tensor, *, seq_len: int, batch_size: int = 4, progress: bool = True,
                desc: str = "eval") -> tuple[float, int]:  # fmt: skip
     """(sum of negative log-likelihoods, number of predictions) of a token stream [N], in windows of seq_len tokens."""
     from tqdm.auto import tqdm
 
-    if seq_len < 2 or seq_len > model.config.n_positions:
-        raise ValueError(f"seq_len must be in [2, n_positions={model.config.n_positions}], got {seq_len}")
-    N = stream.numel()
-    starts = list(range(0, N - 1, seq_len))
+    _check_seq_len(model, seq_len)
     total, count = 0.0, 0
-    with tqdm(total=N - 1, unit="tok", desc=desc, disable=not progress, leave=False) as bar:
-        for b in range(0, len(starts), batch_size):
-            group = starts[b : b + batch_size]
-            # The last window of the stream may be shorter: it goes alone so that no padding is needed.
-            lengths = [min(seq_len, N - 1 - s) for s in group]
-            for batch in (
-                [g for g, n in zip(group, lengths) if n == seq_len],
-                [g for g, n in zip(group, lengths) if n < seq_len],
-            ):
-                if not batch:
-                    continue
-                n = min(seq_len, N - 1 - batch[0])
-                x = torch.stack([stream[s : s + n] for s in batch]).to(model.device)  # [B, n]
-                y = torch.stack([stream[s + 1 : s + n + 1] for s in batch]).to(model.device)  # [B, n]
-                logits = model(x)  # [B, n, V] fp32
-                total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
-                count += y.numel()
-                bar.update(y.numel())
+    with tqdm(total=stream.numel() - 1, unit="tok", desc=desc, disable=not progress, leave=False) as bar:
+        for x, y in _windows(stream, seq_len, batch_size):
+            logits = model(x.to(model.device))  # [B, n, V] fp32
+            total += float(F.cross_entropy(logits.flatten(0, 1), y.to(model.device).flatten(), reduction="sum"))
+            count += y.numel()
+            bar.update(y.numel())
     return total, count
 
 
-def evaluate(model, texts: list[str], *, name: str = "model", data: str = "data", seq_len: Optional[int] = None,
-             batch_size: int = 4, max_tokens: Optional[int] = None, progress: bool = True) -> EvalResult:  # fmt: skip
-    """Perplexity of a loaded Phixtral (with its tokenizer) on a list of documents."""
+@torch.no_grad()
+def token_nll(model, stream: torch.Tensor, *, seq_len: int, batch_size: int = 4) -> torch.Tensor:
+    """The negative log-likelihood of every prediction of a token stream [N] -> [N - 1] float32, in stream order, with
+    the windows stream_nll scores (so that per-token choices between models can be compared on the same contexts)."""
+    _check_seq_len(model, seq_len)
+    out = []
+    for x, y in _windows(stream, seq_len, batch_size):
+        logits = model(x.to(model.device))  # [B, n, V] fp32
+        y = y.to(model.device)
+        out.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").cpu())  # row-major = stream
+    return torch.cat(out)
+
+
+def _stream(model, texts: list[str], name: str, data: str, max_tokens: Optional[int]) -> torch.Tensor:
     if model.tokenizer is None:
         raise ValueError(f"{name} has no tokenizer files: eval needs them to encode the text")
     stream = encode_documents(model.tokenizer, texts)
@@ -93,13 +114,51 @@ def evaluate(model, texts: list[str], *, name: str = "model", data: str = "data"
         stream = stream[: max_tokens + 1]
     if stream.numel() < 2:
         raise ValueError(f"{data}: no text to evaluate")
+    return stream
+
+
+def _scored_bytes(model, stream: torch.Tensor) -> int:
+    # Bytes of the text actually scored: decode what was kept (exact when max_tokens did not cut).
+    return len(model.tokenizer.decode(stream[1:].tolist()).encode("utf-8"))
+
+
+def evaluate(model, texts: list[str], *, name: str = "model", data: str = "data", seq_len: Optional[int] = None,
+             batch_size: int = 4, max_tokens: Optional[int] = None, progress: bool = True) -> EvalResult:  # fmt: skip
+    """Perplexity of a loaded Phixtral (with its tokenizer) on a list of documents."""
+    stream = _stream(model, texts, name, data, max_tokens)
     seq_len = seq_len or min(model.config.n_positions, 1024)
     total, count = stream_nll(
         model, stream, seq_len=seq_len, batch_size=batch_size, progress=progress, desc=f"{name} | {data}"
     )
-    # Bytes of the text actually scored: decode what was kept (exact when max_tokens did not cut).
-    nbytes = len(model.tokenizer.decode(stream[1:].tolist()).encode("utf-8"))
-    return EvalResult(name, data, count, nbytes, total / count)
+    return EvalResult(name, data, count, _scored_bytes(model, stream), total / count)
+
+
+def expert_oracles(model, texts: list[str], *, name: str = "model", data: str = "data", seq_len: Optional[int] = None,
+                   batch_size: int = 4, max_tokens: Optional[int] = None) -> list[EvalResult]:  # fmt: skip
+    """What routing could reach on these documents, for a MoE model whose experts share everything but fc1 / fc2.
+
+    E + 2 results: each expert alone ("NAME expert e alone": every layer runs expert e with weight 1, the dense model
+    that expert was fine-tuned as), the best of those per dataset ("NAME best expert per dataset", the per-slice oracle)
+    and "NAME per-token oracle": each prediction scored by the expert whose own model gives it the lowest loss. The
+    last is a bound that looks at the answer, not a router: a router decides before it sees the next token."""
+    from .router_targets import only_expert
+
+    stream = _stream(model, texts, name, data, max_tokens)
+    seq_len = seq_len or min(model.config.n_positions, 1024)
+    losses = []
+    for e in range(model.config.num_local_experts):
+        with only_expert(model, e):
+            losses.append(token_nll(model, stream, seq_len=seq_len, batch_size=batch_size).double())  # [N - 1]
+    losses = torch.stack(losses)  # [E, N - 1]
+    count, nbytes = losses.shape[1], _scored_bytes(model, stream)
+    alone = [
+        EvalResult(f"{name} expert {e} alone", data, count, nbytes, float(nll.mean())) for e, nll in enumerate(losses)
+    ]
+    best = min(alone, key=lambda r: r.nll)
+    return alone + [
+        EvalResult(f"{name} best expert per dataset", data, count, nbytes, best.nll),
+        EvalResult(f"{name} per-token oracle", data, count, nbytes, float(losses.min(0).values.mean())),
+    ]
 
 
 def load_datasets(data_files, slices, split: str = "heldout") -> dict[str, list[str]]:
@@ -154,8 +213,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "eval",
         help="perplexity on a text file or a held-out slice of the Python standard library",
         description="Perplexity of one or more models on text files (--data) or on the held-out part of stdlib slices "
-        f"(--stdlib-slice, one of {', '.join(SLICES)} or 'all' = {', '.join(EXPERT_SLICES)}). Prints a table (perplexity; "
-        "a 'mean' column over the datasets) and one JSON line with every number.",
+        f"(--stdlib-slice, one of {', '.join(SLICES)} or 'all' = {', '.join(EXPERT_SLICES)}). Prints a table "
+        "(perplexity; a 'mean' column over the datasets) and one JSON line with every number.",
     )
     p.add_argument("--data", action="append", default=None, help="a UTF-8 text file, one document (repeatable)")
     p.add_argument("--stdlib-slice", action="append", default=None, help="a stdlib slice name or 'all' (repeatable)")
@@ -169,6 +228,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         type=int_at_least(1),
         default=None,
         help="score at most this many tokens per dataset (default: all)",
+    )
+    p.add_argument(
+        "--oracles",
+        action="store_true",
+        help="for a MoE model, also rows for each expert alone, the best expert per dataset and the per-token oracle "
+        "(each token scored by the expert whose own model predicts it best): what a router could reach",
     )
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -196,11 +261,19 @@ def run(args) -> int:
                 model, texts, name=name, data=data, seq_len=args.seq_len, batch_size=args.batch_size,
                 max_tokens=args.max_tokens, progress=not args.no_progress,
             )  # fmt: skip
-            results.append(r)
-            print(
-                f"{name} | {data}: perplexity {r.perplexity:.3f} over {r.tokens} tokens ({r.bits_per_byte:.3f} bits/byte)",
-                file=sys.stderr,
-            )
+            rows = [r]
+            if args.oracles and model.config.is_moe:
+                rows += expert_oracles(
+                    model, texts, name=name, data=data, seq_len=args.seq_len, batch_size=args.batch_size,
+                    max_tokens=args.max_tokens,
+                )  # fmt: skip
+            for r in rows:
+                results.append(r)
+                print(
+                    f"{r.model} | {data}: perplexity {r.perplexity:.3f} over {r.tokens} tokens "
+                    f"({r.bits_per_byte:.3f} bits/byte)",
+                    file=sys.stderr,
+                )
         del model
     print(format_table(results, markdown=args.markdown))
     print(
