@@ -11,7 +11,10 @@ from phixtral.commands.router_targets import (
     moe_inputs,
     only_expert,
     ridge_gates,
+    ridge_init,
     ridge_solve,
+    spaced_windows,
+    token_target_logits,
     token_target_loss,
     token_targets,
 )
@@ -118,3 +121,34 @@ def test_ridge_gates_fit_every_layer_to_its_own_inputs():
         assert (picks[:96] == 1).float().mean() > 0.9 and (picks[96:] == 3).float().mean() > 0.9
     with pytest.raises(ValueError, match="lam must be > 0"):
         ridge_gates(m, windows, wanted, lam=0.0, batch_size=4)
+
+
+def test_spaced_windows_cover_the_stream_evenly():
+    stream = torch.arange(100)
+    w = spaced_windows(stream, 4, 9)  # offsets 0, 30, 60, 90
+    assert w.shape == (4, 10) and w[:, 0].tolist() == [0, 30, 60, 90] and w[-1, -1] == 99
+    assert spaced_windows(stream, 1, 9)[0, 0] == 0
+    with pytest.raises(ValueError, match="no window of 101"):
+        spaced_windows(stream, 2, 100)
+
+
+def test_token_target_logits_are_the_targets_log_centred():
+    losses = torch.tensor([[1.0, 3.0], [2.0, 1.0], [4.0, 1.5]])  # [E=3, T=2]
+    z = token_target_logits(losses, tau=0.5)
+    torch.testing.assert_close(z.softmax(-1), token_targets(losses, tau=0.5))
+    torch.testing.assert_close(z.sum(-1), torch.zeros(2), atol=1e-6, rtol=0)
+
+
+def test_ridge_init_ignores_the_gates_it_starts_from():
+    windows = torch.randint(0, SHAPE["vocab"], (5, 65), generator=torch.Generator().manual_seed(3)).flatten()
+    streams = {"a": windows[:160], "b": windows[160:]}
+    gates = []
+    for scramble in (False, True):
+        m = model()
+        if scramble:
+            with torch.no_grad():
+                for block in m.h:
+                    block.moe.gate.weight.mul_(-3.0)
+        ridge_init(m, streams, windows=3, seq_len=16, tau=1.0, lam=1e-2, batch_size=2)
+        gates.append(torch.stack([b.moe.gate.weight for b in m.h]))
+    assert torch.equal(gates[0], gates[1])

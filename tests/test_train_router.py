@@ -69,7 +69,13 @@ def test_same_seed_same_gates_other_seed_other_gates(text_file):
     def gates(seed):
         m = model()
         data = load_token_data(m.tokenizer, [str(text_file)], min_tokens=32)
-        train_router(m, data, RouterTrainingSettings(**{**SETTINGS, "steps": 4, "seed": seed}), progress=False, log=lambda s: None)
+        train_router(
+            m,
+            data,
+            RouterTrainingSettings(**{**SETTINGS, "steps": 4, "seed": seed}),
+            progress=False,
+            log=lambda s: None,
+        )
         return torch.stack([b.moe.gate.weight for b in m.h])
 
     a = gates(0)
@@ -81,7 +87,9 @@ def test_aux_loss_spreads_a_collapsed_router(text_file):
     m = model()
     data = load_token_data(m.tokenizer, [str(text_file)], min_tokens=32)
     inputs = []
-    handles = [b.moe.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].flatten(0, 1).mean(0))) for b in m.h]
+    handles = [
+        b.moe.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].flatten(0, 1).mean(0))) for b in m.h
+    ]
     m(data.train[text_file.name][None, :64])
     for h in handles:
         h.remove()
@@ -103,7 +111,9 @@ def test_command_writes_a_checkpoint_that_loads_with_its_log(tmp_path, text_file
     assert main(argv) == 0
     assert "held-out loss" in capsys.readouterr().out
     record = json.loads((out / LOG_FILE).read_text())
-    assert record["settings"]["steps"] == 6 and record["heldout_after"]["mean"] <= record["heldout_before"]["mean"] + 1e-3
+    assert (
+        record["settings"]["steps"] == 6 and record["heldout_after"]["mean"] <= record["heldout_before"]["mean"] + 1e-3
+    )
     trained = phixtral.from_pretrained(out, backend="torch")
     source = model()
     for mine, theirs in zip(trained.h, source.h):
@@ -143,7 +153,11 @@ def test_add_base_expert_appends_the_dense_mlp(tmp_path):
 
 @pytest.mark.parametrize(
     "change, match",
-    [(dict(steps=0), "steps must be a positive int"), (dict(lr=0.0), "lr must be"), (dict(aux_loss_coef=-1.0), "aux_loss_coef")],
+    [
+        (dict(steps=0), "steps must be a positive int"),
+        (dict(lr=0.0), "lr must be"),
+        (dict(aux_loss_coef=-1.0), "aux_loss_coef"),
+    ],
 )
 def test_bad_settings_name_the_field(change, match):
     with pytest.raises(ValueError, match=match):
@@ -197,7 +211,9 @@ def test_domain_loss_pulls_each_dataset_to_its_own_expert(tmp_path, text_file):
         return shares
 
     before = first_pick_share()
-    settings = RouterTrainingSettings(**{**SETTINGS, "steps": 40, "lr": 0.1, "domain_loss_coef": 1.0, "expert_data": names})
+    settings = RouterTrainingSettings(
+        **{**SETTINGS, "steps": 40, "lr": 0.1, "domain_loss_coef": 1.0, "expert_data": names}
+    )
     record = train_router(m, data, settings, progress=False, log=lambda s: None)
     after = first_pick_share()
     assert record["log"][-1]["domain_loss"] < record["log"][0]["domain_loss"]
@@ -211,3 +227,97 @@ def test_domain_loss_needs_known_datasets(text_file):
         train_router(m, data, RouterTrainingSettings(**{**SETTINGS, "domain_loss_coef": 1.0}), progress=False)
     with pytest.raises(ValueError, match=r"expert_data names \['nope'\]"):
         train_router(m, data, RouterTrainingSettings(**{**SETTINGS, "expert_data": ["nope"]}), progress=False)
+
+
+def test_token_loss_distills_the_per_token_targets_into_every_gate(text_file, monkeypatch):
+    """The per-token targets reach every layer's gate: with experts whose own losses say "expert 3" on every token,
+    the router's first pick becomes expert 3. (The losses themselves: test_router_targets.)"""
+    import phixtral.commands.train_router as train_router_module
+    from phixtral.commands.router_targets import expert_token_losses
+    from phixtral.commands.train_router import RouterLogits
+
+    calls = []
+
+    def losses(model, windows):
+        real = expert_token_losses(model, windows)  # [E, B, S]
+        calls.append(real.shape)
+        return torch.where(torch.arange(4)[:, None, None] == 3, 0.0, 5.0).expand_as(real)
+
+    monkeypatch.setattr(train_router_module, "expert_token_losses", losses)
+    m = model()
+    data = load_token_data(m.tokenizer, [str(text_file)], min_tokens=32)
+    held = data.heldout[text_file.name][:128][None]
+
+    def share_of_expert_3():
+        collector = RouterLogits(m)
+        with torch.no_grad():
+            m(held)
+        logits = collector.take()
+        collector.remove()
+        return [float((lg.argmax(-1) == 3).float().mean()) for lg in logits]
+
+    before = share_of_expert_3()
+    settings = RouterTrainingSettings(**{**SETTINGS, "steps": 30, "lr": 0.1, "token_loss_coef": 1.0})
+    record = train_router(m, data, settings, progress=False, log=lambda s: None)
+    assert calls == [(4, 4, 32)] * 30  # the step's own windows, once a step
+    assert record["log"][-1]["token_loss"] < record["log"][0]["token_loss"]
+    assert all(after > 0.9 for after in share_of_expert_3()), (before, share_of_expert_3())
+    assert min(before) < 0.5
+
+
+def test_ridge_init_forgets_the_checkpoints_gates_and_runs_repeat_bit_for_bit(text_file):
+    """--init ridge: the gates are solved before training, so two checkpoints that differ only in their gates train to
+    the same gates; and a run repeats bit for bit for a seed."""
+
+    def trained(scramble: bool, seed: int = 0):
+        m = model()
+        if scramble:
+            with torch.no_grad():
+                for block in m.h:
+                    block.moe.gate.weight.copy_(torch.randn_like(block.moe.gate.weight))
+        data = load_token_data(m.tokenizer, [str(text_file)], min_tokens=32)
+        settings = RouterTrainingSettings(
+            **{**SETTINGS, "steps": 4, "eval_every": 4, "seed": seed, "init": "ridge", "ridge_windows": 4,
+               "token_loss_coef": 1.0}
+        )  # fmt: skip
+        record = train_router(m, data, settings, progress=False, log=lambda s: None)
+        return torch.stack([b.moe.gate.weight for b in m.h]), record
+
+    a, record = trained(False)
+    assert set(record["heldout_after_init"]) == {text_file.name, "mean"} and record["init_seconds"] >= 0
+    assert record["heldout_after_init"] != record["heldout_before"]
+    assert torch.equal(a, trained(False)[0])
+    assert torch.equal(a, trained(True)[0])
+    assert not torch.equal(a, trained(False, seed=1)[0])
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(token_loss_coef=-0.5), "token_loss_coef must be"),
+        (dict(token_tau=0.0), "token_tau must be a finite number > 0"),
+        (dict(ridge_lambda=float("nan")), "ridge_lambda must be"),
+        (dict(ridge_windows=0), "ridge_windows must be a positive int"),
+        (dict(init="zeros"), r"init must be one of \('checkpoint', 'ridge'\)"),
+    ],
+)
+def test_bad_token_and_ridge_settings_name_the_field(change, match):
+    with pytest.raises(ValueError, match=match):
+        RouterTrainingSettings(**{**SETTINGS, **change}).validate()
+
+
+def test_command_takes_the_token_and_ridge_flags(tmp_path, text_file, capsys):
+    out = tmp_path / "trained"
+    argv = ["train-router", "--model", str(msft_moe_checkpoint()), "--data", str(text_file), "--steps", "2",
+            "--seq-len", "32", "--batch-size", "4", "--eval-every", "2", "--eval-tokens", "128", "--backend", "torch",
+            "--token-loss-coef", "0.5", "--token-tau", "2", "--init", "ridge", "--ridge-windows", "3",
+            "--ridge-lambda", "0.01", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "held-out loss after the ridge gates" in err and "token loss" in err
+    settings = json.loads((out / LOG_FILE).read_text())["settings"]
+    assert (settings["token_loss_coef"], settings["token_tau"], settings["init"]) == (0.5, 2.0, "ridge")
+    assert (settings["ridge_windows"], settings["ridge_lambda"]) == (3, 0.01)
+    with pytest.raises(SystemExit):
+        main(argv[:-3] + ["--token-tau", "0", "--out", str(tmp_path / "other")])
+    assert "argument --token-tau" in capsys.readouterr().err

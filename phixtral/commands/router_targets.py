@@ -72,6 +72,14 @@ def token_targets(losses: torch.Tensor, tau: float) -> torch.Tensor:
     return (-losses.flatten(1).t().float() / tau).softmax(-1)
 
 
+def token_target_logits(losses: torch.Tensor, tau: float) -> torch.Tensor:
+    """The logits [T, E] whose softmax is token_targets(losses, tau), centred per token: -(loss - mean loss) / tau."""
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+    z = -losses.flatten(1).t().double() / tau  # [T, E]
+    return (z - z.mean(-1, keepdim=True)).float()
+
+
 def token_target_loss(router_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of one layer's router logits [T, E] against soft targets [T, E] (rows summing to 1) -> scalar."""
     return -(targets * router_logits.float().log_softmax(-1)).sum(-1).mean()
@@ -117,12 +125,35 @@ def ridge_gates(model, windows: torch.Tensor, targets: torch.Tensor, *, lam: flo
             block.moe.gate.weight.copy_(ridge_solve(x, targets.to(x.device), lam).to(block.moe.gate.weight.dtype))
 
 
+def spaced_windows(stream: torch.Tensor, n: int, seq_len: int) -> torch.Tensor:
+    """n windows [n, seq_len + 1] at evenly spaced offsets of a token stream [N] (no randomness: a fit on them is the
+    same for every seed)."""
+    last = stream.numel() - seq_len - 1  # the largest offset
+    if last < 0:
+        raise ValueError(f"a stream of {stream.numel()} tokens has no window of {seq_len + 1}")
+    offsets = [(i * last) // max(1, n - 1) for i in range(n)] if n > 1 else [0]
+    return torch.stack([stream[o : o + seq_len + 1] for o in offsets])
+
+
+def ridge_init(model, streams: dict[str, torch.Tensor], *, windows: int, seq_len: int, tau: float, lam: float,
+               batch_size: int) -> None:  # fmt: skip
+    """Set every gate in closed form: the ridge fit of the per-token target logits (token_target_logits of the experts'
+    own losses) on `windows` evenly spaced windows of each stream. The result depends on the experts, the shared weights
+    and the data only, never on the gates the model came with."""
+    fit = torch.cat([spaced_windows(streams[name], windows, seq_len) for name in sorted(streams)])  # [W, S + 1]
+    losses = torch.cat([expert_token_losses(model, chunk) for chunk in fit.split(batch_size)], dim=1)  # [E, W, S]
+    ridge_gates(model, fit, token_target_logits(losses, tau), lam=lam, batch_size=batch_size)
+
+
 __all__ = [
     "expert_token_losses",
     "moe_inputs",
     "only_expert",
     "ridge_gates",
+    "ridge_init",
     "ridge_solve",
+    "spaced_windows",
+    "token_target_logits",
     "token_target_loss",
     "token_targets",
 ]

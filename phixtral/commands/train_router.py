@@ -1,4 +1,4 @@
-"""`phixtral train-router`: train only the routers of a merged phixtral; every expert, attention and embedding stays frozen.
+"""`phixtral train-router`: train only the routers of a merged phixtral; experts, attention and embeddings stay frozen.
 
 A mergekit MoE's router is never trained: `hidden` gate rows are prompt centroids, `cheap_embed` rows token embeddings,
 and phixtral-4x2_8's rows are identical in every layer. This command fits the gate rows [E, D] of every layer to the
@@ -40,9 +40,11 @@ from .args import (
     load_model,
     seed,
 )  # fmt: skip
+from .router_targets import expert_token_losses, ridge_init, token_target_loss, token_targets
 from .stdlib_data import SLICES, slice_texts
 
 LOG_FILE = "router_training.json"
+INITS = ("checkpoint", "ridge")
 
 
 @dataclass
@@ -61,18 +63,29 @@ class RouterTrainingSettings:
     add_base_expert: Optional[str] = None
     domain_loss_coef: float = 0.0  # weight of the cross-entropy of the router against each dataset's own expert
     expert_data: Optional[list] = None  # the dataset of expert 0, 1, ... (for the domain loss)
+    token_loss_coef: float = 0.0  # weight of the cross-entropy of the router against the experts' per-token losses
+    token_tau: float = 1.0  # temperature of those per-token targets, nats
+    init: str = "checkpoint"  # "checkpoint": the gates as loaded; "ridge": solved in closed form first
+    ridge_windows: int = 32  # training windows per dataset for the ridge gates
+    ridge_lambda: float = 1e-3
 
     def validate(self) -> None:
-        for name in ("steps", "seq_len", "batch_size", "eval_every", "eval_tokens"):
+        for name in ("steps", "seq_len", "batch_size", "eval_every", "eval_tokens", "ridge_windows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        for name in ("aux_loss_coef", "domain_loss_coef"):
+        for name in ("aux_loss_coef", "domain_loss_coef", "token_loss_coef"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("token_tau", "ridge_lambda"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
 
 
 @dataclass
@@ -131,7 +144,8 @@ def sample_batch(streams: dict[str, torch.Tensor], batch_size: int, seq_len: int
 
 
 def heldout_windows(streams: dict[str, torch.Tensor], seq_len: int, max_tokens: int) -> dict[str, torch.Tensor]:
-    """{dataset: [n, seq_len + 1]}: consecutive windows from the start of each held-out stream, about max_tokens each."""
+    """{dataset: [n, seq_len + 1]}: consecutive windows from the start of each held-out stream, about max_tokens
+    each."""
     out = {}
     for name, s in streams.items():
         n = max(1, min(max_tokens // seq_len, (s.numel() - 1) // seq_len))
@@ -211,8 +225,8 @@ def append_base_expert(model, base_path) -> None:
         )
     if (b.n_embd, b.n_inner, b.n_layer) != (c.n_embd, c.n_inner, c.n_layer):
         raise ValueError(
-            f"--add-base-expert {base_path}: shapes differ (n_embd, n_inner, n_layer) {(b.n_embd, b.n_inner, b.n_layer)} "
-            f"vs the model's {(c.n_embd, c.n_inner, c.n_layer)}"
+            f"--add-base-expert {base_path}: shapes differ (n_embd, n_inner, n_layer) "
+            f"{(b.n_embd, b.n_inner, b.n_layer)} vs the model's {(c.n_embd, c.n_inner, c.n_layer)}"
         )
     with torch.no_grad():
         for mine, theirs in zip(model.h, base.h):
@@ -270,12 +284,24 @@ def train_router(model, data: TokenData, settings: RouterTrainingSettings, *, pr
         + ", ".join(f"{k} {v:.3f}" for k, v in before.items() if k != "mean")
         + ")"
     )
+    if settings.init == "ridge":
+        clock = time.perf_counter()
+        ridge_init(
+            model, data.train, windows=settings.ridge_windows, seq_len=settings.seq_len, tau=settings.token_tau,
+            lam=settings.ridge_lambda, batch_size=settings.batch_size,
+        )  # fmt: skip
+        record["init_seconds"] = time.perf_counter() - clock
+        record["heldout_after_init"] = heldout_loss(model, windows, settings.batch_size)
+        log(f"held-out loss after the ridge gates: {record['heldout_after_init']['mean']:.4f}")
     collector = RouterLogits(model)
     clock = time.perf_counter()
     try:
         for step in tqdm(range(1, settings.steps + 1), desc="train-router", unit="step", disable=not progress):
             batch, sources = sample_batch(data.train, settings.batch_size, settings.seq_len, rng)
             labels = torch.tensor([own_expert.get(name, -1) for name in sources]).repeat_interleave(settings.seq_len)
+            if settings.token_loss_coef:
+                targets = token_targets(expert_token_losses(model, batch), settings.token_tau)  # [B * S, E]
+                collector.take()  # the experts' own forwards are not the routed one
             with torch.enable_grad():
                 lm = next_token_loss(model, batch)
                 logits = collector.take()
@@ -284,16 +310,23 @@ def train_router(model, data: TokenData, settings: RouterTrainingSettings, *, pr
                 dom = torch.stack([domain_loss(lg, labels.to(lg.device)) for lg in logits]).mean()
                 if settings.domain_loss_coef:
                     loss = loss + settings.domain_loss_coef * dom
+                if settings.token_loss_coef:
+                    tok = torch.stack([token_target_loss(lg, targets.to(lg.device)) for lg in logits]).mean()
+                    loss = loss + settings.token_loss_coef * tok
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             optimizer.step()
             entry = {"step": step, "loss": lm.item(), "aux_loss": aux.item(), "domain_loss": dom.item()}
+            if settings.token_loss_coef:
+                entry["token_loss"] = tok.item()
             if step % settings.eval_every == 0 or step == settings.steps:
                 collector.remove()
                 entry["heldout"] = heldout_loss(model, windows, settings.batch_size)
                 collector = RouterLogits(model)
+                extra = f", token loss {entry['token_loss']:.3f}" if "token_loss" in entry else ""
                 log(
-                    f"step {step}: train loss {entry['loss']:.4f}, aux {entry['aux_loss']:.3f}, held-out {entry['heldout']['mean']:.4f}"
+                    f"step {step}: train loss {entry['loss']:.4f}, aux {entry['aux_loss']:.3f}, domain loss "
+                    f"{entry['domain_loss']:.3f}{extra}, held-out {entry['heldout']['mean']:.4f}"
                 )
             record["log"].append(entry)
     finally:
@@ -331,9 +364,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="the dataset of expert 0, 1, ... (stdlib slice names or file names; default: none)",
     )
+    p.add_argument(
+        "--token-loss-coef",
+        type=float_in(0),
+        default=0.0,
+        help="weight of a cross-entropy pulling every token toward the experts whose own models predict it best "
+        "(soft targets softmax(-loss / --token-tau) from each expert's dense model; E extra forwards a step)",
+    )
+    p.add_argument("--token-tau", type=float_in(0, low_open=True), default=1.0,
+                   help="temperature of the per-token targets, nats (1: each expert's posterior for the "
+                   "token)")  # fmt: skip
+    p.add_argument("--init", choices=INITS, default="checkpoint",
+                   help="the gates training starts from: the checkpoint's, or ridge: solved in closed form from the "
+                   "experts' per-token losses (then the result does not depend on the checkpoint's gates)")  # fmt: skip
+    p.add_argument("--ridge-windows", type=int_at_least(1), default=32,
+                   help="evenly spaced training windows per dataset for --init ridge")  # fmt: skip
+    p.add_argument(
+        "--ridge-lambda", type=float_in(0, low_open=True), default=1e-3, help="ridge penalty of --init ridge"
+    )
     p.add_argument("--seed", type=seed, default=0, help="seed of the window sampling")
     p.add_argument("--seq-len", type=int_at_least(2), default=None,
-                   help=f"tokens per training window (default: {RouterTrainingSettings.seq_len}, or the model's n_positions if smaller)")  # fmt: skip
+                   help=f"tokens per training window (default: {RouterTrainingSettings.seq_len}, or the model's "
+                   "n_positions if smaller)")  # fmt: skip
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per step")
     p.add_argument("--eval-every", type=int_at_least(1), default=50, help="steps between held-out measurements")
     p.add_argument("--eval-tokens", type=int_at_least(1), default=16384, help="held-out tokens per dataset")
@@ -357,7 +409,8 @@ def run(args) -> int:
         steps=args.steps, lr=args.lr, aux_loss_coef=args.aux_loss_coef, experts_per_tok=args.experts_per_tok,
         seed=args.seed, seq_len=args.seq_len or RouterTrainingSettings.seq_len, batch_size=args.batch_size,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, add_base_expert=args.add_base_expert,
-        domain_loss_coef=args.domain_loss_coef, expert_data=args.expert_data,
+        domain_loss_coef=args.domain_loss_coef, expert_data=args.expert_data, token_loss_coef=args.token_loss_coef,
+        token_tau=args.token_tau, init=args.init, ridge_windows=args.ridge_windows, ridge_lambda=args.ridge_lambda,
     )  # fmt: skip
     settings.validate()
     source = resolve_checkpoint(args.model)
@@ -398,8 +451,8 @@ def fit_seq_len(args, model) -> int:
         check_fits_context(args.parser, "--seq-len", args.seq_len, model)
         return args.seq_len
     if RouterTrainingSettings.seq_len > n:
-        print(f"--seq-len: {n} tokens per window, the model's n_positions (the default {RouterTrainingSettings.seq_len} "
-              "does not fit)", file=sys.stderr)  # fmt: skip
+        print(f"--seq-len: {n} tokens per window, the model's n_positions (the default "
+              f"{RouterTrainingSettings.seq_len} does not fit)", file=sys.stderr)  # fmt: skip
         return n
     return RouterTrainingSettings.seq_len
 
