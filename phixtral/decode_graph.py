@@ -43,6 +43,7 @@ import torch
 from phixtral_kernels import triton_unavailable_reason
 from phixtral_kernels.moe import TRITON_DTYPES
 
+from .compiled_decode import compiled_or_none
 from .model import MoE, Phixtral
 from .quant.modules import QuantizedLinear
 from .runtime import CUDA_GRAPH_MODES as MODES  # noqa: F401  (importable from here, as before)
@@ -276,14 +277,24 @@ class GraphStep:
 
 
 def decode_step(
-    model: Phixtral, valid: Optional[torch.Tensor], *, cuda_graph=None, steps: int, stats: Optional[dict] = None
+    model: Phixtral,
+    valid: Optional[torch.Tensor],
+    *,
+    cuda_graph=None,
+    compile=None,
+    steps: int,
+    stats: Optional[dict] = None,
 ):
     """The decode step function for one generation: (tok [B], input_pos [1]) -> logits [B, V] fp32.
 
     valid [B, L] or None: the key slots holding real tokens (generate_tokens'). steps: decode steps ahead (after the
-    prefill's token). Eager unless the mode (see resolve_mode) and the model allow graphs; cuda_graph=True raises a
+    prefill's token). Compiled when `compile` (see phixtral.compiled_decode) says so and the model allows it; else
+    eager unless the mode (see resolve_mode) and the model allow CUDA graphs; cuda_graph=True / compile=True raise a
     RuntimeError naming the reason when they cannot be used.
     """
+    compiled = compiled_or_none(model, valid, compile=compile, steps=steps, stats=stats)
+    if compiled is not None:
+        return compiled
     mode = resolve_mode(model, cuda_graph)
     eager = functools.partial(eager_step, model, valid)
     if mode is False:

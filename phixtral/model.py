@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from phixtral_kernels import fused_moe
+from phixtral_kernels.graph_ops import expert_linear, is_compiling, moe_by_expert_ops
 
 from .atomic import atomic_folder
 from .config import PhixtralConfig
@@ -133,6 +134,15 @@ class ExpertLinear(nn.Module):
         """The weight as the kernels take it for input x: the stacked tensor (packed modules answer their own form)."""
         return self.weight
 
+    def graph_unavailable_reason(self, x: torch.Tensor) -> Optional[str]:
+        """Why `graph_linear` cannot run on inputs like x: never (float stacks run anywhere)."""
+        return None
+
+    def graph_linear(self, x: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """x [T, in] -> [T, out], row t through expert ids[t] (None: expert 0), as one custom op: a compiled step's way
+        (phixtral_kernels.graph_ops)."""
+        return expert_linear(x, ids, self.weight, self.bias)
+
 
 class MoE(nn.Module):
     """Router + E experts fc2(gelu_new(fc1(x))), top_k per token; the whole layer is one `fused_moe` call.
@@ -155,6 +165,11 @@ class MoE(nn.Module):
 
     def forward(self, x):
         # x [B, S, D] -> [B, S, D]
+        if is_compiling():  # a compiled decode step: the experts as custom ops, the rest traced (graph_ops)
+            y = moe_by_expert_ops(
+                x.reshape(-1, x.shape[-1]), self.gate.weight, self.fc1.graph_linear, self.fc2.graph_linear, self.top_k
+            )
+            return y.view(x.shape)
         y = fused_moe(
             x.reshape(-1, x.shape[-1]),  # [T = B * S, D]
             self.gate.weight,
@@ -311,6 +326,16 @@ class Phixtral(nn.Module):
     @cuda_graph.setter
     def cuda_graph(self, mode) -> None:
         self.runtime.cuda_graph = mode
+
+    @property
+    def compile_decode(self):
+        """Whether decode steps run compiled by torch.compile: "auto" (the default), True or False
+        (phixtral/compiled_decode.py); generate's compile argument overrides it for one call."""
+        return self.runtime.compile
+
+    @compile_decode.setter
+    def compile_decode(self, mode) -> None:
+        self.runtime.compile = mode
 
     def set_submodule(self, target: str, module: nn.Module, strict: bool = False) -> None:
         """Put `module` at `target` (e.g. "h.0.mixer.Wqkv"), as torch's set_submodule does; the layers inside it read

@@ -43,18 +43,18 @@ _INT4_GROUPS = (256, 128, 64, 32)
 class CPUPackedExperts:
     """E Linears [N, K] repacked for torch's CPU kernels (see the module docstring). Build with `pack_for_cpu`.
 
-    Per expert (tuples of E tensors, so that picking one costs no tensor indexing):
-    weights  "int4"/"int8x2": [N', K / 2] uint8, the op's packed int4 (N' = N or 2N); "int8": [N, K] int8
-    scales   "int4"/"int8x2": [K / group_size, N', 2] (scale, zero) in dtype; "int8": [N] in dtype
-    offsets  [G, N] fp32, or None for all: s * (c - z) per source group, added as (group sums of x) @ offsets
-    perm     [K] int64, or None for all: the expert's x is x[:, perm] (act-order)
+    Stacked over the experts, so that a compiled graph can pass them to an op as plain tensors:
+    weights  "int4"/"int8x2": [E, N', K / 2] uint8, the op's packed int4 (N' = N or 2N); "int8": [E, N, K] int8
+    scales   "int4"/"int8x2": [E, K / group_size, N', 2] (scale, zero) in dtype; "int8": [E, N] in dtype
+    offsets  [E, G, N] fp32, or None: s * (c - z) per source group, added as (group sums of x) @ offsets
+    perm     [E, K] int64, or None: expert e's x is x[:, perm[e]] (act-order)
     """
 
     mode: str
-    weights: tuple
-    scales: tuple
-    offsets: Optional[tuple]
-    perm: Optional[tuple]
+    weights: torch.Tensor
+    scales: torch.Tensor
+    offsets: Optional[torch.Tensor]
+    perm: Optional[torch.Tensor]
     group_size: int  # the int4 op's group (0 for "int8")
     out_features: int
     in_features: int
@@ -62,7 +62,7 @@ class CPUPackedExperts:
 
     @property
     def num_experts(self) -> int:
-        return len(self.weights)
+        return self.weights.shape[0]
 
     @property
     def max_rows(self) -> int:
@@ -71,24 +71,31 @@ class CPUPackedExperts:
 
     def linear(self, x: torch.Tensor, e: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [T, K] -> x @ W[e]^T + bias [T, N] in x's dtype, computed with `dtype` activations."""
-        xq = x if x.dtype == self.dtype else x.to(self.dtype)
-        if self.perm is not None:
-            xq = xq.index_select(1, self.perm[e])
-        if self.mode == "int8":
-            y = torch._weight_int8pack_mm(xq, self.weights[e], self.scales[e])
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(xq, self.weights[e], self.group_size, self.scales[e])
-            if self.mode == "int8x2":
-                y = (
-                    y[:, : self.out_features].float() + y[:, self.out_features :]
-                )  # the hi and lo planes, summed in fp32
-        if self.offsets is not None:
-            offsets = self.offsets[e]
-            group_sums = xq.float().view(xq.shape[0], offsets.shape[0], -1).sum(-1)  # [T, G]
-            y = torch.addmm(y.float(), group_sums, offsets)
-        if bias is not None:
-            y = y + bias
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        offsets = None if self.offsets is None else self.offsets[e]
+        perm = None if self.perm is None else self.perm[e]
+        return packed_linear(
+            x, self.weights[e], self.scales[e], offsets, perm, bias, self.mode, self.group_size, self.out_features
+        )
+
+
+def packed_linear(x, weight, scales, offsets, perm, bias, mode: str, group_size: int, out_features: int):
+    """One packed expert of a CPUPackedExperts: x [T, K] -> x @ W^T + bias [T, N] in x's dtype, computed with the
+    activations in the dtype of `scales`. weight, scales, offsets (or None), perm (or None): the expert's slices."""
+    xq = x if x.dtype == scales.dtype else x.to(scales.dtype)
+    if perm is not None:
+        xq = xq.index_select(1, perm)
+    if mode == "int8":
+        y = torch._weight_int8pack_mm(xq, weight, scales)
+    else:
+        y = torch._weight_int4pack_mm_for_cpu(xq, weight, group_size, scales)
+        if mode == "int8x2":
+            y = y[:, :out_features].float() + y[:, out_features:]  # the hi and lo planes, summed in fp32
+    if offsets is not None:
+        group_sums = xq.float().view(xq.shape[0], offsets.shape[0], -1).sum(-1)  # [T, G]
+        y = torch.addmm(y.float(), group_sums, offsets)
+    if bias is not None:
+        y = y + bias
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def cpu_packing_unsupported(w: QuantizedExperts) -> Optional[str]:
@@ -134,10 +141,10 @@ def pack_for_cpu(w: QuantizedExperts, dtype: torch.dtype = torch.bfloat16) -> CP
     offsets = None
     if w.qzeros is not None and not bool((zeros == centre).all()):
         offsets = (scales * (centre - zeros)).contiguous()  # [E, G, N] fp32
-    per_expert = lambda t: None if t is None else tuple(t[e].contiguous() for e in range(E))  # noqa: E731
-    offsets, perm = per_expert(offsets), per_expert(perm)
+    if perm is not None:
+        perm = perm.contiguous()
     if w.bits == 8 and G == 1:
-        weights, op_scales = per_expert((q - 128).to(torch.int8)), per_expert(scales[:, 0].to(dtype))
+        weights, op_scales = (q - 128).to(torch.int8).contiguous(), scales[:, 0].to(dtype).contiguous()
         return CPUPackedExperts("int8", weights, op_scales, offsets, perm, 0, N, K, dtype)
     op_group = _int4_group(K // G)
     repeat = K // G // op_group  # op groups per source group
@@ -150,10 +157,10 @@ def pack_for_cpu(w: QuantizedExperts, dtype: torch.dtype = torch.bfloat16) -> CP
         op_scales = torch.cat([16 * scales, scales], dim=2)  # [E, G, 2N]
         op_zeros = torch.cat([torch.zeros_like(scales), 8 * scales], dim=2)
     scale_zero = torch.stack([op_scales, op_zeros], dim=-1).repeat_interleave(repeat, dim=1)  # [E, K / op_group, N', 2]
-    weights = tuple(
-        torch._convert_weight_to_int4pack_for_cpu(codes[e].to(torch.int32).contiguous(), 1) for e in range(E)
+    weights = torch.stack(
+        [torch._convert_weight_to_int4pack_for_cpu(codes[e].to(torch.int32).contiguous(), 1) for e in range(E)]
     )
-    return CPUPackedExperts(mode, weights, per_expert(scale_zero.to(dtype)), offsets, perm, op_group, N, K, dtype)
+    return CPUPackedExperts(mode, weights, scale_zero.to(dtype).contiguous(), offsets, perm, op_group, N, K, dtype)
 
 
 def _int4_group(rows: int) -> Optional[int]:
@@ -161,4 +168,4 @@ def _int4_group(rows: int) -> Optional[int]:
     return next((g for g in _INT4_GROUPS if rows % g == 0), None)
 
 
-__all__ = ["CPUPackedExperts", "PACKED_MAX_ROWS", "cpu_packing_unsupported", "pack_for_cpu"]
+__all__ = ["CPUPackedExperts", "PACKED_MAX_ROWS", "cpu_packing_unsupported", "pack_for_cpu", "packed_linear"]

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from phixtral_kernels import QuantizedExperts, quantized_linear
 from phixtral_kernels.cpu_packed import cpu_packing_unsupported, pack_for_cpu
+from phixtral_kernels.graph_ops import is_compiling, packed_expert_linear
 
 from ..runtime import RuntimeSettings
 
@@ -36,6 +37,11 @@ class QuantizedExpertLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(E, out_features))
         self._cache = {}  # packed (bool) -> (buffers, their versions, QuantizedExperts): see _container
         self.register_load_state_dict_post_hook(_validate_after_load)
+        # torch's packed CPU form (phixtral_kernels.cpu_packed) of the last repack, as buffers that a compiled decode
+        # step reads (see graph_linear); None until a bfloat16 CPU forward (or Phixtral.pack_for_cpu) repacks.
+        for name in ("cpu_weights", "cpu_scales", "cpu_offsets", "cpu_perm"):
+            self.register_buffer(name, None, persistent=False)
+        self.cpu_mode, self.cpu_group_size = None, 0
 
     @property
     def weight(self) -> QuantizedExperts:
@@ -62,11 +68,44 @@ class QuantizedExpertLinear(nn.Module):
             return cached[2]
         w = self.validate()  # new or changed buffers: checked once before any kernel indexes with them
         if packed and not cpu_packing_unsupported(w):
-            w = QuantizedExperts(
-                *buffers, self.bits, self.group_size, check=False, cpu_packed=pack_for_cpu(w, torch.bfloat16)
+            cpu = pack_for_cpu(w, torch.bfloat16)
+            w = QuantizedExperts(*buffers, self.bits, self.group_size, check=False, cpu_packed=cpu)
+            self.cpu_weights, self.cpu_scales, self.cpu_offsets, self.cpu_perm = (
+                cpu.weights,
+                cpu.scales,
+                cpu.offsets,
+                cpu.perm,
             )
+            self.cpu_mode, self.cpu_group_size = cpu.mode, cpu.group_size
         self._cache[packed] = (buffers, versions, w)
         return w
+
+    def graph_unavailable_reason(self, x: torch.Tensor) -> Optional[str]:
+        """Why `graph_linear` cannot run on inputs like x, or None; brings the packed CPU form up to date (eager, before
+        a compiled step, which reads it without checking)."""
+        if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+            return f"packed Linears run in compiled steps on the CPU in bfloat16 only (here {x.device}, {x.dtype})"
+        self.weight_for(x)
+        if self.cpu_mode is None:
+            return cpu_packing_unsupported(self.weight)
+        return None
+
+    def graph_linear(self, x: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """x [T, in] -> [T, out] with row t through expert ids[t] (None: expert 0), by torch's packed CPU kernels, as
+        one custom op (phixtral_kernels.graph_ops): the compiled decode step's way, no host read in the graph. Needs
+        the packed form made by `graph_unavailable_reason` (or weight_for) since the buffers last changed."""
+        return packed_expert_linear(
+            x,
+            ids,
+            self.cpu_weights,
+            self.cpu_scales,
+            self.cpu_offsets,
+            self.cpu_perm,
+            self.bias,
+            self.cpu_mode,
+            self.cpu_group_size,
+            self.bias.shape[1],
+        )
 
     def set_weight(self, w: QuantizedExperts) -> None:
         """Replace the packed tensors (qzeros and g_idx may be None); a ValueError, with the module unchanged, when they
@@ -132,7 +171,11 @@ class QuantizedLinear(QuantizedExpertLinear):
 
     def forward(self, x):
         # x [..., in] -> [..., out]
-        y = quantized_linear(x.reshape(-1, x.shape[-1]), self.weight_for(x), self.bias[0], backend=self.runtime.backend)
+        if is_compiling():
+            y = self.graph_linear(x.reshape(-1, x.shape[-1]), None)
+        else:
+            w = self.weight_for(x)
+            y = quantized_linear(x.reshape(-1, x.shape[-1]), w, self.bias[0], backend=self.runtime.backend)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
