@@ -80,12 +80,12 @@ def compile_unavailable_reason(model: Phixtral) -> Optional[str]:
     reason = _toolchain_reason()
     if reason is not None:
         return reason
-    if model.device.type != "cpu":
-        return f"the model is on {model.device}: compiled decode steps run on the CPU"
+    if model.device.type not in ("cpu", "cuda"):
+        return f"the model is on {model.device}: compiled decode steps run on the CPU and on CUDA"
     probe = torch.empty(1, model.config.n_embd, dtype=model.dtype, device=model.device)
     for name, module in model.named_modules():  # expert stacks and packed Linears: can they run in the graph?
         check = getattr(module, "graph_unavailable_reason", None)
-        if check is not None and (why := check(probe)) is not None:
+        if check is not None and (why := check(probe, model.runtime.backend)) is not None:
             return f"{name}: {why}"
     return None
 
@@ -102,6 +102,13 @@ def compiled_step_function():
     return torch.compile(_step, fullgraph=True, dynamic=False)
 
 
+def compiled_call(model: Phixtral, valid, tok: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """One call of the compiled step that may compile: one compile at a time in the process, and room behind the one
+    function for every model structure and shape (past dynamo's default of 8 it would run eagerly without a word)."""
+    with _COMPILE_LOCK, torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        return compiled_step_function()(model, valid, tok, input_pos)
+
+
 class CompiledStep:
     """The decode step of one generation, compiled: (tok [B], input_pos [1]) -> logits [B, V], as eager_step."""
 
@@ -115,31 +122,29 @@ class CompiledStep:
             return self.fn(self.model, self.valid, tok, input_pos)
         self.first = False
         start = time.perf_counter()
-        # The first call of a shape compiles (or finds the compiled graph). Each model structure and shape is one more
-        # entry behind the one function: past dynamo's default limit of 8 it would run eagerly without a word.
-        with (
-            _COMPILE_LOCK,
-            torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True),
-        ):
-            logits = self.fn(self.model, self.valid, tok, input_pos)
+        logits = compiled_call(self.model, self.valid, tok, input_pos)  # compiles, or finds the compiled graph
         if self.stats is not None:
             self.stats["compiled"] = True
             self.stats["compile_s"] = time.perf_counter() - start
         return logits
 
 
-def compiled_or_none(model: Phixtral, valid: Optional[torch.Tensor], *, compile=None, steps: int, stats=None):
-    """A CompiledStep when this generation's decode steps compile (see the module docstring), else None (eager or
-    CUDA graphs decide). compile=True raises a RuntimeError naming the reason when it cannot."""
+def compile_wanted(model: Phixtral, *, compile=None, steps: int) -> bool:
+    """Whether this generation's decode steps run compiled (see the module docstring): "auto" compiles on the CPU only
+    (on a GPU, CUDA graphs already remove the host's time per op; compiled steps there are opt-in until measured).
+    compile=True raises a RuntimeError naming the reason when the model cannot."""
     mode = resolve_mode(model, compile)
     if mode is False or steps < 1:
-        return None
-    if mode == "auto" and steps < COMPILE_MIN_STEPS and _eager_steps.get(model, 0) < COMPILE_AFTER_STEPS:
-        _eager_steps[model] = _eager_steps.get(model, 0) + steps
-        return None
+        return False
+    if mode == "auto":
+        if model.device.type != "cpu":
+            return False
+        if steps < COMPILE_MIN_STEPS and _eager_steps.get(model, 0) < COMPILE_AFTER_STEPS:
+            _eager_steps[model] = _eager_steps.get(model, 0) + steps
+            return False
     reason = compile_unavailable_reason(model)
     if reason is not None:
         if mode is True:
             raise RuntimeError(f"compile=True, but decode steps cannot be compiled: {reason}")
-        return None
-    return CompiledStep(model, valid, stats)
+        return False
+    return True

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from phixtral_kernels import fused_moe
-from phixtral_kernels.graph_ops import expert_linear, is_compiling, moe_by_expert_ops
+from phixtral_kernels.graph_ops import expert_linear, fused_moe_triton, is_compiling, moe_by_expert_ops
 
 from .atomic import atomic_folder
 from .config import PhixtralConfig
@@ -35,6 +35,7 @@ from .runtime import (
     ATTENTION_UPCAST,  # noqa: F401  (importable from here, its former home)
     RuntimeSettings,
     check_backend_device,
+    resolved_backend,
 )
 
 
@@ -134,14 +135,19 @@ class ExpertLinear(nn.Module):
         """The weight as the kernels take it for input x: the stacked tensor (packed modules answer their own form)."""
         return self.weight
 
-    def graph_unavailable_reason(self, x: torch.Tensor) -> Optional[str]:
-        """Why `graph_linear` cannot run on inputs like x: never (float stacks run anywhere)."""
+    def graph_unavailable_reason(self, x: torch.Tensor, backend: str) -> Optional[str]:
+        """Why this stack cannot run in a compiled step: never (float stacks run anywhere)."""
         return None
 
     def graph_linear(self, x: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
         """x [T, in] -> [T, out], row t through expert ids[t] (None: expert 0), as one custom op: a compiled step's way
         (phixtral_kernels.graph_ops)."""
         return expert_linear(x, ids, self.weight, self.bias)
+
+    def graph_weights(self) -> tuple:
+        """The stack as fused_moe_triton's plain arguments: (weight, qzeros, scales, g_idx, bits, group_size), bits 0
+        for a float stack."""
+        return self.weight, None, None, None, 0, 0
 
 
 class MoE(nn.Module):
@@ -165,11 +171,8 @@ class MoE(nn.Module):
 
     def forward(self, x):
         # x [B, S, D] -> [B, S, D]
-        if is_compiling():  # a compiled decode step: the experts as custom ops, the rest traced (graph_ops)
-            y = moe_by_expert_ops(
-                x.reshape(-1, x.shape[-1]), self.gate.weight, self.fc1.graph_linear, self.fc2.graph_linear, self.top_k
-            )
-            return y.view(x.shape)
+        if is_compiling():  # a compiled step: the layer as custom ops (phixtral_kernels.graph_ops), no host read
+            return self._graph_forward(x.reshape(-1, x.shape[-1])).view(x.shape)
         y = fused_moe(
             x.reshape(-1, x.shape[-1]),  # [T = B * S, D]
             self.gate.weight,
@@ -181,6 +184,19 @@ class MoE(nn.Module):
             backend=self.runtime.backend,
         )
         return y.view(x.shape)
+
+
+    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [T, D] -> [T, D]: the Triton forward as one op where the backend resolves to it (a GPU), else the router and
+        # GELU traced around the experts' GEMMs as ops (the torch backend's math).
+        if resolved_backend(self.runtime.backend, x.device, x.dtype) == "triton":
+            w1, z1, s1, g1, bits1, group1 = self.fc1.graph_weights()
+            w2, z2, s2, g2, bits2, group2 = self.fc2.graph_weights()
+            return fused_moe_triton(
+                x, self.gate.weight, w1, z1, s1, g1, self.fc1.bias, w2, z2, s2, g2, self.fc2.bias, self.top_k,
+                [bits1, bits2], [group1, group2],
+            )  # fmt: skip
+        return moe_by_expert_ops(x, self.gate.weight, self.fc1.graph_linear, self.fc2.graph_linear, self.top_k)
 
 
 class Block(nn.Module):

@@ -12,7 +12,7 @@ from typing import Union
 
 import torch
 
-from phixtral_kernels import BACKENDS, triton_unavailable_reason
+from phixtral_kernels import BACKENDS, TRITON_DTYPES, triton_unavailable_reason
 
 # How an fp16 model's attention avoids phi-2's overflow of q.k^T (see model.Attention.forward): "fp32" upcasts q, k and v
 # (the original code's way; it copies the whole cache to fp32 every step), "scores" keeps them in fp16 and pre-scales q.
@@ -37,6 +37,22 @@ def check_backend_device(backend: str, device: torch.device) -> None:
     """RuntimeError when backend is "triton" and the kernels cannot run on `device` (a meta device is never refused)."""
     if backend == "triton" and device.type != "meta" and (reason := triton_unavailable_reason(device)):
         raise RuntimeError(f"backend='triton' cannot run on {device}: {reason}")
+
+
+def _constant_at_trace(fn):
+    # torch.compile evaluates such a function while tracing and keeps its result as a constant (guarded by its
+    # arguments), instead of tracing into torch.cuda's queries.
+    mark = getattr(torch.compiler, "assume_constant_result", None)
+    return mark(fn) if mark is not None else fn
+
+
+@_constant_at_trace
+def resolved_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """What fused_moe / quantized_linear run for `backend` on tensors of this device and dtype, at inference: "auto"
+    becomes "triton" where the kernels can run (and take the dtype), else "torch"."""
+    if backend != "auto":
+        return backend
+    return "triton" if triton_unavailable_reason(device) is None and dtype in TRITON_DTYPES else "torch"
 
 
 class RuntimeSettings:

@@ -9,6 +9,8 @@ one call from the compiled code.
 
     expert_linear(x, ids, weight, bias)         y[t] = x[t] @ weight[ids[t]]^T + bias[ids[t]]     float stacks
     packed_expert_linear(x, ids, <packed>)      the same through torch's packed int8 / int4 CPU kernels (cpu_packed)
+    fused_moe_triton(x, gate, <w1>, b1, ...)    the whole layer on the Triton forward (GPU), weights as plain tensors
+    quantized_linear_triton(x, <w>, bias)       one GPTQ-packed Linear on the Triton grouped GEMM (GPU)
 
 x [T, K]; ids [T] (int32 / int64), or None for expert 0 (a dense Linear is a stack of one); weight [E, N, K]; bias
 [E, N] or None -> y [T, N] in x's dtype. Rows that share an expert run as one GEMM: at decode (T = 1) one GEMV.
@@ -23,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_packed import packed_linear
+from .moe import quantized_linear
+from .moe_triton import triton_moe_forward
+from .quant import QuantizedExperts
 from .reference import topk_softmax_torch
 
 HAS_GRAPH_OPS = hasattr(torch.library, "custom_op")
@@ -76,6 +81,49 @@ def _packed_expert_linear(
     return _by_expert(x, ids, out_features, run)
 
 
+def _weights(w: torch.Tensor, qzeros, scales, g_idx, bits: int, group_size: int):
+    """An expert stack from an op's plain arguments: a float [E, N, K] (bits 0) or a QuantizedExperts."""
+    if bits == 0:
+        return w
+    return QuantizedExperts(w, qzeros, scales, g_idx, bits, group_size, check=False)
+
+
+def _fused_moe_triton(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    w1: torch.Tensor,
+    qzeros1: Optional[torch.Tensor],
+    scales1: Optional[torch.Tensor],
+    g_idx1: Optional[torch.Tensor],
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    qzeros2: Optional[torch.Tensor],
+    scales2: Optional[torch.Tensor],
+    g_idx2: Optional[torch.Tensor],
+    b2: torch.Tensor,
+    top_k: int,
+    bits: list[int],
+    group_sizes: list[int],
+) -> torch.Tensor:
+    w1 = _weights(w1, qzeros1, scales1, g_idx1, bits[0], group_sizes[0])
+    w2 = _weights(w2, qzeros2, scales2, g_idx2, bits[1], group_sizes[1])
+    return triton_moe_forward(x, gate_weight, w1, b1, w2, b2, top_k)[0]
+
+
+def _quantized_linear_triton(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: Optional[torch.Tensor],
+    scales: torch.Tensor,
+    g_idx: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    w = QuantizedExperts(qweight, qzeros, scales, g_idx, bits, group_size, check=False)
+    return quantized_linear(x, w, bias, backend="triton")
+
+
 if HAS_GRAPH_OPS:
     expert_linear = torch.library.custom_op("phixtral_kernels::expert_linear", mutates_args=())(_expert_linear)
     packed_expert_linear = torch.library.custom_op("phixtral_kernels::packed_expert_linear", mutates_args=())(
@@ -90,8 +138,24 @@ if HAS_GRAPH_OPS:
     def _(x, ids, weights, scales, offsets, perm, bias, mode, group_size, out_features):
         return x.new_empty(x.shape[0], out_features)
 
+    # The Triton forward as one op: its launches never read device memory on the host, so a compiled step holding it
+    # can be captured in a CUDA graph (phixtral/decode_graph.py) like the eager one.
+    fused_moe_triton = torch.library.custom_op("phixtral_kernels::fused_moe_triton", mutates_args=())(_fused_moe_triton)
+    quantized_linear_triton = torch.library.custom_op("phixtral_kernels::quantized_linear_triton", mutates_args=())(
+        _quantized_linear_triton
+    )
+
+    @fused_moe_triton.register_fake
+    def _(x, gate_weight, w1, qzeros1, scales1, g_idx1, b1, w2, qzeros2, scales2, g_idx2, b2, top_k, bits, groups):
+        return torch.empty_like(x)
+
+    @quantized_linear_triton.register_fake
+    def _(x, qweight, qzeros, scales, g_idx, bias, bits, group_size):
+        return x.new_empty(x.shape[0], scales.shape[-1])
+
 else:  # torch < 2.4: plain functions (eager only)
     expert_linear, packed_expert_linear = _expert_linear, _packed_expert_linear
+    fused_moe_triton, quantized_linear_triton = _fused_moe_triton, _quantized_linear_triton
 
 
 def moe_by_expert_ops(x: torch.Tensor, gate_weight: torch.Tensor, fc1, fc2, top_k: int) -> torch.Tensor:
@@ -110,4 +174,12 @@ def moe_by_expert_ops(x: torch.Tensor, gate_weight: torch.Tensor, fc1, fc2, top_
     return torch.bmm(weights.to(x.dtype).unsqueeze(1), y).squeeze(1)
 
 
-__all__ = ["HAS_GRAPH_OPS", "expert_linear", "is_compiling", "moe_by_expert_ops", "packed_expert_linear"]
+__all__ = [
+    "HAS_GRAPH_OPS",
+    "expert_linear",
+    "fused_moe_triton",
+    "is_compiling",
+    "moe_by_expert_ops",
+    "packed_expert_linear",
+    "quantized_linear_triton",
+]

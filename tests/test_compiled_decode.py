@@ -135,7 +135,10 @@ def test_what_cannot_compile_is_named():
         gptq_moe_checkpoint(), dtype="float32", backend="torch"
     )  # packed, fp32 activations
     reason = compile_unavailable_reason(model)
-    assert reason.startswith("h.0.mixer.Wqkv: packed Linears run in compiled steps on the CPU in bfloat16 only")
+    assert reason == (
+        "h.0.mixer.Wqkv: packed Linears run in compiled steps through the Triton kernels (GPU) or torch's packed CPU "
+        "kernels (bfloat16 on the CPU), not float32 on cpu"
+    )
     with pytest.raises(RuntimeError, match="compile=True, but decode steps cannot be compiled: h.0.mixer.Wqkv"):
         model.generate(PROMPT, max_new_tokens=4, compile=True)
     model.generate(PROMPT, max_new_tokens=4, compile="auto")  # "auto": eager, no error
@@ -145,3 +148,33 @@ def test_what_cannot_compile_is_named():
             model.generate(PROMPT, max_new_tokens=2, compile=bad)
     with pytest.raises(ValueError, match="model.runtime.compile must be 'auto', True or False"):
         model.compile_decode = "always"
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "gptq"])
+def test_the_triton_step_traces_to_one_graph_on_meta_tensors(monkeypatch, quantized):
+    """A GPU's decode step (the Triton forward of every MoE layer and packed Linear, as custom ops) traces into one graph
+    that a CUDA graph can hold, checked here with meta tensors: the ops' fake kernels give the shapes."""
+    import phixtral.model
+    import phixtral.quant.modules
+
+    source = load("moe int4" if quantized else "moe fp32")
+    with torch.device("meta"):
+        model = phixtral.Phixtral(source.config)
+        if quantized:
+            for name, module in source.named_modules():
+                if isinstance(module, phixtral.quant.modules.QuantizedExpertLinear):
+                    E, N, K = module.bias.shape[0], module.bias.shape[1], module.qweight.shape[1] * 32 // module.bits
+                    packed = phixtral.quant.modules.quantized_module(name, E, N, K, module.bits, module.group_size)
+                    model.set_submodule(name, packed)
+        model = model.half()
+    model.setup_caches(2, 64)
+    for module in (phixtral.model, phixtral.quant.modules):  # as on a GPU where the Triton kernels run
+        monkeypatch.setattr(module, "resolved_backend", lambda backend, device, dtype: "triton")
+    explained = torch._dynamo.explain(_step)(
+        model, None, torch.zeros(2, dtype=torch.long, device="meta"), torch.zeros(1, dtype=torch.long, device="meta")
+    )
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert sum("fused_moe_triton" in op for op in ops) == model.config.n_layer
+    assert sum("quantized_linear_triton" in op for op in ops) == (2 * model.config.n_layer if quantized else 0)
+    assert not any("expert_linear" in op for op in ops)

@@ -13,9 +13,9 @@ import torch.nn as nn
 
 from phixtral_kernels import QuantizedExperts, quantized_linear
 from phixtral_kernels.cpu_packed import cpu_packing_unsupported, pack_for_cpu
-from phixtral_kernels.graph_ops import is_compiling, packed_expert_linear
+from phixtral_kernels.graph_ops import is_compiling, packed_expert_linear, quantized_linear_triton
 
-from ..runtime import RuntimeSettings
+from ..runtime import RuntimeSettings, resolved_backend
 
 
 class QuantizedExpertLinear(nn.Module):
@@ -80,15 +80,24 @@ class QuantizedExpertLinear(nn.Module):
         self._cache[packed] = (buffers, versions, w)
         return w
 
-    def graph_unavailable_reason(self, x: torch.Tensor) -> Optional[str]:
-        """Why `graph_linear` cannot run on inputs like x, or None; brings the packed CPU form up to date (eager, before
-        a compiled step, which reads it without checking)."""
+    def graph_unavailable_reason(self, x: torch.Tensor, backend: str) -> Optional[str]:
+        """Why this stack cannot run in a compiled step on inputs like x under `backend`, or None. On the CPU it brings
+        the packed form up to date (eagerly, before the compiled step, which reads it without checking)."""
+        if resolved_backend(backend, x.device, x.dtype) == "triton":
+            return None  # the Triton ops (fused_moe_triton, quantized_linear_triton) take the GPTQ tensors as they are
         if x.device.type != "cpu" or x.dtype != torch.bfloat16:
-            return f"packed Linears run in compiled steps on the CPU in bfloat16 only (here {x.device}, {x.dtype})"
+            return (
+                f"packed Linears run in compiled steps through the Triton kernels (GPU) or torch's packed CPU kernels "
+                f"(bfloat16 on the CPU), not {str(x.dtype).replace('torch.', '')} on {x.device}"
+            )
         self.weight_for(x)
         if self.cpu_mode is None:
             return cpu_packing_unsupported(self.weight)
         return None
+
+    def graph_weights(self) -> tuple:
+        """The stack as fused_moe_triton's plain arguments: (qweight, qzeros, scales, g_idx, bits, group_size)."""
+        return self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size
 
     def graph_linear(self, x: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
         """x [T, in] -> [T, out] with row t through expert ids[t] (None: expert 0), by torch's packed CPU kernels, as
@@ -171,7 +180,11 @@ class QuantizedLinear(QuantizedExpertLinear):
 
     def forward(self, x):
         # x [..., in] -> [..., out]
-        if is_compiling():
+        if is_compiling() and resolved_backend(self.runtime.backend, x.device, x.dtype) == "triton":
+            qweight, qzeros, scales, g_idx, bits, group_size = self.graph_weights()
+            x2 = x.reshape(-1, x.shape[-1])
+            y = quantized_linear_triton(x2, qweight, qzeros, scales, g_idx, self.bias[0], bits, group_size)
+        elif is_compiling():
             y = self.graph_linear(x.reshape(-1, x.shape[-1]), None)
         else:
             w = self.weight_for(x)
