@@ -55,7 +55,8 @@ def default_model_path() -> Path:
 # --- reading files, with errors that name them ---------------------------------------------------------------------
 @contextmanager
 def open_safetensors(file: Path, device: str = "cpu"):
-    """safetensors' safe_open; a truncated or corrupt file (on open or on a tensor read) raises a ValueError naming it."""
+    """safetensors' safe_open; a truncated or corrupt file (on open or on a tensor read) raises a ValueError naming
+    it."""
     try:
         with safe_open(file, framework="pt", device=device) as f:
             yield f
@@ -63,9 +64,10 @@ def open_safetensors(file: Path, device: str = "cpu"):
         raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
-# --- finding the files -------------------------------------------------------------------------------------------------
+# --- finding the files ------------------------------------------------------------------------------------------------
 def resolve_checkpoint(path_or_id: Union[str, os.PathLike]) -> Path:
-    """A local checkpoint folder, or a hub id fetched with huggingface_hub (json, safetensors and tokenizer files only)."""
+    """A local checkpoint folder, or a hub id fetched with huggingface_hub (json, safetensors and tokenizer files
+    only)."""
     if not isinstance(path_or_id, (str, os.PathLike)):
         raise TypeError(f"model must be a folder path or a hub id (str), got {type(path_or_id).__name__}")
     path = Path(path_or_id).expanduser()
@@ -303,9 +305,11 @@ def load_tokenizer(folder: Path):
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # AutoTokenizer warns that it does not know model_type 'phi-msft'; it does not need to
+    # AutoTokenizer warns that it does not know model_type 'phi-msft'; it does not need to.
+    hf_logging.set_verbosity_error()
     try:
-        # Never run code shipped with a checkpoint: phixtral's config.json carries an auto_map for its remote modeling code.
+        # Never run code shipped with a checkpoint: phixtral's config.json carries an auto_map for its remote modeling
+        # code.
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:
         raise RuntimeError(f"could not load the tokenizer in {folder}: {type(e).__name__}: {e}") from e
@@ -512,11 +516,13 @@ def save_msft_checkpoint(
 
     state: tensors under the model's own names (`Phixtral.state_dict()`), experts stacked.
     dtype: None (the state's), torch.float16 / bfloat16 / float32 or their names ("float16", "bf16", ...).
-    Writes model-0000i-of-0000n.safetensors (shards of at most max_shard_bytes, tensors whole), model.safetensors.index.json
-    and config.json (`config.to_msft_dict()`); MoE layout when config has more than one expert, dense otherwise.
+    Writes model-0000i-of-0000n.safetensors (shards of at most max_shard_bytes, tensors whole),
+    model.safetensors.index.json and config.json (`config.to_msft_dict()`); MoE layout when config has more than one
+    expert, dense otherwise.
     The files go to a temporary folder next to `folder` that replaces it whole once complete (`phixtral.atomic`): a
     failure leaves `folder` as it was, and no file of an earlier checkpoint there survives a successful save.
-    overwrite: replace an existing checkpoint folder (see `check_checkpoint_destination`); False refuses a non-empty one.
+    overwrite: replace an existing checkpoint folder (see `check_checkpoint_destination`); False refuses a non-empty
+    one.
     Returns the shard paths.
     """
     dtype = checkpoint_dtype(dtype)

@@ -33,7 +33,7 @@ class QuantFormat:
     # --- settings ---------------------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "QuantFormat":
-        """The settings in `d` (settings_file's or config.json's quantization_config), or a ValueError naming `where`."""
+        """The settings in `d` (settings_file's or config.json's quantization_config); a ValueError naming `where`."""
         raise NotImplementedError
 
     def to_dict(self) -> dict:
@@ -87,5 +87,6 @@ class QuantFormat:
         return state[target.param][target.index]
 
     def write_settings(self, folder: Path, config_dict: dict) -> None:
-        """Write settings_file into `folder` and quantization_config into the config.json dict (written by the caller)."""
+        """Write settings_file into `folder` and quantization_config into the config.json dict (the caller writes
+        it)."""
         config_dict["quantization_config"] = self.to_dict()
