@@ -255,7 +255,8 @@ class Phixtral(nn.Module):
         extra_files: {file name: text} written beside the checkpoint, in the same atomic write (e.g. a training log).
         Returns the shard paths.
         """
-        from .weights import check_checkpoint_destination, checkpoint_dtype, eos_token_ids, write_msft_files
+        from .checkpoint_writer import check_checkpoint_destination, checkpoint_dtype, write_msft_files
+        from .weights import eos_token_ids
 
         dtype = checkpoint_dtype(dtype)
         if dtype is None and self.source_dtype is not None and self.source_dtype != self.dtype:

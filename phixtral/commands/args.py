@@ -190,7 +190,7 @@ def check_out(out, *, overwrite: bool, sources=()) -> None:
     from pathlib import Path
 
     from ..atomic import check_destination
-    from ..weights import check_checkpoint_destination
+    from ..checkpoint_writer import check_checkpoint_destination
 
     out = Path(out)
     check_destination(out, overwrite=True, sources=sources)  # a file or a source: refused even with --overwrite

@@ -391,7 +391,7 @@ def merge(recipe: Recipe, out, *, overwrite: bool = False, seed: int = 0, device
     from tqdm.auto import tqdm
 
     from ..atomic import atomic_folder
-    from ..weights import write_msft_files
+    from ..checkpoint_writer import write_msft_files
 
     out = Path(out)
     base_path, expert_paths = source_paths(recipe)
