@@ -5,9 +5,9 @@
     hf              phi (HF):   model.layers.N.self_attn.q_proj.weight, ..., model.final_layernorm.weight,
                                 lm_head.weight
 `checkpoint_map` turns one layout into {checkpoint name: Target}: experts land in one slice of the stacked [E, F, D]
-weights, HF's q/k/v in a row block of Wqkv. The loader (weights.py), the writer (the same map read backwards), the
-quantization formats (phixtral/quant/) and the vLLM integration all start from it. Plain Python and json: no torch, no
-model, so that every one of them can import it.
+weights, HF's q/k/v in a row block of Wqkv. The loader (weights.py), the writer (checkpoint_writer.py, the same map read
+backwards), the quantization formats (phixtral/quant/) and the vLLM integration all start from it. Plain Python and
+json: no torch, no model, so that every one of them can import it.
 """
 
 import json

@@ -1,5 +1,6 @@
-"""What a quantization format is to the loader and the writer (phixtral/weights.py): one object per checkpoint holding
-the format's settings, and the hooks below. weights.py reaches formats through phixtral.quant only.
+"""What a quantization format is to the loader (phixtral/weights.py) and the writer (phixtral/checkpoint_writer.py):
+one object per checkpoint holding the format's settings, and the hooks below. weights.py reaches formats through
+phixtral.quant only; the writer is handed the format object.
 
 The checkpoint map (phixtral.layouts.checkpoint_map) names float tensors; a format rewrites the entries of the Linears
 it finds packed (`checkpoint_map`): either into the buffers of a packed module swapped into the model (`prepare`), or,
