@@ -152,8 +152,7 @@ def save_msft_checkpoint(
     expert, dense otherwise.
     The files go to a temporary folder next to `folder` that replaces it whole once complete (`phixtral.atomic`): a
     failure leaves `folder` as it was, and no file of an earlier checkpoint there survives a successful save.
-    overwrite: replace an existing checkpoint folder (see `check_checkpoint_destination`); False refuses a non-empty
-    one.
+    overwrite: replace an existing checkpoint folder (see `check_checkpoint_destination`), else refuse a non-empty one.
     Returns the shard paths.
     """
     dtype = checkpoint_dtype(dtype)

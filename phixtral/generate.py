@@ -109,8 +109,7 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[fl
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k=None, top_p=None, generator=None) -> torch.Tensor:
-    """logits [B, V] fp32 -> token ids [B] int64: argmax when temperature is 0, else a draw from the filtered
-    softmax."""
+    """logits [B, V] fp32 -> token ids [B] int64: argmax at temperature 0, else a draw from the filtered softmax."""
     if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that fp32 would hold it as 0
         return logits.argmax(-1)
     # Shift the maximum to 0 before dividing: a tiny temperature then sends the others to -inf, never inf - inf = NaN.

@@ -247,8 +247,7 @@ class Phixtral(nn.Module):
         (full disk, Ctrl-C) leaves `folder` as it was, and no file of an earlier checkpoint survives a successful save.
         overwrite: replace an existing checkpoint folder (one with a config.json and no subfolders; any other non-empty
         folder is refused); False refuses every non-empty folder. Arguments are checked before anything is written.
-        A generation_config.json carries `eos_token_ids` when the tokenizer and config.json do not already name them
-        all.
+        A generation_config.json carries `eos_token_ids` when the tokenizer and config.json do not name them all.
         sources: folders `folder` may not be, contain or lie inside (what a command read its inputs from); the folder
             the model was loaded from is always one of them, so a save can never replace (or delete files of) its own
             source.
@@ -436,8 +435,7 @@ class Phixtral(nn.Module):
 
         input_ids [B, S] int64.
         attention_mask [B, L] (1 real token, 0 left pad) or None: L = S without a cache, L = cache_length with one.
-        input_pos [S] int64: the cache slots these tokens fill (generation); None runs the whole sequence without a
-        cache.
+        input_pos [S] int64: the cache slots these tokens fill (generation); None runs the whole sequence, no cache.
         """
         if input_pos is None:
             _check_ids(input_ids, self.config.vocab_size)

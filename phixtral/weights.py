@@ -56,8 +56,7 @@ def default_model_path() -> Path:
 # --- reading files, with errors that name them ---------------------------------------------------------------------
 @contextmanager
 def open_safetensors(file: Path, device: str = "cpu"):
-    """safetensors' safe_open; a truncated or corrupt file (on open or on a tensor read) raises a ValueError naming
-    it."""
+    """safetensors' safe_open; a truncated or corrupt file (on open or on a tensor read) is a ValueError naming it."""
     try:
         with safe_open(file, framework="pt", device=device) as f:
             yield f
@@ -67,8 +66,7 @@ def open_safetensors(file: Path, device: str = "cpu"):
 
 # --- finding the files ------------------------------------------------------------------------------------------------
 def resolve_checkpoint(path_or_id: Union[str, os.PathLike]) -> Path:
-    """A local checkpoint folder, or a hub id fetched with huggingface_hub (json, safetensors and tokenizer files
-    only)."""
+    """A local checkpoint folder, or a hub id fetched with huggingface_hub (json, safetensors, tokenizer files only)."""
     if not isinstance(path_or_id, (str, os.PathLike)):
         raise TypeError(f"model must be a folder path or a hub id (str), got {type(path_or_id).__name__}")
     path = Path(path_or_id).expanduser()

@@ -1,5 +1,4 @@
-"""Rebuild the bundled tiny phixtral (phixtral/assets/tiny-phixtral) from the Python standard library's source, on a
-CPU.
+"""Rebuild the bundled tiny phixtral (phixtral/assets/tiny-phixtral) from the standard library's source, on a CPU.
 
     python scripts/build_tiny_phixtral.py             # about 15 minutes on 2 CPU cores
 
@@ -122,8 +121,7 @@ def phi_config(args, tokenizer):
 
 def train(model, stream: torch.Tensor, *, steps: int, lr: float, warmup: int, batch_size: int, seq_len: int, seed: int,
           log: Log, tag: str, log_every: int) -> float:  # fmt: skip
-    """AdamW on random windows of the stream, linear warmup then cosine decay to lr / 10. Returns the last logged
-    loss."""
+    """AdamW on random stream windows, linear warmup then cosine decay to lr / 10. Returns the last logged loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]

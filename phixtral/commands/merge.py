@@ -1,5 +1,4 @@
-"""`phixtral merge RECIPE.yaml --out DIR`: build a phixtral MoE from dense phi-2 checkpoints, following a mergekit MoE
-recipe.
+"""`phixtral merge RECIPE.yaml --out DIR`: build a phixtral MoE from dense phi-2 checkpoints as a mergekit recipe says.
 
 The recipe is mergekit's (mixtral branch) MoE format:
     base_model: path                    embeddings, attention, LayerNorms and the head come from here

@@ -1,5 +1,4 @@
-"""`phixtral train-router`: train only the routers of a merged phixtral; every expert, attention and embedding stays
-frozen.
+"""`phixtral train-router`: train only the routers of a merged phixtral; experts, attention and embeddings stay frozen.
 
 A mergekit MoE's router is never trained: `hidden` gate rows are prompt centroids, `cheap_embed` rows token embeddings,
 and phixtral-4x2_8's rows are identical in every layer. This command fits the gate rows [E, D] of every layer to the

@@ -264,8 +264,7 @@ class PhixtralLM(TemplateLM):
 
 def main(argv=None) -> int:
     """lm_eval's command line with the `phixtral` model registered. A model that cannot be built from --model_args is
-    one line on stderr, "phixtral lm_eval: error: ...", and exit 2 (a name that is no argument) or 1 (it does not
-    load)."""
+    one line on stderr, "phixtral lm_eval: error: ...", and exit 2 (a name that is no argument) or 1 (a failed load)."""
     import lm_eval.__main__
 
     import phixtral.integrations.lm_eval  # noqa: F401  the registered copy when this file runs as __main__

@@ -88,6 +88,5 @@ class QuantFormat:
         return state[target.param][target.index]
 
     def write_settings(self, folder: Path, config_dict: dict) -> None:
-        """Write settings_file into `folder` and quantization_config into the config.json dict (the caller writes
-        it)."""
+        """Write settings_file into `folder`, and quantization_config into the caller's config.json dict."""
         config_dict["quantization_config"] = self.to_dict()

@@ -42,8 +42,7 @@ class EngineStopped(RuntimeError):
 
 @dataclass
 class SamplingParams:
-    """Per-request settings (OpenAI's names): max_tokens >= 1, temperature 0 = greedy, top_p in (0, 1], top_k 0 =
-    off."""
+    """Per-request settings (OpenAI's names): max_tokens >= 1, temperature 0 greedy, top_p in (0, 1], top_k 0 off."""
 
     max_tokens: int
     temperature: float = 0.0
