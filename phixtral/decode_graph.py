@@ -41,8 +41,6 @@ from typing import Callable, Optional
 
 import torch
 
-from phixtral_kernels import triton_unavailable_reason
-
 from .compiled_decode import CompiledStep, compile_wanted, compiled_call
 from .model import MoE, Phixtral
 from .quant.modules import QuantizedLinear

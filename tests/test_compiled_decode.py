@@ -152,8 +152,8 @@ def test_what_cannot_compile_is_named():
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "gptq"])
 def test_the_triton_step_traces_to_one_graph_on_meta_tensors(monkeypatch, quantized):
-    """A GPU's decode step (the Triton forward of every MoE layer and packed Linear, as custom ops) traces into one graph
-    that a CUDA graph can hold, checked here with meta tensors: the ops' fake kernels give the shapes."""
+    """A GPU's decode step (the Triton forward of every MoE layer and packed Linear, as custom ops) traces into one
+    graph that a CUDA graph can hold, checked here with meta tensors: the ops' fake kernels give the shapes."""
     import phixtral.model
     import phixtral.quant.modules
 
