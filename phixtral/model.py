@@ -61,8 +61,10 @@ class ExpertLinear(nn.Module):
         return None
 
     def graph_linear(self, x: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
-        """x [T, in] -> [T, out], row t through expert ids[t] (None: expert 0), as one custom op: a compiled step's way
-        (phixtral_kernels.graph_ops)."""
+        """x [T, in] -> [T, out], row t through expert ids[t]: a compiled step's way. With ids, one custom op picks the
+        experts (phixtral_kernels.graph_ops); ids None (expert 0: a dense layer) is a plain linear in the graph."""
+        if ids is None:
+            return nn.functional.linear(x, self.weight[0], self.bias[0])
         return expert_linear(x, ids, self.weight, self.bias)
 
     def graph_weights(self) -> tuple:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from phixtral_kernels import QuantizedExperts, quantized_linear
-from phixtral_kernels.cpu_packed import cpu_packing_unsupported, pack_for_cpu
+from phixtral_kernels.cpu_packed import cpu_packing_unsupported, pack_for_cpu, packed_linear
 from phixtral_kernels.graph_ops import is_compiling, packed_expert_linear, quantized_linear_triton
 
 from ..runtime import RuntimeSettings, resolved_backend
@@ -101,21 +101,15 @@ class QuantizedExpertLinear(nn.Module):
         return self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.group_size
 
     def graph_linear(self, x: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
-        """x [T, in] -> [T, out] with row t through expert ids[t] (None: expert 0), by torch's packed CPU kernels, as
-        one custom op (phixtral_kernels.graph_ops): the compiled decode step's way, no host read in the graph. Needs
+        """x [T, in] -> [T, out] with row t through expert ids[t], by torch's packed CPU kernels: the compiled decode
+        step's way, no host read in the graph. With ids, one custom op picks the experts (phixtral_kernels.graph_ops);
+        ids None (expert 0: a dense layer) calls the kernels in the graph itself, where the compiler sees them. Needs
         the packed form made by `graph_unavailable_reason` (or weight_for) since the buffers last changed."""
-        return packed_expert_linear(
-            x,
-            ids,
-            self.cpu_weights,
-            self.cpu_scales,
-            self.cpu_offsets,
-            self.cpu_perm,
-            self.bias,
-            self.cpu_mode,
-            self.cpu_group_size,
-            self.bias.shape[1],
-        )
+        args = (self.cpu_weights, self.cpu_scales, self.cpu_offsets, self.cpu_perm, self.bias)
+        meta = (self.cpu_mode, self.cpu_group_size, self.bias.shape[1])
+        if ids is None:
+            return packed_linear(x, *(None if t is None else t[0] for t in args), *meta)
+        return packed_expert_linear(x, ids, *args, *meta)
 
     def set_weight(self, w: QuantizedExperts) -> None:
         """Replace the packed tensors (qzeros and g_idx may be None); a ValueError, with the module unchanged, when they
