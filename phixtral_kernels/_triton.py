@@ -29,7 +29,8 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     if triton is None:
         return "the triton package is not installed (it ships with CUDA builds of torch on Linux)"
     if _version_tuple(triton.__version__) < MIN_TRITON:
-        return f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest these kernels are tested with"
+        oldest = ".".join(map(str, MIN_TRITON))
+        return f"triton {triton.__version__} is older than {oldest}, the oldest these kernels are tested with"
     if device.type == "cuda":
         return _cuda_reason(device.index if device.index is not None else torch.cuda.current_device())
     if device.type == "cpu":
@@ -48,8 +49,9 @@ def _cuda_reason(index: int) -> str | None:
     if (major, minor) >= MIN_CAPABILITY:
         return None
     return (
-        f"cuda:{index} ({torch.cuda.get_device_name(index)}) is sm_{major}{minor}; the Triton kernels need sm_80 or newer "
-        f"(no tensor-core path in Triton below it, and no bf16): use backend='torch', which backend='auto' picks there"
+        f"cuda:{index} ({torch.cuda.get_device_name(index)}) is sm_{major}{minor}; the Triton kernels need sm_80 or "
+        f"newer (no tensor-core path in Triton below it, and no bf16): use backend='torch', which backend='auto' picks "
+        f"there"
     )
 
 

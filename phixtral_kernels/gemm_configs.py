@@ -1,5 +1,6 @@
 """Tile choice of the grouped GEMMs, apart from the kernel that consumes it: `GemmConfig`, the heuristic per GPU
-generation, Hopper's prefill tiles, the per-GPU tuned tables and the adjustments for quantized weights and the top-k sum.
+generation, Hopper's prefill tiles, the per-GPU tuned tables and the adjustments for quantized weights and the top-k
+sum.
 
 `moe_gemm_configs` gives (GEMM 1, GEMM 2) for a layer: this GPU's tuned table where it holds the layer's shape, dtype
 and token bucket, else `heuristic_configs` (by mean rows per expert; 128x256 tiles on sm_90 from 1024 rows per expert).
@@ -70,9 +71,9 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    # Weight tiles through a TMA tensor descriptor (tl.make_tensor_descriptor) instead of pointer loads. Taken only where
-    # it can serve: the triton version has the API, the weights are a contiguous float stack (not quantized, not the
-    # backward's transposed views) and each weight row is a multiple of 16 bytes; elsewhere the pointer loads run.
+    # Weight tiles through a TMA tensor descriptor (tl.make_tensor_descriptor) instead of pointer loads. Taken only
+    # where it can serve: the triton version has the API, the weights are a contiguous float stack (not quantized, not
+    # the backward's transposed views) and each weight row is a multiple of 16 bytes; elsewhere the pointer loads run.
     tma: bool = False
 
     def __post_init__(self):
@@ -96,17 +97,26 @@ SM90_PREFILL = GemmConfig(block_m=128, block_n=256, block_k=64, group_m=16, num_
 SM90_PREFILL_MIN_ROWS = 1024  # mean rows per expert
 
 
-def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_gemm2: bool = False, dims=None, dtype=None,
-                     device=None, tuned: bool | None = None) -> tuple[GemmConfig, GemmConfig]:  # fmt: skip
+def moe_gemm_configs(
+    num_tokens: int,
+    top_k: int,
+    num_experts: int,
+    *,
+    sum_in_gemm2: bool = False,
+    dims=None,
+    dtype=None,
+    device=None,
+    tuned: bool | None = None,
+) -> tuple[GemmConfig, GemmConfig]:
     """(GEMM 1, GEMM 2) configs for T tokens: the tuned table of this GPU where it has them, else `heuristic_configs`.
 
     Interpreter: one config with large tiles (its cost is per op, not per element).
 
-    dims (D, F) of the layer, dtype and device of its activations: with all three and a CUDA device, the table
-    that `python benchmarks/tune_moe.py` wrote for this GPU (see the module docstring) answers first, when it was tuned at this
-    shape and dtype. tuned=False, or PHIXTRAL_MOE_CONFIGS=heuristic, skips it; tuned=True reads it even under that
-    variable. The table is read once per process and GPU: a call costs a dictionary lookup and a bisection, never a
-    file read or a host sync. Both configs share block_m (the routing map's) and GEMM 1's split_k is 1.
+    dims (D, F) of the layer, dtype and device of its activations: with all three and a CUDA device, the table that
+    `python benchmarks/tune_moe.py` wrote for this GPU (see the module docstring) answers first, when it was tuned at
+    this shape and dtype. tuned=False, or PHIXTRAL_MOE_CONFIGS=heuristic, skips it; tuned=True reads it even under that
+    variable. The table is read once per process and GPU: a call costs a dictionary lookup and a bisection, never a file
+    read or a host sync. Both configs share block_m (the routing map's) and GEMM 1's split_k is 1.
 
     sum_in_gemm2 (top_k <= 2): GEMM 2 without K-split, so that it can sum each token's rows itself (`expert_gemm2_sum`,
     the decode chain): the table's "2sum" entry for the bucket, else the heuristic's no-split GEMM 2 on the table's
@@ -158,7 +168,8 @@ def heuristic_configs(num_tokens: int, top_k: int, num_experts: int, capability=
         return gemm1, GemmConfig(
             block_m=block_m, block_n=64, block_k=128, split_k=1 if no_split else 2, num_warps=4, num_stages=4
         )
-    # Hopper only: sm_120 (RTX Blackwell) has 99 KB of shared memory a block, too little for these stages; sm_100 untested.
+    # Hopper only: sm_120 (RTX Blackwell) has 99 KB of shared memory a block, too little for these stages; sm_100
+    # untested.
     if capability is not None and capability[0] == 9 and rows_per_expert >= SM90_PREFILL_MIN_ROWS:
         return SM90_PREFILL, SM90_PREFILL
     cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
@@ -332,8 +343,10 @@ def _entry(entry, gemm: str, element: int, shared_bytes: int) -> GemmConfig:
     if max(config.block_m, config.block_n, config.block_k) > 256 or config.block_m * config.block_n > 128 * 256:
         raise ValueError(f"GEMM {gemm}: tiles larger than 128x256 (the accumulator would spill)")
     if config.num_warps not in (1, 2, 4, 8, 16) or config.num_stages > 8 or config.split_k > 16:
-        raise ValueError(f"GEMM {gemm}: num_warps {config.num_warps} (1 to 16, a power of two), num_stages {config.num_stages} "
-                         f"(<= 8), split_k {config.split_k} (<= 16: each split has its own fp32 output)")  # fmt: skip
+        raise ValueError(
+            f"GEMM {gemm}: num_warps {config.num_warps} (1 to 16, a power of two), num_stages {config.num_stages} "
+            f"(<= 8), split_k {config.split_k} (<= 16: each split has its own fp32 output)"
+        )
     stage_bytes = (config.block_m + config.block_n) * config.block_k * element
     if config.num_stages * stage_bytes > shared_bytes:
         raise ValueError(
@@ -370,8 +383,11 @@ def load_table(path: Path, *, shared_bytes: int = DEFAULT_SHARED_BYTES, gpu_name
         warnings.warn(f"tuned GEMM configs {where} ignored ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
         return None
     if table is not None and gpu_name is not None and table.gpu != gpu_name:
-        warnings.warn(f"tuned GEMM configs {where} ignored (written for {table.gpu!r}, this GPU is {gpu_name!r})", RuntimeWarning,
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"tuned GEMM configs {where} ignored (written for {table.gpu!r}, this GPU is {gpu_name!r})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     return table
 
@@ -393,8 +409,9 @@ def clear_cache() -> None:
 
 
 def lookup(num_tokens: int, top_k: int, num_experts: int, dims, dtype, device, tuned: bool | None = None):
-    """(gemm1, gemm2, gemm2_sum or None) from the tuned table for this GPU, or None: not a CUDA device, the heuristic asked for (tuned
-    False, or PHIXTRAL_MOE_CONFIGS=heuristic with tuned None), no table, or none for this shape, dtype or T."""
+    """(gemm1, gemm2, gemm2_sum or None) from the tuned table for this GPU, or None: not a CUDA device, the heuristic
+    asked for (tuned False, or PHIXTRAL_MOE_CONFIGS=heuristic with tuned None), no table, or none for this shape, dtype
+    or T."""
     if tuned is False or dims is None or dtype is None:
         return None
     device = torch.device(device)

@@ -48,7 +48,8 @@ def moe_config_args(x, w1, w2) -> dict:
 
 
 def triton_moe_forward(x, gate_weight, w1, b1, w2, b2, top_k, *, path: str | None = None):
-    """The Triton forward: -> (out [T, D] in x's dtype, the RoutingMap, h [R, F] sorted rows). Inputs checked by the caller.
+    """The Triton forward: -> (out [T, D] in x's dtype, the RoutingMap, h [R, F] sorted rows). Inputs checked by the
+    caller.
 
     path: "auto", "decode" or "legacy" (see DECODE_PATHS); None reads PHIXTRAL_MOE_DECODE_PATH. No host sync on any.
       prefill  logits (torch matmul), top-k, align, GEMM 1, GEMM 2, combine: 6 launches

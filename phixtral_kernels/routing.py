@@ -7,8 +7,8 @@ Two launches, no host sync (no .item(), no data-dependent shapes): a decode step
   1. `_topk_softmax_kernel`, one program per block of BLOCK_T tokens: top-k by repeated max (ties to the lowest expert
      index), softmax over the k picked logits, and the block's per-expert slot counts.
   2. `_align_kernel`, same blocks: every program reads the whole (small) count table, so it knows each expert's padded
-     offset and the number of its slots in earlier blocks, and writes its slots to their sorted positions. Program 0 also
-     writes expert_offsets and the sentinel into each expert's padding.
+     offset and the number of its slots in earlier blocks, and writes its slots to their sorted positions. Program 0
+     also writes expert_offsets and the sentinel into each expert's padding.
 Each token's k experts are distinct, so a slot's rank inside its expert is the number of earlier tokens routed there:
 an exclusive cumsum over tokens, which keeps slots in ascending order inside each expert.
 
@@ -37,8 +37,8 @@ class RoutingMap:
     topk_weights     [T, top_k] fp32   softmax over the token's k picked logits
     topk_ids         [T, top_k] int32  experts, by descending logit, ties to the lowest index
     sorted_token_ids [S + E * (block_m - 1)] int32  sorted row -> slot. Expert e owns rows
-                     [expert_offsets[e], expert_offsets[e + 1]): its slots in ascending order, then the sentinel S up to a
-                     multiple of block_m. Rows from expert_offsets[E] on are never read.
+                     [expert_offsets[e], expert_offsets[e + 1]): its slots in ascending order, then the sentinel S up
+                     to a multiple of block_m. Rows from expert_offsets[E] on are never read.
     expert_offsets   [E + 1] int32     padded start row of each expert; expert_offsets[E] = rows in use
     block_m          rows per GEMM tile; each tile belongs to exactly one expert
     """
@@ -74,8 +74,9 @@ class RoutingMap:
     def max_tiles(self) -> int:
         """The most block_m-row tiles that can hold slots, from shapes alone (grids are sized by it: no host sync).
 
-        Expert e holds c_e slots, 0 <= c_e <= T (a token picks an expert once), sum c_e = S, and takes ceil(c_e / block_m)
-        tiles. Its first tile costs one slot, every further tile block_m more, and it has at most ceil(T / block_m).
+        Expert e holds c_e slots, 0 <= c_e <= T (a token picks an expert once), sum c_e = S, and takes
+        ceil(c_e / block_m) tiles. Its first tile costs one slot, every further tile block_m more, and it has at most
+        ceil(T / block_m).
         So at most n = min(E, S) experts open a tile, and the S - n slots left buy at most (S - n) // block_m further
         tiles, at most n * (ceil(T / block_m) - 1) of them. Both are reached together (the counts c_e = 1 + block_m j_e,
         the rest added where it opens no tile), so the bound is exact. It never exceeds cdiv(max_rows, block_m).
@@ -390,7 +391,8 @@ def moe_routing(router_logits: torch.Tensor, top_k: int, block_m: int) -> Routin
 
 
 def fused_routing_fits(num_tokens: int, num_experts: int) -> bool:
-    """Whether `moe_routing_fused` takes these shapes (any T works; its cost grows with T, so callers keep it to decode)."""
+    """Whether `moe_routing_fused` takes these shapes (any T works; its cost grows with T, so callers keep it to
+    decode)."""
     return num_experts <= 128
 
 
