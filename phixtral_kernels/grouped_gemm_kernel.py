@@ -205,9 +205,13 @@ if triton is not None:
                 elif GROUP_SIZE == 0:
                     group = 0  # unused: scale and zero were read before the loop
                 elif GROUP_SIZE % BLOCK_K == 0:
-                    group = (
-                        pid_k * k_per_split + k
-                    ) // GROUP_SIZE  # one group per tile: K tiles start at BLOCK_K multiples
+                    # one group per tile: K tiles start at BLOCK_K multiples
+                    group = (pid_k * k_per_split + k) // GROUP_SIZE
+                    if not EVEN_K:
+                        # A split whose K range ends past K has whole tiles there, whose group would be G: one row past
+                        # the expert's scales and zeros (the next expert's, or past the buffer: an inf there made NaN
+                        # of A's masked zeros). The last group's row instead keeps B finite where A is zero.
+                        group = tl.minimum(group, (K - 1) // GROUP_SIZE)
                 else:
                     group = ((offs_k + k) // GROUP_SIZE)[:, None]  # several groups per tile
                 if HAS_G_IDX or (GROUP_SIZE != 0 and GROUP_SIZE % BLOCK_K != 0):
