@@ -92,7 +92,9 @@ def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
     logits = x @ gate_weight^T; top-k over the raw logits (ties to the lowest expert index); softmax over the k picks;
     out[t] = sum_k w[t, k] * (gelu_tanh(x[t] @ w1[e]^T + b1[e]) @ w2[e]^T + b2[e]).
     w1, w2: float stacks or QuantizedExperts of the same shapes (weight-only quantization, see quant.py).
-    backend: "auto", "triton", "torch" or "naive" (see the module docstring).
+    backend: "auto", "triton", "torch" or "naive" (see the module docstring). The Triton decode chain sums the logits
+    in its routing kernel, in another order than the torch matmul of the other paths: experts whose logits lie within
+    an ulp of x's dtype may be picked differently there (exact ties go to the lowest index everywhere).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

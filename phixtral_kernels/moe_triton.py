@@ -7,7 +7,8 @@ Two chains, picked by token count (or PHIXTRAL_MOE_DECODE_PATH):
     prefill  logits (torch matmul), top-k + softmax, align (routing.py), GEMM 1, GEMM 2 (grouped_gemm.py), the combine
              (unpermute.py): 6 launches
     decode   routing in one program from x and the router weight, GEMM 1, GEMM 2 summing each token's top_k <= 2 rows
-             itself (`expert_gemm2_sum`): 3 launches
+             itself (`expert_gemm2_sum`): 3 launches. Its logits are the routing kernel's own sums, not the torch
+             matmul's: near-tied experts may be picked differently than the prefill chain would pick them.
 The forward returns the routing map and h as well: moe_backward.FusedMoEFunction keeps them for its backward.
 """
 

@@ -15,7 +15,10 @@ an exclusive cumsum over tokens, which keeps slots in ascending order inside eac
 Decode (`moe_routing_fused`, few tokens): one launch, one program, from x and the router weight: logits GEMV, top-k +
 softmax and the sort in two passes over the tokens (`_fused_routing_kernel`). It also writes the sentinel into the
 buffer that GEMM 2 sums each token's two expert rows in (grouped_gemm.py, TOPK_SUM), which would otherwise take a
-fill launch of its own.
+fill launch of its own. Its logits are its own sums (tl.dot over 256-wide chunks of D on a GPU), not the torch matmul
+of the prefill chain and the torch and naive backends (cuBLAS on a GPU): rounded to x's dtype, logits within an ulp of
+each other can order differently, so near-tied experts may be picked differently than those paths pick them. Exact ties
+(identical router rows, as in phixtral-4x2_8) stay exact and go to the lowest index on every path.
 """
 
 from dataclasses import dataclass
@@ -259,15 +262,16 @@ if triton is not None:
         E_PAD: tl.constexpr,  # >= 16: the logits tile is a tl.dot output
         INIT_PAIR: tl.constexpr,
         DOT_IN_FP32: tl.constexpr,  # interpreter + bf16 only: its bf16 arithmetic is wrong, upcast first
-        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: tf32 logits could route differently from x @ gate^T
+        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: tf32 logits would stray far past an ulp
         BLOCK_T: tl.constexpr,  # >= 16
         BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
     ):
         """Grid: (1,). Router logits, top-k + softmax and the block-aligned sort of all T tokens in one program.
 
-        Pass 1, per block of BLOCK_T tokens: logits = x @ gate^T (fp32 accumulator, rounded to x's dtype as the
-        torch matmul of the other paths rounds them), top-k + softmax, stored; per-expert slot counts summed.
+        Pass 1, per block of BLOCK_T tokens: logits = x @ gate^T (fp32 accumulator over BLOCK_D chunks, rounded to x's
+        dtype like the torch matmul of the other paths, but summed in another order: near-ties may pick differently),
+        top-k + softmax, stored; per-expert slot counts summed.
         Pass 2, after a barrier (it reads the ids pass 1 stored): padded offsets from the totals, then each block's
         slots to their sorted rows, ranks carried from block to block. Cost grows with T: the decode path only."""
         offs_e = tl.arange(0, E_PAD)
@@ -400,8 +404,11 @@ def moe_routing_fused(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, bl
     """`moe_routing(x @ gate_weight^T, top_k, block_m)` in one launch of one program, logits included.
 
     x [T, D], gate_weight [E, D] in x's dtype. The logits are accumulated in fp32 and rounded to x's dtype before the
-    top-k, as the torch matmul the other paths route on rounds them. pair: None, or an int32 [T, D] buffer (row stride
-    free, contiguous along D) that comes back filled with the sentinel -1, ready for expert_gemm2's top-2 sum.
+    top-k, as the torch matmul the other paths route on rounds them, but summed in their own order (tl.dot over chunks
+    of D): where two experts' logits lie within an ulp of x's dtype, this routing may pick the other one than
+    `moe_routing(x @ gate_weight^T, ...)` on a GPU. Exact ties go to the lowest index on both. pair: None, or an int32
+    [T, D] buffer (row stride free, contiguous along D) that comes back filled with the sentinel -1, ready for
+    expert_gemm2's top-2 sum.
     Cost grows with T (one program walks every token twice): meant for decode, T up to a few dozen.
     """
     T, D = x.shape
