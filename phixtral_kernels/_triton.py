@@ -23,6 +23,14 @@ MIN_CAPABILITY = (8, 0)
 # @triton.jit reads TRITON_INTERPRET when a kernel is decorated, so this flag must be read at import time too.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# Checks of preconditions that cost a host read (a sync on a GPU), off unless PHIXTRAL_DEBUG is set to anything but 0.
+DEBUG_ENV = "PHIXTRAL_DEBUG"
+
+
+def debug_checks() -> bool:
+    """Whether PHIXTRAL_DEBUG asks for the launchers' debug checks (read at each call; off by default)."""
+    return os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on `device` in this process, or None when they can."""

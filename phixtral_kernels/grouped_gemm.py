@@ -20,7 +20,7 @@ grouped_gemm_kernel.py; this module holds the launchers.
 
 import torch
 
-from ._triton import INTERPRET, next_power_of_2, triton, triton_unavailable_reason
+from ._triton import INTERPRET, debug_checks, next_power_of_2, triton, triton_unavailable_reason
 from .gemm_configs import (  # noqa: F401 -- SM90_*, heuristic_configs, moe_gemm_configs: their home before gemm_configs.py
     SM90_PREFILL,
     SM90_PREFILL_MIN_ROWS,
@@ -266,8 +266,16 @@ def expert_gemm2_sum(h: torch.Tensor, w2, b2: torch.Tensor, routing: RoutingMap,
     `moe_combine`): h [R, F], w2 [E, D, F] (float or QuantizedExperts), b2 [E, D], out [T, D] (any float dtype,
     contiguous along D), written whole.
 
-    top_k = 1: each row stored to its token. top_k = 2: pair = `pair_buffer(out, 2)` filled with -1 beforehand (see
-    grouped_gemm_kernel.py: the sum is bit-identical from run to run). config.split_k must be 1.
+    top_k = 1: each row stored to its token. top_k = 2: pair = `pair_buffer(out, 2)` (see grouped_gemm_kernel.py:
+    the sum is bit-identical from run to run). config.split_k must be 1.
+
+    Precondition, top_k = 2: every element of pair holds the sentinel -1 when this launch starts, written since the
+    last launch that used the buffer (`moe_routing_fused(..., pair=pair)` writes it, or `pair.fill_(-1)`). The launch
+    consumes it: afterwards the buffer holds row bits (and for fp32 out, which is its own pair buffer, the sums). A
+    stale buffer is not detected by the kernel: a token's first row then finds a stale value, takes it for its
+    partner's and stores a wrong sum, and whichever of the token's two stores lands last decides its output.
+    PHIXTRAL_DEBUG=1 reads the buffer before the launch and raises a ValueError when it is not all -1 (a host read:
+    skipped while a CUDA graph captures).
     """
     check_gemm_inputs("expert_gemm2_sum", h, w2, b2, routing, config)
     T, D = routing.num_tokens, w2.shape[1]
@@ -287,6 +295,8 @@ def expert_gemm2_sum(h: torch.Tensor, w2, b2: torch.Tensor, routing: RoutingMap,
         raise ValueError(
             f"expert_gemm2_sum: pair must be int32 [{T}, {D}] contiguous along D, got {pair.dtype} {tuple(pair.shape)}"
         )
+    if pair is not None and debug_checks():
+        _check_pair_is_fresh(pair)
     if routing.num_slots:
         c = out if pair is not None else out.unsqueeze(0)  # top_k = 1: the slot rows are the token rows
         launch_grouped_gemm(
@@ -303,6 +313,19 @@ def expert_gemm2_sum(h: torch.Tensor, w2, b2: torch.Tensor, routing: RoutingMap,
             pair=pair,
         )
     return out
+
+
+def _check_pair_is_fresh(pair: torch.Tensor) -> None:
+    """Raise a ValueError unless the pair buffer holds the sentinel -1 everywhere (PHIXTRAL_DEBUG)."""
+    if pair.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # no host read inside a capture; the eager steps before it were checked
+    stale = int((pair != -1).sum())
+    if stale:
+        raise ValueError(
+            f"expert_gemm2_sum: the pair buffer must hold -1 everywhere when GEMM 2 starts, but {stale} of "
+            f"{pair.numel()} elements do not: a buffer left from an earlier launch? Refill it "
+            f"(moe_routing_fused(..., pair=pair) writes the sentinel, or pair.fill_(-1))"
+        )
 
 
 __all__ = [

@@ -151,6 +151,27 @@ def test_top2_sum_equals_the_fixed_order_combine_bit_for_bit(dtype):
     assert torch.equal(summed, again), "run to run"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_a_stale_pair_buffer_raises_in_debug_mode(monkeypatch, dtype):
+    """expert_gemm2_sum needs its pair buffer all -1 at the start of each launch. Planted bug: a caller reusing the
+    buffer (and for fp32, out itself) without the routing's refill. PHIXTRAL_DEBUG=1 turns that into a ValueError;
+    a fresh buffer passes in debug mode and gives the same bits as without it."""
+    T = 8
+    x, gate, w1, b1, w2, b2 = moe_layer(T, D, F, 4, dtype, seed=T)
+    cfg = GemmConfig(block_m=16, block_n=32, block_k=64, num_stages=1)
+    out = torch.empty(T, D, dtype=dtype, device=DEVICE)
+    pair = pair_buffer(out, 2)
+    routing = moe_routing_fused(x, gate, 2, cfg.block_m, pair=pair)
+    h = expert_gemm1(x, w1, b1, routing, cfg)
+    monkeypatch.setenv("PHIXTRAL_DEBUG", "1")
+    fresh = expert_gemm2_sum(h, w2, b2, routing, cfg, out, pair).clone()
+    with pytest.raises(ValueError, match=r"pair buffer must hold -1 everywhere .* Refill it"):
+        expert_gemm2_sum(h, w2, b2, routing, cfg, out, pair)
+    monkeypatch.setenv("PHIXTRAL_DEBUG", "0")
+    pair.fill_(-1)
+    assert torch.equal(expert_gemm2_sum(h, w2, b2, routing, cfg, out, pair), fresh)
+
+
 # ------------------------------------------------------------------------------------------------- tile bound
 
 
