@@ -1,17 +1,21 @@
-"""Compile every kernel ahead of time for sm_80 and sm_90, with the exact launches fused_moe makes at phixtral shapes.
+"""Compile every kernel ahead of time for sm_80, sm_86, sm_89 and sm_90, with the launches fused_moe makes at phixtral
+shapes.
 
 No GPU needed: `fused_moe` runs on meta tensors with the kernels swapped for recorders (launches.py), so the report
 covers the very arguments, constexprs and configs the launchers pick. Each distinct recorded launch is then compiled
 with `triton.compile` for each target, in a pool of processes (Triton's compile holds the GIL, so threads do not
-overlap), and the report gives shared memory, registers, stack bytes per thread (register spills: the kernels keep no
-local arrays), whether tensor-core instructions (mma.sync on sm_80, wgmma on sm_90) made it into the PTX, and how many
-wgmma.mma_async and cp.async.bulk.tensor (TMA copy) instructions the PTX holds. The launches are recorded once per
-target with that target's configs (the heuristic picks 128x256 tiles on sm_90 for prefill); tuned tables play no part
-here (meta tensors have no GPU). sm_75 (T4) is reported for information only: Triton has no tensor-core path below sm_80
-and `triton_unavailable_reason` gates it off.
+overlap), and the report gives shared memory against the target's opt-in limit per block (163 KB on sm_80, 99 KB on
+sm_86 / sm_89, 227 KB on sm_90; a row over it is a problem) and, for the grouped GEMMs, the estimate their configs are
+fitted by (shared_memory.gemm_shared_bytes), registers, stack bytes per thread (register spills: the kernels keep no
+local arrays), whether tensor-core instructions (mma.sync on sm_80 - sm_89, wgmma on sm_90) made it into the PTX, and
+how many wgmma.mma_async and cp.async.bulk.tensor (TMA copy) instructions the PTX holds. The launches are recorded once
+per target with that target's configs (the heuristic picks 128x256 tiles on sm_90 for prefill; fp32 tiles take fewer
+stages on sm_86 / sm_89); tuned tables play no part here (meta tensors have no GPU). sm_75 (T4) is reported for
+information only, beside sm_80: Triton has no tensor-core path below sm_80 and `triton_unavailable_reason` gates it
+off.
 
-    python -m phixtral_kernels.aot [--tokens 1 64 128 4096] [--dtypes float16 bfloat16] [--backward | --quant SCHEME ...
-        | --tma] [--jobs N] [--json]
+    python -m phixtral_kernels.aot [--tokens 1 64 128 4096] [--dtypes float16 bfloat16 float32] [--archs 80 86 89 90]
+        [--backward | --quant SCHEME ... | --tma] [--jobs N] [--json]
 
 `--tma` reports fused_moe's launches with every GEMM config's TMA flag set (weight tiles through tensor descriptors):
 on sm_90 their PTX must hold cp.async.bulk.tensor, or the row counts as a problem; sm_80 has no TMA and loads them
@@ -62,9 +66,12 @@ from .launches import (  # noqa: F401 -- KERNEL_MODULES, empty_quantized, record
     record_launches,
     recording,
 )
+from .shared_memory import capability_shared_bytes, gemm_shared_bytes
 
-# Checked targets: tensor cores in every fp16/bf16 GEMM, no spills, shared memory within the opt-in limit.
-CAPABILITIES = (80, 90)
+# Checked targets: tensor cores in every fp16/bf16 GEMM, no spills, shared memory within the opt-in limit. sm_86 and
+# sm_89 (RTX 30xx / 40xx, A10, L4, L40; sm_120's RTX 50xx has their 99 KB too) for the shared memory most local GPUs
+# have: fp32 tiles sized for sm_80 / sm_90 overflow it unless fitted (gemm_configs.moe_gemm_configs).
+CAPABILITIES = (80, 86, 89, 90)
 # Reported for information, never counted as a problem: (capability, dtypes). The kernels refuse sm_75 (T4, no bf16,
 # no tensor-core path in Triton below sm_80: its 128x128 GEMM tiles fall back to FMA and spill); its row shows why.
 INFO_CAPABILITIES = ((75, (torch.float16,)),)
@@ -88,12 +95,15 @@ class CompileRow:
     wgmma: int = 0  # wgmma.mma_async instructions in the PTX (Hopper's warpgroup MMA)
     tma: int = 0  # cp.async.bulk.tensor instructions in the PTX (TMA tile copies)
     tma_requested: bool = False  # the launch asked for TMA weight loads (TMA_B)
+    shared_limit: int = 0  # the target's opt-in shared memory per block
+    shared_estimate: int | None = None  # grouped GEMMs: shared_memory.gemm_shared_bytes of the launch's config
 
     @property
     def problem(self) -> bool:
         no_tma = self.tma_requested and self.arch == "sm_90" and not self.tma  # sm_80 has no TMA: plain loads there
+        over = self.shared_bytes > self.shared_limit
         return not self.info_only and bool(
-            self.spill_bytes or (self.needs_tensor_core and not self.tensor_core) or no_tma
+            self.spill_bytes or (self.needs_tensor_core and not self.tensor_core) or no_tma or over
         )
 
 
@@ -171,6 +181,32 @@ def _compile_task(task) -> CompileRow:
         tma_requested=bool(launch.kwargs.get("TMA_B")),
         needs_tensor_core=is_gemm and dtype_name != "float32" and capability >= 80,  # fp32 runs as ieee FMA
         info_only=info_only,
+        shared_limit=capability_shared_bytes(capability),
+        shared_estimate=_shared_estimate(launch, capability),
+    )
+
+
+def _shared_estimate(launch: Launch, capability: int) -> int | None:
+    """gemm_shared_bytes of a grouped GEMM launch, from its arguments (a, scales, c) and constexprs; None for the
+    other kernels."""
+    if launch.kernel.__name__ != "_grouped_gemm_kernel":
+        return None
+    kw, (a, _, scales, *_), c = launch.kwargs, launch.args, launch.args[6]
+    return gemm_shared_bytes(
+        kw["BLOCK_M"],
+        kw["BLOCK_N"],
+        kw["BLOCK_K"],
+        kw["num_stages"],
+        kw["num_warps"],
+        a.element_size(),
+        divmod(capability, 10),
+        w_bits=kw["W_BITS"],
+        act_order=kw["HAS_G_IDX"],
+        group_size=kw["GROUP_SIZE"],
+        zeros=kw["HAS_ZEROS"],
+        scale_bytes=scales.element_size(),
+        tma=kw["TMA_B"],
+        out_bytes=c.element_size(),
     )
 
 
@@ -292,17 +328,22 @@ def warm_cache(tokens, dtypes, jobs: int | None = None, shape: dict = PHIXTRAL_S
 
 
 def format_table(rows) -> str:
+    """The rows as a markdown table: shared memory in KB against the target's limit (and the estimate the configs are
+    fitted by, for grouped GEMMs), registers and stack per thread, the tensor-core and TMA instructions."""
     head = (
-        "| kernel | variant | arch | dtype | T | warps | stages | shared KB | regs | stack B | tensor cores | wgmma "
-        "| TMA |"
+        "| kernel | variant | arch | dtype | T | warps | stages | shared KB | limit KB | estimate KB | regs | stack B "
+        "| tensor cores | wgmma | TMA |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         tc = "wgmma" if r.wgmma else "mma" if r.tensor_core else "-"
         arch = f"{r.arch} (info)" if r.info_only else r.arch
+        estimate = "-" if r.shared_estimate is None else f"{r.shared_estimate / 1024:.1f}"
+        over = " OVER" if r.shared_bytes > r.shared_limit else ""
         lines.append(
             f"| {r.kernel} | {r.variant} | {arch} | {r.dtype} | {r.tokens} | {r.num_warps} | {r.num_stages} | "
-            f"{r.shared_bytes / 1024:.1f} | {r.registers} | {r.spill_bytes} | {tc} | {r.wgmma} | {r.tma} |"
+            f"{r.shared_bytes / 1024:.1f}{over} | {r.shared_limit / 1024:.0f} | {estimate} | {r.registers} | "
+            f"{r.spill_bytes} | {tc} | {r.wgmma} | {r.tma} |"
         )
     return "\n".join(lines)
 
@@ -336,7 +377,7 @@ def main(argv=None) -> int:
         nargs="+",
         choices=CAPABILITIES,
         default=list(CAPABILITIES),
-        help="the checked targets (default: both; sm_75 is reported only with both)",
+        help="the checked targets (default: all; sm_75 is reported for information beside sm_80)",
     )
     parser.add_argument(
         "--jobs", type=int, default=None, help="compiles at once, in processes (default: the CPUs available)"
@@ -365,13 +406,14 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.error(str(e))
     dtypes = [getattr(torch, d) for d in args.dtypes]
+    # sm_75's row is the float GEMM's, beside sm_80's: the other reports add nothing there
+    info = () if args.quant or args.tma or 80 not in args.archs else INFO_CAPABILITIES
     start = time.monotonic()
     if args.dry_run:
         shapes = _shapes(PHIXTRAL_SHAPE, args.backward and not args.warm, args.quant, args.path, args.tma)
         if args.warm:
             lines = [t[4] for t in _warm_tasks(_warm_groups(args.tokens, quant=args.quant), dtypes)]
         else:
-            info = () if args.quant or args.tma or tuple(args.archs) != CAPABILITIES else INFO_CAPABILITIES
             tasks, first = _report_tasks(args.tokens, dtypes, tuple(args.archs), info, shapes)
             lines = [_describe_compile(tasks[i]) for i in sorted(set(first.values()))]
         print("\n".join(lines + [f"aot --dry-run: {len(lines)} distinct compiles{' (--warm)' if args.warm else ''}"]))
@@ -381,8 +423,6 @@ def main(argv=None) -> int:
         gpu, seconds = torch.cuda.get_device_name(), time.monotonic() - start
         print(f"aot --warm: {count} distinct launches compiled for {gpu} in {seconds:.1f} s")
         return 0
-    # sm_75's row is the float GEMM's, with both checked targets: the other reports add nothing there
-    info = () if args.quant or args.tma or tuple(args.archs) != CAPABILITIES else INFO_CAPABILITIES
     rows = compile_report(
         args.tokens,
         dtypes,
@@ -400,8 +440,8 @@ def main(argv=None) -> int:
     else:
         print(format_table(rows))
     print(
-        f"\n{len(rows)} rows in {time.monotonic() - start:.0f} s, {len(bad)} with spills, without tensor-core "
-        f"instructions or (TMA asked for, on sm_90) without TMA copies"
+        f"\n{len(rows)} rows in {time.monotonic() - start:.0f} s, {len(bad)} with spills, over the target's shared "
+        f"memory, without tensor-core instructions or (TMA asked for, on sm_90) without TMA copies"
         f" (sm_75 rows are information: the kernels are gated off below sm_80)",
         file=sys.stderr,
     )

@@ -18,6 +18,8 @@ The kernel, its K loop (float and packed quantized weights, pointer and TMA load
 grouped_gemm_kernel.py; this module holds the launchers.
 """
 
+import functools
+
 import torch
 
 from ._triton import INTERPRET, debug_checks, next_power_of_2, triton, triton_unavailable_reason
@@ -28,11 +30,13 @@ from .gemm_configs import (  # noqa: F401 -- SM90_*, heuristic_configs, moe_gemm
     heuristic_configs,
     moe_gemm_configs,
     quantized_config,
+    shared_limit,
     topk_sum_fits,
 )
 from .grouped_gemm_kernel import HAS_TENSOR_DESCRIPTORS, _grouped_gemm_kernel
 from .quant import is_quantized
 from .routing import RoutingMap
+from .shared_memory import fit_shared_memory
 
 
 def check_gemm_inputs(
@@ -114,6 +118,24 @@ def _k_loop_meta(config: GemmConfig, w, K: int, k_per_split: int) -> dict:
     return dict(EVEN_K=k_per_split * config.split_k == K, TMA_B=tma)
 
 
+def _fit_to_device(config: GemmConfig, a: torch.Tensor, w, c: torch.Tensor) -> GemmConfig:
+    """config as it fits the shared memory of a's GPU (`fit_shared_memory`, with the weights' packing and c's element
+    size), whoever chose it: unchanged off CUDA and wherever it fits."""
+    limit = shared_limit(a.device)
+    if limit is None:
+        return config
+    quant = ()
+    if is_quantized(w):
+        quant = (("w_bits", w.bits), ("act_order", w.g_idx is not None), ("group_size", w.kernel_group_size),
+                 ("zeros", w.qzeros is not None), ("scale_bytes", w.scales.element_size()))  # fmt: skip
+    return _fitted(config, *limit, a.element_size(), c.element_size(), quant)
+
+
+@functools.lru_cache(maxsize=1024)  # a handful of configs per process: the fit costs a dictionary lookup per launch
+def _fitted(config: GemmConfig, capability, shared_bytes: int, element: int, out_bytes: int, quant: tuple):
+    return fit_shared_memory(config, shared_bytes, element, capability, out_bytes=out_bytes, **dict(quant))
+
+
 def _ensure_allocator() -> None:
     """In-kernel descriptors live in global scratch that Triton asks an allocator for: one from torch's caching
     allocator (graph-capture safe) unless the caller set one."""
@@ -159,6 +181,7 @@ def launch_grouped_gemm(
     E, N, K = w.shape
     if is_quantized(w):
         config = quantized_config(config, w)
+    config = _fit_to_device(config, a, w, c)
     pair_sum = pair is not None
     c_split_stride = c.stride(0) if scatter_c and not pair_sum else 0
     c_2d = c[0] if scatter_c and not pair_sum else c
