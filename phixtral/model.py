@@ -292,12 +292,14 @@ class Phixtral(nn.Module):
 
     def pack_for_cpu(self) -> None:
         """Repack the packed Linears for torch's CPU int8 / int4 kernels now (a bfloat16 model on the CPU) rather than
-        at their first call; from_pretrained does this. A no-op for other models."""
+        at their first call, keeping only the packed form of their weights (QuantizedExpertLinear.release_qweight);
+        from_pretrained does this. A no-op for other models."""
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:
             return
         probe = torch.empty(0, 0, dtype=torch.bfloat16)
         for module in self.modules():
-            if hasattr(module, "weight_for"):
+            if hasattr(module, "release_qweight"):
+                module.release_qweight()  # one copy of the weights: the packed form (see QuantizedExpertLinear)
                 module.weight_for(probe)
 
     # --- static KV cache -------------------------------------------------------------------------------------------

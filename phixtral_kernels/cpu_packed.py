@@ -26,12 +26,13 @@ does not: callers use them up to PACKED_MAX_ROWS[mode] rows (decode and short pr
 prefills.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .quant import QuantizedExperts, unpack_rows
+from .quant import QuantizedExperts, pack_rows, unpack_rows
 
 # Rows up to which the packed ops beat dequantizing the weight (torch ops, about 30-40 ms for a [4096, 1024] matrix on
 # 2 cores) and a bf16 F.linear, measured at [T, 1024] x [1024, 4096]: int4 31 ms vs 55-64 ms at T = 256 and 57 vs 62 ms
@@ -164,9 +165,88 @@ def pack_for_cpu(w: QuantizedExperts, dtype: torch.dtype = torch.bfloat16) -> CP
     return CPUPackedExperts(mode, weights, scale_zero.to(dtype).contiguous(), offsets, perm, op_group, N, K, dtype)
 
 
+def unpack_codes(cpu: CPUPackedExperts, e: Optional[int] = None) -> torch.Tensor:
+    """The GPTQ codes [E, N, K] int32 (or expert e's [N, K]) back from the packed form, exactly: pack_for_cpu's
+    inverse for the codes (scales and zero points stay in the GPTQ tensors). A ValueError where this torch packs int4
+    in a layout `int4_layout_known` has not confirmed."""
+    w = cpu.weights if e is None else cpu.weights[e : e + 1]
+    E, N, K = w.shape[0], cpu.out_features, cpu.in_features
+    if cpu.mode == "int8":
+        codes = w.to(torch.int32) + 128
+    else:
+        if not int4_layout_known():
+            raise ValueError("this torch packs int4 CPU weights in a layout phixtral cannot read back")
+        rows = 2 * N if cpu.mode == "int8x2" else N
+        planes = _unpack_int4pack(w, rows, K)  # [E, rows, K]
+        codes = planes if cpu.mode == "int4" else 16 * planes[:, :N] + planes[:, N:]
+    if cpu.perm is not None:  # packing gathered columns perm[j] into j: scatter them back
+        perm = cpu.perm if e is None else cpu.perm[e : e + 1]
+        codes = torch.empty_like(codes).scatter_(2, perm[:, None, :].expand(E, N, K), codes)
+    return codes if e is None else codes[0]
+
+
+def with_qweight(w: QuantizedExperts, e: Optional[int] = None) -> QuantizedExperts:
+    """w (or expert e of it, as w.select(e)) with a real qweight: w itself, or where w released its qweight to a meta
+    placeholder, one rebuilt from the codes of its CPU packed form (exactly)."""
+    if not w.released_qweight:
+        return w if e is None else w.select(e)
+    codes = unpack_codes(w.cpu_packed, e)
+    qweight = pack_rows((codes if e is None else codes[None]).transpose(1, 2), w.bits)
+    if e is None:
+        return QuantizedExperts(qweight, w.qzeros, w.scales, w.g_idx, w.bits, w.group_size, check=False,
+                                cpu_packed=w.cpu_packed)  # fmt: skip
+    pick = lambda t: None if t is None else t[e : e + 1]  # noqa: E731
+    return QuantizedExperts(qweight, pick(w.qzeros), pick(w.scales), pick(w.g_idx), w.bits, w.group_size, check=False)
+
+
+def _unpack_int4pack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    # [E, N, K / 2] uint8 in _convert_weight_to_int4pack_for_cpu's layout -> [E, N, K] int32 codes. The layout, read off
+    # the op and checked by int4_layout_known: blocks of 32 rows, then a block of 16 if N leaves one, each a [K, 16]
+    # (or [K, 8]) byte tile; byte (k, j) holds, at column k, rows j and j + 16 (low and high nibble) of a 32-row block,
+    # rows 2j and 2j + 1 of a 16-row one.
+    E = packed.shape[0]
+    flat = packed.reshape(E, -1)
+    head = (N // 32) * 32
+    tiles = flat[:, : head * K // 2].reshape(E, head // 32, K, 16)
+    halves = torch.stack([tiles & 15, tiles >> 4], dim=2)  # [E, N / 32, 2, K, 16]
+    codes = halves.permute(0, 1, 2, 4, 3).reshape(E, head, K)
+    if head < N:
+        tiles = flat[:, head * K // 2 :].reshape(E, (N - head) // 16, K, 8)
+        pairs = torch.stack([tiles & 15, tiles >> 4], dim=-1)  # [E, 1, K, 8, 2]
+        codes = torch.cat([codes, pairs.permute(0, 1, 3, 4, 2).reshape(E, N - head, K)], dim=1)
+    return codes.to(torch.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def int4_layout_known() -> bool:
+    """Whether `_unpack_int4pack` reads this torch's int4 CPU packing back exactly (checked once, on random matrices
+    of both block sizes)."""
+    if not hasattr(torch, "_convert_weight_to_int4pack_for_cpu"):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for N in (16, 48, 64):
+            codes = torch.randint(0, 16, (N, 64), generator=generator, dtype=torch.int32)
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+            if not torch.equal(_unpack_int4pack(packed[None], N, 64)[0], codes):
+                return False
+    except RuntimeError:
+        return False
+    return True
+
+
 def _int4_group(rows: int) -> Optional[int]:
     """The int4 op's group for source groups of `rows` rows: the largest of 256 / 128 / 64 / 32 dividing it."""
     return next((g for g in _INT4_GROUPS if rows % g == 0), None)
 
 
-__all__ = ["CPUPackedExperts", "PACKED_MAX_ROWS", "cpu_packing_unsupported", "pack_for_cpu", "packed_linear"]
+__all__ = [
+    "CPUPackedExperts",
+    "PACKED_MAX_ROWS",
+    "cpu_packing_unsupported",
+    "int4_layout_known",
+    "pack_for_cpu",
+    "packed_linear",
+    "unpack_codes",
+    "with_qweight",
+]
