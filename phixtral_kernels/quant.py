@@ -142,8 +142,9 @@ class QuantizedExperts:
 
     @property
     def released_qweight(self) -> bool:
-        """qweight is a meta placeholder: the codes live only in `cpu_packed` (cpu_packed.with_qweight reads them)."""
-        return self.qweight.device.type == "meta"
+        """qweight is a meta placeholder standing for codes that live only in `cpu_packed` (cpu_packed.with_qweight
+        reads them). A container wholly on meta (as launch recording builds) has released nothing."""
+        return self.cpu_packed is not None and self.qweight.device.type == "meta" and self.scales.device.type != "meta"
 
     @property
     def dtype(self) -> torch.dtype:
