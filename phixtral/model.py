@@ -46,11 +46,24 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # input_pos [S]; k, v [B, H_kv, S, hd] -> the whole caches [B, H_kv, L, hd]
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
-        return self.k_cache, self.v_cache
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_row: int = 0):
+        # input_pos [S] (the same slots in every row) or [B, S] (each row its own); k, v [B, H_kv, S, hd]
+        # -> the caches of rows cache_row .. cache_row + B - 1: [B, H_kv, L, hd] (views, no copy)
+        B = k.shape[0]
+        if cache_row == 0 and B == self.k_cache.shape[0] and input_pos.dim() == 1:
+            self.k_cache.index_copy_(2, input_pos, k)
+            self.v_cache.index_copy_(2, input_pos, v)
+            return self.k_cache, self.v_cache
+        k_rows, v_rows = self.k_cache[cache_row : cache_row + B], self.v_cache[cache_row : cache_row + B]
+        if input_pos.dim() == 1:
+            k_rows.index_copy_(2, input_pos, k)
+            v_rows.index_copy_(2, input_pos, v)
+        else:
+            # rows [B, 1] and input_pos [B, S] index [B, S, H_kv, hd]
+            rows = torch.arange(B, device=k.device)[:, None]
+            k_rows[rows, :, input_pos] = k.transpose(1, 2)
+            v_rows[rows, :, input_pos] = v.transpose(1, 2)
+        return k_rows, v_rows
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -83,8 +96,9 @@ class Attention(nn.Module):
         """How this layer computes fp16 attention, one of ATTENTION_UPCAST: its model's attention_upcast."""
         return self.runtime.attention_upcast
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        # x [B, S, D]; cos, sin [B, S, 1, rotary_dim / 2]; mask [B, 1, S, L] bool or None (causal); input_pos [S] or None
+    def forward(self, x, cos, sin, mask, input_pos, cache_row: int = 0):
+        # x [B, S, D]; cos, sin [B, S, 1, rotary_dim / 2]; mask [B, 1, S, L] bool or None (causal);
+        # input_pos [S] or [B, S] or None; cache_row: the KV cache row of batch row 0
         B, S, _ = x.shape
         hd = self.head_dim
         qk, v = self.Wqkv(x).split([(self.n_head + self.n_head_kv) * hd, self.n_head_kv * hd], dim=-1)
@@ -98,7 +112,7 @@ class Attention(nn.Module):
             v.view(B, S, self.n_head_kv, hd).transpose(1, 2),
         )  # [B, H, S, hd]
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, L, hd]
+            k, v = self.kv_cache.update(input_pos, k, v, cache_row)  # [B, H_kv, L, hd]
         if self.n_head_kv != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
@@ -178,9 +192,9 @@ class Block(nn.Module):
         self.mixer = Attention(config, runtime)
         self.moe = MoE(config, runtime)
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, cache_row: int = 0):
         h = self.ln(x)
-        return self.mixer(h, cos, sin, mask, input_pos) + self.moe(h) + x  # summed in the original's order
+        return self.mixer(h, cos, sin, mask, input_pos, cache_row) + self.moe(h) + x  # summed in the original's order
 
 
 class Head(nn.Module):
@@ -357,6 +371,14 @@ class Phixtral(nn.Module):
         for block in self.h:
             block.mixer.kv_cache = None
 
+    def move_cache_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` slots of KV cache row `src` to row `dst` in every layer (a server packing its
+        running sequences into the first rows, so that a decode step reads rows 0 .. n - 1 as one view)."""
+        for block in self.h:
+            cache = block.mixer.kv_cache
+            cache.k_cache[dst, :, :length] = cache.k_cache[src, :, :length]
+            cache.v_cache[dst, :, :length] = cache.v_cache[src, :, :length]
+
     @property
     def cache_length(self) -> int:
         """Slots in the KV cache (0 when none is set up)."""
@@ -375,7 +397,7 @@ class Phixtral(nn.Module):
         freqs = position_ids[..., None].float() * inv_freq  # [B, S, rotary_dim / 2]
         return freqs.cos().unsqueeze(2), freqs.sin().unsqueeze(2)
 
-    def hidden_states(self, input_ids, attention_mask=None, input_pos=None):
+    def hidden_states(self, input_ids, attention_mask=None, input_pos=None, cache_row: int = 0):
         """The decoder body: input_ids [B, S] -> final hidden states [B, S, D] (before lm_head's LayerNorm).
 
         Arguments as in `forward`.
@@ -390,17 +412,26 @@ class Phixtral(nn.Module):
             if self.cache_length == 0:
                 raise RuntimeError("input_pos given but no KV cache: call setup_caches(batch_size, length) first")
             cache_batch = self.h[0].mixer.kv_cache.k_cache.shape[0]
-            if input_pos.dim() != 1 or input_pos.shape[0] != S:
+            if tuple(input_pos.shape) not in ((S,), (B, S)):
                 raise ValueError(
-                    f"input_pos must have shape [S={S}] (one cache slot per new token), got {tuple(input_pos.shape)}"
+                    f"input_pos must have shape [S={S}] or [B={B}, S={S}] (one cache slot per new token), "
+                    f"got {tuple(input_pos.shape)}"
                 )
-            if B > cache_batch:
+            if cache_row < 0 or cache_row + B > cache_batch:
+                rows = f" from cache row {cache_row}" if cache_row else ""
                 raise ValueError(
-                    f"batch of {B} exceeds the KV cache's batch size {cache_batch}: call setup_caches again"
+                    f"batch of {B} exceeds the KV cache's batch size {cache_batch}{rows}: call setup_caches again"
                 )
             slots = input_pos
             L = self.cache_length
-        if attention_mask is None:
+        if input_pos is not None and input_pos.dim() == 2:
+            # Per-row slots: row b's sequence starts at slot 0 of its cache row, so its slot is its position; what an
+            # earlier sequence left in the row's later slots is masked out.
+            if attention_mask is not None:
+                raise ValueError("attention_mask is for left-padded batches; per-row input_pos [B, S] takes none")
+            position_ids = input_pos
+            mask = (torch.arange(L, device=slots.device) <= input_pos[..., None])[:, None]  # [B, 1, S, L]
+        elif attention_mask is None:
             position_ids = slots[None].expand(B, S)
             mask = None
             if input_pos is not None:
@@ -421,19 +452,22 @@ class Phixtral(nn.Module):
         cos, sin = self._rope(position_ids)
         x = self.wte(input_ids)  # [B, S, D]
         for block in self.h:
-            x = block(x, cos, sin, mask, input_pos)
+            x = block(x, cos, sin, mask, input_pos, cache_row)
         return x
 
-    def forward(self, input_ids, attention_mask=None, input_pos=None):
+    def forward(self, input_ids, attention_mask=None, input_pos=None, cache_row: int = 0):
         """Logits [B, S, V] in fp32.
 
         input_ids [B, S] int64.
         attention_mask [B, L] (1 real token, 0 left pad) or None: L = S without a cache, L = cache_length with one.
         input_pos [S] int64: the cache slots these tokens fill (generation); None runs the whole sequence without a cache.
+            [B, S]: each row's own slots (continuous batching: row b's sequence fills its cache row from slot 0, and
+            attends to the slots up to each of its positions; no attention_mask).
+        cache_row: the KV cache row that batch row 0 reads and writes (rows cache_row .. cache_row + B - 1).
         """
         if input_pos is None:
             _check_ids(input_ids, self.config.vocab_size)
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, input_pos)).float()
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, input_pos, cache_row)).float()
 
     # --- text ------------------------------------------------------------------------------------------------------
     def generate(self, prompt, **kwargs):
