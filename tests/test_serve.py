@@ -1,6 +1,7 @@
 """`phixtral serve`: one server per module on a free port of 127.0.0.1, talked to with the official openai client (answers
 equal the model's own generate), raw HTTP for the errors, 32 concurrent requests, a client that leaves mid-stream, and
-the command itself (SIGTERM)."""
+the command itself (SIGTERM). test_serve_api.py covers the OpenAI features and the limits, test_serve_engine.py the
+schedulers without HTTP, test_serve_page.py the chat page in a browser."""
 
 import concurrent.futures
 import http.client
@@ -25,8 +26,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 from phixtral.serve.app import Server, create_app  # noqa: E402  needs fastapi, as uvicorn
 from phixtral.commands.serve import served_name  # noqa: E402
-from phixtral.serve import engine as engine_module  # noqa: E402
-from phixtral.serve.engine import Done, Engine, Failed, Piece, Request, SamplingParams  # noqa: E402
+from phixtral.serve.engine import Engine  # noqa: E402
+from phixtral.serve.limits import Limits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-phixtral"
@@ -34,13 +35,14 @@ PROMPTS = ["def fib(n):", "import os\nclass Config", "for i in range(10):\n    "
 MESSAGES = [{"role": "user", "content": "Write a function that adds two numbers."}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    model = phixtral.from_pretrained(phixtral.default_model_path(), backend="torch")
-    engine = Engine(model, max_batch_size=8)
+LIMITS = Limits(max_tokens=500, max_prompts=8)
+
+
+def start_server(engine, limits=LIMITS):
+    """(uvicorn Server, its thread, port) serving `engine` on a free port of 127.0.0.1, started."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(create_app(engine, NAME), log_level="warning", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(create_app(engine, NAME, limits), log_level="warning", timeout_graceful_shutdown=5)
     srv = Server(config, engine, grace=1)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -48,7 +50,14 @@ def server():
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.02)
-    port = sock.getsockname()[1]
+    return srv, thread, sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    model = phixtral.from_pretrained(phixtral.default_model_path(), backend="torch")
+    engine = Engine(model, max_batch_size=8)
+    srv, thread, port = start_server(engine)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
     yield SimpleNamespace(port=port, model=model, engine=engine, client=client)
     srv.should_exit = True
@@ -152,7 +161,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model_not_found", "model"),
     ("/v1/chat/completions", {"messages": MESSAGES, "model": "nope"}, 404, "model_not_found", "model"),
     ("/v1/completions", {"prompt": "x " * 600}, 400, "context_length_exceeded", "prompt"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 600}, 400, "context_length_exceeded", "prompt"),
+    ("/v1/completions", {"prompt": "x " * 300, "max_tokens": 300}, 400, "context_length_exceeded", "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 600}, 400, None, "max_tokens"),  # over the server's cap
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 600}]}, 400, "context_length_exceeded", "messages"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, None, "temperature"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, None, "temperature"),
@@ -160,13 +170,17 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, None, "top_p"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, None, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 2.5}, 400, None, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, None, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, None, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 9}, 400, None, "n"),  # over the server's 8 completions per request
+    ("/v1/completions", {"prompt": ["x"] * 9}, 400, None, "prompt"),
     ("/v1/completions", {"prompt": "x", "seed": -1}, 400, None, "seed"),
     ("/v1/completions", {"prompt": "x", "stop": ""}, 400, None, "stop"),
     ("/v1/completions", {"prompt": "x", "stop": [1]}, 400, None, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, None, "stop"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, None, "stream"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, None, "presence_penalty"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, None, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, None, "logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, 400, None, "top_logprobs"),
     ("/v1/completions", {"prompt": ""}, 400, None, "prompt"),
     ("/v1/completions", {"prompt": [5, 10**9]}, 400, None, "prompt"),
     ("/v1/completions", {"max_tokens": 3}, 400, None, "prompt"),
@@ -198,13 +212,12 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_healthy(server):
     assert ok.choices[0].text == server.model.generate(PROMPTS[0], max_new_tokens=4)
 
 
-def test_text_without_content_type_header_is_read_as_json(server):  # curl -d sends form encoding
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0}),
-                 headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
-    resp = conn.getresponse()
-    assert resp.status == 200 and json.loads(resp.read())["choices"][0]["text"]
-    conn.close()
+def test_a_body_that_is_not_declared_json_is_refused(server):  # a web page can send these without a preflight
+    body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 3, "temperature": 0}).encode()
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
+        status, payload = raw(server, "POST", "/v1/completions", body, headers={"Content-Type": content_type})
+        assert status == 415 and payload["error"]["code"] == "unsupported_media_type", payload
+    assert raw(server, "POST", "/v1/completions", body, headers={"Content-Type": "application/json; charset=utf-8"})[0] == 200
 
 
 # --- load and disconnects ------------------------------------------------------------------------------------------------
@@ -221,7 +234,7 @@ def test_32_concurrent_requests_are_all_answered_correctly(server):
         if key not in expected:
             expected[key] = model.chat([{"role": "user", "content": prompt}], max_new_tokens=n, **kw) if kind >= 2 else (
                 model.generate(prompt, max_new_tokens=n, **kw))  # fmt: skip
-    batches_before = engine.batches
+    engine.hold(32)  # nothing runs until all 32 wait: the first step takes max_batch_size of them, whatever the timing
 
     def ask(job):
         kind, prompt, n, seed = job
@@ -239,8 +252,7 @@ def test_32_concurrent_requests_are_all_answered_correctly(server):
         answers = list(pool.map(ask, jobs, timeout=120))
     for (kind, prompt, n, seed), answer in zip(jobs, answers):
         assert answer == expected[(kind >= 2, prompt, n, seed)], (kind, prompt, n, seed)
-    assert engine.largest_batch > 1, "concurrent requests should share batches"
-    assert engine.batches - batches_before < 32
+    assert engine.largest_batch == engine.max_batch_size, "concurrent requests should share the decode steps"
     settle(engine)
     assert raw(server, "GET", "/health") == (200, {"status": "ok", "running": 0, "waiting": 0})
 
@@ -287,77 +299,26 @@ def test_a_client_that_leaves_before_a_plain_answer_frees_its_row(server):
     assert raw(server, "GET", "/health")[0] == 200
 
 
-# --- the engine's batching policy, without HTTP ----------------------------------------------------------------------
-def test_engine_batches_in_arrival_order_within_the_context(server):
-    model = server.model
-    engine = Engine(model, max_batch_size=2)
-    events = {}
-
-    def submit(prompt_ids, max_tokens):
-        r = Request(prompt_ids, SamplingParams(max_tokens=max_tokens), lambda e, k=len(events): events[k].append(e))
-        events[len(events)] = []
-        engine.submit(r)
-        return r
-
-    short = model.tokenizer(PROMPTS[0])["input_ids"]
-    long_prompt = (short * 100)[:400]
-    rs = [submit(short, 3), submit(short, 3), submit(long_prompt, 5), submit(short, 200), submit(short, 2)]
-    engine.start()  # everything waits already: batches are [0, 1], [2] (400 + 200 > 512), [3, 4]
-    try:
-        deadline = time.monotonic() + 60
-        while not all(ev and isinstance(ev[-1], Done) for ev in events.values()):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-    finally:
-        engine.stop()
-    assert [r.batch_size for r in rs] == [2, 2, 1, 2, 2]
-    assert rs[0].started == rs[1].started < rs[2].started < rs[3].started == rs[4].started
-    text = "".join(e.text for e in events[4] if isinstance(e, Piece))
-    assert text == model.generate(PROMPTS[0], max_new_tokens=2) and rs[4].completion_tokens == 2
-    assert [r.finish_reason for r in rs] == ["length"] * 5
-
-
-def test_a_failing_batch_fails_its_requests_and_the_engine_goes_on(server, monkeypatch):
-    model = server.model
-    engine = Engine(model, max_batch_size=4)
-    real = engine_module.generate_tokens
-    calls = []
-
-    def broken_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("device lost")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "generate_tokens", broken_once)
-    ids = model.tokenizer(PROMPTS[0])["input_ids"]
-    first, second = [], []
-    engine.submit(Request(ids, SamplingParams(max_tokens=3), first.append))
-    engine.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not first:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        engine.submit(Request(ids, SamplingParams(max_tokens=3), second.append))
-        while not second or not isinstance(second[-1], Done):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-    finally:
-        engine.stop()
-    assert isinstance(first[0], Failed) and "device lost" in str(first[0].error)
-    assert "".join(e.text for e in second if isinstance(e, Piece)) == model.generate(PROMPTS[0], max_new_tokens=3)
-
-
 # --- the command ---------------------------------------------------------------------------------------------------------
-def test_serve_parser_and_served_name(tmp_path):
-    args = build_parser().parse_args(["serve", "--port", "0", "--host", "0.0.0.0", "--max-batch-size", "4", "--model", "a/b"])
+def test_serve_parser_and_served_name(tmp_path, capsys):
+    args = build_parser().parse_args(["serve", "--port", "0", "--host", "0.0.0.0", "--max-batch-size", "4", "--model", "a/b",
+                                      "--batching", "static", "--max-tokens", "64", "--api-key", "k"])  # fmt: skip
     assert (args.port, args.host, args.max_batch_size, args.model) == (0, "0.0.0.0", 4, "a/b")
+    assert (args.batching, args.max_tokens, args.api_key) == ("static", 64, "k")
     defaults = build_parser().parse_args(["serve"])
     assert (defaults.host, defaults.port, defaults.max_batch_size, defaults.model) == ("127.0.0.1", 8000, 8, None)
-    for bad in (["--port", "70000"], ["--max-batch-size", "0"]):
-        with pytest.raises(SystemExit):
+    assert (defaults.batching, defaults.max_tokens, defaults.api_key, defaults.max_prompts) == ("continuous", None, None, 16)
+    for bad, message in [
+        (["--port", "70000"], "argument --port: must be <= 65535, got 70000"),
+        (["--max-batch-size", "0"], "argument --max-batch-size: must be >= 1, got 0"),
+        (["--batching", "dynamic"], "argument --batching: invalid choice: 'dynamic'"),
+        (["--max-request-bytes", "-5"], "argument --max-request-bytes: must be >= 1, got -5"),
+        (["--prefill-chunk", "x"], "argument --prefill-chunk: expected an int, got 'x'"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
             build_parser().parse_args(["serve", *bad])
+        assert exit.value.code == 2
+        assert message in capsys.readouterr().err
     assert served_name(None) == NAME and served_name("owner/model") == "owner/model"
     assert served_name(str(tmp_path) + "/") == tmp_path.name
 
@@ -390,7 +351,8 @@ def test_serve_command_answers_logs_and_stops_on_sigterm():
             if m := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
                 port = int(m.group(1))
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0}))
+        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0}),
+                     headers={"Content-Type": "application/json"})  # fmt: skip
         assert conn.getresponse().status == 200
         conn.close()
         stream = SimpleNamespace(port=port)

@@ -81,6 +81,7 @@ class _Scheduler:
             self.model.setup_caches(self.engine.max_batch_size, self.engine.n_positions)
         for r in requests:
             self.rows.append(_Slot(self.engine, r))
+        self.engine.running = len(self.rows)
 
     def _release(self) -> None:
         if self.locked:
