@@ -55,7 +55,7 @@ def ids_of(model, prompt):
 
 
 def test_per_row_cache_positions_equal_a_forward_without_cache(model):
-    """Two sequences prefilled into rows 1 and 2 (one in two chunks), then decoded in one step at their own positions."""
+    """Two sequences prefilled into rows 1 and 2 (one in two chunks), then decoded in one step at their positions."""
     a, b = ids_of(model, PROMPTS[0]), ids_of(model, PROMPTS[1])
     with torch.inference_mode():
         full_a, full_b = model(torch.tensor([a + [5]])), model(torch.tensor([b + [7]]))
