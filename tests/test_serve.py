@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,33 +23,15 @@ from phixtral.cli import build_parser
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
-from phixtral.serve.app import Server, create_app  # noqa: E402  needs fastapi, as uvicorn
+from serve_helpers import raw, settle, start_server  # noqa: E402
+
 from phixtral.commands.serve import served_name  # noqa: E402
 from phixtral.serve.engine import Engine  # noqa: E402
-from phixtral.serve.limits import Limits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-phixtral"
 PROMPTS = ["def fib(n):", "import os\nclass Config", "for i in range(10):\n    ", "The asyncio event loop"]
 MESSAGES = [{"role": "user", "content": "Write a function that adds two numbers."}]
-
-
-LIMITS = Limits(max_tokens=500, max_prompts=8)
-
-
-def start_server(engine, limits=LIMITS):
-    """(uvicorn Server, its thread, port) serving `engine` on a free port of 127.0.0.1, started."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(create_app(engine, NAME, limits), log_level="warning", timeout_graceful_shutdown=5)
-    srv = Server(config, engine, grace=1)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    return srv, thread, sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,25 +44,6 @@ def server():
     srv.should_exit = True
     thread.join(timeout=30)
     assert not thread.is_alive() and not engine.alive
-
-
-def raw(server, method, path, body=None, *, headers=None):
-    """(status, parsed JSON) of one plain HTTP request; body: a dict (sent as JSON) or bytes (sent as they are)."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-    resp = conn.getresponse()
-    status, payload = resp.status, resp.read()
-    conn.close()
-    return status, json.loads(payload)
-
-
-def settle(engine, timeout=30):
-    """Wait until the engine has no request running or waiting."""
-    deadline = time.monotonic() + timeout
-    while engine.running or engine.waiting:
-        assert time.monotonic() < deadline, "the engine did not go idle"
-        time.sleep(0.02)
 
 
 # --- answers equal the model's own generate ----------------------------------------------------------------------------
