@@ -113,6 +113,8 @@ class Attention(nn.Module):
         )  # [B, H, S, hd]
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v, cache_row)  # [B, H_kv, L, hd]
+            if mask is not None and mask.shape[-1] < k.shape[2]:  # per-row positions: only the slots the mask covers
+                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         if self.n_head_kv != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
@@ -430,6 +432,9 @@ class Phixtral(nn.Module):
             if attention_mask is not None:
                 raise ValueError("attention_mask is for left-padded batches; per-row input_pos [B, S] takes none")
             position_ids = input_pos
+            # Attention reads only the slots up to the furthest position, rounded up to 64 (a few key lengths, not
+            # one per step): short rows in a long cache then cost what they hold. A host read of input_pos.
+            L = min(L, -(-(int(input_pos.max()) + 1) // 64) * 64)
             mask = (torch.arange(L, device=slots.device) <= input_pos[..., None])[:, None]  # [B, 1, S, L]
         elif attention_mask is None:
             position_ids = slots[None].expand(B, S)
