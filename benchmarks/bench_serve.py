@@ -1,14 +1,15 @@
 """`phixtral serve` under load: continuous batching against the static batches, same workload, same run.
 
-    python benchmarks/bench_serve.py [--clients 32] [--rounds 2] [--out DIR] [--faults]
+    python benchmarks/bench_serve.py [--clients 32] [--rounds 2] [--out DIR] [--faults] [--quick]
 
 Two servers (`phixtral serve --batching continuous` and `--batching static`, each in its own process on a free port of
 127.0.0.1, the same flags otherwise) serve one workload in turns, round by round in alternating order, so that both see
-the same machine load. The workload (fixed by --seed): --clients streamed completions with mixed prompt lengths (token id
-prompts of 8 to 200 tokens cut from this repository's source) and mixed output lengths (8 to 128 tokens, greedy), sent
-at staggered arrival times (exponential gaps, mean --gap seconds), each by its own thread with the official openai
-client. Per request: time to first token (TTFT: from sending to the first streamed text), the gaps between its streamed
-chunks (inter-token latency, ITL; a chunk carries one token, or several when text was held back), its tokens (usage).
+the same machine load. The workload (fixed by --seed): --clients streamed completions with mixed prompt lengths
+(token id prompts of 8 to 200 tokens cut from this repository's source) and mixed output lengths (8 to 128 tokens,
+greedy), sent at staggered arrival times (exponential gaps, mean --gap seconds), each by its own thread with the
+official openai client. Per request: time to first token (TTFT: from sending to the first streamed text), the gaps
+between its streamed chunks (inter-token latency, ITL; a chunk carries one token, or several when text was held back),
+its tokens (usage).
 Per mode and round: throughput = all completion tokens / (last answer - first request); TTFT and ITL p50 / p99.
 Both modes answer with the same greedy tokens, so they do the same work.
 --faults also checks, on the continuous server (started with a 32 MiB body cap so that a 10 MB prompt reaches the
@@ -57,6 +58,9 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.STDOUT, stdout=self.log, text=True)
+        self.port, self.name = None, None
+
+    def wait_ready(self) -> None:
         self.port = self._wait_for_port()
         self.name = self.client().models.list().data[0].id
 
@@ -90,13 +94,14 @@ class ServerProcess:
 def workload(args, tokenizer) -> list[dict]:
     """The requests: arrival time (s), prompt ids, max_tokens; the same for every mode and round."""
     rng = random.Random(args.seed)
+    prompt_tokens, output_tokens = (PROMPT_TOKENS[:2], (4, 8)) if args.quick else (PROMPT_TOKENS, OUTPUT_TOKENS)
     source = "\n".join(p.read_text() for p in sorted((REPO / "phixtral").glob("*.py")))
     ids = tokenizer(source)["input_ids"]
     out, t = [], 0.0
-    for k in range(args.clients):
-        n = rng.choice(PROMPT_TOKENS)
+    for _ in range(args.clients):
+        n = rng.choice(prompt_tokens)
         start = rng.randrange(0, len(ids) - n)
-        out.append({"arrival": t, "prompt": ids[start : start + n], "max_tokens": rng.choice(OUTPUT_TOKENS)})
+        out.append({"arrival": t, "prompt": ids[start : start + n], "max_tokens": rng.choice(output_tokens)})
         t += rng.expovariate(1 / args.gap)
     return out
 
@@ -105,8 +110,8 @@ def one_request(client, job: dict, t0: float) -> dict:
     time.sleep(max(0.0, t0 + job["arrival"] - time.monotonic()))
     sent = time.monotonic()
     chunks, usage, text = [], None, ""
-    stream = client.completions.create(model=job["model"], prompt=job["prompt"], max_tokens=job["max_tokens"], temperature=0,
-                                       stream=True, stream_options={"include_usage": True})  # fmt: skip
+    kw = dict(model=job["model"], prompt=job["prompt"], max_tokens=job["max_tokens"], temperature=0)
+    stream = client.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
     for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage
@@ -114,8 +119,10 @@ def one_request(client, job: dict, t0: float) -> dict:
             chunks.append(time.monotonic())
             text += chunk.choices[0].text
     done = time.monotonic()
-    return {"sent": sent, "ttft": chunks[0] - sent if chunks else done - sent, "itl": [b - a for a, b in zip(chunks, chunks[1:])],
-            "done": done, "tokens": usage.completion_tokens if usage else 0, "text": text}  # fmt: skip
+    ttft = chunks[0] - sent if chunks else done - sent
+    itl = [b - a for a, b in zip(chunks, chunks[1:])]
+    return {"sent": sent, "ttft": ttft, "itl": itl, "done": done, "tokens": usage.completion_tokens if usage else 0,
+            "text": text}  # fmt: skip
 
 
 def run_round(server: ServerProcess, jobs: list[dict]) -> dict:
@@ -129,7 +136,8 @@ def run_round(server: ServerProcess, jobs: list[dict]) -> dict:
     itl = sorted(x for r in results for x in r["itl"])
     return {
         "mode": server.mode, "tokens": tokens, "wall_s": end - start, "tokens_per_s": tokens / (end - start),
-        "ttft_p50_s": _q(ttft, 0.5), "ttft_p99_s": _q(ttft, 0.99), "itl_p50_s": _q(itl, 0.5), "itl_p99_s": _q(itl, 0.99),
+        "ttft_p50_s": _q(ttft, 0.5), "ttft_p99_s": _q(ttft, 0.99),
+        "itl_p50_s": _q(itl, 0.5), "itl_p99_s": _q(itl, 0.99),
         "texts": [r["text"] for r in results], "loadavg": os.getloadavg()[0],
     }  # fmt: skip
 
@@ -161,9 +169,12 @@ def faults(server: ServerProcess) -> dict:
     arrivals, health, done = [], [], threading.Event()
 
     def read():
-        for line in resp:
-            if line.startswith(b"data: "):
-                arrivals.append(time.monotonic())
+        try:
+            for line in resp:
+                if line.startswith(b"data: "):
+                    arrivals.append(time.monotonic())
+        except OSError:  # closed once the 10 MB request is answered
+            pass
 
     def poll():
         while not done.is_set():
@@ -181,6 +192,7 @@ def faults(server: ServerProcess) -> dict:
     window = (t, time.monotonic())
     done.set()
     poller.join()
+    conn.sock.shutdown(2)  # the stream has served its purpose: leaving ends it on the server at the next step
     reader.join()
     conn.close()
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:]) if window[0] <= b <= window[1] + 0.5]
@@ -203,19 +215,26 @@ def faults(server: ServerProcess) -> dict:
 
 # --- main ------------------------------------------------------------------------------------------------------------
 def run(args) -> dict:
+    from transformers import AutoTokenizer
+
     import phixtral
 
     env = common.environment(torch.device("cpu"))
     env["loadavg_before"] = os.getloadavg()
-    tokenizer = phixtral.from_pretrained(args.model, backend="torch").tokenizer
-    jobs = workload(args, tokenizer)
     out = common.out_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    servers = {mode: ServerProcess(mode, args, out) for mode in args.modes}
+    servers = {mode: ServerProcess(mode, args, out) for mode in args.modes}  # they start while the tokenizer loads
     rounds = []
     try:
+        jobs = workload(args, AutoTokenizer.from_pretrained(str(args.model or phixtral.default_model_path())))
+        for server in servers.values():
+            server.wait_ready()
         for server in servers.values():  # warm-up: the first forward of each shape
-            list(server.client().completions.create(prompt=jobs[0]["prompt"], model=server.name, max_tokens=4, stream=True))
+            list(
+                server.client().completions.create(
+                    prompt=jobs[0]["prompt"], model=server.name, max_tokens=4, stream=True
+                )
+            )
         for r in range(args.rounds):
             for mode in args.modes if r % 2 == 0 else args.modes[::-1]:
                 row = run_round(servers[mode], jobs)
@@ -238,9 +257,12 @@ def run(args) -> dict:
     ratios = {}
     if "continuous" in summary and "static" in summary:
         c, s = summary["continuous"], summary["static"]
-        ratios = {"throughput_x": c["tokens_per_s"] / s["tokens_per_s"], "ttft_p50_x": c["ttft_p50_s"] / s["ttft_p50_s"]}
-    workload_info = {"clients": args.clients, "gap_s": args.gap, "seed": args.seed, "max_batch_size": args.max_batch_size,
-                     "prompt_tokens": PROMPT_TOKENS, "output_tokens": OUTPUT_TOKENS}  # fmt: skip
+        ratios = {
+            "throughput_x": c["tokens_per_s"] / s["tokens_per_s"],
+            "ttft_p50_x": c["ttft_p50_s"] / s["ttft_p50_s"],
+        }
+    workload_info = {"clients": args.clients, "gap_s": args.gap, "seed": args.seed,
+                     "max_batch_size": args.max_batch_size, "quick": args.quick}  # fmt: skip
     return {"env": env, "workload": workload_info, "rounds": rounds, "summary": summary, "ratios": ratios,
             "same_answers": same, "faults": fault}  # fmt: skip
 
@@ -265,7 +287,7 @@ def report(result: dict, out: Path) -> None:
             print(f"  {name}: " + ", ".join(f"{k} {common.fmt_num(v)}" for k, v in row.items()))
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="checkpoint (default: the bundled tiny phixtral)")
     p.add_argument("--backend", default="auto")
@@ -277,9 +299,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads of each server")
     p.add_argument("--faults", action="store_true", help="also the fault checks (see the module docstring)")
+    p.add_argument("--quick", action="store_true", help="short prompts and outputs (8 tokens at most): a smoke test")
     p.add_argument("--out", default=None)
-    args = p.parse_args()
-    common.run_script(args, run, report, "bench_serve.json")
+    args = p.parse_args(argv)
+    return common.run_script(args, run, report, "bench_serve.json")
 
 
 if __name__ == "__main__":

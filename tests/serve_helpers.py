@@ -1,24 +1,36 @@
-"""What the serve tests share: a server on a free port of 127.0.0.1 in a thread, plain HTTP requests, waiting for the
-engine to go idle. Import it after pytest.importorskip("uvicorn")."""
+"""What the serve tests share: one bundled model for all their modules, a server on a free port of 127.0.0.1 in a
+thread, plain HTTP requests, waiting for the engine to go idle. The HTTP stack loads only when a server starts."""
 
+import functools
 import http.client
 import json
 import socket
 import threading
 import time
 
-import uvicorn
-
-from phixtral.serve.app import Server, create_app
+import phixtral
 from phixtral.serve.limits import Limits
 
 NAME = "tiny-phixtral"
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_model():
+    """The bundled tiny phixtral with the torch MoE backend, loaded once for every serve test module (each engine
+    holds the model's generation lock while it runs, so modules never share it at the same time)."""
+    return phixtral.from_pretrained(phixtral.default_model_path(), backend="torch")
+
+
 # The module servers' limits: max_tokens and max_prompts low enough to test, a body cap above the 10 MB fault test.
 LIMITS = Limits(max_tokens=500, max_prompts=8, max_request_bytes=16 * 2**20)
 
 
 def start_server(engine, limits=LIMITS):
     """(uvicorn Server, its thread, port) serving `engine` on a free port of 127.0.0.1, started."""
+    import uvicorn
+
+    from phixtral.serve.app import Server, create_app
+
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(create_app(engine, NAME, limits), log_level="warning", timeout_graceful_shutdown=5)

@@ -1,7 +1,7 @@
-"""`phixtral serve`: one server per module on a free port of 127.0.0.1, talked to with the official openai client (answers
-equal the model's own generate), raw HTTP for the errors, 32 concurrent requests, a client that leaves mid-stream, and
-the command itself (SIGTERM). test_serve_api.py covers the OpenAI features and the limits, test_serve_engine.py the
-schedulers without HTTP, test_serve_page.py the chat page in a browser."""
+"""`phixtral serve`: one server per module on a free port of 127.0.0.1, talked to with the official openai client
+(answers equal the model's own generate), raw HTTP for the errors, 32 concurrent requests, a client that leaves
+mid-stream, and the command itself (SIGTERM). test_serve_api.py covers the OpenAI features and the limits,
+test_serve_engine.py the schedulers without HTTP, test_serve_page.py the chat page in a browser."""
 
 import concurrent.futures
 import http.client
@@ -18,12 +18,11 @@ from types import SimpleNamespace
 
 import pytest
 
-import phixtral
 from phixtral.cli import build_parser
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
-from serve_helpers import raw, settle, start_server  # noqa: E402
+from serve_helpers import raw, settle, start_server, tiny_model  # noqa: E402
 
 from phixtral.commands.serve import served_name  # noqa: E402
 from phixtral.serve.engine import Engine  # noqa: E402
@@ -36,7 +35,7 @@ MESSAGES = [{"role": "user", "content": "Write a function that adds two numbers.
 
 @pytest.fixture(scope="module")
 def server():
-    model = phixtral.from_pretrained(phixtral.default_model_path(), backend="torch")
+    model = tiny_model()
     engine = Engine(model, max_batch_size=8)
     srv, thread, port = start_server(engine)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
@@ -46,7 +45,7 @@ def server():
     assert not thread.is_alive() and not engine.alive
 
 
-# --- answers equal the model's own generate ----------------------------------------------------------------------------
+# --- answers equal the model's own generate ---------------------------------------------------------------------------
 def test_models_and_health(server):
     assert [m.id for m in server.client.models.list().data] == [NAME]
     assert server.client.models.retrieve(NAME).id == NAME
@@ -61,7 +60,11 @@ def test_completions_equal_greedy_generate(server):
         assert out.choices[0].text == expected and out.model == NAME and out.object == "text_completion"
         assert out.choices[0].finish_reason == "length"
         n_prompt = len(model.tokenizer(prompt)["input_ids"])
-        assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
+        assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
+            n_prompt,
+            12,
+            n_prompt + 12,
+        )
         stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True)
         chunks = list(stream)
         assert "".join(c.choices[0].text for c in chunks) == expected
@@ -87,7 +90,9 @@ def test_chat_equals_model_chat(server):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10  # include_usage: a last usage chunk
-    default_budget = server.client.chat.completions.create(model=NAME, messages=MESSAGES, max_completion_tokens=3, temperature=0)
+    default_budget = server.client.chat.completions.create(
+        model=NAME, messages=MESSAGES, max_completion_tokens=3, temperature=0
+    )
     assert default_budget.usage.completion_tokens == 3
 
 
@@ -96,11 +101,13 @@ def test_stop_strings_end_the_text_with_finish_reason_stop(server):
     stop = full[10:14]
     expected = server.model.generate(PROMPTS[0], max_new_tokens=24, stop=stop)
     assert expected == full[: full.find(stop)]
-    out = server.client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=[stop, "\x00"])
+    out = server.client.completions.create(
+        model=NAME, prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=[stop, "\x00"]
+    )
     assert out.choices[0].text == expected and out.choices[0].finish_reason == "stop"
     assert out.usage.completion_tokens < 24
-    chunks = list(server.client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=stop,
-                                                   stream=True))  # fmt: skip
+    kw = dict(model=NAME, prompt=PROMPTS[0], max_tokens=24, temperature=0, stop=stop)
+    chunks = list(server.client.completions.create(stream=True, **kw))
     assert "".join(c.choices[0].text for c in chunks) == expected and chunks[-1].choices[0].finish_reason == "stop"
 
 
@@ -110,7 +117,9 @@ def test_seeded_sampling_is_reproducible_and_equals_generate(server):
     first = server.client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=16, **kw).choices[0].text
     # The same request inside a batch of others samples the same tokens: each row has its own generator.
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(server.client.completions.create, model=NAME, prompt=p, max_tokens=16, **kw) for p in PROMPTS]
+        futures = [
+            pool.submit(server.client.completions.create, model=NAME, prompt=p, max_tokens=16, **kw) for p in PROMPTS
+        ]
         batched = futures[1].result().choices[0].text
     assert first == batched == expected
     other = server.client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=16, temperature=0.9, top_p=0.95,
@@ -118,14 +127,20 @@ def test_seeded_sampling_is_reproducible_and_equals_generate(server):
     assert other.choices[0].text != expected
 
 
-# --- errors ------------------------------------------------------------------------------------------------------------
+# --- errors -----------------------------------------------------------------------------------------------------------
 BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model_not_found", "model"),
     ("/v1/chat/completions", {"messages": MESSAGES, "model": "nope"}, 404, "model_not_found", "model"),
     ("/v1/completions", {"prompt": "x " * 600}, 400, "context_length_exceeded", "prompt"),
     ("/v1/completions", {"prompt": "x " * 300, "max_tokens": 300}, 400, "context_length_exceeded", "prompt"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 600}, 400, None, "max_tokens"),  # over the server's cap
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 600}]}, 400, "context_length_exceeded", "messages"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x " * 600}]},
+        400,
+        "context_length_exceeded",
+        "messages",
+    ),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, None, "temperature"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, None, "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, None, "top_p"),
@@ -149,7 +164,13 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": []}, 400, None, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None, "messages"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, None, "messages"),
-    ("/v1/chat/completions", {"messages": MESSAGES, "stream_options": {"include_usage": True}}, 400, None, "stream_options"),
+    (
+        "/v1/chat/completions",
+        {"messages": MESSAGES, "stream_options": {"include_usage": True}},
+        400,
+        None,
+        "stream_options",
+    ),
     ("/v1/completions", b'{"prompt": "x", ', 400, None, None),
     ("/v1/completions", b"[1, 2]", 400, None, None),
     ("/v1/completions", b"\xff\xfe", 400, None, None),
@@ -179,10 +200,13 @@ def test_a_body_that_is_not_declared_json_is_refused(server):  # a web page can 
     for content_type in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
         status, payload = raw(server, "POST", "/v1/completions", body, headers={"Content-Type": content_type})
         assert status == 415 and payload["error"]["code"] == "unsupported_media_type", payload
-    assert raw(server, "POST", "/v1/completions", body, headers={"Content-Type": "application/json; charset=utf-8"})[0] == 200
+    assert (
+        raw(server, "POST", "/v1/completions", body, headers={"Content-Type": "application/json; charset=utf-8"})[0]
+        == 200
+    )
 
 
-# --- load and disconnects ------------------------------------------------------------------------------------------------
+# --- load and disconnects ---------------------------------------------------------------------------------------------
 def test_32_concurrent_requests_are_all_answered_correctly(server):
     model, client, engine = server.model, server.client, server.engine
     jobs = []
@@ -194,15 +218,21 @@ def test_32_concurrent_requests_are_all_answered_correctly(server):
         kw = dict(temperature=0.8, seed=seed) if seed is not None else {}
         key = (kind >= 2, prompt, n, seed)  # kinds: 0 completion, 1 streamed completion, 2 chat, 3 streamed chat
         if key not in expected:
-            expected[key] = model.chat([{"role": "user", "content": prompt}], max_new_tokens=n, **kw) if kind >= 2 else (
-                model.generate(prompt, max_new_tokens=n, **kw))  # fmt: skip
+            if kind >= 2:
+                expected[key] = model.chat([{"role": "user", "content": prompt}], max_new_tokens=n, **kw)
+            else:
+                expected[key] = model.generate(prompt, max_new_tokens=n, **kw)
     engine.hold(32)  # nothing runs until all 32 wait: the first step takes max_batch_size of them, whatever the timing
 
     def ask(job):
         kind, prompt, n, seed = job
         kw = dict(model=NAME, max_tokens=n, temperature=0.8 if seed is not None else 0, seed=seed)
         if kind == 2:
-            return client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **kw).choices[0].message.content
+            return (
+                client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **kw)
+                .choices[0]
+                .message.content
+            )
         if kind == 3:
             return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
                 messages=[{"role": "user", "content": prompt}], stream=True, **kw) if c.choices)  # fmt: skip
@@ -248,8 +278,8 @@ def test_a_client_that_leaves_before_a_plain_answer_frees_its_row(server):
     settle(engine)
     cancelled = engine.cancelled
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": PROMPTS[1], "max_tokens": 480, "temperature": 0}),
-                 headers={"Content-Type": "application/json"})  # fmt: skip
+    body = json.dumps({"prompt": PROMPTS[1], "max_tokens": 480, "temperature": 0})
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
     deadline = time.monotonic() + 10
     while not engine.running:
         assert time.monotonic() < deadline
@@ -261,15 +291,21 @@ def test_a_client_that_leaves_before_a_plain_answer_frees_its_row(server):
     assert raw(server, "GET", "/health")[0] == 200
 
 
-# --- the command ---------------------------------------------------------------------------------------------------------
+# --- the command ------------------------------------------------------------------------------------------------------
 def test_serve_parser_and_served_name(tmp_path, capsys):
-    args = build_parser().parse_args(["serve", "--port", "0", "--host", "0.0.0.0", "--max-batch-size", "4", "--model", "a/b",
-                                      "--batching", "static", "--max-tokens", "64", "--api-key", "k"])  # fmt: skip
+    flags = ["--port", "0", "--host", "0.0.0.0", "--max-batch-size", "4", "--model", "a/b", "--batching", "static",
+             "--max-tokens", "64", "--api-key", "k"]  # fmt: skip
+    args = build_parser().parse_args(["serve", *flags])
     assert (args.port, args.host, args.max_batch_size, args.model) == (0, "0.0.0.0", 4, "a/b")
     assert (args.batching, args.max_tokens, args.api_key) == ("static", 64, "k")
     defaults = build_parser().parse_args(["serve"])
     assert (defaults.host, defaults.port, defaults.max_batch_size, defaults.model) == ("127.0.0.1", 8000, 8, None)
-    assert (defaults.batching, defaults.max_tokens, defaults.api_key, defaults.max_prompts) == ("continuous", None, None, 16)
+    assert (defaults.batching, defaults.max_tokens, defaults.api_key, defaults.max_prompts) == (
+        "continuous",
+        None,
+        None,
+        16,
+    )
     for bad, message in [
         (["--port", "70000"], "argument --port: must be <= 65535, got 70000"),
         (["--max-batch-size", "0"], "argument --max-batch-size: must be >= 1, got 0"),
@@ -313,8 +349,8 @@ def test_serve_command_answers_logs_and_stops_on_sigterm():
             if m := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
                 port = int(m.group(1))
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.request("POST", "/v1/completions", body=json.dumps({"prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0}),
-                     headers={"Content-Type": "application/json"})  # fmt: skip
+        body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0})
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
         assert conn.getresponse().status == 200
         conn.close()
         stream = SimpleNamespace(port=port)
@@ -331,6 +367,8 @@ def test_serve_command_answers_logs_and_stops_on_sigterm():
     log = "".join(lines) + rest
     assert proc.returncode == 0, log
     assert events[-1] == "data: [DONE]" and "the server is shutting down" in events[-2], events[-3:]
-    assert re.search(r"POST /v1/completions 200 .*prompt \d+ \+ completion 5 tokens in .* s \([\d.]+ tokens/s\)", log), log
+    assert re.search(
+        r"POST /v1/completions 200 .*prompt \d+ \+ completion 5 tokens in .* s \([\d.]+ tokens/s\)", log
+    ), log
     assert re.search(r"POST /v1/completions 200 .*finish cancelled", log), log
     assert "Shutting down" in log and "Traceback" not in log

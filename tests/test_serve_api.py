@@ -14,11 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import phixtral
-
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
-from serve_helpers import NAME, raw, settle, start_server  # noqa: E402
+from serve_helpers import NAME, raw, settle, start_server, tiny_model  # noqa: E402
 
 from phixtral.serve.engine import Engine  # noqa: E402
 from phixtral.serve.limits import Limits  # noqa: E402
@@ -30,7 +28,7 @@ KEY = "sk-test-key"
 
 @pytest.fixture(scope="module")
 def model():
-    return phixtral.from_pretrained(phixtral.default_model_path(), backend="torch")
+    return tiny_model()
 
 
 def _serve(model, limits):

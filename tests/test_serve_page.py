@@ -8,15 +8,13 @@ import time
 
 import pytest
 
-import phixtral
-
 pytest.importorskip("uvicorn")
 webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium (the test extra)")
 from selenium.webdriver.chrome.options import Options  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-from serve_helpers import start_server  # noqa: E402
+from serve_helpers import start_server, tiny_model  # noqa: E402
 
 from phixtral.serve.engine import Engine  # noqa: E402
 from phixtral.serve.limits import Limits  # noqa: E402
@@ -39,7 +37,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def served():
-    model = phixtral.from_pretrained(phixtral.default_model_path(), backend="torch")
+    model = tiny_model()
     engine = Engine(model, max_batch_size=4)
     srv, thread, port = start_server(engine, Limits(api_key=KEY))
     yield model, port
