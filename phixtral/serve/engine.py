@@ -22,7 +22,9 @@ from typing import Callable, Optional
 from ..model import Phixtral
 from ..text import TextStream, decode_text
 from .metrics import Metrics
-from .sampling import RowSampler, TokenLogprob
+from .sampling import BatchSampler, RowSampler, TokenLogprob
+
+_RowSampler = BatchSampler  # its name here before sampling.py held it
 
 log = logging.getLogger("phixtral.serve")
 BATCHING = ("continuous", "static")
@@ -125,7 +127,7 @@ class Engine:
         self.encoder = copy.deepcopy(model.tokenizer)
         self.encoder_lock = threading.Lock()
         self.tokenizer_lock = threading.Lock()  # the engine's tokenizer, for the chat template and detokenizing
-        self.max_token_chars = max(map(len, model.tokenizer.get_vocab()), default=1)
+        self.max_token_chars = _max_token_chars(model.tokenizer)
         self.metrics = Metrics()
         self._waiting: deque[Request] = deque()
         self._cond = threading.Condition()
@@ -152,7 +154,9 @@ class Engine:
 
     def surely_too_long(self, text: str, max_tokens: int) -> bool:
         """True when `text` cannot fit the context whatever its tokens (no token spans more than max_token_chars
-        characters): a cheap check before tokenizing a huge prompt."""
+        characters): a cheap check before tokenizing a huge prompt. Always False where that bound is unknown."""
+        if self.max_token_chars is None:
+            return False
         return len(text) > (self.n_positions - max_tokens) * self.max_token_chars
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
@@ -320,6 +324,19 @@ class Engine:
                 row.request.finished = time.perf_counter()
                 self.metrics.finished(row.request)
                 emit(row.request, Failed(error))
+
+
+def _max_token_chars(tokenizer) -> Optional[int]:
+    """The most characters of text one token can cover: its longest vocabulary entry, which spells each byte (byte-level
+    BPE) or character of the text at least once. None when a normalizer may drop characters before tokenizing (then a
+    token can cover more) or the vocabulary cannot be read."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None:
+        return None
+    try:
+        return max(map(len, tokenizer.get_vocab()), default=1)
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def emit(r: Request, event) -> None:

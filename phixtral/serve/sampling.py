@@ -78,3 +78,15 @@ def row_logprobs(logits: torch.Tensor, tokens: list[int], rows: list[RowSampler]
         top = [(decode_one(i), v) for i, v in zip(top_i[w][:n], top_v[w][:n])]
         out[b] = TokenLogprob(tokens[b], decode_one(tokens[b]), chosen[w], top)
     return out
+
+
+class BatchSampler:
+    """generate_tokens' `sampler` for a batch of requests, each row with its own settings and generator: logits [B, V]
+    fp32 -> token ids [B]. `live[b] = False` stops row b's draws (it then takes the argmax, which nobody reads)."""
+
+    def __init__(self, batch, device: torch.device):
+        self.rows = [RowSampler(r.params, device) for r in batch]
+        self.live = [True] * len(batch)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return sample_rows(logits, [s if live else None for s, live in zip(self.rows, self.live)])
