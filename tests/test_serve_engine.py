@@ -188,3 +188,13 @@ def test_engine_arguments_are_checked(model):
         Engine(model, batching="dynamic")
     with pytest.raises(ValueError, match="prefill_chunk must be an int >= 1, got 0"):
         Engine(model, prefill_chunk=0)
+
+
+def test_a_prompt_surely_too_long_is_told_by_its_length_in_characters(model):
+    engine = Engine(model)
+    longest = max(len(model.tokenizer.decode([i])) for i in range(model.config.vocab_size))
+    assert engine.max_token_chars >= longest  # the bound holds for every token of the bundled vocabulary
+    limit = (engine.n_positions - 16) * engine.max_token_chars
+    assert engine.surely_too_long("x" * (limit + 1), 16) and not engine.surely_too_long("x" * limit, 16)
+    engine.max_token_chars = None  # a tokenizer whose normalizer may drop characters: no shortcut
+    assert not engine.surely_too_long("x" * 10**7, 16)
