@@ -24,7 +24,7 @@ import torch
 
 from ..generate import NonFiniteLogitsError
 from ..generation_lock import generation_lock
-from .engine import Engine, Row
+from .rows import Row
 from .sampling import row_logprobs, sample_rows
 
 log = logging.getLogger("phixtral.serve")
@@ -33,20 +33,20 @@ log = logging.getLogger("phixtral.serve")
 class _Slot(Row):
     """A row of the running batch: how much of its prompt is in the cache, and the token it feeds next."""
 
-    def __init__(self, engine: Engine, request):
+    def __init__(self, engine, request):
         super().__init__(engine, request)
         self.pos = 0  # slots of its cache row that hold its tokens
         self.next_token: Optional[int] = None  # sampled, not yet fed; set once the prompt is in the cache
 
 
-def run_continuous(engine: Engine) -> None:
+def run_continuous(engine) -> None:
     """The engine thread's loop under continuous batching; returns once the engine is closed and its rows are done."""
     _Scheduler(engine).run()
 
 
 class _Scheduler:
-    def __init__(self, engine: Engine):
-        self.engine, self.model = engine, engine.model
+    def __init__(self, engine):
+        self.engine, self.model = engine, engine.model  # an engine.Engine
         self.rows: list[_Slot] = []  # index = KV cache row: decoding rows, then prefilling ones
         self.lock = generation_lock(self.model)
         self.locked = False

@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from ..model import Phixtral
-from ..text import TextStream, decode_text
+from ..text import decode_text
+from .continuous import run_continuous
 from .metrics import Metrics
-from .sampling import BatchSampler, RowSampler, TokenLogprob
+from .rows import Row
+from .sampling import BatchSampler, TokenLogprob
+from .static import run_static
 
 _RowSampler = BatchSampler  # its name here before sampling.py held it
 
@@ -89,17 +92,6 @@ class Request:
     def cancel(self) -> None:
         """Stop generating for this request (the client went away); the engine frees its row at the next step."""
         self.cancelled = True
-
-
-class Row:
-    """A running request on the engine thread: its sampler, its text so far, the log-probabilities not yet sent."""
-
-    def __init__(self, engine: "Engine", request: Request):
-        self.request = request
-        self.sampler = RowSampler(request.params, engine.model.device)
-        self.text = TextStream(engine.decode, engine.eos, request.params.stop)
-        self.logprobs: Optional[list[TokenLogprob]] = [] if self.sampler.wants_logprobs else None
-        self.done = False
 
 
 class Engine:
@@ -228,9 +220,6 @@ class Engine:
 
     # --- the engine thread -------------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        from .continuous import run_continuous
-        from .static import run_static
-
         (run_continuous if self.batching == "continuous" else run_static)(self)
 
     def take(self, limit: int, *, block: bool, fits=None) -> Optional[list[Request]]:

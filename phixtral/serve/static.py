@@ -20,13 +20,13 @@ import torch
 from ..generate import generate_tokens
 from ..generation_lock import generation_lock
 from ..text import left_pad, pad_id
-from .engine import Engine, Row
+from .rows import Row
 from .sampling import row_logprobs, sample_rows
 
 log = logging.getLogger("phixtral.serve")
 
 
-def run_static(engine: Engine) -> None:
+def run_static(engine) -> None:
     """The engine thread's loop under static batching; returns once the engine is closed."""
     while True:
         batch = engine.take(engine.max_batch_size, block=True, fits=_fits(engine))
@@ -44,7 +44,7 @@ def run_static(engine: Engine) -> None:
             engine.running = 0
 
 
-def _fits(engine: Engine):
+def _fits(engine):
     def fits(batch, r) -> bool:  # the batch shares one cache: its longest prompt + its largest max_tokens must fit
         longest = max(len(x.prompt_ids) for x in [*batch, r])
         most = max(x.params.max_tokens for x in [*batch, r])
@@ -57,7 +57,7 @@ class _Sampler:
     """generate_tokens' sampler: each live row with its own settings; the log-probabilities of the step are kept for
     the engine loop, which reads them with the step's tokens."""
 
-    def __init__(self, engine: Engine, rows: list[Row]):
+    def __init__(self, engine, rows: list[Row]):
         self.engine, self.rows = engine, rows
         self.logprobs = [None] * len(rows)
 
@@ -71,7 +71,7 @@ class _Sampler:
 
 
 @torch.inference_mode()
-def _run(engine: Engine, rows: list[Row]) -> None:
+def _run(engine, rows: list[Row]) -> None:
     model = engine.model
     batch = [row.request for row in rows]
     B = len(batch)
