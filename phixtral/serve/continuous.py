@@ -3,13 +3,13 @@
 The KV cache has max_batch_size rows of n_positions slots; each running request owns one row and its sequence fills
 that row from slot 0 (model.forward with per-row input_pos [B, S]). The rows are kept packed: decoding rows first
 (rows 0 .. n - 1, one view for the decode step), then the rows still prefilling. One engine step:
-    1. rows whose client left (or the engine is stopping) end; the rows are packed again (model.move_cache_row);
-    2. one decode step for the decoding rows: each feeds its last token at its own position and samples its next;
+    1. waiting requests join while rows are free, in arrival order, as rows that prefill;
+    2. rows whose client left (or the engine is stopping) end; the rows are packed again (model.move_cache_row);
+    3. one decode step for the decoding rows: each feeds its last token at its own position and samples its next;
        rows that end (eos, stop string, max_tokens) leave;
-    3. waiting requests join while rows are free, in arrival order, and the rows still prefilling get up to
-       prefill_chunk prompt tokens between them, a chunk per forward, in order; a row whose prompt is all in the cache
-       samples its first token from the chunk's last logits (that is its time to first token) and decodes with the
-       others from the next step on.
+    4. the rows still prefilling get up to prefill_chunk prompt tokens between them, a chunk per forward, in order; a
+       row whose prompt is all in the cache samples its first token from the chunk's last logits (that is its time to
+       first token) and decodes with the others from the next step on.
 So a running stream waits at most one prefill chunk per step for newcomers, a short request never waits for a long
 one to end, and finished rows cost nothing. Each row samples as `generate` does for one prompt (sampling.py).
 The engine holds the model's generation lock while it has rows and frees it when idle, so that a generate() from
