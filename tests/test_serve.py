@@ -260,15 +260,15 @@ def _open_stream(server, body):
 def test_a_client_that_leaves_mid_stream_frees_its_row(server):
     engine = server.engine
     settle(engine)
-    cancelled = engine.cancelled
+    cancelled, generated = engine.cancelled, engine.metrics.generation_tokens
     conn, resp = _open_stream(server, {"prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "stream": True})
     assert resp.readline().startswith(b"data: ")  # generation has started
-    left = time.monotonic()
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     settle(engine)
     assert engine.cancelled == cancelled + 1
-    assert time.monotonic() - left < 1.5, "the row should be freed at once, not after 480 tokens"
+    # Counted, not timed: a loaded machine may run 480 tiny-model steps in a few seconds either way.
+    assert engine.metrics.generation_tokens - generated < 240, "the row should be freed at once, not after 480 tokens"
     out = server.client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=5, temperature=0)
     assert out.choices[0].text == server.model.generate(PROMPTS[2], max_new_tokens=5)
 
