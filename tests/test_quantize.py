@@ -93,8 +93,10 @@ def test_refuses_its_source_and_bad_settings(tmp_path, capsys):
     assert "--act-order orders columns by the calibration Hessian: it needs --method gptq" in capsys.readouterr().err
     assert _quantize(tmp_path / "b", "--bits", "4", "--group-size", "48") == 1
     assert "--group-size 48 does not divide" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         _quantize(tmp_path / "c", "--bits", "3")
+    assert exit_info.value.code == 2
+    assert "phixtral quantize: error: argument --bits: invalid choice: 3 (choose from 4, 8)" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing written"
 
 
