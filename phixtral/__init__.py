@@ -1,4 +1,5 @@
-"""phixtral: a lean phi-2 / phixtral decoder that loads the real checkpoints and runs its MoE layers on phixtral_kernels."""
+"""phixtral: a lean phi-2 / phixtral decoder that loads the real checkpoints and runs its MoE layers on
+phixtral_kernels."""
 
 from .config import PhixtralConfig
 from .generate import GenerationStats, NonFiniteLogitsError, generate

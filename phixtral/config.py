@@ -1,8 +1,9 @@
 """PhixtralConfig: one dataclass for phixtral (phi-msft MoE), dense phi-msft phi-2 and the HF-native `phi` layout.
 
 config.json comes in two layouts:
-    phi-msft  model_type "phi-msft": n_embd, n_head, n_head_kv, n_inner, n_layer, n_positions, rotary_dim, layer_norm_epsilon,
-              activation_function, and for phixtral num_local_experts / num_experts_per_tok. No rope_theta (base 10000).
+    phi-msft  model_type "phi-msft": n_embd, n_head, n_head_kv, n_inner, n_layer, n_positions, rotary_dim,
+              layer_norm_epsilon, activation_function, and for phixtral num_local_experts / num_experts_per_tok.
+              No rope_theta (base 10000).
     phi       model_type "phi" (PhiForCausalLM): hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
               num_key_value_heads, max_position_embeddings, partial_rotary_factor and rope_theta (top level, or inside
               `rope_parameters` since transformers 5), layer_norm_eps, hidden_act.

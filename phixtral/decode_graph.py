@@ -143,8 +143,8 @@ class _Graph:
 def _capture_cuda(step: Callable[[], torch.Tensor], graphs: "DecodeGraphs", device: torch.device):
     """Capture step() in a CUDA graph into graphs' pool. -> (graph, replay, output). Raises what the capture raises.
 
-    The warm-up run (on the capture stream: Triton compiles and loads its kernels, cuBLAS makes its workspace) writes the
-    keys and values of the current step into the cache, as the replay after it will again: the same values.
+    The warm-up run (on the capture stream: Triton compiles and loads its kernels, cuBLAS makes its workspace) writes
+    the keys and values of the current step into the cache, as the replay after it will again: the same values.
     """
     with _CAPTURE_LOCK, torch.cuda.device(device):
         if graphs.stream is None:
@@ -167,7 +167,8 @@ def _capture_cuda(step: Callable[[], torch.Tensor], graphs: "DecodeGraphs", devi
     return graph, graph.replay, out
 
 
-# The capture function; the CPU tests put an emulation of a graph here (the logic around it is the same on every device).
+# The capture function; the CPU tests put an emulation of a graph here (the logic around it is the same on every
+# device).
 _capture = _capture_cuda
 
 

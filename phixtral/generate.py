@@ -95,7 +95,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
-    """Set to -inf the logits [B, V] outside the top_k and outside the top_p nucleus (transformers' warpers, same order)."""
+    """Set to -inf the logits [B, V] outside the top_k and the top_p nucleus (transformers' warpers, same order)."""
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -109,7 +109,7 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[fl
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k=None, top_p=None, generator=None) -> torch.Tensor:
-    """logits [B, V] fp32 -> token ids [B] int64: argmax when temperature is 0, else a draw from the filtered softmax."""
+    """logits [B, V] fp32 -> token ids [B] int64: argmax at temperature 0, else a draw from the filtered softmax."""
     if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that fp32 would hold it as 0
         return logits.argmax(-1)
     # Shift the maximum to 0 before dividing: a tiny temperature then sends the others to -inf, never inf - inf = NaN.
@@ -154,8 +154,8 @@ def generate_tokens(
     [B] int64, called once per step in step order; a server uses it to sample each row with its own settings.
     stats, when given, receives prefill_s and decode_s (time spent in here, not in the consumer), and cuda_graph = True
     when the decode steps were replayed from a CUDA graph.
-    cuda_graph: "auto", True, False, or None for model.cuda_graph (see phixtral.decode_graph): the forward of each decode
-    step replayed from a CUDA graph. Sampling runs eagerly either way, so the tokens are the same.
+    cuda_graph: "auto", True, False, or None for model.cuda_graph (see phixtral.decode_graph): the forward of each
+    decode step replayed from a CUDA graph. Sampling runs eagerly either way, so the tokens are the same.
     """
     B, S = input_ids.shape
     device = input_ids.device
@@ -175,7 +175,7 @@ def generate_tokens(
     decode = decode_graph.decode_step(model, valid, cuda_graph=cuda_graph, steps=max_new_tokens - 1, stats=stats)
 
     def next_token(logits):
-        """logits [B, V] fp32 -> (tok [B], the same with -1 on rows whose logits are not all finite: what the host reads)."""
+        """logits [B, V] fp32 -> (tok [B], tok with -1 on rows whose logits are not all finite: what the host reads)."""
         finite = torch.isfinite(logits).all(-1)  # [B], read with the token: no extra sync
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
@@ -350,7 +350,8 @@ def _encode(model: Phixtral, prompt, attention_mask):
     if isinstance(prompt, torch.Tensor):
         if prompt.dtype not in (torch.int64, torch.int32) or prompt.dim() != 2 or 0 in prompt.shape:
             raise ValueError(
-                f"a tensor prompt must be int64 token ids [B, S] with B, S >= 1, got {prompt.dtype} {tuple(prompt.shape)}"
+                "a tensor prompt must be int64 token ids [B, S] with B, S >= 1, "
+                f"got {prompt.dtype} {tuple(prompt.shape)}"
             )
         ids = prompt.to(model.device, torch.int64)
         if attention_mask is not None:

@@ -2,11 +2,12 @@
 
     phi-msft-moe    phixtral:   transformer.h.N.moe.gate.weight, transformer.h.N.moe.mlp.E.fc1.weight, ...
     phi-msft-dense  old phi-2:  transformer.h.N.mlp.fc1.weight, ...
-    hf              phi (HF):   model.layers.N.self_attn.q_proj.weight, ..., model.final_layernorm.weight, lm_head.weight
+    hf              phi (HF):   model.layers.N.self_attn.q_proj.weight, ..., model.final_layernorm.weight,
+                                lm_head.weight
 `checkpoint_map` turns one layout into {checkpoint name: Target}: experts land in one slice of the stacked [E, F, D]
-weights, HF's q/k/v in a row block of Wqkv. The loader (weights.py), the writer (the same map read backwards), the
-quantization formats (phixtral/quant/) and the vLLM integration all start from it. Plain Python and json: no torch, no
-model, so that every one of them can import it.
+weights, HF's q/k/v in a row block of Wqkv. The loader (weights.py), the writer (checkpoint_writer.py, the same map read
+backwards), the quantization formats (phixtral/quant/) and the vLLM integration all start from it. Plain Python and
+json: no torch, no model, so that every one of them can import it.
 """
 
 import json
@@ -41,7 +42,7 @@ class Target:
 
 
 def checkpoint_map(config: PhixtralConfig, layout: str) -> dict[str, Target]:
-    """{checkpoint tensor name: Target} for every tensor a checkpoint of this config and layout must hold, in file order."""
+    """{checkpoint tensor name: Target} for every tensor a checkpoint of this config and layout holds, in file order."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     V, D, F, E = config.vocab_size, config.n_embd, config.n_inner, config.num_local_experts

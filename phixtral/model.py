@@ -1,7 +1,9 @@
-"""A lean phi-2 / phixtral decoder: parallel blocks, partial rotary, a static KV cache, the MoE layer from phixtral_kernels.
+"""A lean phi-2 / phixtral decoder: parallel blocks, partial rotary, a static KV cache, the MoE layer from
+phixtral_kernels.
 
 What is special about this family:
-    - one LayerNorm feeds both attention and the MLP, and both outputs join the residual: x = x + attn(ln(x)) + moe(ln(x));
+    - one LayerNorm feeds both attention and the MLP, and both outputs join the residual:
+      x = x + attn(ln(x)) + moe(ln(x));
     - rotary embeddings touch only the first rotary_dim dims of each head (32 of 80 for phi-2), NeoX half-split;
     - phi-2's attention scores overflow fp16 in the late layers, so attention runs in fp32 when the model runs in fp16
       (attention_upcast="scores" instead keeps q, k, v in fp16 and pre-scales q so that no fp16 product overflows);
@@ -54,7 +56,8 @@ class KVCache(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """NeoX half-split rotary on the first 2 * cos.shape[-1] dims of x [B, S, H, hd]; cos, sin [B, S, 1, rotary_dim / 2] fp32.
+    """NeoX half-split rotary on the first 2 * cos.shape[-1] dims of x [B, S, H, hd]; cos, sin [B, S, 1, rotary_dim / 2]
+    fp32.
 
     Computed in fp32 and cast back, so fp16 models rotate as accurately as fp32 ones.
     """
@@ -75,7 +78,8 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_head_kv) * self.head_dim)
         self.out_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd)
         self.kv_cache: Optional[KVCache] = None
-        # "scores": q times 2^-floor(log2(sqrt(hd))), exact in fp16; SDPA's scale is the rest of 1/sqrt(hd), in (1/2, 1].
+        # "scores": q times 2^-floor(log2(sqrt(hd))), exact in fp16; SDPA's scale is the rest of 1/sqrt(hd), in
+        # (1/2, 1].
         self.prescale = 2.0 ** -math.floor(math.log2(math.sqrt(self.head_dim)))
 
     @property
@@ -84,7 +88,8 @@ class Attention(nn.Module):
         return self.runtime.attention_upcast
 
     def forward(self, x, cos, sin, mask, input_pos):
-        # x [B, S, D]; cos, sin [B, S, 1, rotary_dim / 2]; mask [B, 1, S, L] bool or None (causal); input_pos [S] or None
+        # x [B, S, D]; cos, sin [B, S, 1, rotary_dim / 2]; mask [B, 1, S, L] bool or None (causal);
+        # input_pos [S] or None
         B, S, _ = x.shape
         hd = self.head_dim
         qk, v = self.Wqkv(x).split([(self.n_head + self.n_head_kv) * hd, self.n_head_kv * hd], dim=-1)
@@ -109,9 +114,9 @@ class Attention(nn.Module):
             # pre-scaled, a kernel that stores q.k^T in fp16 holds at most twice the final score, not 9x (hd = 80).
             q, scale = q * self.prescale, scale / self.prescale
         elif q.dtype == torch.float16:
-            # phi-2's q.k^T exceeds the fp16 range in the late layers (NaN logits); the original code upcasts the same way.
-            # Upcasting q, k, v costs an fp32 copy of the cache per step, small next to reading the weights at batch 1;
-            # bf16 has the range and stays as it is.
+            # phi-2's q.k^T exceeds the fp16 range in the late layers (NaN logits); the original code upcasts the
+            # same way. Upcasting q, k, v costs an fp32 copy of the cache per step, small next to reading the weights
+            # at batch 1; bf16 has the range and stays as it is.
             q, k, v = q.float(), k.float(), v.float()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
         y = y.transpose(1, 2).reshape(B, S, self.n_head * hd).to(x.dtype)  # [B, S, H * hd]
@@ -242,14 +247,15 @@ class Phixtral(nn.Module):
         (full disk, Ctrl-C) leaves `folder` as it was, and no file of an earlier checkpoint survives a successful save.
         overwrite: replace an existing checkpoint folder (one with a config.json and no subfolders; any other non-empty
         folder is refused); False refuses every non-empty folder. Arguments are checked before anything is written.
-        A generation_config.json carries `eos_token_ids` when the tokenizer and config.json do not already name them all.
+        A generation_config.json carries `eos_token_ids` when the tokenizer and config.json do not name them all.
         sources: folders `folder` may not be, contain or lie inside (what a command read its inputs from); the folder
             the model was loaded from is always one of them, so a save can never replace (or delete files of) its own
             source.
         extra_files: {file name: text} written beside the checkpoint, in the same atomic write (e.g. a training log).
         Returns the shard paths.
         """
-        from .weights import check_checkpoint_destination, checkpoint_dtype, eos_token_ids, write_msft_files
+        from .checkpoint_writer import check_checkpoint_destination, checkpoint_dtype, write_msft_files
+        from .weights import eos_token_ids
 
         dtype = checkpoint_dtype(dtype)
         if dtype is None and self.source_dtype is not None and self.source_dtype != self.dtype:
@@ -327,8 +333,8 @@ class Phixtral(nn.Module):
         self.decode_graphs = None  # captured over the module it replaces
 
     def pack_for_cpu(self) -> None:
-        """Repack the packed Linears for torch's CPU int8 / int4 kernels now (a bfloat16 model on the CPU) rather than at
-        their first call; from_pretrained does this. A no-op for other models."""
+        """Repack the packed Linears for torch's CPU int8 / int4 kernels now (a bfloat16 model on the CPU) rather than
+        at their first call; from_pretrained does this. A no-op for other models."""
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:
             return
         probe = torch.empty(0, 0, dtype=torch.bfloat16)
@@ -429,7 +435,7 @@ class Phixtral(nn.Module):
 
         input_ids [B, S] int64.
         attention_mask [B, L] (1 real token, 0 left pad) or None: L = S without a cache, L = cache_length with one.
-        input_pos [S] int64: the cache slots these tokens fill (generation); None runs the whole sequence without a cache.
+        input_pos [S] int64: the cache slots these tokens fill (generation); None runs the whole sequence, no cache.
         """
         if input_pos is None:
             _check_ids(input_ids, self.config.vocab_size)

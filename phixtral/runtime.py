@@ -14,14 +14,15 @@ import torch
 
 from phixtral_kernels import BACKENDS, triton_unavailable_reason
 
-# How an fp16 model's attention avoids phi-2's overflow of q.k^T (see model.Attention.forward): "fp32" upcasts q, k and v
-# (the original code's way; it copies the whole cache to fp32 every step), "scores" keeps them in fp16 and pre-scales q.
+# How an fp16 model's attention avoids phi-2's overflow of q.k^T (see model.Attention.forward): "fp32" upcasts q, k
+# and v (the original code's way; it copies the whole cache to fp32 every step), "scores" keeps them in fp16 and
+# pre-scales q.
 ATTENTION_UPCAST = ("fp32", "scores")
 CUDA_GRAPH_MODES = ("auto", True, False)
 
 
 def check_cuda_graph(value, name: str = "cuda_graph") -> None:
-    """ValueError unless value is "auto", True or False (1, "on", None, ... are refused: they read as something else)."""
+    """ValueError unless value is "auto", True or False (1, "on", None, ... are refused: they mean something else)."""
     if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
         raise ValueError(f"{name} must be 'auto', True or False, got {value!r}")
 

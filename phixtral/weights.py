@@ -1,7 +1,8 @@
-"""Checkpoint folders <-> Phixtral: hub resolution, checking the files, tensor-by-tensor loading, phi-msft writing.
+"""Checkpoint folders -> Phixtral: hub resolution, checking the files, tensor-by-tensor loading.
 
 The key layouts and the map from checkpoint names to model tensors are in phixtral/layouts.py (detected from the tensor
-names, then checked against config.json); the same map, read backwards, writes the phi-msft files.
+names, then checked against config.json); the same map, read backwards, writes the phi-msft files
+(phixtral/checkpoint_writer.py, whose names stay importable from here).
 
 Loading builds the model on the meta device, allocates it once on the target device in the target dtype, then copies
 tensor by tensor out of the memory-mapped safetensors files: peak host memory stays near one copy of the model.
@@ -9,19 +10,25 @@ Quantized checkpoints load the same way, into packed modules where a Linear is q
 phixtral.quant which format a folder holds and leaves the format's tensors to the format object's hooks.
 """
 
-import json
 import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from . import quant
-from .atomic import atomic_folder, check_destination, missing_folder_hint
+from .atomic import missing_folder_hint
+from .checkpoint_writer import (  # noqa: F401  (importable from here, their former home)
+    _DTYPES,
+    _name_list,
+    check_checkpoint_destination,
+    checkpoint_dtype,
+    save_msft_checkpoint,
+    write_msft_files,
+)
 from .config import PhixtralConfig
 from .layouts import (
     IGNORED_SUFFIXES,
@@ -39,12 +46,6 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "vocab.json", "merges.t
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # Loads above this size show a progress bar (a few hundred MB take about a second from a warm page cache).
 _PROGRESS_MIN_BYTES = 256 * 2**20
-_DTYPES = {
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}  # fmt: skip
-_SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def default_model_path() -> Path:
@@ -55,7 +56,7 @@ def default_model_path() -> Path:
 # --- reading files, with errors that name them ---------------------------------------------------------------------
 @contextmanager
 def open_safetensors(file: Path, device: str = "cpu"):
-    """safetensors' safe_open; a truncated or corrupt file (on open or on a tensor read) raises a ValueError naming it."""
+    """safetensors' safe_open; a truncated or corrupt file (on open or on a tensor read) is a ValueError naming it."""
     try:
         with safe_open(file, framework="pt", device=device) as f:
             yield f
@@ -63,9 +64,9 @@ def open_safetensors(file: Path, device: str = "cpu"):
         raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
-# --- finding the files -------------------------------------------------------------------------------------------------
+# --- finding the files ------------------------------------------------------------------------------------------------
 def resolve_checkpoint(path_or_id: Union[str, os.PathLike]) -> Path:
-    """A local checkpoint folder, or a hub id fetched with huggingface_hub (json, safetensors and tokenizer files only)."""
+    """A local checkpoint folder, or a hub id fetched with huggingface_hub (json, safetensors, tokenizer files only)."""
     if not isinstance(path_or_id, (str, os.PathLike)):
         raise TypeError(f"model must be a folder path or a hub id (str), got {type(path_or_id).__name__}")
     path = Path(path_or_id).expanduser()
@@ -126,12 +127,6 @@ def checkpoint_files(folder: Path) -> list[Path]:
         hint = f" (found {other}: convert them to safetensors)" if other else ""
         raise ValueError(f"no *.safetensors files in {folder}{hint}")
     return files
-
-
-def _name_list(names, limit=20) -> str:
-    names = sorted(names)
-    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def inspect_checkpoint(folder: Path, config: PhixtralConfig) -> tuple[list[Path], str, dict[str, Target]]:
@@ -303,9 +298,11 @@ def load_tokenizer(folder: Path):
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # AutoTokenizer warns that it does not know model_type 'phi-msft'; it does not need to
+    # AutoTokenizer warns that it does not know model_type 'phi-msft'; it does not need to.
+    hf_logging.set_verbosity_error()
     try:
-        # Never run code shipped with a checkpoint: phixtral's config.json carries an auto_map for its remote modeling code.
+        # Never run code shipped with a checkpoint: phixtral's config.json carries an auto_map for its remote modeling
+        # code.
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:
         raise RuntimeError(f"could not load the tokenizer in {folder}: {type(e).__name__}: {e}") from e
@@ -395,135 +392,3 @@ def stored_float_dtype(files: list[Path]) -> Optional[torch.dtype]:
                 if stored in _STORED_DTYPES:
                     counts[_STORED_DTYPES[stored]] = counts.get(_STORED_DTYPES[stored], 0) + 1
     return max(counts, key=counts.get) if counts else None
-
-
-# --- writing ---------------------------------------------------------------------------------------------------------
-def checkpoint_dtype(dtype) -> Optional[torch.dtype]:
-    """The dtype to write a checkpoint in: None (keep the model's), torch.float16 / bfloat16 / float32 or one of their
-    names ("float16", "fp16", "bf16", ...). Anything else is a ValueError naming `dtype`."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    if isinstance(dtype, torch.dtype) and dtype in _SAVE_DTYPES:
-        return dtype
-    raise ValueError(
-        f"dtype must be None, torch.float16, torch.bfloat16, torch.float32 or one of {sorted(_DTYPES)}; got {dtype!r}"
-    )
-
-
-def check_checkpoint_destination(folder, *, overwrite: bool, sources=()) -> Path:
-    """`folder` resolved if a checkpoint may be written there, else one ValueError naming it (nothing is written).
-
-    A missing or empty folder is always fine. With `overwrite`, an existing folder is replaced whole, so it must look
-    like a checkpoint: a config.json and no subfolders (a `.git`, a folder of runs, ... are never deleted).
-    Without `overwrite` a non-empty folder is refused. `sources`: see `phixtral.atomic.check_destination`.
-    """
-    real = check_destination(folder, overwrite=overwrite, sources=sources)
-    if real.is_dir() and any(real.iterdir()):
-        sub = sorted(p.name for p in real.iterdir() if p.is_dir())
-        if sub or not (real / "config.json").is_file():
-            why = f"it holds the subfolder {sub[0]!r}" if sub else "it has no config.json"
-            raise ValueError(
-                f"{folder} is not empty and does not look like a checkpoint folder ({why}); refusing to replace it: "
-                "choose a new or empty folder"
-            )
-    return real
-
-
-def write_msft_files(
-    folder: Path,
-    state: Mapping[str, torch.Tensor],
-    config: PhixtralConfig,
-    *,
-    dtype: Optional[torch.dtype] = None,
-    max_shard_bytes: int = 4 * 2**30,
-    quantization=None,
-) -> list[Path]:
-    """The files of `save_msft_checkpoint`, written straight into an existing folder (the temporary one of
-    `atomic_folder`): shards, index and config.json. Returns the shard paths.
-
-    quantization: the format (phixtral.quant, e.g. a GPTQConfig; `Phixtral.quantization`) when `state` holds packed
-    modules: the format names their tensors and writes its settings. GPTQ writes AutoGPTQ's v1 layout (int32 tensors as
-    they are, scales in fp16, biases in `dtype`), with quantize_config.json and config.json's quantization_config."""
-    folder = Path(folder)
-    mapping = checkpoint_map(config, "phi-msft-moe" if config.is_moe else "phi-msft-dense")
-    if quantization is not None:
-        mapping = quantization.save_map(mapping, state)
-    needed = {t.param for t in mapping.values() if not t.optional}  # the format derives the optional ones
-    missing = needed - state.keys()
-    if missing:
-        raise ValueError(f"state lacks tensors the phi-msft layout needs: {_name_list(missing)}")
-    dtype = checkpoint_dtype(dtype) or state["wte.weight"].dtype
-
-    def tensor(name):
-        t = mapping[name]
-        return state[t.param][t.index] if quantization is None else quantization.checkpoint_tensor(state, name, t)
-
-    def file_dtype(name):
-        return dtype if quantization is None else quantization.file_dtype(name, dtype)
-
-    # Group by size first (no data read), so that file names can carry the shard count.
-    shards, size = [[]], 0
-    for name in mapping:
-        t = tensor(name)
-        nbytes = t.numel() * (t.element_size() if not t.is_floating_point() else file_dtype(name).itemsize)
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    n = len(shards)
-    weight_map, total, paths = {}, 0, []
-    for i, names in enumerate(shards, 1):
-        path = folder / f"model-{i:05d}-of-{n:05d}.safetensors"
-        tensors = {name: _file_tensor(tensor(name), file_dtype(name)) for name in names}
-        try:
-            save_file(tensors, str(path), metadata={"format": "pt"})
-        except SafetensorError as e:  # safetensors reports a full disk as its own error, not as an OSError
-            raise OSError(f"writing {path.name}: {e}") from e
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update({name: path.name for name in names})
-        paths.append(path)
-        del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    config_dict = config.to_msft_dict()
-    config_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
-    if quantization is not None:
-        quantization.write_settings(folder, config_dict)
-    (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
-    return paths
-
-
-def _file_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A CPU copy to write: floats in `dtype`, a format's packed words and indices as they are."""
-    # copy=True: expert slices share their stacked storage, which save_file refuses.
-    return t.detach().to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype, copy=True).contiguous()
-
-
-def save_msft_checkpoint(
-    folder,
-    state: Mapping[str, torch.Tensor],
-    config: PhixtralConfig,
-    *,
-    dtype=None,
-    max_shard_bytes: int = 4 * 2**30,
-    overwrite: bool = True,
-) -> list[Path]:
-    """Write a model state in the phi-msft layout (what phixtral ships and what the merge tool produces).
-
-    state: tensors under the model's own names (`Phixtral.state_dict()`), experts stacked.
-    dtype: None (the state's), torch.float16 / bfloat16 / float32 or their names ("float16", "bf16", ...).
-    Writes model-0000i-of-0000n.safetensors (shards of at most max_shard_bytes, tensors whole), model.safetensors.index.json
-    and config.json (`config.to_msft_dict()`); MoE layout when config has more than one expert, dense otherwise.
-    The files go to a temporary folder next to `folder` that replaces it whole once complete (`phixtral.atomic`): a
-    failure leaves `folder` as it was, and no file of an earlier checkpoint there survives a successful save.
-    overwrite: replace an existing checkpoint folder (see `check_checkpoint_destination`); False refuses a non-empty one.
-    Returns the shard paths.
-    """
-    dtype = checkpoint_dtype(dtype)
-    check_checkpoint_destination(folder, overwrite=overwrite)
-    with atomic_folder(folder, overwrite=overwrite) as tmp:
-        written = write_msft_files(tmp, state, config, dtype=dtype, max_shard_bytes=max_shard_bytes)
-    return [Path(folder) / p.name for p in written]

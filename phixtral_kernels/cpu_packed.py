@@ -20,9 +20,10 @@ How a QuantizedExperts maps onto them (q the stored code, z the zero point, s th
                       over the largest of these that divides them.
 Scales become bfloat16 (the op computes in x's dtype): GPTQ's fp16 scales lose 3 mantissa bits, a relative 2^-9, below
 a 4-bit step and about one 8-bit rounding step. Accumulation is fp32 inside the ops.
-Shapes the ops refuse (int4: N % 16; K % 32) and torch builds without the ops get a reason from `cpu_packing_unsupported`
-and the caller dequantizes instead. The ops cost time in proportion to the rows, dequantizing does not: callers use them up to
-PACKED_MAX_ROWS[mode] rows (decode and short prompts), and dequantize for longer prefills.
+Shapes the ops refuse (int4: N % 16; K % 32) and torch builds without the ops get a reason from
+`cpu_packing_unsupported` and the caller dequantizes instead. The ops cost time in proportion to the rows, dequantizing
+does not: callers use them up to PACKED_MAX_ROWS[mode] rows (decode and short prompts), and dequantize for longer
+prefills.
 """
 
 from dataclasses import dataclass

@@ -7,10 +7,11 @@ PHIXTRAL_MOE_DECODE_PATH=legacy selects the six-launch chain it replaced, to tim
 Backends:
     "triton"  the Triton kernels: compiled for CUDA tensors, interpreted for CPU tensors under TRITON_INTERPRET=1.
               No host sync anywhere, so a decode step can be captured in a CUDA graph.
-    "torch"   the same sorted pipeline in vectorized PyTorch (one GEMM pair per expert, no loop over tokens): the fast path
-              on CPUs. It reads the per-expert counts on the host, so it syncs on CUDA tensors.
+    "torch"   the same sorted pipeline in vectorized PyTorch (one GEMM pair per expert, no loop over tokens): the fast
+              path on CPUs. It reads the per-expert counts on the host, so it syncs on CUDA tensors.
     "naive"   the original phixtral loop (`naive_moe`).
-    "auto"    "triton" where it can run (CUDA, or the interpreter on CPU) and the dtype is fp16, bf16 or fp32, else "torch".
+    "auto"    "triton" where it can run (CUDA, or the interpreter on CPU) and the dtype is fp16, bf16 or fp32, else
+              "torch".
 
 Quantized experts: w1 and / or w2 may be a `QuantizedExperts` (quant.py). "triton" dequantizes weight tiles inside the
 grouped GEMMs' K loop; "torch" runs torch's packed CPU kernels when the container carries them (cpu_packed.py: bfloat16
@@ -89,11 +90,14 @@ def _expert_linear(x: torch.Tensor, w, e: int, bias) -> torch.Tensor:
 def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
     """The phixtral MoE layer: x [T, D] -> [T, D] in x's dtype.
 
-    gate_weight [E, D] (router, no bias); w1 [E, F, D], b1 [E, F], w2 [E, D, F], b2 [E, D] (stacked torch Linear weights).
+    gate_weight [E, D] (router, no bias); w1 [E, F, D], b1 [E, F], w2 [E, D, F], b2 [E, D] (stacked torch Linear
+    weights).
     logits = x @ gate_weight^T; top-k over the raw logits (ties to the lowest expert index); softmax over the k picks;
     out[t] = sum_k w[t, k] * (gelu_tanh(x[t] @ w1[e]^T + b1[e]) @ w2[e]^T + b2[e]).
     w1, w2: float stacks or QuantizedExperts of the same shapes (weight-only quantization, see quant.py).
-    backend: "auto", "triton", "torch" or "naive" (see the module docstring).
+    backend: "auto", "triton", "torch" or "naive" (see the module docstring). The Triton decode chain sums the logits
+    in its routing kernel, in another order than the torch matmul of the other paths: experts whose logits lie within
+    an ulp of x's dtype may be picked differently there (exact ties go to the lowest index everywhere).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -135,8 +139,8 @@ def quantized_linear(x: torch.Tensor, w: QuantizedExperts, bias=None, *, backend
 
     "triton" runs the MoE's grouped GEMM as one expert at top-1 (an identity slot map built from shapes alone: no host
     sync), dequantizing inside its K loop; "torch" and "naive" take torch's packed CPU kernels when w carries them
-    (w.cpu_packed: bfloat16 rows on the CPU, up to its max_rows), else dequantize to x's dtype and call F.linear. "auto" picks
-    as fused_moe does (torch when grad is needed).
+    (w.cpu_packed: bfloat16 rows on the CPU, up to its max_rows), else dequantize to x's dtype and call F.linear.
+    "auto" picks as fused_moe does (torch when grad is needed).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -161,8 +165,11 @@ def quantized_linear(x: torch.Tensor, w: QuantizedExperts, bias=None, *, backend
     if T == 0:
         return out[0]
     config = moe_gemm_configs(T, 1, 1)[0]
-    launch_grouped_gemm(x, w, None if bias is None else bias[None], out, _identity_routing(T, config.block_m, x.device), config,
-                        gather_a=True, scatter_c=True, activation="", mul_routing_weight=False)  # fmt: skip
+    routing = _identity_routing(T, config.block_m, x.device)
+    bias = None if bias is None else bias[None]
+    launch_grouped_gemm(
+        x, w, bias, out, routing, config, gather_a=True, scatter_c=True, activation="", mul_routing_weight=False
+    )
     return out[0]
 
 

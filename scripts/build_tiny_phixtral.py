@@ -1,4 +1,4 @@
-"""Rebuild the bundled tiny phixtral (phixtral/assets/tiny-phixtral) from the Python standard library's source, on a CPU.
+"""Rebuild the bundled tiny phixtral (phixtral/assets/tiny-phixtral) from the standard library's source, on a CPU.
 
     python scripts/build_tiny_phixtral.py             # about 15 minutes on 2 CPU cores
 
@@ -121,7 +121,7 @@ def phi_config(args, tokenizer):
 
 def train(model, stream: torch.Tensor, *, steps: int, lr: float, warmup: int, batch_size: int, seq_len: int, seed: int,
           log: Log, tag: str, log_every: int) -> float:  # fmt: skip
-    """AdamW on random windows of the stream, linear warmup then cosine decay to lr / 10. Returns the last logged loss."""
+    """AdamW on random stream windows, linear warmup then cosine decay to lr / 10. Returns the last logged loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -152,7 +152,8 @@ def train(model, stream: torch.Tensor, *, steps: int, lr: float, warmup: int, ba
             last = running / n
             dt = time.time() - t0
             log(
-                f"    {tag} step {step:4d}/{steps}  loss {last:.3f}  lr {lr * scale:.2e}  {dt:6.0f} s  {step * batch_size * seq_len / dt:6.0f} tok/s"
+                f"    {tag} step {step:4d}/{steps}  loss {last:.3f}  lr {lr * scale:.2e}  {dt:6.0f} s  "
+                f"{step * batch_size * seq_len / dt:6.0f} tok/s"
             )
             running = 0.0
     model.eval()
@@ -241,7 +242,8 @@ def build_merged(args, work: Path, merged: Path, log: "Log") -> tuple[dict, Path
     log("[1] stdlib slices (pieces of ~16 KB, every 10th held out) and the tokenizer")
     for row in describe_slices():
         log(
-            f"    {row['slice']:8s} {row['files']:4d} files {row['pieces']:4d} pieces  train {row['train_chars']:>9,d} chars  held out {row['heldout_chars']:>8,d} chars"
+            f"    {row['slice']:8s} {row['files']:4d} files {row['pieces']:4d} pieces  "
+            f"train {row['train_chars']:>9,d} chars  held out {row['heldout_chars']:>8,d} chars"
         )
     train_texts = {s: slice_texts(s, "train") for s in EXPERT_SLICES + ("general",)}
     t = time.time()
@@ -258,13 +260,15 @@ def build_merged(args, work: Path, merged: Path, log: "Log") -> tuple[dict, Path
     n_params = sum(p.numel() for p in model.parameters())
     tokens = args.pretrain_steps * args.batch_size * args.seq_len
     log()
-    log(f"[2] base: PhiForCausalLM {n_params / 1e6:.2f} M parameters (n_embd {args.n_embd}, {args.n_layer} layers, {args.n_head} heads, "
+    log(f"[2] base: PhiForCausalLM {n_params / 1e6:.2f} M parameters "
+        f"(n_embd {args.n_embd}, {args.n_layer} layers, {args.n_head} heads, "
         f"rotary {args.n_embd // args.n_head // 2} of {args.n_embd // args.n_head} dims), pretrained on general: "
         f"{args.pretrain_steps} steps x {args.batch_size} x {args.seq_len} = {tokens:,d} tokens "
         f"({tokens / streams['general'].numel():.2f} epochs)")  # fmt: skip
     t = time.time()
-    train(model, streams["general"], steps=args.pretrain_steps, lr=args.pretrain_lr, warmup=30, batch_size=args.batch_size,
-          seq_len=args.seq_len, seed=args.seed, log=log, tag="base", log_every=25)  # fmt: skip
+    train(model, streams["general"], steps=args.pretrain_steps, lr=args.pretrain_lr, warmup=30,
+          batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, log=log, tag="base",
+          log_every=25)  # fmt: skip
     save_hf(model, tokenizer, work / "base")
     times = {"pretrain": time.time() - t}
     log(f"    pretraining took {times['pretrain']:.0f} s")
@@ -273,8 +277,8 @@ def build_merged(args, work: Path, merged: Path, log: "Log") -> tuple[dict, Path
     # 3. experts
     log()
     tokens = args.expert_steps * args.batch_size * args.seq_len
-    log(f"[3] experts: the base with only mlp.fc1 / mlp.fc2 trainable, {args.expert_steps} steps x {args.batch_size} x {args.seq_len} "
-        f"= {tokens:,d} tokens each")  # fmt: skip
+    log("[3] experts: the base with only mlp.fc1 / mlp.fc2 trainable, "
+        f"{args.expert_steps} steps x {args.batch_size} x {args.seq_len} = {tokens:,d} tokens each")  # fmt: skip
     t = time.time()
     for i, s in enumerate(EXPERT_SLICES):
         model = PhiForCausalLM.from_pretrained(str(work / "base"), dtype=torch.float32)
@@ -338,6 +342,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     log = Log()
     work, out = args.work.resolve(), args.out.resolve()
+    work_shown = work.relative_to(ROOT) if work.is_relative_to(ROOT) else work
     work.mkdir(parents=True, exist_ok=True)
     log("# Build log of the bundled tiny phixtral")
     log()
@@ -347,7 +352,8 @@ def main(argv=None) -> int:
     log("```")
     log(f"started   {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     log(
-        f"python {python_version()}  torch {torch.__version__}  transformers {transformers.__version__}  tokenizers {tokenizers.__version__}"
+        f"python {python_version()}  torch {torch.__version__}  transformers {transformers.__version__}  "
+        f"tokenizers {tokenizers.__version__}"
     )
     log(f"machine   {platform.machine()} {platform.processor() or ''}  torch threads {torch.get_num_threads()}")
     log(f"args      {json.dumps({k: str(v) for k, v in vars(args).items()})}")
@@ -358,9 +364,7 @@ def main(argv=None) -> int:
     merged, steps_log = work / "merged", work / "BUILD_LOG.steps-1-4.md"
     if args.reuse_work and (merged / "config.json").is_file() and steps_log.is_file():
         log()
-        log(
-            f"[1-4] reused from {work.relative_to(ROOT) if work.is_relative_to(ROOT) else work} (--reuse-work): the log of the run that built them"
-        )
+        log(f"[1-4] reused from {work_shown} (--reuse-work): the log of the run that built them")
         for line in steps_log.read_text().splitlines():
             log(line)
         times = {}
@@ -374,7 +378,8 @@ def main(argv=None) -> int:
     log()
     argv_router = ["train-router", "--model", str(merged), "--data", "stdlib", "--steps", str(args.router_steps),
                    "--lr", str(args.router_lr), "--aux-loss-coef", str(args.router_aux_loss_coef),
-                   "--domain-loss-coef", str(args.router_domain_loss_coef), "--expert-data", *EXPERT_SLICES, "--seed", str(args.seed),
+                   "--domain-loss-coef", str(args.router_domain_loss_coef), "--expert-data", *EXPERT_SLICES,
+                   "--seed", str(args.seed),
                    "--seq-len", str(ROUTER["seq_len"]), "--batch-size", str(ROUTER["batch_size"]),
                    "--eval-every", str(ROUTER["eval_every"]), "--backend", "torch", "--device", "cpu",
                    "--out", str(out), "--overwrite", "--no-progress"]  # fmt: skip
@@ -388,7 +393,8 @@ def main(argv=None) -> int:
     times["router"] = time.time() - t
     shutil.copy2(recipe, out / "merge-recipe.yaml")
     log(
-        f"    train-router took {times['router']:.0f} s; recipe copied to merge-recipe.yaml (model paths relative to {work.relative_to(ROOT) if work.is_relative_to(ROOT) else work})"
+        f"    train-router took {times['router']:.0f} s; recipe copied to merge-recipe.yaml "
+        f"(model paths relative to {work_shown})"
     )
     size = 0
     for f in sorted(out.iterdir()):

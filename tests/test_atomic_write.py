@@ -23,7 +23,7 @@ from phi_checkpoints import make_phi
 
 import phixtral
 import phixtral.atomic
-import phixtral.weights
+import phixtral.checkpoint_writer
 from phixtral.atomic import atomic_folder, leftovers
 from phixtral.cli import main as cli_main
 from phixtral.commands.merge import RecipeError, merge, parse_recipe
@@ -187,8 +187,9 @@ def test_refused_destinations_are_named_and_nothing_is_created(tmp_path):
 
 # --- save_pretrained -------------------------------------------------------------------------------------------------
 def fail_at_call(monkeypatch, k: int, error: BaseException):
-    """Make phixtral.weights' save_file write calls 1..k-1 normally, then leave half a file and raise on call k."""
-    real, calls = phixtral.weights.save_file, []
+    """Make the checkpoint writer's save_file write calls 1..k-1 normally, then leave half a file and raise on call
+    k."""
+    real, calls = phixtral.checkpoint_writer.save_file, []
 
     def save_file(tensors, path, metadata=None):
         calls.append(path)
@@ -199,7 +200,7 @@ def fail_at_call(monkeypatch, k: int, error: BaseException):
             raise error
         real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(phixtral.weights, "save_file", save_file)
+    monkeypatch.setattr(phixtral.checkpoint_writer, "save_file", save_file)
     return calls
 
 

@@ -61,8 +61,8 @@ DTYPES = ("float16", "bfloat16", "float32", "fp16", "bf16", "fp32", "half", "flo
 MODEL_HELP = "checkpoint folder or hub id owner/name"
 BUNDLED = "the bundled tiny phixtral"
 HELP = {
-    "--dtype": "float16, bfloat16 or float32; fp16, bf16, fp32, half and float are aliases (default: float32 on the CPU, "
-    "bfloat16 there for a GPTQ checkpoint, else the checkpoint's)",
+    "--dtype": "float16, bfloat16 or float32; fp16, bf16, fp32, half and float are aliases "
+    "(default: float32 on the CPU, bfloat16 there for a GPTQ checkpoint, else the checkpoint's)",
     "--device": "cpu, cuda, cuda:1, ... (default: cuda when available)",
     "--backend": "MoE implementation",
     "--experts-per-tok": "experts run per token, 1 to the model's experts (default: the config's num_experts_per_tok)",
@@ -190,7 +190,7 @@ def check_out(out, *, overwrite: bool, sources=()) -> None:
     from pathlib import Path
 
     from ..atomic import check_destination
-    from ..weights import check_checkpoint_destination
+    from ..checkpoint_writer import check_checkpoint_destination
 
     out = Path(out)
     check_destination(out, overwrite=True, sources=sources)  # a file or a source: refused even with --overwrite

@@ -154,8 +154,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "eval",
         help="perplexity on a text file or a held-out slice of the Python standard library",
         description="Perplexity of one or more models on text files (--data) or on the held-out part of stdlib slices "
-        f"(--stdlib-slice, one of {', '.join(SLICES)} or 'all' = {', '.join(EXPERT_SLICES)}). Prints a table (perplexity; "
-        "a 'mean' column over the datasets) and one JSON line with every number.",
+        f"(--stdlib-slice, one of {', '.join(SLICES)} or 'all' = {', '.join(EXPERT_SLICES)}). "
+        "Prints a table (perplexity; a 'mean' column over the datasets) and one JSON line with every number.",
     )
     p.add_argument("--data", action="append", default=None, help="a UTF-8 text file, one document (repeatable)")
     p.add_argument("--stdlib-slice", action="append", default=None, help="a stdlib slice name or 'all' (repeatable)")
@@ -198,7 +198,8 @@ def run(args) -> int:
             )  # fmt: skip
             results.append(r)
             print(
-                f"{name} | {data}: perplexity {r.perplexity:.3f} over {r.tokens} tokens ({r.bits_per_byte:.3f} bits/byte)",
+                f"{name} | {data}: perplexity {r.perplexity:.3f} over {r.tokens} tokens "
+                f"({r.bits_per_byte:.3f} bits/byte)",
                 file=sys.stderr,
             )
         del model

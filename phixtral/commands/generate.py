@@ -65,5 +65,6 @@ def check_room(args, model) -> None:
     if 0 < S < n < S + args.max_new_tokens:
         flag_error(
             args.parser, "--max-new-tokens",
-            f"the prompt's {S} tokens + {args.max_new_tokens} exceed the model's n_positions ({n}): at most {n - S} fit",
+            f"the prompt's {S} tokens + {args.max_new_tokens} exceed the model's n_positions ({n}): "
+            f"at most {n - S} fit",
         )  # fmt: skip

@@ -6,7 +6,8 @@ Without --prompt nothing but the file headers and the router weights is read, so
     dtype         of the tensors in the files
     router        per layer: the largest cosine similarity between two experts' gate rows, the gate row norms, and
                   pairs flagged IDENTICAL (the same direction: their logits tie on every token; what that costs
-                  depends on top_k, see `merge.tie_consequence`) or near-identical (cosine >= 0.99: they are picked almost always together or not at all).
+                  depends on top_k, see `merge.tie_consequence`) or near-identical (cosine >= 0.99: they are
+                  picked almost always together or not at all).
 With --prompt (or --stdlib-slice, the first --max-tokens of a slice's held-out text) the model runs on that text and,
 per layer, counts the tokens routed to each expert (top_k slots per token, ties to the lowest index as in
 phixtral_kernels).
@@ -143,8 +144,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "inspect",
         help="config, parameter counts, dtype and router health of a checkpoint",
         description="Print a checkpoint's config, parameter counts (total and active per token), dtype and, per layer, "
-        "the router's health (identical or near-identical gate rows flagged); with --prompt, how many tokens each expert "
-        "receives in each layer (--dtype, --device, --backend and --threads apply to that run).",
+        "the router's health (identical or near-identical gate rows flagged); with --prompt, how many tokens each "
+        "expert receives in each layer (--dtype, --device, --backend and --threads apply to that run).",
     )
     p.add_argument(
         "--prompt",
@@ -156,7 +157,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--max-tokens", type=int_at_least(1), default=4096, help="tokens of --stdlib-slice to route")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
-    # The report gives the checkpoint's own top-k, so --experts-per-tok would contradict it; the rest applies to --prompt.
+    # The report gives the checkpoint's own top-k, so --experts-per-tok would contradict it; the rest applies to
+    # --prompt.
     add_model_args(p, experts=False)
     p.set_defaults(func=run)
     return p
@@ -181,7 +183,8 @@ def run(args) -> int:
     if args.json:
         out = {
             "folder": str(s["folder"]), "layout": s["layout"], "config": config.to_msft_dict(),
-            "params_total": s["params_total"], "params_active": s["params_active"], "params_per_expert": s["params_per_expert"],
+            "params_total": s["params_total"], "params_active": s["params_active"],
+            "params_per_expert": s["params_per_expert"],
             "dtypes": s["dtypes"], "router": health, "expert_tokens": counts, "first_pick_weight": first_weight,
         }  # fmt: skip
         print(json.dumps(out))
@@ -189,7 +192,8 @@ def run(args) -> int:
     print(f"checkpoint  {s['folder']}  ({s['layout']} layout)")
     print("config      " + json.dumps(config.to_msft_dict()))
     print(f"parameters  {_fmt_count(s['params_total'])} total, {_fmt_count(s['params_active'])} active per token "
-          f"({E} expert(s), top-{k}; one expert's fc1 + fc2 in all layers: {_fmt_count(s['params_per_expert'])})")  # fmt: skip
+          f"({E} expert(s), top-{k}; one expert's fc1 + fc2 in all layers: "
+          f"{_fmt_count(s['params_per_expert'])})")  # fmt: skip
     print("dtype       " + ", ".join(f"{d} ({_fmt_count(n)} parameters)" for d, n in s["dtypes"].items()))
     if E == 1:
         print("router      none: a dense model (one expert)")
@@ -210,8 +214,8 @@ def run(args) -> int:
         print(f"WARNING: {bad_layers} of {len(health)} layers have identical gate rows: {tie_consequence(E, k)}.")
     if counts is not None:
         slots = sum(counts[0])
-        print(f"tokens per expert on {what} ({slots // k} tokens, top-{k}: {slots} slots per layer; share of the slots; "
-              "mean routing weight of each token's first pick)")  # fmt: skip
+        print(f"tokens per expert on {what} ({slots // k} tokens, top-{k}: {slots} slots per layer; "
+              "share of the slots; mean routing weight of each token's first pick)")  # fmt: skip
         print("  layer  " + "  ".join(f"{'e' + str(e):>13s}" for e in range(E)) + "  first pick")
         for layer, c in enumerate(counts):
             print(

@@ -1,4 +1,4 @@
-"""`phixtral merge RECIPE.yaml --out DIR`: build a phixtral MoE from dense phi-2 checkpoints, from a mergekit MoE recipe.
+"""`phixtral merge RECIPE.yaml --out DIR`: build a phixtral MoE from dense phi-2 checkpoints as a mergekit recipe says.
 
 The recipe is mergekit's (mixtral branch) MoE format:
     base_model: path                    embeddings, attention, LayerNorms and the head come from here
@@ -13,14 +13,14 @@ Sources are local phi-2 checkpoints in either layout (transformers' `phi` or the
 same n_embd, n_inner and n_layer. Relative paths are tried from the working directory, then from the recipe's folder.
 
 Gate rows (one per expert and layer, each normalized to unit length; router logits = gate @ x, no bias):
-    hidden       mean over the positive prompts of the base model's hidden state at each layer's MoE input, minus the same
-                 mean over the negative prompts. For phi-2 the MoE input is the block's LayerNorm output ln(x), which is
-                 also the attention input (parallel block). Each prompt is averaged over all its tokens (as mergekit's
-                 default; it can also take the last token only, not offered here), then the prompts are averaged.
-                 mergekit takes the residual stream entering each layer instead: for its Mixtral target the MoE input is
-                 a LayerNorm of that stream plus the attention output, so that is an approximation; for phi-2 this
-                 vector is the exact MoE input. mergekit also averages over right-padded batches; here padding never
-                 enters the mean.
+    hidden       mean over the positive prompts of the base model's hidden state at each layer's MoE input, minus the
+                 same mean over the negative prompts. For phi-2 the MoE input is the block's LayerNorm output ln(x),
+                 which is also the attention input (parallel block). Each prompt is averaged over all its tokens (as
+                 mergekit's default; it can also take the last token only, not offered here), then the prompts are
+                 averaged. mergekit takes the residual stream entering each layer instead: for its Mixtral target the
+                 MoE input is a LayerNorm of that stream plus the attention output, so that is an approximation; for
+                 phi-2 this vector is the exact MoE input. mergekit also averages over right-padded batches; here
+                 padding never enters the mean.
     cheap_embed  mean token embedding of the prompts (same averaging), the same row in every layer.
     random       standard normal rows, not normalized (as mergekit), seeded by --seed.
 As in mergekit, every prompt is prefixed with the tokenizer's bos token (`<|endoftext|>` for phi-2). So an empty
@@ -61,7 +61,8 @@ _MSFT_EXTRA_KEYS = {
     "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "initializer_range": 0.02, "flash_attn": False,
     "flash_rotary": False, "fused_dense": False, "img_processor": None,
 }  # fmt: skip
-# Two gate rows with cosine similarity at least this are the same vector up to rounding: the router cannot tell them apart.
+# Two gate rows with cosine similarity at least this are the same vector up to rounding: the router cannot tell them
+# apart.
 IDENTICAL_COSINE = 1 - 1e-6
 
 
@@ -294,7 +295,7 @@ def _mean_embed(wte: torch.Tensor, ids: list[torch.Tensor], n_layer: int) -> tor
 
 
 def gate_vectors(recipe: Recipe, base: Source, *, device="cpu", seed: int = 0, progress: bool = True) -> torch.Tensor:
-    """The router weights of every layer, [L, E, D] fp32, as the recipe's gate_mode defines them (see the module docstring)."""
+    """The router weights of every layer, [L, E, D] fp32, as the recipe's gate_mode defines them (module docstring)."""
     from tqdm.auto import tqdm
 
     from ..weights import load_tokenizer
@@ -336,7 +337,7 @@ def gate_similarity(gate: torch.Tensor) -> torch.Tensor:
 
 
 def identical_gate_pairs(gates, threshold: float = IDENTICAL_COSINE) -> dict:
-    """{(i, j): [layers]} for expert pairs i < j whose gate rows point the same way (cosine >= threshold) in some layer."""
+    """{(i, j): [layers]} for expert pairs i < j whose gate rows point the same way (cosine >= threshold) somewhere."""
     pairs = {}
     for layer, g in enumerate(gates):
         sim = gate_similarity(g)
@@ -383,13 +384,13 @@ def _check_out(out: Path, overwrite: bool, sources) -> None:
         raise RecipeError(f"--out: {e}") from e
 
 
-def merge(recipe: Recipe, out, *, overwrite: bool = False, seed: int = 0, device="cpu", max_shard_bytes: int = 2 * 2**30,
-          progress: bool = True) -> MergeReport:  # fmt: skip
+def merge(recipe: Recipe, out, *, overwrite: bool = False, seed: int = 0, device="cpu",
+          max_shard_bytes: int = 2 * 2**30, progress: bool = True) -> MergeReport:  # fmt: skip
     """Build the MoE the recipe describes and write it to `out` (see the module docstring). Returns a MergeReport."""
     from tqdm.auto import tqdm
 
     from ..atomic import atomic_folder
-    from ..weights import write_msft_files
+    from ..checkpoint_writer import write_msft_files
 
     out = Path(out)
     base_path, expert_paths = source_paths(recipe)
@@ -456,8 +457,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "merge",
         help="build a phixtral MoE from phi-2 checkpoints with a mergekit MoE recipe",
-        description="Build a phixtral MoE (phi-msft layout) from dense phi-2 checkpoints, following a mergekit MoE recipe "
-        "(base_model, gate_mode hidden|cheap_embed|random, dtype, experts with positive/negative prompts, experts_per_token).",
+        description="Build a phixtral MoE (phi-msft layout) from dense phi-2 checkpoints, following a mergekit MoE "
+        "recipe (base_model, gate_mode hidden|cheap_embed|random, dtype, experts with positive/negative prompts, "
+        "experts_per_token).",
     )
     p.add_argument("recipe", help="the recipe YAML file")
     p.add_argument("--out", required=True, help="output checkpoint folder")

@@ -1,18 +1,19 @@
-"""Text slices of the Python standard library's own source: the corpus the bundled tiny phixtral is trained and evaluated on.
+"""Text slices of the Python standard library's own source: the corpus the bundled tiny phixtral is trained and
+evaluated on.
 
 The standard library is on every machine that runs this package, so these corpora need no download. Four slices with
 distinct styles train the four experts; `general` (the rest of the library) pretrains the base model:
     asyncio   asyncio, concurrent.futures, multiprocessing        concurrency: async/await, futures, processes, locks
     web       email, http, urllib, html, xmlrpc, wsgiref, the      protocol code: header parsing, RFC quirks, sockets
               mail and ftp clients
-    docs      pydoc_data/topics.py                                  English prose: the language reference, as quoted lines
+    docs      pydoc_data/topics.py                                  English prose: the language reference, quoted lines
     tests     every 8th test/test_*.py, up to 1.2 MB                unittest code: setUp, assertEqual, long test classes
     general   the rest of the library's .py files (no tests, GUI, codec tables or vendored packages)
 
 Deterministic: files are taken in sorted order, read as UTF-8 (undecodable bytes replaced), cut into pieces of about
-16 KB at blank lines (20 KB at most), and every 10th piece (index % 10 == 9) is held out. The exact text depends on the Python version
-(recorded in the bundled model's BUILD_LOG.md); the tests slice needs Lib/test, which some Linux distributions ship
-as a separate package.
+16 KB at blank lines (20 KB at most), and every 10th piece (index % 10 == 9) is held out. The exact text depends on the
+Python version (recorded in the bundled model's BUILD_LOG.md); the tests slice needs Lib/test, which some Linux
+distributions ship as a separate package.
 """
 
 import sys

@@ -1,4 +1,4 @@
-"""`phixtral train-router`: train only the routers of a merged phixtral; every expert, attention and embedding stays frozen.
+"""`phixtral train-router`: train only the routers of a merged phixtral; experts, attention and embeddings stay frozen.
 
 A mergekit MoE's router is never trained: `hidden` gate rows are prompt centroids, `cheap_embed` rows token embeddings,
 and phixtral-4x2_8's rows are identical in every layer. This command fits the gate rows [E, D] of every layer to the
@@ -131,7 +131,7 @@ def sample_batch(streams: dict[str, torch.Tensor], batch_size: int, seq_len: int
 
 
 def heldout_windows(streams: dict[str, torch.Tensor], seq_len: int, max_tokens: int) -> dict[str, torch.Tensor]:
-    """{dataset: [n, seq_len + 1]}: consecutive windows from the start of each held-out stream, about max_tokens each."""
+    """{dataset: [n, seq_len + 1]}: consecutive windows from the start of each held-out stream, ~max_tokens each."""
     out = {}
     for name, s in streams.items():
         n = max(1, min(max_tokens // seq_len, (s.numel() - 1) // seq_len))
@@ -211,8 +211,8 @@ def append_base_expert(model, base_path) -> None:
         )
     if (b.n_embd, b.n_inner, b.n_layer) != (c.n_embd, c.n_inner, c.n_layer):
         raise ValueError(
-            f"--add-base-expert {base_path}: shapes differ (n_embd, n_inner, n_layer) {(b.n_embd, b.n_inner, b.n_layer)} "
-            f"vs the model's {(c.n_embd, c.n_inner, c.n_layer)}"
+            f"--add-base-expert {base_path}: shapes differ (n_embd, n_inner, n_layer) "
+            f"{(b.n_embd, b.n_inner, b.n_layer)} vs the model's {(c.n_embd, c.n_inner, c.n_layer)}"
         )
     with torch.no_grad():
         for mine, theirs in zip(model.h, base.h):
@@ -293,7 +293,8 @@ def train_router(model, data: TokenData, settings: RouterTrainingSettings, *, pr
                 entry["heldout"] = heldout_loss(model, windows, settings.batch_size)
                 collector = RouterLogits(model)
                 log(
-                    f"step {step}: train loss {entry['loss']:.4f}, aux {entry['aux_loss']:.3f}, held-out {entry['heldout']['mean']:.4f}"
+                    f"step {step}: train loss {entry['loss']:.4f}, aux {entry['aux_loss']:.3f}, "
+                    f"held-out {entry['heldout']['mean']:.4f}"
                 )
             record["log"].append(entry)
     finally:
@@ -333,7 +334,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=seed, default=0, help="seed of the window sampling")
     p.add_argument("--seq-len", type=int_at_least(2), default=None,
-                   help=f"tokens per training window (default: {RouterTrainingSettings.seq_len}, or the model's n_positions if smaller)")  # fmt: skip
+                   help=f"tokens per training window (default: {RouterTrainingSettings.seq_len}, "
+                   "or the model's n_positions if smaller)")  # fmt: skip
     p.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per step")
     p.add_argument("--eval-every", type=int_at_least(1), default=50, help="steps between held-out measurements")
     p.add_argument("--eval-tokens", type=int_at_least(1), default=16384, help="held-out tokens per dataset")
@@ -398,8 +400,8 @@ def fit_seq_len(args, model) -> int:
         check_fits_context(args.parser, "--seq-len", args.seq_len, model)
         return args.seq_len
     if RouterTrainingSettings.seq_len > n:
-        print(f"--seq-len: {n} tokens per window, the model's n_positions (the default {RouterTrainingSettings.seq_len} "
-              "does not fit)", file=sys.stderr)  # fmt: skip
+        print(f"--seq-len: {n} tokens per window, the model's n_positions "
+              f"(the default {RouterTrainingSettings.seq_len} does not fit)", file=sys.stderr)  # fmt: skip
         return n
     return RouterTrainingSettings.seq_len
 

@@ -122,7 +122,7 @@ class PhixtralLM(TemplateLM):
             e.from_model_args = True  # for main()
             raise
 
-    # --- what TemplateLM asks for --------------------------------------------------------------------------------------
+    # --- what TemplateLM asks for -------------------------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
         if self.tokenizer.eos_token_id is not None:
@@ -149,7 +149,7 @@ class PhixtralLM(TemplateLM):
             chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    # --- scoring -------------------------------------------------------------------------------------------------------
+    # --- scoring ------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """requests: (cache key, context ids, continuation ids) -> (sum of the continuation's log-probabilities, whether
@@ -206,7 +206,7 @@ class PhixtralLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
 
-    # --- generation ----------------------------------------------------------------------------------------------------
+    # --- generation ---------------------------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Each request's continuation of its context, until one of its `until` strings (left out) or eos, batched among
         requests with the same gen_kwargs."""
@@ -264,7 +264,7 @@ class PhixtralLM(TemplateLM):
 
 def main(argv=None) -> int:
     """lm_eval's command line with the `phixtral` model registered. A model that cannot be built from --model_args is
-    one line on stderr, "phixtral lm_eval: error: ...", and exit 2 (a name that is no argument) or 1 (it does not load)."""
+    one line on stderr, "phixtral lm_eval: error: ...", and exit 2 (a name that is no argument) or 1 (a failed load)."""
     import lm_eval.__main__
 
     import phixtral.integrations.lm_eval  # noqa: F401  the registered copy when this file runs as __main__

@@ -1,6 +1,6 @@
 """Quantized checkpoints: the formats, the packed modules they load into, and the methods that write them.
 
-    format.py        QuantFormat: what the loader and the writer (phixtral/weights.py) ask of a format
+    format.py        QuantFormat: what the loader (weights.py) and the writer (checkpoint_writer.py) ask of a format
     registry.py      the formats by quant_method; which one a checkpoint folder holds
     gptq_format.py   GPTQ, AutoGPTQ's v1 layout: settings, tensor names and shapes, loading hooks, writing
     modules.py       QuantizedLinear, QuantizedExpertLinear: GPTQ-packed Linears run by phixtral_kernels

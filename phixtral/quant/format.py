@@ -1,5 +1,6 @@
-"""What a quantization format is to the loader and the writer (phixtral/weights.py): one object per checkpoint holding
-the format's settings, and the hooks below. weights.py reaches formats through phixtral.quant only.
+"""What a quantization format is to the loader (phixtral/weights.py) and the writer (phixtral/checkpoint_writer.py):
+one object per checkpoint holding the format's settings, and the hooks below. weights.py reaches formats through
+phixtral.quant only; the writer is handed the format object.
 
 The checkpoint map (phixtral.layouts.checkpoint_map) names float tensors; a format rewrites the entries of the Linears
 it finds packed (`checkpoint_map`): either into the buffers of a packed module swapped into the model (`prepare`), or,
@@ -34,7 +35,7 @@ class QuantFormat:
     # --- settings ---------------------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "QuantFormat":
-        """The settings in `d` (settings_file's or config.json's quantization_config), or a ValueError naming `where`."""
+        """The settings in `d` (settings_file's or config.json's quantization_config); a ValueError naming `where`."""
         raise NotImplementedError
 
     def to_dict(self) -> dict:
@@ -92,5 +93,5 @@ class QuantFormat:
         return dtype
 
     def write_settings(self, folder: Path, config_dict: dict) -> None:
-        """Write settings_file into `folder` and quantization_config into the config.json dict (written by the caller)."""
+        """Write settings_file into `folder`, and quantization_config into the caller's config.json dict."""
         config_dict["quantization_config"] = self.to_dict()

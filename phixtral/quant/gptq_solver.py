@@ -128,6 +128,21 @@ def _moe_inputs(moe, h: torch.Tensor):
     return [h[(experts == e).any(-1)] for e in range(moe.gate.weight.shape[0])]
 
 
+def _ln_batches(x: torch.Tensor, block, batch_size: int):
+    """Batches of the layer input x [B, S, D] with their block.ln outputs, computed one batch at a time."""
+    for b in range(0, x.shape[0], batch_size):
+        yield x[b : b + batch_size], block.ln(x[b : b + batch_size])
+
+
+def _collect_into(hessians: _Hessians):
+    """A forward pre-hook that adds its module's input rows to hessians (one stack)."""
+
+    def hook(module, args):
+        hessians.add(0, args[0].reshape(-1, args[0].shape[-1]))
+
+    return hook
+
+
 @torch.no_grad()
 def quantize_model_gptq(
     model, gptq: GPTQConfig, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = True
@@ -142,17 +157,12 @@ def quantize_model_gptq(
     bar = tqdm(total=4 * len(model.h), desc="gptq", unit="linear", disable=not progress)
     for i, block in enumerate(model.h):
         prefix = f"h.{i}"
-
-        def ln_batches():
-            for b in range(0, B, batch_size):
-                yield x[b : b + batch_size], block.ln(x[b : b + batch_size])
-
         # 1. Wqkv and fc1 read ln(x)
         D = x.shape[-1]
         attn_in = _Hessians(1, D, model.device)
         E = block.moe.gate.weight.shape[0]
         fc1_in = _Hessians(E, D, model.device)
-        for _, h in ln_batches():
+        for _, h in _ln_batches(x, block, batch_size):
             flat = h.reshape(-1, D)
             attn_in.add(0, flat)
             for e, rows in enumerate(_moe_inputs(block.moe, flat)):
@@ -164,11 +174,9 @@ def quantize_model_gptq(
         out_proj_in = _Hessians(1, block.mixer.out_proj.in_features, model.device)
         F_ = block.moe.fc1.weight.shape[1]
         fc2_in = _Hessians(E, F_, model.device)
-        hook = block.mixer.out_proj.register_forward_pre_hook(
-            lambda mod, args: out_proj_in.add(0, args[0].reshape(-1, args[0].shape[-1]))
-        )
+        hook = block.mixer.out_proj.register_forward_pre_hook(_collect_into(out_proj_in))
         try:
-            for xb, h in ln_batches():
+            for xb, h in _ln_batches(x, block, batch_size):
                 cos, sin = model._rope(position_ids[: xb.shape[0]])
                 block.mixer(h, cos, sin, None, None)
                 flat = h.reshape(-1, D)

@@ -1,5 +1,5 @@
-"""GPTQ-packed modules: the model's Linears (QuantizedLinear) and expert stacks (QuantizedExpertLinear) as the kernels take
-them, with the packed CPU form cached per module.
+"""GPTQ-packed modules: the model's Linears (QuantizedLinear) and expert stacks (QuantizedExpertLinear) as the kernels
+take them, with the packed CPU form cached per module.
 
 On a GPU they run through phixtral_kernels' grouped GEMM, which dequantizes inside its K loop; on a CPU, in bfloat16,
 through torch's packed int8 / int4 kernels (phixtral_kernels.cpu_packed), repacked from the buffers the first time and
@@ -18,7 +18,8 @@ from ..runtime import RuntimeSettings
 
 
 class QuantizedExpertLinear(nn.Module):
-    """E GPTQ-packed Linears stacked for the kernels; `weight` is their `phixtral_kernels.QuantizedExperts` [E, out, in].
+    """E GPTQ-packed Linears stacked for the kernels; `weight` is their `phixtral_kernels.QuantizedExperts`
+    [E, out, in].
 
     Buffers: qweight [E, in * bits / 32, out] int32, qzeros [E, G, out * bits / 32] int32 (None once found symmetric),
     scales [E, G, out] (the model's dtype), g_idx [E, in] int32 (None once found to be k // group_size); bias [E, out].
@@ -85,9 +86,9 @@ class QuantizedExpertLinear(nn.Module):
             raise
 
     def validate(self) -> QuantizedExperts:
-        """The buffers as a checked QuantizedExperts: shapes and dtypes, g_idx inside [0, G), scales finite; a ValueError
-        naming the tensor otherwise. Reads g_idx and scales once (a host sync): run when buffers are set, never per
-        step, so that no kernel ever indexes scales with an out-of-range group."""
+        """The buffers as a checked QuantizedExperts: shapes and dtypes, g_idx inside [0, G), scales finite; a
+        ValueError naming the tensor otherwise. Reads g_idx and scales once (a host sync): run when buffers are set,
+        never per step, so that no kernel ever indexes scales with an out-of-range group."""
         b = self._buffers
         try:
             w = QuantizedExperts(b["qweight"], b["qzeros"], b["scales"], b["g_idx"], self.bits, self.group_size)
@@ -117,8 +118,9 @@ def _validate_after_load(module: QuantizedExpertLinear, incompatible_keys) -> No
 
 
 class QuantizedLinear(QuantizedExpertLinear):
-    """One GPTQ-packed torch Linear (an expert stack of one): y = x @ W^T + b through `phixtral_kernels.quantized_linear`,
-    the MoE's grouped GEMM at one expert on the triton backend, dequantize + F.linear on the torch backend."""
+    """One GPTQ-packed torch Linear (an expert stack of one): y = x @ W^T + b through
+    `phixtral_kernels.quantized_linear`, the MoE's grouped GEMM at one expert on the triton backend, dequantize +
+    F.linear on the torch backend."""
 
     def __init__(self, out_features: int, in_features: int, bits: int, group_size: int,
                  runtime: Optional[RuntimeSettings] = None):  # fmt: skip

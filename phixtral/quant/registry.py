@@ -1,5 +1,5 @@
-"""The formats phixtral reads and writes, by quant_method, and the format-neutral questions the loader asks: which format
-a checkpoint folder holds, and how its checkpoint map changes."""
+"""The formats phixtral reads and writes, by quant_method, and the format-neutral questions the loader asks: which
+format a checkpoint folder holds, and how its checkpoint map changes."""
 
 from pathlib import Path
 from typing import Optional

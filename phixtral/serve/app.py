@@ -190,7 +190,7 @@ def _chat_prompt(engine: Engine, body: ChatBody) -> str:
         raise bad_request(f"the chat template cannot format these messages: {e}", "messages") from None
 
 
-# --- one HTTP request's generations ------------------------------------------------------------------------------------
+# --- one HTTP request's generations -----------------------------------------------------------------------------------
 class _Job:
     """The engine requests of one HTTP request (one per prompt), their events on one asyncio queue, and its log line."""
 
@@ -398,7 +398,8 @@ class _LogRequests:
             sent[0] = sent[0] or 500  # the app's error handler answers once this middleware has passed it on
             raise
         finally:
-            line = f"{scope['method']} {scope['path']} {entry.status or sent[0] or '-'} {time.perf_counter() - clock:.3f} s"
+            status = entry.status or sent[0] or "-"
+            line = f"{scope['method']} {scope['path']} {status} {time.perf_counter() - clock:.3f} s"
             if entry.job is not None:
                 line += f" {entry.job.log_line()}"
             if entry.error:

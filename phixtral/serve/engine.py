@@ -42,7 +42,7 @@ class EngineStopped(RuntimeError):
 
 @dataclass
 class SamplingParams:
-    """Per-request settings (OpenAI's names): max_tokens >= 1, temperature 0 = greedy, top_p in (0, 1], top_k 0 = off."""
+    """Per-request settings (OpenAI's names): max_tokens >= 1, temperature 0 greedy, top_p in (0, 1], top_k 0 off."""
 
     max_tokens: int
     temperature: float = 0.0
@@ -135,7 +135,7 @@ class Engine:
         self.completed = 0
         self.cancelled = 0
 
-    # --- any thread ----------------------------------------------------------------------------------------------------
+    # --- any thread ---------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         with self.tokenizer_lock:
             return self.model.tokenizer(text, verbose=False)["input_ids"]

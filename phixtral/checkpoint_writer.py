@@ -1,0 +1,165 @@
+"""Model state -> a phi-msft checkpoint folder: the dtype to write, the destination check, sharded safetensors files
+with their index and config.json, written atomically.
+
+The writer is the loader's map read backwards (phixtral/layouts.py); quantization formats name and write their own
+tensors through the hooks of their format object (phixtral.quant). Nothing here imports the model, so that the model's
+save_pretrained and the merge command can both use it.
+"""
+
+import json
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+from .atomic import atomic_folder, check_destination
+from .config import PhixtralConfig
+from .layouts import INDEX_FILE, checkpoint_map
+
+# The dtype names a user may pass, to save and to load (phixtral.weights.resolve_dtype reads them too).
+_DTYPES = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}  # fmt: skip
+_SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _name_list(names, limit=20) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def checkpoint_dtype(dtype) -> Optional[torch.dtype]:
+    """The dtype to write a checkpoint in: None (keep the model's), torch.float16 / bfloat16 / float32 or one of their
+    names ("float16", "fp16", "bf16", ...). Anything else is a ValueError naming `dtype`."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in _SAVE_DTYPES:
+        return dtype
+    raise ValueError(
+        f"dtype must be None, torch.float16, torch.bfloat16, torch.float32 or one of {sorted(_DTYPES)}; got {dtype!r}"
+    )
+
+
+def check_checkpoint_destination(folder, *, overwrite: bool, sources=()) -> Path:
+    """`folder` resolved if a checkpoint may be written there, else one ValueError naming it (nothing is written).
+
+    A missing or empty folder is always fine. With `overwrite`, an existing folder is replaced whole, so it must look
+    like a checkpoint: a config.json and no subfolders (a `.git`, a folder of runs, ... are never deleted).
+    Without `overwrite` a non-empty folder is refused. `sources`: see `phixtral.atomic.check_destination`.
+    """
+    real = check_destination(folder, overwrite=overwrite, sources=sources)
+    if real.is_dir() and any(real.iterdir()):
+        sub = sorted(p.name for p in real.iterdir() if p.is_dir())
+        if sub or not (real / "config.json").is_file():
+            why = f"it holds the subfolder {sub[0]!r}" if sub else "it has no config.json"
+            raise ValueError(
+                f"{folder} is not empty and does not look like a checkpoint folder ({why}); refusing to replace it: "
+                "choose a new or empty folder"
+            )
+    return real
+
+
+def write_msft_files(
+    folder: Path,
+    state: Mapping[str, torch.Tensor],
+    config: PhixtralConfig,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: int = 4 * 2**30,
+    quantization=None,
+) -> list[Path]:
+    """The files of `save_msft_checkpoint`, written straight into an existing folder (the temporary one of
+    `atomic_folder`): shards, index and config.json. Returns the shard paths.
+
+    quantization: the format (phixtral.quant, e.g. a GPTQConfig; `Phixtral.quantization`) when `state` holds packed
+    modules: the format names their tensors and writes its settings. GPTQ writes AutoGPTQ's v1 layout (int32 tensors as
+    they are, scales in fp16, biases in `dtype`), with quantize_config.json and config.json's quantization_config."""
+    folder = Path(folder)
+    mapping = checkpoint_map(config, "phi-msft-moe" if config.is_moe else "phi-msft-dense")
+    if quantization is not None:
+        mapping = quantization.save_map(mapping, state)
+    needed = {t.param for t in mapping.values() if not t.optional}  # the format derives the optional ones
+    missing = needed - state.keys()
+    if missing:
+        raise ValueError(f"state lacks tensors the phi-msft layout needs: {_name_list(missing)}")
+    dtype = checkpoint_dtype(dtype) or state["wte.weight"].dtype
+
+    def tensor(name):
+        t = mapping[name]
+        return state[t.param][t.index] if quantization is None else quantization.checkpoint_tensor(state, name, t)
+
+    def file_dtype(name):
+        return dtype if quantization is None else quantization.file_dtype(name, dtype)
+
+    # Group by size first (no data read), so that file names can carry the shard count.
+    shards, size = [[]], 0
+    for name in mapping:
+        t = tensor(name)
+        nbytes = t.numel() * (t.element_size() if not t.is_floating_point() else file_dtype(name).itemsize)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    weight_map, total, paths = {}, 0, []
+    for i, names in enumerate(shards, 1):
+        path = folder / f"model-{i:05d}-of-{n:05d}.safetensors"
+        tensors = {name: _file_tensor(tensor(name), file_dtype(name)) for name in names}
+        try:
+            save_file(tensors, str(path), metadata={"format": "pt"})
+        except SafetensorError as e:  # safetensors reports a full disk as its own error, not as an OSError
+            raise OSError(f"writing {path.name}: {e}") from e
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({name: path.name for name in names})
+        paths.append(path)
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    config_dict = config.to_msft_dict()
+    config_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if quantization is not None:
+        quantization.write_settings(folder, config_dict)
+    (folder / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+    return paths
+
+
+def _file_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU copy to write: floats in `dtype`, a format's packed words and indices as they are."""
+    # copy=True: expert slices share their stacked storage, which save_file refuses.
+    return t.detach().to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype, copy=True).contiguous()
+
+
+def save_msft_checkpoint(
+    folder,
+    state: Mapping[str, torch.Tensor],
+    config: PhixtralConfig,
+    *,
+    dtype=None,
+    max_shard_bytes: int = 4 * 2**30,
+    overwrite: bool = True,
+) -> list[Path]:
+    """Write a model state in the phi-msft layout (what phixtral ships and what the merge tool produces).
+
+    state: tensors under the model's own names (`Phixtral.state_dict()`), experts stacked.
+    dtype: None (the state's), torch.float16 / bfloat16 / float32 or their names ("float16", "bf16", ...).
+    Writes model-0000i-of-0000n.safetensors (shards of at most max_shard_bytes, tensors whole),
+    model.safetensors.index.json and config.json (`config.to_msft_dict()`); MoE layout when config has more than one
+    expert, dense otherwise.
+    The files go to a temporary folder next to `folder` that replaces it whole once complete (`phixtral.atomic`): a
+    failure leaves `folder` as it was, and no file of an earlier checkpoint there survives a successful save.
+    overwrite: replace an existing checkpoint folder (see `check_checkpoint_destination`), else refuse a non-empty one.
+    Returns the shard paths.
+    """
+    dtype = checkpoint_dtype(dtype)
+    check_checkpoint_destination(folder, overwrite=overwrite)
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        written = write_msft_files(tmp, state, config, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return [Path(folder) / p.name for p in written]
