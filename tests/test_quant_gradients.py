@@ -61,6 +61,12 @@ def test_gradients_equal_autograd_on_the_dequantized_weights(scheme):
         assert grads[name].abs().max() > 0.1, f"{name}: the comparison must bite"
 
 
+def test_triton_backend_refuses_to_train_through_quantized_experts():
+    layer = quantized_layer("w8_per_channel_sym")
+    with pytest.raises(NotImplementedError, match="backend='triton' has no backward for quantized experts"):
+        output_and_grads(layer, layer[2], layer[4], "triton")
+
+
 def test_bf16_gradients_through_cpu_packed_experts():
     layer = quantized_layer("w4_g32_zeros_act_order")
     _, _, q1, _, q2, _ = layer
