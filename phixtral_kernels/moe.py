@@ -29,6 +29,7 @@ import torch
 
 from ._triton import triton_unavailable_reason
 from .checks import BACKENDS, TRITON_DTYPES, check_moe_inputs
+from .cpu_packed import with_qweight
 from .gemm_configs import moe_gemm_configs
 from .grouped_gemm import launch_grouped_gemm
 from .moe_backward import FusedMoEFunction
@@ -84,7 +85,7 @@ def _expert_linear(x: torch.Tensor, w, e: int, bias) -> torch.Tensor:
     recorded = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if fits and not recorded:
         return packed.linear(x, e, bias)
-    return torch.nn.functional.linear(x, dequantize_experts(w.select(e), x.dtype)[0], bias)
+    return torch.nn.functional.linear(x, dequantize_experts(with_qweight(w, e), x.dtype)[0], bias)
 
 
 def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
@@ -110,6 +111,8 @@ def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
         backend = "triton" if triton_unavailable_reason(x.device) is None and x.dtype in TRITON_DTYPES else "torch"
         if quantized and needs_grad:
             backend = "torch"  # the Triton backward has no quantized GEMMs
+    if backend != "torch":  # the torch path reads a released qweight's codes from the CPU form itself
+        w1, w2 = (with_qweight(w) if is_quantized(w) else w for w in (w1, w2))
     if backend == "naive":
         return naive_moe(x, gate_weight, dense_weight(w1, x.dtype), b1, dense_weight(w2, x.dtype), b2, top_k)
     if x.shape[0] == 0 and not needs_grad:
@@ -157,6 +160,7 @@ def quantized_linear(x: torch.Tensor, w: QuantizedExperts, bias=None, *, backend
         backend = "triton" if usable and not (torch.is_grad_enabled() and x.requires_grad) else "torch"
     if backend != "triton":
         return _expert_linear(x, w, 0, bias)
+    w = with_qweight(w)
     reason = triton_unavailable_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"backend='triton' cannot run: {reason}")

@@ -95,16 +95,19 @@ class QuantizedExperts:
         packed = self.cpu_packed
         if packed is not None and (
             (packed.num_experts, packed.out_features, packed.in_features) != (E, N, K)
-            or self.qweight.device.type != "cpu"
+            or self.scales.device.type != "cpu"
         ):
             held = (packed.num_experts, packed.out_features, packed.in_features)
             raise ValueError(
-                f"cpu_packed holds [E, N, K] = {held} but qweight packs {(E, N, K)} on {self.qweight.device}"
+                f"cpu_packed holds [E, N, K] = {held} but qweight packs {(E, N, K)} on {self.scales.device}"
             )
-        for name in ("qzeros", "scales", "g_idx"):
+        # With a CPU packed form qweight may be a meta placeholder: the packed form holds the codes, and what needs
+        # qweight reads them back from it (cpu_packed.with_qweight).
+        released = packed is not None and self.qweight.device.type == "meta"
+        for name in ("qweight", "qzeros", "g_idx"):
             t = getattr(self, name)
-            if t is not None and t.device != self.qweight.device:
-                raise ValueError(f"{name} is on {t.device} but qweight on {self.qweight.device}")
+            if t is not None and t.device != self.scales.device and not (name == "qweight" and released):
+                raise ValueError(f"{name} is on {t.device} but scales on {self.scales.device}")
 
     # --- sizes -----------------------------------------------------------------------------------------------------
     @property
@@ -135,7 +138,13 @@ class QuantizedExperts:
 
     @property
     def device(self) -> torch.device:
-        return self.qweight.device
+        return self.scales.device
+
+    @property
+    def released_qweight(self) -> bool:
+        """qweight is a meta placeholder standing for codes that live only in `cpu_packed` (cpu_packed.with_qweight
+        reads them). A container wholly on meta (as launch recording builds) has released nothing."""
+        return self.cpu_packed is not None and self.qweight.device.type == "meta" and self.scales.device.type != "meta"
 
     @property
     def dtype(self) -> torch.dtype:
