@@ -80,7 +80,7 @@ def write_msft_files(
 
     quantization: the format (phixtral.quant, e.g. a GPTQConfig; `Phixtral.quantization`) when `state` holds packed
     modules: the format names their tensors and writes its settings. GPTQ writes AutoGPTQ's v1 layout (int32 tensors as
-    they are, scales and biases in `dtype`), with quantize_config.json and config.json's quantization_config."""
+    they are, scales in fp16, biases in `dtype`), with quantize_config.json and config.json's quantization_config."""
     folder = Path(folder)
     mapping = checkpoint_map(config, "phi-msft-moe" if config.is_moe else "phi-msft-dense")
     if quantization is not None:
@@ -95,11 +95,14 @@ def write_msft_files(
         t = mapping[name]
         return state[t.param][t.index] if quantization is None else quantization.checkpoint_tensor(state, name, t)
 
+    def file_dtype(name):
+        return dtype if quantization is None else quantization.file_dtype(name, dtype)
+
     # Group by size first (no data read), so that file names can carry the shard count.
     shards, size = [[]], 0
     for name in mapping:
         t = tensor(name)
-        nbytes = t.numel() * (t.element_size() if not t.is_floating_point() else dtype.itemsize)
+        nbytes = t.numel() * (t.element_size() if not t.is_floating_point() else file_dtype(name).itemsize)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -109,7 +112,7 @@ def write_msft_files(
     weight_map, total, paths = {}, 0, []
     for i, names in enumerate(shards, 1):
         path = folder / f"model-{i:05d}-of-{n:05d}.safetensors"
-        tensors = {name: _file_tensor(tensor(name), dtype) for name in names}
+        tensors = {name: _file_tensor(tensor(name), file_dtype(name)) for name in names}
         try:
             save_file(tensors, str(path), metadata={"format": "pt"})
         except SafetensorError as e:  # safetensors reports a full disk as its own error, not as an OSError
