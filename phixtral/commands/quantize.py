@@ -107,7 +107,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # The solvers compute in float32 on the torch MoE path, and the checkpoint keeps its own top-k: no --dtype,
     # --backend or --experts-per-tok.
-    add_model_args(p, model="required", dtype=False, backend=False, experts=False)
+    add_model_args(p, model="required", dtype=False, backend=False, experts=False, quantize=False)
     p.set_defaults(func=run)
     return p
 
