@@ -7,6 +7,8 @@
     rtn.py           round-to-nearest into the GPTQ layout (and the helpers every method shares)
     on_load.py       quantize on load: a float checkpoint read into packed modules, RTN tensor by tensor
     gptq_solver.py   GPTQ proper, calibrated
+    streaming.py     `phixtral quantize` from the files, one Linear (RTN) or one layer (GPTQ) at a time; it reads
+                     checkpoints through phixtral.weights, which imports this package, so it is not imported here
 
 weights.py reaches formats only through this package (read_quantization_config, packed_map and the format object's
 hooks). A new format is one module here, a QuantFormat subclass registered with `register_format` (below, for the

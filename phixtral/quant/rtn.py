@@ -73,17 +73,22 @@ def float_bias(module) -> torch.Tensor:
     return b.unsqueeze(0) if b.dim() == 1 else b
 
 
-def set_quantized(model, name: str, w: QuantizedExperts, bias: torch.Tensor) -> None:
-    """Put a packed module holding `w` and `bias` [E, N] at model module `name`, on the device and in the dtype of the
-    module it replaces (the model's); it reads the model's runtime settings (`Phixtral.set_submodule`)."""
+def packed_module(name: str, w: QuantizedExperts, bias: torch.Tensor, *, device, dtype: torch.dtype):
+    """The packed module that stands at model module `name`, holding `w` and `bias` [E, N], on `device` in `dtype`,
+    compacted (no trivial g_idx, no symmetric qzeros)."""
     E, N, K = w.shape
-    old = model.get_submodule(name)  # its device and dtype, which are the model's (a layer alone may be materialized)
-    device, dtype = old.bias.device, old.bias.dtype
     module = quantized_module(name, E, N, K, w.bits, w.group_size).to(device=device, dtype=dtype)
     module.set_weight(w.to(device))
     module.bias.data = bias.to(device=device, dtype=dtype).clone()
     module.compact()
-    model.set_submodule(name, module)
+    return module
+
+
+def set_quantized(model, name: str, w: QuantizedExperts, bias: torch.Tensor) -> None:
+    """Put a packed module holding `w` and `bias` [E, N] at model module `name`, on the device and in the dtype of the
+    module it replaces (the model's); it reads the model's runtime settings (`Phixtral.set_submodule`)."""
+    old = model.get_submodule(name)  # its device and dtype, which are the model's (a layer alone may be materialized)
+    model.set_submodule(name, packed_module(name, w, bias, device=old.bias.device, dtype=old.bias.dtype))
 
 
 def quantize_model_rtn(model, gptq: GPTQConfig, *, orders: Optional[dict] = None) -> None:
