@@ -150,3 +150,40 @@ def test_generate_with_the_flag(capsys):
             "--backend", "torch", "--quantize", "int8,group_size=32", "--temperature", "0"]  # fmt: skip
     assert main(argv) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_below_sm80_auto_runs_int4_on_the_torch_path_one_expert_at_a_time(monkeypatch):
+    """The model card's T4 (sm_75): the capability check (phixtral_kernels._triton, MIN_CAPABILITY) refuses Triton, so
+    backend "auto" runs an int4 model on the torch path, which dequantizes one expert's weight (or one dense Linear's)
+    per call and drops it after its GEMM: at most one float weight exists at a time. Checked on the CPU with the device
+    check answering as on a T4, in fp32 (the CPU's bf16 would take torch's packed kernels instead)."""
+    import phixtral_kernels._triton as kt
+    import phixtral_kernels.moe as kmoe
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla T4")
+    reason = kt._cuda_reason.__wrapped__(0)  # the real check, uncached
+    assert "sm_75" in reason and "backend='torch'" in reason
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: kt.MIN_CAPABILITY)
+    assert kt._cuda_reason.__wrapped__(0) is None
+    monkeypatch.setattr(kmoe, "triton_unavailable_reason", lambda device: reason)
+    for launcher in ("triton_moe_forward", "launch_grouped_gemm"):
+        monkeypatch.setattr(kmoe, launcher, lambda *a, **k: pytest.fail("a Triton kernel on sm_75"))
+    calls, alive, most = [], [], []
+    real = kmoe.dequantize_experts
+
+    def dequantize(w, dtype=None):
+        calls.append(w.num_experts)
+        most.append(sum(r() is not None for r in alive))  # earlier weights still held when this one is made
+        out = real(w, dtype)
+        alive.append(weakref.ref(out))  # a view of it keeps it alive, so this tracks the memory
+        return out
+
+    monkeypatch.setattr(kmoe, "dequantize_experts", dequantize)
+    spec = "int4,group_size=32"
+    model = phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", dtype="float32", quantize=spec)
+    assert model.backend == "auto"
+    logits = model(IDS)
+    assert calls and set(calls) == {1} and max(most) == 0
+    model.set_backend("torch")
+    assert torch.equal(logits, model(IDS))
