@@ -299,6 +299,25 @@ def load_weights(model: Phixtral, folder: Path, *, progress: Optional[bool] = No
     return layout
 
 
+def release_freed_memory() -> None:
+    """Hand the free pages of the C heap back to the OS (glibc's malloc_trim; nothing elsewhere).
+
+    A load frees one tensor per checkpoint tensor read, and the packing's temporaries; glibc keeps such chunks for
+    reuse and the OS goes on counting them as the process's own: after loading a 330 MB int4 checkpoint on the CPU,
+    0 to 650 MB more from one run to the next (thread timing decides which heap they land in)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
+
+
 def load_tokenizer(folder: Path):
     """transformers' AutoTokenizer from the checkpoint folder, or None when the folder ships no tokenizer files."""
     folder = Path(folder)
@@ -400,6 +419,7 @@ def from_pretrained(
     model.tokenizer = load_tokenizer(folder)
     model.eos_token_ids = eos_token_ids(folder, config, model.tokenizer)
     model.source, model.source_dtype = folder.resolve(), stored_float_dtype(inspected[0])
+    release_freed_memory()
     return model
 
 

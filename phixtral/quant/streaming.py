@@ -24,7 +24,7 @@ from ..atomic import atomic_folder
 from ..checkpoint_reader import CheckpointReader
 from ..checkpoint_writer import check_checkpoint_destination, checkpoint_dtype, write_msft_files
 from ..model import Phixtral
-from ..weights import eos_token_ids, inspect_quantized, load_tokenizer, read_config
+from ..weights import eos_token_ids, inspect_quantized, load_tokenizer, read_config, release_freed_memory
 from .gptq_format import GPTQConfig
 from .gptq_solver import calibration_inputs, quantize_layer_gptq
 from .on_load import packed_modules
@@ -107,6 +107,7 @@ def quantize_checkpoint(
                     report["errors"] = losses
                 report["seconds"] = time.perf_counter() - start
                 (tmp / report_file).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    release_freed_memory()
     return losses
 
 
