@@ -8,7 +8,8 @@ GPU: D=2560, F=10240, E=4, top_k=2. Per dtype and token bucket (the bucket's lar
 block_m (`candidates`: today's heuristic first, then a few variations of tile, warps, stages, GROUP_M and split-K; on
 Hopper also 128x256x64 tiles with 3 or 4 stages, with and without TMA weight loads), for GEMM 1, GEMM 2 and, in the
 buckets where fused_moe takes the decode chain (T <= 16), GEMM 2 summing each token's rows ("2sum", no split-K, timed
-with the reset of its pair buffer that the chain's routing kernel does). Each candidate:
+with the reset of its pair buffer that the chain's routing kernel does), every candidate fitted to the GPU's shared
+memory per block as fused_moe fits its configs (fewer stages on sm_86 / sm_89's 99 KB). Each candidate:
   1. is compiled beforehand, in a pool of processes (Triton's compile holds the GIL): every distinct launch once;
   2. runs GEMM 1 (or GEMM 2) once on outputs poisoned with NaN and is checked against an fp32 torch reference
      (‖out - ref‖ / ‖ref‖ over the rows in use, NaN never passes); a candidate that fails is dropped, not timed;
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from phixtral_kernels import aot, gemm_configs, moe_routing, topk_softmax_torch  # noqa: E402
+from phixtral_kernels import aot, gemm_configs, moe_routing, shared_memory, topk_softmax_torch  # noqa: E402
 from phixtral_kernels.gemm_configs import GemmConfig, heuristic_configs  # noqa: E402
 from phixtral_kernels.grouped_gemm import launch_grouped_gemm, pair_buffer  # noqa: E402
 from phixtral_kernels.launches import recording  # noqa: E402
@@ -68,12 +69,13 @@ def _cfg(block_m, block_n, block_k, warps=4, stages=4, split_k=1, group_m=8, tma
     return GemmConfig(block_m, block_n, block_k, split_k=split_k, group_m=group_m, num_warps=warps, num_stages=stages, tma=tma)
 
 
-def candidates(T: int, capability, top_k: int = 2, E: int = 4) -> dict:
+def candidates(T: int, capability, top_k: int = 2, E: int = 4, shared_bytes: int | None = None) -> dict:
     """{block_m: {"1": [GEMM 1 configs], "2": [GEMM 2 configs], "2sum": [...]}} for T tokens on a GPU of this capability
     (major, minor); the heuristic's first, in its block_m. "2sum", GEMM 2 summing each token's rows itself (no split-K),
     only where fused_moe takes the decode chain (T <= DECODE_MAX_TOKENS, top_k <= 2). A handful per GEMM: the tuner has
-    minutes, not hours."""
-    h1, h2 = heuristic_configs(T, top_k, E, capability)
+    minutes, not hours. shared_bytes: the GPU's shared memory per block, which every candidate is fitted to (as
+    fused_moe fits its configs: fewer stages, then smaller tiles) for the 2-byte dtypes the tuner times."""
+    h1, h2, h_sum = _heuristic(T, dict(top_k=top_k, E=E), capability, shared_bytes).values()
     rows = T * top_k / E
     hopper = capability is not None and capability[0] == 9
     out = {}
@@ -81,11 +83,12 @@ def candidates(T: int, capability, top_k: int = 2, E: int = 4) -> dict:
     def add(block_m, gemm1=(), gemm2=(), gemm2_sum=()):
         lists = out.setdefault(block_m, {"1": [], "2": [], "2sum": []})
         for key, cfgs in (("1", gemm1), ("2", gemm2), ("2sum", gemm2_sum)):
-            lists[key] += [c for c in cfgs if c not in lists[key]]
+            for c in (_fit(c, capability, shared_bytes) for c in cfgs):
+                if c not in lists[key]:
+                    lists[key].append(c)
 
     add(h1.block_m, [h1], [h2])
     if T <= DECODE_MAX_TOKENS and top_k <= 2:
-        h_sum = heuristic_configs(T, top_k, E, capability, sum_in_gemm2=True)[1]
         add(h_sum.block_m, gemm2_sum=[h_sum, _cfg(h_sum.block_m, 64, 128), _cfg(h_sum.block_m, 32, 128),
                                       _cfg(h_sum.block_m, 32, 256, stages=4), _cfg(h_sum.block_m, 32, 64, stages=8)])  # fmt: skip
     if rows <= 16:  # decode: weight streaming; spread N (and K for GEMM 2) over the SMs
@@ -297,10 +300,17 @@ def _put(table, dtype_name, T, gemm, entry):
     table["configs"].setdefault(dtype_name, {"1": {}, "2": {}}).setdefault(gemm, {})[str(T)] = entry
 
 
-def _heuristic(T, shape, capability) -> dict:
-    """{gemm: the heuristic's config} for T tokens: what the tuned entries are timed against."""
+def _heuristic(T, shape, capability, shared_bytes: int | None = None) -> dict:
+    """{gemm: the heuristic's config} for T tokens, fitted to shared_bytes as fused_moe fits it: what the tuned entries
+    are timed against."""
     h1, h2 = heuristic_configs(T, shape["top_k"], shape["E"], capability)
-    return {"1": h1, "2": h2, "2sum": heuristic_configs(T, shape["top_k"], shape["E"], capability, sum_in_gemm2=True)[1]}
+    h_sum = heuristic_configs(T, shape["top_k"], shape["E"], capability, sum_in_gemm2=True)[1]
+    return {gemm: _fit(c, capability, shared_bytes) for gemm, c in (("1", h1), ("2", h2), ("2sum", h_sum))}
+
+
+def _fit(cfg: GemmConfig, capability, shared_bytes: int | None) -> GemmConfig:
+    """cfg as fused_moe would launch it in a 2-byte dtype on a GPU with shared_bytes per block (None: as it is)."""
+    return cfg if shared_bytes is None else shared_memory.fit_shared_memory(cfg, shared_bytes, 2, capability)
 
 
 # --- the run ---------------------------------------------------------------------------------------------------------
@@ -352,6 +362,7 @@ def tune(args) -> int:
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     capability = (props.major, props.minor)
+    shared = shared_memory.cuda_shared_bytes(torch.cuda.current_device())
     gpu = torch.cuda.get_device_name(device)
     env = common.environment(device)
     conditions = {k: env.get(k) for k in ("date", "git", "python", "torch", "triton", "cuda", "capability", "sms", "nvidia_smi", "command")}
@@ -362,7 +373,7 @@ def tune(args) -> int:
     print(f"# tune_moe: {common.describe(env)}; D={shape['D']} F={shape['F']} E={shape['E']} top_k={shape['top_k']}; "
           f"T buckets {args.tokens}; dtypes {args.dtypes}; budget {args.budget_s:g} s", flush=True)  # fmt: skip
     dtypes = [getattr(torch, d) for d in args.dtypes]
-    plan = {T: candidates(T, capability, shape["top_k"], shape["E"]) for T in args.tokens}
+    plan = {T: candidates(T, capability, shape["top_k"], shape["E"], shared) for T in args.tokens}
     tasks = [(str(dt).replace("torch.", ""), T, gemm, config_fields(c), tuple(shape.items()))
              for dt in dtypes for T, per_bm in plan.items() for lists in per_bm.values()
              for gemm, cfgs in lists.items() for c in cfgs]  # fmt: skip
@@ -385,7 +396,7 @@ def tune(args) -> int:
                 print(f"# {dname} T={T}: not tuned, --budget-s={args.budget_s:g} spent (the heuristic serves it)", flush=True)
                 continue
             bucket = Bucket(x_all[:T], weight_sets[0], shape["top_k"])
-            heuristic = _heuristic(T, shape, capability)
+            heuristic = _heuristic(T, shape, capability, shared)
 
             def timer(gemm, rmap, h_sorted, cfg, out, bucket=bucket):
                 return time_candidate(gemm, bucket, rmap, h_sorted, weight_sets, cfg, out)
@@ -432,6 +443,7 @@ def dry_run(args) -> int:
     listed and checked (each distinct one run once: the interpreter ignores warps and stages), the first passing
     pair written as a table that the loader must accept."""
     capability = divmod(args.capability, 10)
+    shared = shared_memory.capability_shared_bytes(capability)
     shape = DRY_SHAPE
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     table = new_table(f"dry run (sm_{args.capability})", SHAPE, {"date": date, "note": "--dry-run: first passing candidates, untimed"})
@@ -443,8 +455,8 @@ def dry_run(args) -> int:
         x = torch.randn(DRY_TOKENS, shape["D"], generator=torch.Generator().manual_seed(args.seed + 7)).to(dt)
         bucket = Bucket(x, weights, shape["top_k"], memoize=True)  # one small T for all buckets: the interpreter pays per program
         for T in args.tokens:
-            plan_T = candidates(T, capability, SHAPE["top_k"], SHAPE["E"])
-            entries, rows, bucket_failures = tune_bucket(T, bucket, plan_T, [weights], _heuristic(T, SHAPE, capability), None,
+            plan_T = candidates(T, capability, SHAPE["top_k"], SHAPE["E"], shared)
+            entries, rows, bucket_failures = tune_bucket(T, bucket, plan_T, [weights], _heuristic(T, SHAPE, capability, shared), None,
                                                          lambda line: print(f"{line} [{dname}]"))  # fmt: skip
             failures += bucket_failures
             count += sum(len(cfgs) for lists in plan_T.values() for cfgs in lists.values())

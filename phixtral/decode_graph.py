@@ -36,17 +36,18 @@ import functools
 import logging
 import os
 import threading
+import time
 from typing import Callable, Optional
 
 import torch
 
-from phixtral_kernels import triton_unavailable_reason
-from phixtral_kernels.moe import TRITON_DTYPES
-
+from .compiled_decode import CompiledStep, compile_wanted, compiled_call
 from .model import MoE, Phixtral
 from .quant.modules import QuantizedLinear
 from .runtime import CUDA_GRAPH_MODES as MODES  # noqa: F401  (importable from here, as before)
 from .runtime import check_cuda_graph as check_mode
+from .runtime import resolved_backend
+from .runtime import resolved_backend as _resolved_backend  # noqa: F401 -- its former name here
 
 log = logging.getLogger("phixtral.decode_graph")
 
@@ -71,19 +72,12 @@ def resolve_mode(model: Phixtral, cuda_graph=None):
     return mode
 
 
-def _resolved_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """What fused_moe / quantized_linear run for `backend` on tensors of this device and dtype (inference)."""
-    if backend != "auto":
-        return backend
-    return "triton" if triton_unavailable_reason(device) is None and dtype in TRITON_DTYPES else "torch"
-
-
 def host_sync_reason(model: Phixtral) -> Optional[str]:
     """Why a decode step of `model` would read device memory on the host (which capture forbids), or None."""
     device, dtype = model.device, model.dtype
     for name, module in model.named_modules():
         if isinstance(module, (MoE, QuantizedLinear)):
-            backend = _resolved_backend(module.backend, device, dtype)
+            backend = resolved_backend(module.backend, device, dtype)
             if backend != "triton":
                 why = (
                     f" (backend 'auto' on {device}, {str(dtype).replace('torch.', '')})"
@@ -180,7 +174,8 @@ class CaptureFailed:
 
 
 class DecodeGraphs:
-    """The captured decode steps of one model state (see model_state): {(B, L, padded): _Graph or CaptureFailed}.
+    """The captured decode steps of one model state (see model_state): {(B, L, padded, compiled): _Graph or
+    CaptureFailed}.
 
     Every graph draws on one memory pool (each step's intermediates; generations replay one graph at a time, so they
     can share it). Dropping this object frees the graphs; their memory returns at the next torch.cuda.empty_cache().
@@ -209,12 +204,15 @@ class DecodeGraphs:
             graphs = model.decode_graphs = cls(state)
         return graphs
 
-    def capture(self, model: Phixtral, key: tuple, tok, input_pos, valid):
-        """Capture the decode step for key at the current step's inputs. -> _Graph, or CaptureFailed (logged)."""
+    def capture(self, model: Phixtral, key: tuple, tok, input_pos, valid, *, compiled: bool = False):
+        """Capture the decode step for key at the current step's inputs (compiled: the step torch.compile made of it,
+        compiled in the warm-up run). -> _Graph, or CaptureFailed (logged)."""
         ids = tok[:, None].clone()
         static_pos = input_pos.clone()
         static_valid = None if valid is None else valid.clone()
         step = functools.partial(_static_step, model, ids, static_pos, static_valid)
+        if compiled:
+            step = functools.partial(compiled_call, model, static_valid, ids[:, 0], static_pos)
         try:
             graph, replay, logits = _capture(step, self, model.device)
         except Exception as exc:  # noqa: BLE001 -- any failure means this step cannot be replayed; decode eagerly
@@ -242,8 +240,12 @@ class GraphStep:
     """The decode step of one generation: replays the graph of its key (capturing it at the first step when needed),
     or runs eagerly when the graph cannot be had. Call as eager_step: (tok [B], input_pos [1]) -> logits [B, V]."""
 
-    def __init__(self, model: Phixtral, valid: Optional[torch.Tensor], mode, steps: int, stats: Optional[dict]):
+    def __init__(
+        self, model: Phixtral, valid: Optional[torch.Tensor], mode, steps: int, stats: Optional[dict], compiled=False
+    ):
         self.model, self.valid, self.mode, self.steps, self.stats = model, valid, mode, steps, stats
+        self.compiled = compiled  # capture the step compiled by torch.compile (phixtral/compiled_decode.py)
+        self.fallback = CompiledStep(model, valid, stats) if compiled else functools.partial(eager_step, model, valid)
         self.graph: Optional[_Graph] = None
         self.eager = False
 
@@ -251,19 +253,22 @@ class GraphStep:
         if self.graph is None and not self.eager:
             self._bind(tok, input_pos)
         if self.eager:
-            return eager_step(self.model, self.valid, tok, input_pos)
+            return self.fallback(tok, input_pos)
         return self.graph(tok, input_pos)
 
     def _bind(self, tok, input_pos) -> None:
         model = self.model
         graphs = DecodeGraphs.of(model)
-        key = (tok.shape[0], model.cache_length, self.valid is not None)
+        key = (tok.shape[0], model.cache_length, self.valid is not None, self.compiled)
         entry = graphs.graphs.get(key)
         if entry is None:
             if self.mode == "auto" and self.steps < CAPTURE_MIN_STEPS:
                 self.eager = True
                 return
-            entry = graphs.capture(model, key, tok, input_pos, self.valid)
+            start = time.perf_counter()
+            entry = graphs.capture(model, key, tok, input_pos, self.valid, compiled=self.compiled)
+            if self.compiled and self.stats is not None:  # the warm-up run before the capture compiled the step
+                self.stats["compile_s"] = time.perf_counter() - start
         if isinstance(entry, CaptureFailed):
             if self.mode is True:
                 raise RuntimeError(f"cuda_graph=True, but the decode step could not be captured: {entry.reason}")
@@ -274,19 +279,28 @@ class GraphStep:
         self.graph = entry
         if self.stats is not None:
             self.stats["cuda_graph"] = True
+            self.stats["compiled"] = self.compiled
 
 
 def decode_step(
-    model: Phixtral, valid: Optional[torch.Tensor], *, cuda_graph=None, steps: int, stats: Optional[dict] = None
+    model: Phixtral,
+    valid: Optional[torch.Tensor],
+    *,
+    cuda_graph=None,
+    compile=None,
+    steps: int,
+    stats: Optional[dict] = None,
 ):
     """The decode step function for one generation: (tok [B], input_pos [1]) -> logits [B, V] fp32.
 
     valid [B, L] or None: the key slots holding real tokens (generate_tokens'). steps: decode steps ahead (after the
-    prefill's token). Eager unless the mode (see resolve_mode) and the model allow graphs; cuda_graph=True raises a
+    prefill's token). Compiled when `compile` (see phixtral.compiled_decode) says so and the model allows it; else
+    eager unless the mode (see resolve_mode) and the model allow CUDA graphs; cuda_graph=True / compile=True raise a
     RuntimeError naming the reason when they cannot be used.
     """
+    compiled = compile_wanted(model, compile=compile, steps=steps)
     mode = resolve_mode(model, cuda_graph)
-    eager = functools.partial(eager_step, model, valid)
+    eager = CompiledStep(model, valid, stats) if compiled else functools.partial(eager_step, model, valid)
     if mode is False:
         return eager
     reason = graph_unavailable_reason(model)
@@ -295,4 +309,4 @@ def decode_step(
             raise RuntimeError(f"cuda_graph=True, but decode steps cannot be replayed from CUDA graphs: {reason}")
         model.decode_graphs = None  # captured for another backend or device: free them
         return eager
-    return GraphStep(model, valid, mode, steps, stats) if steps >= 1 else eager
+    return GraphStep(model, valid, mode, steps, stats, compiled) if steps >= 1 else eager

@@ -15,6 +15,7 @@ import torch
 from . import decode_graph
 from .generation_lock import LockedStream, generation_lock
 from .model import Phixtral
+from .runtime import check_compile
 from .text import TextStream, decode_text, find_stop, left_pad, pad_id, row_text
 
 # The KV cache length is rounded up to this, so that prompts of similar length reuse one allocation.
@@ -33,6 +34,8 @@ class GenerationStats:
     prefill_s: float
     decode_s: float
     cuda_graph: bool = False  # decode steps were replayed from a CUDA graph
+    compiled: bool = False  # decode steps ran compiled by torch.compile (phixtral/compiled_decode.py)
+    compile_s: float = 0.0  # of decode_s: the first compiled step, compile (or cache lookup) included
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -48,7 +51,8 @@ class GenerationStats:
         return (
             f"batch {self.batch_size}: prompt {self.prompt_tokens} tokens in {self.prefill_s:.3f} s "
             f"({self.prompt_tokens_per_s:.1f} tokens/s); decode {self.new_tokens} tokens in {self.decode_s:.3f} s "
-            f"({self.decode_tokens_per_s:.1f} tokens/s{', CUDA graph' if self.cuda_graph else ''})"
+            f"({self.decode_tokens_per_s:.1f} tokens/s{', CUDA graph' if self.cuda_graph else ''}"
+            f"{f', compiled in {self.compile_s:.1f} s' if self.compiled else ''})"
         )
 
 
@@ -146,16 +150,19 @@ def generate_tokens(
     sampler: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     stats: Optional[dict] = None,
     cuda_graph=None,
+    compile=None,
 ) -> Iterator[list[int]]:
     """Yield each step's new token of every row as a host list [B]; stop early by closing the iterator.
 
     input_ids [B, S] on the model's device, left-padded where attention_mask [B, S] (1 real, 0 pad) says so.
     sampler, when given, replaces `sample` (and temperature, top_k, top_p, generator): logits [B, V] fp32 -> token ids
     [B] int64, called once per step in step order; a server uses it to sample each row with its own settings.
-    stats, when given, receives prefill_s and decode_s (time spent in here, not in the consumer), and cuda_graph = True
-    when the decode steps were replayed from a CUDA graph.
+    stats, when given, receives prefill_s and decode_s (time spent in here, not in the consumer), cuda_graph = True
+    when the decode steps were replayed from a CUDA graph, compiled = True and compile_s when they ran compiled.
     cuda_graph: "auto", True, False, or None for model.cuda_graph (see phixtral.decode_graph): the forward of each
     decode step replayed from a CUDA graph. Sampling runs eagerly either way, so the tokens are the same.
+    compile: "auto", True, False, or None for model.compile_decode (see phixtral.compiled_decode): each decode step's
+    forward compiled by torch.compile.
     """
     B, S = input_ids.shape
     device = input_ids.device
@@ -172,7 +179,9 @@ def generate_tokens(
         ids = input_ids if attention_mask is None else input_ids.masked_fill(~attention_mask.bool(), V)
         seen = seen.scatter_(1, ids, True)[:, :V]
 
-    decode = decode_graph.decode_step(model, valid, cuda_graph=cuda_graph, steps=max_new_tokens - 1, stats=stats)
+    decode = decode_graph.decode_step(
+        model, valid, cuda_graph=cuda_graph, compile=compile, steps=max_new_tokens - 1, stats=stats
+    )
 
     def next_token(logits):
         """logits [B, V] fp32 -> (tok [B], tok with -1 on rows whose logits are not all finite: what the host reads)."""
@@ -252,6 +261,7 @@ def generate(
     stream: bool = False,
     attention_mask: Optional[torch.Tensor] = None,
     cuda_graph=None,
+    compile=None,
 ):
     """Generate from a prompt.
 
@@ -268,21 +278,24 @@ def generate(
     cuda_graph: "auto", True or False; None takes model.cuda_graph ("auto" unless set). On CUDA with the Triton MoE
     kernels, "auto" replays each decode step's forward from a CUDA graph (phixtral/decode_graph.py: same tokens, much
     less host time per step); True insists (an error says why it cannot); False decodes eagerly.
+    compile: "auto", True or False; None takes model.compile_decode ("auto" unless set). On the CPU, "auto" runs
+    generations of COMPILE_MIN_STEPS new tokens or more through a decode step compiled by torch.compile
+    (phixtral/compiled_decode.py; last_generation_stats.compile_s says what compiling cost); PHIXTRAL_COMPILE=0 turns
+    "auto" off.
     """
     # 1. Check every argument before the model is touched.
     stops = _check_arguments(
-        max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, stream, cuda_graph
+        max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, stream, cuda_graph, compile
     )
     # 2. Encode: token ids [B, S] on the model's device, left-padded where mask says so.
     kind, ids, mask = _encode(model, prompt, attention_mask)
     _check_fits(model, kind, ids, max_new_tokens, stream, stops)
     B, S = ids.shape
     eos = set(model.eos_token_ids)
-    timing = {"prefill_s": 0.0, "decode_s": 0.0, "cuda_graph": False}
+    timing = {"prefill_s": 0.0, "decode_s": 0.0, "cuda_graph": False, "compiled": False, "compile_s": 0.0}
 
     def record(new_tokens):
-        model.last_generation_stats = GenerationStats(B, S, new_tokens, timing["prefill_s"], timing["decode_s"],
-                                                      timing["cuda_graph"])  # fmt: skip
+        model.last_generation_stats = GenerationStats(B, S, new_tokens, **timing)
 
     # 3. The token loop, holding the model until it ends.
     generator = _sampling_generator(model, seed)
@@ -291,6 +304,7 @@ def generate(
     steps = generate_tokens(
         model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, generator=generator, stats=timing, cuda_graph=cuda_graph,
+        compile=compile,
     )  # fmt: skip
     if stream:
         return LockedStream(_stream(model, steps, eos, stops, record), lock)
@@ -304,7 +318,9 @@ def generate(
     return texts[0] if kind == "str" else texts
 
 
-def _check_arguments(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, stream, cuda_graph):
+def _check_arguments(
+    max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, stream, cuda_graph, compile
+):
     """generate()'s checks that need no model, in its argument order; returns the stop strings as a list."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     stops = _check_stop(stop)
@@ -316,6 +332,8 @@ def _check_arguments(max_new_tokens, temperature, top_k, top_p, repetition_penal
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     if cuda_graph is not None:
         decode_graph.check_mode(cuda_graph)
+    if compile is not None:
+        check_compile(compile)
     return stops
 
 

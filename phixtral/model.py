@@ -25,102 +25,20 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from phixtral_kernels import fused_moe
+from phixtral_kernels.graph_ops import expert_linear, fused_moe_triton, is_compiling, moe_by_expert_ops
 
 from .atomic import atomic_folder
+from .attention import Attention, KVCache, apply_rotary  # noqa: F401 -- importable from here
 from .config import PhixtralConfig
 from .quant.modules import QuantizedExpertLinear, QuantizedLinear, quantized_module  # noqa: F401  (their former home)
 from .runtime import (
     ATTENTION_UPCAST,  # noqa: F401  (importable from here, its former home)
     RuntimeSettings,
     check_backend_device,
+    resolved_backend,
 )
-
-
-class KVCache(nn.Module):
-    """Preallocated keys and values of one layer: [B, H_kv, L, hd] each, written at the slots in input_pos."""
-
-    def __init__(self, batch_size: int, n_head_kv: int, length: int, head_dim: int, dtype, device):
-        super().__init__()
-        shape = (batch_size, n_head_kv, length, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # input_pos [S]; k, v [B, H_kv, S, hd] -> the whole caches [B, H_kv, L, hd]
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
-        return self.k_cache, self.v_cache
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """NeoX half-split rotary on the first 2 * cos.shape[-1] dims of x [B, S, H, hd]; cos, sin [B, S, 1, rotary_dim / 2]
-    fp32.
-
-    Computed in fp32 and cast back, so fp16 models rotate as accurately as fp32 ones.
-    """
-    half = cos.shape[-1]
-    x1, x2, rest = x[..., :half].float(), x[..., half : 2 * half].float(), x[..., 2 * half :]
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-    return torch.cat([rotated, rest], dim=-1)
-
-
-class Attention(nn.Module):
-    """Causal self-attention: fused qkv (HF's split q/k/v are concatenated into Wqkv at load), partial rotary, SDPA."""
-
-    def __init__(self, config: PhixtralConfig, runtime: Optional[RuntimeSettings] = None):
-        super().__init__()
-        self.runtime = runtime if runtime is not None else RuntimeSettings()  # the model's: attention_upcast
-        self.n_head, self.n_head_kv, self.head_dim = config.n_head, config.n_head_kv, config.head_dim
-        # Wqkv rows: [Q (H * hd) | K (H_kv * hd) | V (H_kv * hd)], heads contiguous inside each part.
-        self.Wqkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_head_kv) * self.head_dim)
-        self.out_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd)
-        self.kv_cache: Optional[KVCache] = None
-        # "scores": q times 2^-floor(log2(sqrt(hd))), exact in fp16; SDPA's scale is the rest of 1/sqrt(hd), in
-        # (1/2, 1].
-        self.prescale = 2.0 ** -math.floor(math.log2(math.sqrt(self.head_dim)))
-
-    @property
-    def upcast(self) -> str:
-        """How this layer computes fp16 attention, one of ATTENTION_UPCAST: its model's attention_upcast."""
-        return self.runtime.attention_upcast
-
-    def forward(self, x, cos, sin, mask, input_pos):
-        # x [B, S, D]; cos, sin [B, S, 1, rotary_dim / 2]; mask [B, 1, S, L] bool or None (causal);
-        # input_pos [S] or None
-        B, S, _ = x.shape
-        hd = self.head_dim
-        qk, v = self.Wqkv(x).split([(self.n_head + self.n_head_kv) * hd, self.n_head_kv * hd], dim=-1)
-        qk = qk.view(B, S, self.n_head + self.n_head_kv, hd)
-        if cos.shape[-1]:
-            qk = apply_rotary(qk, cos, sin)  # q's and k's heads in one call
-        q, k = qk.split([self.n_head, self.n_head_kv], dim=2)
-        q, k, v = (
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.view(B, S, self.n_head_kv, hd).transpose(1, 2),
-        )  # [B, H, S, hd]
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, L, hd]
-        if self.n_head_kv != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
-        scale = 1.0 / math.sqrt(hd)
-        upcast = self.runtime.attention_upcast
-        if q.dtype == torch.float16 and upcast == "scores":
-            # SDPA's fused CUDA kernels (flash, memory-efficient) accumulate q.k^T and take the softmax in fp32; with q
-            # pre-scaled, a kernel that stores q.k^T in fp16 holds at most twice the final score, not 9x (hd = 80).
-            q, scale = q * self.prescale, scale / self.prescale
-        elif q.dtype == torch.float16:
-            # phi-2's q.k^T exceeds the fp16 range in the late layers (NaN logits); the original code upcasts the
-            # same way. Upcasting q, k, v costs an fp32 copy of the cache per step, small next to reading the weights
-            # at batch 1; bf16 has the range and stays as it is.
-            q, k, v = q.float(), k.float(), v.float()
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
-        y = y.transpose(1, 2).reshape(B, S, self.n_head * hd).to(x.dtype)  # [B, S, H * hd]
-        return self.out_proj(y)
 
 
 class ExpertLinear(nn.Module):
@@ -137,6 +55,22 @@ class ExpertLinear(nn.Module):
     def weight_for(self, x: torch.Tensor) -> torch.Tensor:
         """The weight as the kernels take it for input x: the stacked tensor (packed modules answer their own form)."""
         return self.weight
+
+    def graph_unavailable_reason(self, x: torch.Tensor, backend: str) -> Optional[str]:
+        """Why this stack cannot run in a compiled step: never (float stacks run anywhere)."""
+        return None
+
+    def graph_linear(self, x: torch.Tensor, ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """x [T, in] -> [T, out], row t through expert ids[t]: a compiled step's way. With ids, one custom op picks the
+        experts (phixtral_kernels.graph_ops); ids None (expert 0: a dense layer) is a plain linear in the graph."""
+        if ids is None:
+            return nn.functional.linear(x, self.weight[0], self.bias[0])
+        return expert_linear(x, ids, self.weight, self.bias)
+
+    def graph_weights(self) -> tuple:
+        """The stack as fused_moe_triton's plain arguments: (weight, qzeros, scales, g_idx, bits, group_size), bits 0
+        for a float stack."""
+        return self.weight, None, None, None, 0, 0
 
 
 class MoE(nn.Module):
@@ -160,6 +94,8 @@ class MoE(nn.Module):
 
     def forward(self, x):
         # x [B, S, D] -> [B, S, D]
+        if is_compiling():  # a compiled step: the layer as custom ops (phixtral_kernels.graph_ops), no host read
+            return self._graph_forward(x.reshape(-1, x.shape[-1])).view(x.shape)
         y = fused_moe(
             x.reshape(-1, x.shape[-1]),  # [T = B * S, D]
             self.gate.weight,
@@ -171,6 +107,18 @@ class MoE(nn.Module):
             backend=self.runtime.backend,
         )
         return y.view(x.shape)
+
+    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [T, D] -> [T, D]: the Triton forward as one op where the backend resolves to it (a GPU), else the router and
+        # GELU traced around the experts' GEMMs as ops (the torch backend's math).
+        if resolved_backend(self.runtime.backend, x.device, x.dtype) == "triton":
+            w1, z1, s1, g1, bits1, group1 = self.fc1.graph_weights()
+            w2, z2, s2, g2, bits2, group2 = self.fc2.graph_weights()
+            return fused_moe_triton(
+                x, self.gate.weight, w1, z1, s1, g1, self.fc1.bias, w2, z2, s2, g2, self.fc2.bias, self.top_k,
+                [bits1, bits2], [group1, group2],
+            )  # fmt: skip
+        return moe_by_expert_ops(x, self.gate.weight, self.fc1.graph_linear, self.fc2.graph_linear, self.top_k)
 
 
 class Block(nn.Module):
@@ -318,6 +266,16 @@ class Phixtral(nn.Module):
     def cuda_graph(self, mode) -> None:
         self.runtime.cuda_graph = mode
 
+    @property
+    def compile_decode(self):
+        """Whether decode steps run compiled by torch.compile: "auto" (the default), True or False
+        (phixtral/compiled_decode.py); generate's compile argument overrides it for one call."""
+        return self.runtime.compile
+
+    @compile_decode.setter
+    def compile_decode(self, mode) -> None:
+        self.runtime.compile = mode
+
     def set_submodule(self, target: str, module: nn.Module, strict: bool = False) -> None:
         """Put `module` at `target` (e.g. "h.0.mixer.Wqkv"), as torch's set_submodule does; the layers inside it read
         this model's runtime settings from then on (a module built alone, or taken from another model, would otherwise
@@ -334,12 +292,14 @@ class Phixtral(nn.Module):
 
     def pack_for_cpu(self) -> None:
         """Repack the packed Linears for torch's CPU int8 / int4 kernels now (a bfloat16 model on the CPU) rather than
-        at their first call; from_pretrained does this. A no-op for other models."""
+        at their first call, keeping only the packed form of their weights (QuantizedExpertLinear.release_qweight);
+        from_pretrained does this. A no-op for other models."""
         if self.device.type != "cpu" or self.dtype != torch.bfloat16:
             return
         probe = torch.empty(0, 0, dtype=torch.bfloat16)
         for module in self.modules():
-            if hasattr(module, "weight_for"):
+            if hasattr(module, "release_qweight"):
+                module.release_qweight()  # one copy of the weights: the packed form (see QuantizedExpertLinear)
                 module.weight_for(probe)
 
     # --- static KV cache -------------------------------------------------------------------------------------------

@@ -23,13 +23,22 @@ MIN_CAPABILITY = (8, 0)
 # @triton.jit reads TRITON_INTERPRET when a kernel is decorated, so this flag must be read at import time too.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# Checks of preconditions that cost a host read (a sync on a GPU), off unless PHIXTRAL_DEBUG is set to anything but 0.
+DEBUG_ENV = "PHIXTRAL_DEBUG"
+
+
+def debug_checks() -> bool:
+    """Whether PHIXTRAL_DEBUG asks for the launchers' debug checks (read at each call; off by default)."""
+    return os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on `device` in this process, or None when they can."""
     if triton is None:
         return "the triton package is not installed (it ships with CUDA builds of torch on Linux)"
     if _version_tuple(triton.__version__) < MIN_TRITON:
-        return f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest these kernels are tested with"
+        oldest = ".".join(map(str, MIN_TRITON))
+        return f"triton {triton.__version__} is older than {oldest}, the oldest these kernels are tested with"
     if device.type == "cuda":
         return _cuda_reason(device.index if device.index is not None else torch.cuda.current_device())
     if device.type == "cpu":
@@ -48,8 +57,9 @@ def _cuda_reason(index: int) -> str | None:
     if (major, minor) >= MIN_CAPABILITY:
         return None
     return (
-        f"cuda:{index} ({torch.cuda.get_device_name(index)}) is sm_{major}{minor}; the Triton kernels need sm_80 or newer "
-        f"(no tensor-core path in Triton below it, and no bf16): use backend='torch', which backend='auto' picks there"
+        f"cuda:{index} ({torch.cuda.get_device_name(index)}) is sm_{major}{minor}; the Triton kernels need sm_80 or "
+        f"newer (no tensor-core path in Triton below it, and no bf16): use backend='torch', which backend='auto' picks "
+        f"there"
     )
 
 

@@ -1,17 +1,21 @@
-"""Compile every kernel ahead of time for sm_80 and sm_90, with the exact launches fused_moe makes at phixtral shapes.
+"""Compile every kernel ahead of time for sm_80, sm_86, sm_89 and sm_90, with the launches fused_moe makes at phixtral
+shapes.
 
 No GPU needed: `fused_moe` runs on meta tensors with the kernels swapped for recorders (launches.py), so the report
 covers the very arguments, constexprs and configs the launchers pick. Each distinct recorded launch is then compiled
 with `triton.compile` for each target, in a pool of processes (Triton's compile holds the GIL, so threads do not
-overlap), and the report gives shared memory, registers, stack bytes per thread (register spills: the kernels keep no
-local arrays), whether tensor-core instructions (mma.sync on sm_80, wgmma on sm_90) made it into the PTX, and how many
-wgmma.mma_async and cp.async.bulk.tensor (TMA copy) instructions the PTX holds. The launches are recorded once per
-target with that target's configs (the heuristic picks 128x256 tiles on sm_90 for prefill); tuned tables play no part
-here (meta tensors have no GPU). sm_75 (T4) is reported for information only: Triton has no tensor-core path below sm_80
-and `triton_unavailable_reason` gates it off.
+overlap), and the report gives shared memory against the target's opt-in limit per block (163 KB on sm_80, 99 KB on
+sm_86 / sm_89, 227 KB on sm_90; a row over it is a problem) and, for the grouped GEMMs, the estimate their configs are
+fitted by (shared_memory.gemm_shared_bytes), registers, stack bytes per thread (register spills: the kernels keep no
+local arrays), whether tensor-core instructions (mma.sync on sm_80 - sm_89, wgmma on sm_90) made it into the PTX, and
+how many wgmma.mma_async and cp.async.bulk.tensor (TMA copy) instructions the PTX holds. The launches are recorded once
+per target with that target's configs (the heuristic picks 128x256 tiles on sm_90 for prefill; fp32 tiles take fewer
+stages on sm_86 / sm_89); tuned tables play no part here (meta tensors have no GPU). sm_75 (T4) is reported for
+information only, beside sm_80: Triton has no tensor-core path below sm_80 and `triton_unavailable_reason` gates it
+off.
 
-    python -m phixtral_kernels.aot [--tokens 1 64 128 4096] [--dtypes float16 bfloat16] [--backward | --quant SCHEME ...
-        | --tma] [--jobs N] [--json]
+    python -m phixtral_kernels.aot [--tokens 1 64 128 4096] [--dtypes float16 bfloat16 float32] [--archs 80 86 89 90]
+        [--backward | --quant SCHEME ... | --tma] [--jobs N] [--json]
 
 `--tma` reports fused_moe's launches with every GEMM config's TMA flag set (weight tiles through tensor descriptors):
 on sm_90 their PTX must hold cp.async.bulk.tensor, or the row counts as a problem; sm_80 has no TMA and loads them
@@ -35,32 +39,39 @@ takes the default chain at every T and the legacy chain at decode T as well (ben
     python -m phixtral_kernels.aot --warm [--tokens ...] [--dtypes ...] [--jobs N]
 
 Run it with TRITON_INTERPRET unset: the interpreter replaces the kernels with Python functions that cannot be compiled.
-Progress goes to stderr, one line per compile.
+Progress goes to stderr, one line per compile. How one launch compiles (the JIT's specialization rebuilt, cuobjdump's
+figures, the pool of processes) is aot_compile.py's; this module picks the launches, the targets and the checks.
 """
 
 import argparse
 import functools
 import json
-import multiprocessing
-import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from . import moe_triton
-from ._triton import INTERPRET, triton
-from .launches import PHIXTRAL_SHAPE, Launch, parse_quant_scheme, record_backward_launches, record_launches
-from .launches import KERNEL_MODULES, empty_quantized, recording  # noqa: F401 -- their home before launches.py
+from ._triton import INTERPRET
+from .aot_compile import compile_launch, default_jobs, launch_key, resource_usage, run_tasks
+from .launches import (  # noqa: F401 -- KERNEL_MODULES, empty_quantized, recording: their home before launches.py
+    KERNEL_MODULES,
+    PHIXTRAL_SHAPE,
+    Launch,
+    empty_quantized,
+    parse_quant_scheme,
+    record_backward_launches,
+    record_launches,
+    recording,
+)
+from .shared_memory import capability_shared_bytes, gemm_shared_bytes
 
-_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
-# Checked targets: tensor cores in every fp16/bf16 GEMM, no spills, shared memory within the opt-in limit.
-CAPABILITIES = (80, 90)
+# Checked targets: tensor cores in every fp16/bf16 GEMM, no spills, shared memory within the opt-in limit. sm_86 and
+# sm_89 (RTX 30xx / 40xx, A10, L4, L40; sm_120's RTX 50xx has their 99 KB too) for the shared memory most local GPUs
+# have: fp32 tiles sized for sm_80 / sm_90 overflow it unless fitted (gemm_configs.moe_gemm_configs).
+CAPABILITIES = (80, 86, 89, 90)
 # Reported for information, never counted as a problem: (capability, dtypes). The kernels refuse sm_75 (T4, no bf16,
 # no tensor-core path in Triton below sm_80: its 128x128 GEMM tiles fall back to FMA and spill); its row shows why.
 INFO_CAPABILITIES = ((75, (torch.float16,)),)
@@ -84,79 +95,16 @@ class CompileRow:
     wgmma: int = 0  # wgmma.mma_async instructions in the PTX (Hopper's warpgroup MMA)
     tma: int = 0  # cp.async.bulk.tensor instructions in the PTX (TMA tile copies)
     tma_requested: bool = False  # the launch asked for TMA weight loads (TMA_B)
+    shared_limit: int = 0  # the target's opt-in shared memory per block
+    shared_estimate: int | None = None  # grouped GEMMs: shared_memory.gemm_shared_bytes of the launch's config
 
     @property
     def problem(self) -> bool:
         no_tma = self.tma_requested and self.arch == "sm_90" and not self.tma  # sm_80 has no TMA: plain loads there
-        return not self.info_only and bool(self.spill_bytes or (self.needs_tensor_core and not self.tensor_core) or no_tma)
-
-
-def launch_key(launch: Launch) -> str:
-    """Equal for two launches that compile to the same binary for a given target."""
-    return _key(launch)
-
-
-def _signature(launch: Launch):
-    """(signature, constexprs, attrs) as the JIT would specialize them: ints of 1 folded, 16-divisible values hinted."""
-    fn = launch.kernel
-    signature, constexprs, attrs = {}, {}, {}
-    names = [p.name for p in fn.params]
-    values = dict(zip(names, launch.args))
-    values.update({k: v for k, v in launch.kwargs.items() if k in names})
-    for i, p in enumerate(fn.params):
-        v = values[p.name]
-        if p.is_constexpr:
-            signature[p.name], constexprs[p.name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            signature[p.name] = "*" + _TRITON_TYPES[v.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]  # allocations are 256-byte aligned
-        elif isinstance(v, bool):
-            signature[p.name] = "i1"
-        elif isinstance(v, int):
-            if v == 1:
-                signature[p.name], constexprs[p.name] = "constexpr", 1
-                continue
-            signature[p.name] = "i32" if -(2**31) <= v < 2**31 else "i64"
-            if v % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {p.name}={v!r}")
-    return signature, constexprs, attrs
-
-
-def _resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers, stack bytes) per thread, from cuobjdump.
-
-    cuobjdump prints no spill count: the stack frame is where spilled registers go (these kernels keep no local arrays),
-    0 B for every kernel on sm_80 / sm_90, 7312 B for the 128x128 FMA GEMM on sm_75.
-    """
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
-    regs = re.search(r"REG:(\d+)", text)
-    stack = re.search(r"STACK:(\d+)", text)
-    if not regs or not stack:
-        raise RuntimeError(f"cuobjdump printed no REG / STACK figures:\n{text}")
-    return int(regs.group(1)), int(stack.group(1))
-
-
-def compile_launch(launch: Launch, capability: int):
-    """The compiled kernel (triton.compile's result: .asm["ptx"], .asm["cubin"], .metadata) of one recorded launch for
-    sm_<capability>, specialized as the JIT would specialize that launch."""
-    # Here, not at the top: triton is optional for the package (the torch backend runs without it), and only compiling
-    # needs its compiler modules.
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature, constexprs, attrs = _signature(launch)
-    src = ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=_options(launch))
-
-
-def _options(launch: Launch) -> dict:
-    return {k: launch.kwargs[k] for k in ("num_warps", "num_stages") if k in launch.kwargs}
+        over = self.shared_bytes > self.shared_limit
+        return not self.info_only and bool(
+            self.spill_bytes or (self.needs_tensor_core and not self.tensor_core) or no_tma or over
+        )
 
 
 def _variant(launch: Launch) -> str:
@@ -180,13 +128,6 @@ def _variant(launch: Launch) -> str:
             quant = f" w{kw['W_BITS']}{group}{'z' if kw['HAS_ZEROS'] else ''}{'a' if kw['HAS_G_IDX'] else ''}"
         return f"{name} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} split{kw['SPLIT_K']}{quant}{tma}"
     return ""
-
-
-def _key(launch: Launch) -> str:
-    """What a compile depends on besides the target: launches with equal keys compile to the same binary."""
-    signature, constexprs, attrs = _signature(launch)
-    parts = (launch.kernel.__name__, signature, {k: repr(v) for k, v in constexprs.items()}, sorted(attrs), _options(launch))
-    return repr(parts)
 
 
 # --- work in a pool of processes: a task names its launch (dtype, T, index into record_launches, shape), since kernels
@@ -220,7 +161,7 @@ def _compile_task(task) -> CompileRow:
     dtype_name, T, index, shape, capability, info_only = task
     launch = _launches(T, dtype_name, shape, capability)[index]
     compiled = compile_launch(launch, capability)
-    regs, stack = _resource_usage(compiled.asm["cubin"])
+    regs, stack = resource_usage(compiled.asm["cubin"])
     is_gemm = launch.kernel.__name__ in ("_grouped_gemm_kernel", "_weight_grad_kernel")
     ptx = compiled.asm["ptx"]
     return CompileRow(
@@ -240,42 +181,33 @@ def _compile_task(task) -> CompileRow:
         tma_requested=bool(launch.kwargs.get("TMA_B")),
         needs_tensor_core=is_gemm and dtype_name != "float32" and capability >= 80,  # fp32 runs as ieee FMA
         info_only=info_only,
+        shared_limit=capability_shared_bytes(capability),
+        shared_estimate=_shared_estimate(launch, capability),
     )
 
 
-def default_jobs() -> int:
-    """Processes for a pool: the CPUs this process may run on (each compile keeps one busy)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _run_tasks(fn, tasks: list, jobs: int, describe, verb: str) -> list:
-    """fn(task) for every task, in `jobs` spawned processes when jobs > 1; results in task order.
-
-    One progress line per task on stderr: a cold run is a minute or more of compiles. Spawned, not forked: the parent
-    may hold CUDA or OpenMP state that a forked child must not inherit. GEMM tasks go first, being the slowest.
-    """
-    results = [None] * len(tasks)
-    start = time.monotonic()
-
-    def progress(i: int, done: int) -> None:
-        print(f"aot: {verb} {done}/{len(tasks)}: {describe(tasks[i])} ({time.monotonic() - start:.1f} s)", file=sys.stderr, flush=True)
-
-    if jobs <= 1 or len(tasks) <= 1:
-        for i, task in enumerate(tasks):
-            results[i] = fn(task)
-            progress(i, i + 1)
-        return results
-    order = sorted(range(len(tasks)), key=lambda i: "gemm" not in describe(tasks[i]))
-    pool = ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"))
-    try:
-        futures = {pool.submit(fn, tasks[i]): i for i in order}
-        for done, future in enumerate(as_completed(futures), 1):
-            i = futures[future]
-            results[i] = future.result()
-            progress(i, done)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return results
+def _shared_estimate(launch: Launch, capability: int) -> int | None:
+    """gemm_shared_bytes of a grouped GEMM launch, from its arguments (a, scales, c) and constexprs; None for the
+    other kernels."""
+    if launch.kernel.__name__ != "_grouped_gemm_kernel":
+        return None
+    kw, (a, _, scales, *_), c = launch.kwargs, launch.args, launch.args[6]
+    return gemm_shared_bytes(
+        kw["BLOCK_M"],
+        kw["BLOCK_N"],
+        kw["BLOCK_K"],
+        kw["num_stages"],
+        kw["num_warps"],
+        a.element_size(),
+        divmod(capability, 10),
+        w_bits=kw["W_BITS"],
+        act_order=kw["HAS_G_IDX"],
+        group_size=kw["GROUP_SIZE"],
+        zeros=kw["HAS_ZEROS"],
+        scale_bytes=scales.element_size(),
+        tma=kw["TMA_B"],
+        out_bytes=c.element_size(),
+    )
 
 
 # One token count per GEMM config moe_gemm_configs picks at phixtral's E=4, top_k=2 (rows per expert <= 16, <= 32,
@@ -295,7 +227,7 @@ def _report_tasks(tokens, dtypes, capabilities, info_capabilities, shapes: list)
                     if only is not None and dtype not in only:
                         continue
                     for index, launch in enumerate(_launches(T, name, shape, cap)):
-                        first.setdefault((_key(launch), cap), len(tasks))
+                        first.setdefault((launch_key(launch), cap), len(tasks))
                         tasks.append((name, T, index, shape, cap, info_only))
     return tasks, first
 
@@ -323,13 +255,17 @@ def compile_report(
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     for scheme in quant:
         parse_quant_scheme(scheme)
-    tasks, first = _report_tasks(tokens, dtypes, capabilities, info_capabilities, _shapes(shape, backward, quant, path, tma))
+    tasks, first = _report_tasks(
+        tokens, dtypes, capabilities, info_capabilities, _shapes(shape, backward, quant, path, tma)
+    )
     unique = sorted(set(first.values()))
-    results = _run_tasks(_compile_task, [tasks[i] for i in unique], jobs or default_jobs(), _describe_compile, "compiled")
+    results = run_tasks(
+        _compile_task, [tasks[i] for i in unique], jobs or default_jobs(), _describe_compile, "compiled"
+    )
     compiled = dict(zip(unique, results))
     rows = []
     for name, T, index, shape_items, cap, _ in tasks:
-        row = compiled[first[(_key(_launches(T, name, shape_items, cap)[index]), cap)]]
+        row = compiled[first[(launch_key(_launches(T, name, shape_items, cap)[index]), cap)]]
         rows.append(replace(row, tokens=T))
     return rows
 
@@ -363,11 +299,15 @@ def _warm_tasks(groups, dtypes) -> list:
         for dtype in dtypes:
             name = str(dtype).replace("torch.", "")
             for T in tokens:
-                launches = record_launches(T, dtype, **dict(shape), device="cuda") if cuda else _launches(T, name, shape)
+                launches = (
+                    record_launches(T, dtype, **dict(shape), device="cuda") if cuda else _launches(T, name, shape)
+                )
                 for index, launch in enumerate(launches):
-                    if _key(launch) not in seen:
-                        seen.add(_key(launch))
-                        what = " ".join(filter(None, (launch.kernel.__name__.strip("_"), _variant(launch), name, f"T={T}")))
+                    if launch_key(launch) not in seen:
+                        seen.add(launch_key(launch))
+                        what = " ".join(
+                            filter(None, (launch.kernel.__name__.strip("_"), _variant(launch), name, f"T={T}"))
+                        )
                         tasks.append((name, T, index, shape, what))
     return tasks
 
@@ -383,19 +323,27 @@ def warm_cache(tokens, dtypes, jobs: int | None = None, shape: dict = PHIXTRAL_S
     if not torch.cuda.is_available():
         raise RuntimeError("--warm compiles for the GPU of this machine, and torch sees no CUDA GPU")
     tasks = _warm_tasks(_warm_groups(tokens, shape, quant), dtypes)
-    _run_tasks(_warm_task, tasks, jobs or default_jobs(), lambda t: t[4], "warmed")
+    run_tasks(_warm_task, tasks, jobs or default_jobs(), lambda t: t[4], "warmed")
     return len(tasks)
 
 
 def format_table(rows) -> str:
-    head = "| kernel | variant | arch | dtype | T | warps | stages | shared KB | regs | stack B | tensor cores | wgmma | TMA |"
+    """The rows as a markdown table: shared memory in KB against the target's limit (and the estimate the configs are
+    fitted by, for grouped GEMMs), registers and stack per thread, the tensor-core and TMA instructions."""
+    head = (
+        "| kernel | variant | arch | dtype | T | warps | stages | shared KB | limit KB | estimate KB | regs | stack B "
+        "| tensor cores | wgmma | TMA |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         tc = "wgmma" if r.wgmma else "mma" if r.tensor_core else "-"
         arch = f"{r.arch} (info)" if r.info_only else r.arch
+        estimate = "-" if r.shared_estimate is None else f"{r.shared_estimate / 1024:.1f}"
+        over = " OVER" if r.shared_bytes > r.shared_limit else ""
         lines.append(
             f"| {r.kernel} | {r.variant} | {arch} | {r.dtype} | {r.tokens} | {r.num_warps} | {r.num_stages} | "
-            f"{r.shared_bytes / 1024:.1f} | {r.registers} | {r.spill_bytes} | {tc} | {r.wgmma} | {r.tma} |"
+            f"{r.shared_bytes / 1024:.1f}{over} | {r.shared_limit / 1024:.0f} | {estimate} | {r.registers} | "
+            f"{r.spill_bytes} | {tc} | {r.wgmma} | {r.tma} |"
         )
     return "\n".join(lines)
 
@@ -403,61 +351,97 @@ def format_table(rows) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
-    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16", "float32"])
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16", "float32"]
+    )
     parser.add_argument("--backward", action="store_true", help="the launches of fused_moe's backward instead")
-    parser.add_argument("--quant", nargs="+", default=[], metavar="SCHEME",
-                        help="the launches of quantized experts instead, per scheme: w4g128, w4g128za, w8c, ...")  # fmt: skip
-    parser.add_argument("--path", default="auto", choices=list(moe_triton.DECODE_PATHS),
-                        help="the forward chain to report (PHIXTRAL_MOE_DECODE_PATH's names; default: auto)")  # fmt: skip
-    parser.add_argument("--tma", action="store_true", help="the forward's launches with every GEMM config's TMA flag set")
-    parser.add_argument("--archs", type=int, nargs="+", choices=CAPABILITIES, default=list(CAPABILITIES),
-                        help="the checked targets (default: both; sm_75 is reported only with both)")  # fmt: skip
-    parser.add_argument("--jobs", type=int, default=None, help="compiles at once, in processes (default: the CPUs available)")
-    parser.add_argument("--warm", action="store_true", help="compile for this machine's GPU into Triton's cache instead of reporting")
+    parser.add_argument(
+        "--quant",
+        nargs="+",
+        default=[],
+        metavar="SCHEME",
+        help="the launches of quantized experts instead, per scheme: w4g128, w4g128za, w8c, ...",
+    )
+    parser.add_argument(
+        "--path",
+        default="auto",
+        choices=list(moe_triton.DECODE_PATHS),
+        help="the forward chain to report (PHIXTRAL_MOE_DECODE_PATH's names; default: auto)",
+    )
+    parser.add_argument(
+        "--tma", action="store_true", help="the forward's launches with every GEMM config's TMA flag set"
+    )
+    parser.add_argument(
+        "--archs",
+        type=int,
+        nargs="+",
+        choices=CAPABILITIES,
+        default=list(CAPABILITIES),
+        help="the checked targets (default: all; sm_75 is reported for information beside sm_80)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="compiles at once, in processes (default: the CPUs available)"
+    )
+    parser.add_argument(
+        "--warm", action="store_true", help="compile for this machine's GPU into Triton's cache instead of reporting"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--dry-run", action="store_true", help="list the compiles, compile nothing (no GPU needed)")
     args = parser.parse_args(argv)
     if INTERPRET:
-        parser.error("unset TRITON_INTERPRET: under the interpreter the kernels are Python functions and the configs differ")
+        parser.error(
+            "unset TRITON_INTERPRET: under the interpreter the kernels are Python functions and the configs differ"
+        )
     if sum(map(bool, (args.backward, args.quant, args.tma))) > 1:
         parser.error("--backward, --quant and --tma report different launches: pass one of them")
     if args.tma and args.warm:
         parser.error("--warm compiles the launches fused_moe makes here; --tma is for the report")
     if args.path != "auto" and (args.backward or args.warm):
-        parser.error("--path picks the forward chain to report: not with --backward or --warm (which warms both chains)")
+        parser.error(
+            "--path picks the forward chain to report: not with --backward or --warm (which warms both chains)"
+        )
     for scheme in args.quant:
         try:
             parse_quant_scheme(scheme)
         except ValueError as e:
             parser.error(str(e))
     dtypes = [getattr(torch, d) for d in args.dtypes]
+    # sm_75's row is the float GEMM's, beside sm_80's: the other reports add nothing there
+    info = () if args.quant or args.tma or 80 not in args.archs else INFO_CAPABILITIES
     start = time.monotonic()
     if args.dry_run:
         shapes = _shapes(PHIXTRAL_SHAPE, args.backward and not args.warm, args.quant, args.path, args.tma)
         if args.warm:
             lines = [t[4] for t in _warm_tasks(_warm_groups(args.tokens, quant=args.quant), dtypes)]
         else:
-            info = () if args.quant or args.tma or tuple(args.archs) != CAPABILITIES else INFO_CAPABILITIES
             tasks, first = _report_tasks(args.tokens, dtypes, tuple(args.archs), info, shapes)
             lines = [_describe_compile(tasks[i]) for i in sorted(set(first.values()))]
         print("\n".join(lines + [f"aot --dry-run: {len(lines)} distinct compiles{' (--warm)' if args.warm else ''}"]))
         return 0
     if args.warm:
         count = warm_cache(args.tokens, dtypes, args.jobs, quant=args.quant)
-        print(f"aot --warm: {count} distinct launches compiled for {torch.cuda.get_device_name()} in {time.monotonic() - start:.1f} s")
+        gpu, seconds = torch.cuda.get_device_name(), time.monotonic() - start
+        print(f"aot --warm: {count} distinct launches compiled for {gpu} in {seconds:.1f} s")
         return 0
-    # sm_75's row is the float GEMM's, with both checked targets: the other reports add nothing there
-    info = () if args.quant or args.tma or tuple(args.archs) != CAPABILITIES else INFO_CAPABILITIES
-    rows = compile_report(args.tokens, dtypes, tuple(args.archs), info, jobs=args.jobs, backward=args.backward, quant=args.quant,
-                          path=args.path, tma=args.tma)  # fmt: skip
+    rows = compile_report(
+        args.tokens,
+        dtypes,
+        tuple(args.archs),
+        info,
+        jobs=args.jobs,
+        backward=args.backward,
+        quant=args.quant,
+        path=args.path,
+        tma=args.tma,
+    )
     bad = [r for r in rows if r.problem]
     if args.json:
         print(json.dumps({"rows": [asdict(r) for r in rows], "problems": len(bad)}))
     else:
         print(format_table(rows))
     print(
-        f"\n{len(rows)} rows in {time.monotonic() - start:.0f} s, {len(bad)} with spills, without tensor-core instructions or"
-        f" (TMA asked for, on sm_90) without TMA copies"
+        f"\n{len(rows)} rows in {time.monotonic() - start:.0f} s, {len(bad)} with spills, over the target's shared "
+        f"memory, without tensor-core instructions or (TMA asked for, on sm_90) without TMA copies"
         f" (sm_75 rows are information: the kernels are gated off below sm_80)",
         file=sys.stderr,
     )

@@ -1,5 +1,6 @@
 """Tile choice of the grouped GEMMs, apart from the kernel that consumes it: `GemmConfig`, the heuristic per GPU
-generation, Hopper's prefill tiles, the per-GPU tuned tables and the adjustments for quantized weights and the top-k sum.
+generation, Hopper's prefill tiles, the per-GPU tuned tables and the adjustments for quantized weights and the top-k
+sum.
 
 `moe_gemm_configs` gives (GEMM 1, GEMM 2) for a layer: this GPU's tuned table where it holds the layer's shape, dtype
 and token bucket, else `heuristic_configs` (by mean rows per expert; 128x256 tiles on sm_90 from 1024 rows per expert).
@@ -45,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from . import shared_memory
 from ._triton import INTERPRET, next_power_of_2
 from .quant import QuantizedExperts
 
@@ -54,7 +56,7 @@ FORMAT = 1
 DTYPES = ("float16", "bfloat16", "float32")
 _FIELDS = {"block_m", "block_n", "block_k", "split_k", "group_m", "num_warps", "num_stages", "tma"}
 _REQUIRED = {"block_m", "block_n", "block_k", "num_warps", "num_stages"}
-DEFAULT_SHARED_BYTES = 227 * 1024  # Hopper's opt-in shared memory per block, when torch does not say
+DEFAULT_SHARED_BYTES = 227 * 1024  # Hopper's opt-in shared memory per block: a table parsed for no particular GPU
 
 _override: str | None = None  # set by `source`
 
@@ -70,9 +72,9 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    # Weight tiles through a TMA tensor descriptor (tl.make_tensor_descriptor) instead of pointer loads. Taken only where
-    # it can serve: the triton version has the API, the weights are a contiguous float stack (not quantized, not the
-    # backward's transposed views) and each weight row is a multiple of 16 bytes; elsewhere the pointer loads run.
+    # Weight tiles through a TMA tensor descriptor (tl.make_tensor_descriptor) instead of pointer loads. Taken only
+    # where it can serve: the triton version has the API, the weights are a contiguous float stack (not quantized, not
+    # the backward's transposed views) and each weight row is a multiple of 16 bytes; elsewhere the pointer loads run.
     tma: bool = False
 
     def __post_init__(self):
@@ -94,33 +96,50 @@ class GemmConfig:
 # top_k = 2) GEMM 2 (N = D = 2560) would have 160 tiles, 1.2 waves of 132 SMs, against 320 of 128x128.
 SM90_PREFILL = GemmConfig(block_m=128, block_n=256, block_k=64, group_m=16, num_warps=8, num_stages=3)
 SM90_PREFILL_MIN_ROWS = 1024  # mean rows per expert
+# Prefill tiles in fp32 (ieee FMA dots, every GPU): 16-deep K steps keep the 128x128 tile's operands in registers, and
+# 4 stages take 48 KB, within every GPU's shared memory (see `heuristic_configs`).
+FP32_PREFILL = GemmConfig(block_m=128, block_n=128, block_k=16, num_warps=8, num_stages=4)
 
 
-def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_gemm2: bool = False, dims=None, dtype=None,
-                     device=None, tuned: bool | None = None) -> tuple[GemmConfig, GemmConfig]:  # fmt: skip
+def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_gemm2: bool = False, dims=None,
+                     dtype=None, device=None, tuned: bool | None = None) -> tuple[GemmConfig, GemmConfig]:  # fmt: skip
     """(GEMM 1, GEMM 2) configs for T tokens: the tuned table of this GPU where it has them, else `heuristic_configs`.
 
     Interpreter: one config with large tiles (its cost is per op, not per element).
 
-    dims (D, F) of the layer, dtype and device of its activations: with all three and a CUDA device, the table
-    that `python benchmarks/tune_moe.py` wrote for this GPU (see the module docstring) answers first, when it was tuned at this
-    shape and dtype. tuned=False, or PHIXTRAL_MOE_CONFIGS=heuristic, skips it; tuned=True reads it even under that
-    variable. The table is read once per process and GPU: a call costs a dictionary lookup and a bisection, never a
-    file read or a host sync. Both configs share block_m (the routing map's) and GEMM 1's split_k is 1.
+    dims (D, F) of the layer, dtype and device of its activations: with all three and a CUDA device, the table that
+    `python benchmarks/tune_moe.py` wrote for this GPU (see the module docstring) answers first, when it was tuned at
+    this shape and dtype. tuned=False, or PHIXTRAL_MOE_CONFIGS=heuristic, skips it; tuned=True reads it even under that
+    variable. The table is read once per process and GPU: a call costs a dictionary lookup and a bisection, never a file
+    read or a host sync. Both configs share block_m (the routing map's) and GEMM 1's split_k is 1.
 
     sum_in_gemm2 (top_k <= 2): GEMM 2 without K-split, so that it can sum each token's rows itself (`expert_gemm2_sum`,
     the decode chain): the table's "2sum" entry for the bucket, else the heuristic's no-split GEMM 2 on the table's
     block_m. GEMM 1's config, and so block_m, never changes with it.
+
+    With dtype and a device of known shared memory (`shared_limit`), both configs fit it (`fit_shared_memory`: fewer
+    stages, then smaller K and N tiles): fp32 tiles sized for sm_80 / sm_90 overflow the 99 KB of sm_86 / sm_89 /
+    sm_120. Launches fit their config again with the weights' and output's own sizes (`launch_grouped_gemm`).
     """
     if INTERPRET:
         cfg = GemmConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=1)
         return cfg, cfg
     if device is None:
-        return heuristic_configs(num_tokens, top_k, num_experts, sum_in_gemm2=sum_in_gemm2)
+        return heuristic_configs(num_tokens, top_k, num_experts, sum_in_gemm2=sum_in_gemm2, dtype=dtype)
     capability = _capability(device)
+    gemm1, gemm2 = _unfitted(num_tokens, top_k, num_experts, capability, sum_in_gemm2, dims, dtype, device, tuned)
+    limit = shared_limit(device)
+    if dtype is None or limit is None:
+        return gemm1, gemm2
+    element = torch.finfo(dtype).bits // 8
+    return tuple(shared_memory.fit_shared_memory(c, limit[1], element, limit[0]) for c in (gemm1, gemm2))
+
+
+def _unfitted(num_tokens, top_k, num_experts, capability, sum_in_gemm2, dims, dtype, device, tuned):
+    """moe_gemm_configs' choice before it is fitted to the device's shared memory."""
     found = lookup(num_tokens, top_k, num_experts, dims, dtype, device, tuned)
     if found is None:
-        return heuristic_configs(num_tokens, top_k, num_experts, capability, sum_in_gemm2=sum_in_gemm2)
+        return heuristic_configs(num_tokens, top_k, num_experts, capability, sum_in_gemm2=sum_in_gemm2, dtype=dtype)
     gemm1, gemm2, gemm2_sum = found
     if not (sum_in_gemm2 and top_k <= 2):
         return gemm1, gemm2
@@ -128,12 +147,12 @@ def moe_gemm_configs(num_tokens: int, top_k: int, num_experts: int, *, sum_in_ge
         return gemm1, gemm2_sum
     if gemm2.split_k == 1:
         return gemm1, gemm2  # the table's GEMM 2 sums as it is
-    no_split = heuristic_configs(num_tokens, top_k, num_experts, capability, sum_in_gemm2=True)[1]
+    no_split = heuristic_configs(num_tokens, top_k, num_experts, capability, sum_in_gemm2=True, dtype=dtype)[1]
     return gemm1, replace(no_split, block_m=gemm1.block_m)
 
 
 def heuristic_configs(num_tokens: int, top_k: int, num_experts: int, capability=None, *,
-                      sum_in_gemm2: bool = False) -> tuple[GemmConfig, GemmConfig]:  # fmt: skip
+                      sum_in_gemm2: bool = False, dtype=None) -> tuple[GemmConfig, GemmConfig]:  # fmt: skip
     """(GEMM 1, GEMM 2) configs for T tokens, chosen by the mean rows per expert; capability (major, minor) of the GPU.
 
     Decode shapes stream weights (small M tile, K-split for GEMM 2 whose N = D gives too few tiles to fill the SMs);
@@ -144,7 +163,13 @@ def heuristic_configs(num_tokens: int, top_k: int, num_experts: int, capability=
     (D = 2560: 80 programs per expert, each streaming all of F, where the K-split of 4 over N tiles of 64 had 160
     programs streaming a quarter of F each) and six stages of loads in flight. (K steps of 256 spilled 4.9 KB per
     thread in fp32 on sm_80; 128 x 6 stages spill 16 B there, fp16 / bf16 none.)
+
+    dtype float32: tl.dot runs as ieee FMA (no tensor cores, no wgmma), whose operand fragments hold a whole K step per
+    thread: K steps of 32 on 64-row tiles and `FP32_PREFILL`'s 16 on 128x128 ones (K steps of 64 there spilled 16 B per
+    thread on sm_86 in 2 stages, 5.7 KB on sm_80 in 3, 13 KB on sm_90's 128x256 tiles; none at these). None and the
+    other dtypes: the tiles above. Fitting the stages to a GPU's shared memory is `moe_gemm_configs`' part.
     """
+    fp32 = dtype == torch.float32
     no_split = sum_in_gemm2 and top_k <= 2
     rows_per_expert = num_tokens * top_k / max(num_experts, 1)
     if rows_per_expert <= 16:
@@ -154,11 +179,13 @@ def heuristic_configs(num_tokens: int, top_k: int, num_experts: int, capability=
         return gemm1, GemmConfig(block_m=16, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=4)
     if rows_per_expert <= 64:
         block_m = max(16, next_power_of_2(int(rows_per_expert)))
-        gemm1 = GemmConfig(block_m=block_m, block_n=64, block_k=128, num_warps=4, num_stages=4)
-        return gemm1, GemmConfig(
-            block_m=block_m, block_n=64, block_k=128, split_k=1 if no_split else 2, num_warps=4, num_stages=4
-        )
-    # Hopper only: sm_120 (RTX Blackwell) has 99 KB of shared memory a block, too little for these stages; sm_100 untested.
+        block_k = 32 if fp32 and block_m >= 64 else 128
+        gemm1 = GemmConfig(block_m=block_m, block_n=64, block_k=block_k, num_warps=4, num_stages=4)
+        return gemm1, replace(gemm1, split_k=1 if no_split else 2)
+    if fp32:
+        return FP32_PREFILL, FP32_PREFILL
+    # Hopper only: sm_120 (RTX Blackwell) has 99 KB of shared memory a block, too little for these stages; sm_100
+    # untested.
     if capability is not None and capability[0] == 9 and rows_per_expert >= SM90_PREFILL_MIN_ROWS:
         return SM90_PREFILL, SM90_PREFILL
     cfg = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
@@ -176,6 +203,20 @@ def _capability(device) -> tuple[int, int] | None:
 @functools.lru_cache(maxsize=None)
 def _cuda_capability(index: int) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
+
+
+def shared_limit(device) -> tuple[tuple[int, int], int] | None:
+    """(capability, opt-in shared memory per block) of the GPU `device` is on, None off CUDA. On a CUDA device the
+    bytes are torch's figure (`shared_memory_per_block_optin`), else shared_memory.SHARED_BYTES' for the capability:
+    also where aot's recording on meta tensors names a target capability. Cached per device: no host sync."""
+    device = torch.device(device)
+    capability = _capability(device)
+    if capability is None:
+        return None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return capability, shared_memory.cuda_shared_bytes(index)
+    return capability, shared_memory.capability_shared_bytes(capability)
 
 
 def quantized_config(config: GemmConfig, w: QuantizedExperts) -> GemmConfig:
@@ -249,9 +290,10 @@ class TunedTable:
         return configs[min(i, len(keys) - 1)]
 
 
-def parse_table(data, *, where: str, shared_bytes: int = DEFAULT_SHARED_BYTES) -> TunedTable | None:
+def parse_table(data, *, where: str, shared_bytes: int = DEFAULT_SHARED_BYTES, capability=None) -> TunedTable | None:
     """A TunedTable from a table's JSON object, or None with a warning when it is not one. Rejected buckets: a warning
-    each, None in their place."""
+    each, None in their place. shared_bytes, capability: the GPU's, which every config must fit
+    (`shared_memory.gemm_shared_bytes`)."""
 
     def bad(why: str):
         warnings.warn(
@@ -287,11 +329,13 @@ def parse_table(data, *, where: str, shared_bytes: int = DEFAULT_SHARED_BYTES) -
                 problems.append(f"{dtype_name}: bucket key {key!r} is not a positive int")
                 continue
             try:
-                gemms = [_entry(per_gemm[g].get(key), g, element, shared_bytes) for g in ("1", "2")]
+                gemms = [_entry(per_gemm[g].get(key), g, element, shared_bytes, capability) for g in ("1", "2")]
                 sums = per_gemm.get("2sum")
                 if sums is not None and not isinstance(sums, dict):
                     raise ValueError("'2sum' is not an object")
-                gemms.append(_entry(sums[key], "2sum", element, shared_bytes) if sums and key in sums else None)
+                gemms.append(
+                    _entry(sums[key], "2sum", element, shared_bytes, capability) if sums and key in sums else None
+                )
                 block_ms = sorted({g.block_m for g in gemms if g is not None})
                 if len(block_ms) > 1:
                     raise ValueError(f"block_m {block_ms[0]} and {block_ms[1]} differ (one routing map serves all)")
@@ -315,7 +359,7 @@ def _positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def _entry(entry, gemm: str, element: int, shared_bytes: int) -> GemmConfig:
+def _entry(entry, gemm: str, element: int, shared_bytes: int, capability) -> GemmConfig:
     """One bucket's config of GEMM `gemm`, checked: raises ValueError or TypeError saying what is wrong."""
     if entry is None:
         raise ValueError(f"no GEMM {gemm} entry")
@@ -332,18 +376,24 @@ def _entry(entry, gemm: str, element: int, shared_bytes: int) -> GemmConfig:
     if max(config.block_m, config.block_n, config.block_k) > 256 or config.block_m * config.block_n > 128 * 256:
         raise ValueError(f"GEMM {gemm}: tiles larger than 128x256 (the accumulator would spill)")
     if config.num_warps not in (1, 2, 4, 8, 16) or config.num_stages > 8 or config.split_k > 16:
-        raise ValueError(f"GEMM {gemm}: num_warps {config.num_warps} (1 to 16, a power of two), num_stages {config.num_stages} "
-                         f"(<= 8), split_k {config.split_k} (<= 16: each split has its own fp32 output)")  # fmt: skip
-    stage_bytes = (config.block_m + config.block_n) * config.block_k * element
-    if config.num_stages * stage_bytes > shared_bytes:
         raise ValueError(
-            f"GEMM {gemm}: {config.num_stages} stages of {stage_bytes} B exceed {shared_bytes} B of shared memory"
+            f"GEMM {gemm}: num_warps {config.num_warps} (1 to 16, a power of two), num_stages {config.num_stages} "
+            f"(<= 8), split_k {config.split_k} (<= 16: each split has its own fp32 output)"
+        )
+    c = config
+    need = shared_memory.gemm_shared_bytes(
+        c.block_m, c.block_n, c.block_k, c.num_stages, c.num_warps, element, capability, tma=c.tma
+    )
+    if need > shared_bytes:
+        raise ValueError(
+            f"GEMM {gemm}: {config.num_stages} stages of {config.block_m}x{config.block_n}x{config.block_k} tiles need "
+            f"{need} B of shared memory, which exceeds the GPU's {shared_bytes} B"
         )
     return config
 
 
 def load_table(path: Path, *, shared_bytes: int = DEFAULT_SHARED_BYTES, gpu_name: str | None = None,
-               missing_ok: bool = True) -> TunedTable | None:  # fmt: skip
+               missing_ok: bool = True, capability=None) -> TunedTable | None:  # fmt: skip
     """The table in `path`, checked; None when there is no such file (with a warning unless missing_ok), None with a
     warning when it is unreadable, not a table, or (gpu_name given) written for another GPU."""
     where = f"in {path}"
@@ -365,13 +415,16 @@ def load_table(path: Path, *, shared_bytes: int = DEFAULT_SHARED_BYTES, gpu_name
                       RuntimeWarning, stacklevel=2)  # fmt: skip
         return None
     try:
-        table = parse_table(data, where=where, shared_bytes=shared_bytes)
+        table = parse_table(data, where=where, shared_bytes=shared_bytes, capability=capability)
     except Exception as e:  # noqa: BLE001 -- whatever the file holds, the heuristic serves and nothing raises
         warnings.warn(f"tuned GEMM configs {where} ignored ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
         return None
     if table is not None and gpu_name is not None and table.gpu != gpu_name:
-        warnings.warn(f"tuned GEMM configs {where} ignored (written for {table.gpu!r}, this GPU is {gpu_name!r})", RuntimeWarning,
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"tuned GEMM configs {where} ignored (written for {table.gpu!r}, this GPU is {gpu_name!r})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     return table
 
@@ -379,22 +432,23 @@ def load_table(path: Path, *, shared_bytes: int = DEFAULT_SHARED_BYTES, gpu_name
 @functools.lru_cache(maxsize=None)
 def _table_for(index: int, path: str | None) -> TunedTable | None:
     """The table for CUDA device `index`: `path`, or this GPU's file in CONFIG_DIR. Read once per process."""
-    props = torch.cuda.get_device_properties(index)
-    shared = getattr(props, "shared_memory_per_block_optin", None) or DEFAULT_SHARED_BYTES
+    gpu = dict(shared_bytes=shared_memory.cuda_shared_bytes(index), capability=_cuda_capability(index))
     if path is not None:
-        return load_table(Path(path), shared_bytes=shared, missing_ok=False)
+        return load_table(Path(path), missing_ok=False, **gpu)
     name = torch.cuda.get_device_name(index)
-    return load_table(table_path(name), shared_bytes=shared, gpu_name=name)
+    return load_table(table_path(name), gpu_name=name, **gpu)
 
 
 def clear_cache() -> None:
-    """Forget the tables read so far (after writing one, or in tests)."""
+    """Forget the tables and GPU figures read so far (after writing a table, or in tests)."""
     _table_for.cache_clear()
+    shared_memory.cuda_shared_bytes.cache_clear()
 
 
 def lookup(num_tokens: int, top_k: int, num_experts: int, dims, dtype, device, tuned: bool | None = None):
-    """(gemm1, gemm2, gemm2_sum or None) from the tuned table for this GPU, or None: not a CUDA device, the heuristic asked for (tuned
-    False, or PHIXTRAL_MOE_CONFIGS=heuristic with tuned None), no table, or none for this shape, dtype or T."""
+    """(gemm1, gemm2, gemm2_sum or None) from the tuned table for this GPU, or None: not a CUDA device, the heuristic
+    asked for (tuned False, or PHIXTRAL_MOE_CONFIGS=heuristic with tuned None), no table, or none for this shape, dtype
+    or T."""
     if tuned is False or dims is None or dtype is None:
         return None
     device = torch.device(device)
@@ -415,6 +469,7 @@ def lookup(num_tokens: int, top_k: int, num_experts: int, dims, dtype, device, t
 __all__ = [
     "CONFIG_DIR",
     "ENV",
+    "FP32_PREFILL",
     "SM90_PREFILL",
     "SM90_PREFILL_MIN_ROWS",
     "GemmConfig",
@@ -427,6 +482,7 @@ __all__ = [
     "moe_gemm_configs",
     "parse_table",
     "quantized_config",
+    "shared_limit",
     "source",
     "table_name",
     "table_path",

@@ -114,8 +114,21 @@ def empty_quantized(E: int, N: int, K: int, scheme: str, scales_dtype, device, *
     )  # fmt: skip
 
 
-def record_launches(T: int, dtype: torch.dtype, D: int, F: int, E: int, top_k: int, *, quant: str = "", path: str = "auto",
-                    device="meta", warm_index=None, capability: int | None = None, tma: bool = False) -> list:  # fmt: skip
+def record_launches(
+    T: int,
+    dtype: torch.dtype,
+    D: int,
+    F: int,
+    E: int,
+    top_k: int,
+    *,
+    quant: str = "",
+    path: str = "auto",
+    device="meta",
+    warm_index=None,
+    capability: int | None = None,
+    tma: bool = False,
+) -> list:
     """The kernel launches of one fused_moe call on empty tensors of these shapes (meta tensors: nothing runs).
 
     quant: a scheme (see `parse_quant_scheme`): quantized w1 (with act-order's g_idx when the scheme has it) and w2

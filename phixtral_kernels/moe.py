@@ -7,10 +7,11 @@ PHIXTRAL_MOE_DECODE_PATH=legacy selects the six-launch chain it replaced, to tim
 Backends:
     "triton"  the Triton kernels: compiled for CUDA tensors, interpreted for CPU tensors under TRITON_INTERPRET=1.
               No host sync anywhere, so a decode step can be captured in a CUDA graph.
-    "torch"   the same sorted pipeline in vectorized PyTorch (one GEMM pair per expert, no loop over tokens): the fast path
-              on CPUs. It reads the per-expert counts on the host, so it syncs on CUDA tensors.
+    "torch"   the same sorted pipeline in vectorized PyTorch (one GEMM pair per expert, no loop over tokens): the fast
+              path on CPUs. It reads the per-expert counts on the host, so it syncs on CUDA tensors.
     "naive"   the original phixtral loop (`naive_moe`).
-    "auto"    "triton" where it can run (CUDA, or the interpreter on CPU) and the dtype is fp16, bf16 or fp32, else "torch".
+    "auto"    "triton" where it can run (CUDA, or the interpreter on CPU) and the dtype is fp16, bf16 or fp32, else
+              "torch".
 
 Quantized experts: w1 and / or w2 may be a `QuantizedExperts` (quant.py). "triton" dequantizes weight tiles inside the
 grouped GEMMs' K loop; "torch" runs torch's packed CPU kernels when the container carries them (cpu_packed.py: bfloat16
@@ -28,6 +29,7 @@ import torch
 
 from ._triton import triton_unavailable_reason
 from .checks import BACKENDS, TRITON_DTYPES, check_moe_inputs
+from .cpu_packed import with_qweight
 from .gemm_configs import moe_gemm_configs
 from .grouped_gemm import launch_grouped_gemm
 from .moe_backward import FusedMoEFunction
@@ -80,17 +82,20 @@ def _expert_linear(x: torch.Tensor, w, e: int, bias) -> torch.Tensor:
     packed = w.cpu_packed
     if packed is not None and x.device.type == "cpu" and x.dtype == packed.dtype and x.shape[0] <= packed.max_rows:
         return packed.linear(x, e, bias)
-    return torch.nn.functional.linear(x, dequantize_experts(w.select(e), x.dtype)[0], bias)
+    return torch.nn.functional.linear(x, dequantize_experts(with_qweight(w, e), x.dtype)[0], bias)
 
 
 def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
     """The phixtral MoE layer: x [T, D] -> [T, D] in x's dtype.
 
-    gate_weight [E, D] (router, no bias); w1 [E, F, D], b1 [E, F], w2 [E, D, F], b2 [E, D] (stacked torch Linear weights).
+    gate_weight [E, D] (router, no bias); w1 [E, F, D], b1 [E, F], w2 [E, D, F], b2 [E, D] (stacked torch Linear
+    weights).
     logits = x @ gate_weight^T; top-k over the raw logits (ties to the lowest expert index); softmax over the k picks;
     out[t] = sum_k w[t, k] * (gelu_tanh(x[t] @ w1[e]^T + b1[e]) @ w2[e]^T + b2[e]).
     w1, w2: float stacks or QuantizedExperts of the same shapes (weight-only quantization, see quant.py).
-    backend: "auto", "triton", "torch" or "naive" (see the module docstring).
+    backend: "auto", "triton", "torch" or "naive" (see the module docstring). The Triton decode chain sums the logits
+    in its routing kernel, in another order than the torch matmul of the other paths: experts whose logits lie within
+    an ulp of x's dtype may be picked differently there (exact ties go to the lowest index everywhere).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -103,6 +108,8 @@ def fused_moe(x, gate_weight, w1, b1, w2, b2, top_k=2, *, backend="auto"):
         backend = "triton" if triton_unavailable_reason(x.device) is None and x.dtype in TRITON_DTYPES else "torch"
         if quantized and needs_grad:
             backend = "torch"  # the Triton backward has no quantized GEMMs
+    if backend != "torch":  # the torch path reads a released qweight's codes from the CPU form itself
+        w1, w2 = (with_qweight(w) if is_quantized(w) else w for w in (w1, w2))
     if backend == "naive":
         return naive_moe(x, gate_weight, dense_weight(w1, x.dtype), b1, dense_weight(w2, x.dtype), b2, top_k)
     if x.shape[0] == 0 and not needs_grad:
@@ -132,8 +139,8 @@ def quantized_linear(x: torch.Tensor, w: QuantizedExperts, bias=None, *, backend
 
     "triton" runs the MoE's grouped GEMM as one expert at top-1 (an identity slot map built from shapes alone: no host
     sync), dequantizing inside its K loop; "torch" and "naive" take torch's packed CPU kernels when w carries them
-    (w.cpu_packed: bfloat16 rows on the CPU, up to its max_rows), else dequantize to x's dtype and call F.linear. "auto" picks
-    as fused_moe does (torch when grad is needed).
+    (w.cpu_packed: bfloat16 rows on the CPU, up to its max_rows), else dequantize to x's dtype and call F.linear.
+    "auto" picks as fused_moe does (torch when grad is needed).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -150,6 +157,7 @@ def quantized_linear(x: torch.Tensor, w: QuantizedExperts, bias=None, *, backend
         backend = "triton" if usable and not (torch.is_grad_enabled() and x.requires_grad) else "torch"
     if backend != "triton":
         return _expert_linear(x, w, 0, bias)
+    w = with_qweight(w)
     reason = triton_unavailable_reason(x.device)
     if reason is not None:
         raise RuntimeError(f"backend='triton' cannot run: {reason}")
@@ -158,8 +166,11 @@ def quantized_linear(x: torch.Tensor, w: QuantizedExperts, bias=None, *, backend
     if T == 0:
         return out[0]
     config = moe_gemm_configs(T, 1, 1)[0]
-    launch_grouped_gemm(x, w, None if bias is None else bias[None], out, _identity_routing(T, config.block_m, x.device), config,
-                        gather_a=True, scatter_c=True, activation="", mul_routing_weight=False)  # fmt: skip
+    routing = _identity_routing(T, config.block_m, x.device)
+    bias = None if bias is None else bias[None]
+    launch_grouped_gemm(
+        x, w, bias, out, routing, config, gather_a=True, scatter_c=True, activation="", mul_routing_weight=False
+    )
     return out[0]
 
 

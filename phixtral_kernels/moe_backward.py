@@ -4,7 +4,7 @@ Forward, slot s = (t, k), expert e = topk_ids[t, k], w_s its routing weight (sof
     a_s = x[t] @ w1[e]^T + b1[e]      h_s = gelu_tanh(a_s)      out[t] = sum_k w_s (h_s @ w2[e]^T + b2[e])
 
 Backward, g = dout [T, D], r the sorted row of slot s (R rows by upper bound):
-    u_r     = g[t] @ w2[e]                      grouped GEMM: g gathered by slot in the kernel, B the [E, F, D] view w2^T
+    u_r     = g[t] @ w2[e]                      grouped GEMM: g gathered by slot in the kernel, B the view w2^T
     a_r                                         GEMM 1 again without the activation, fp32 out (recomputed, see below)
     dwts_s  = u_r . h_r + g[t] . b2[e]          \\ one pass over the sorted rows: `_act_backward_kernel`
     da_r    = w_s u_r gelu_tanh'(a_r)           /  (da is zero on padding rows)
@@ -13,11 +13,12 @@ Backward, g = dout [T, D], r the sorted row of slot s (R rows by upper bound):
     dlogits = w * (dwts - sum_k w dwts) at the k picked experts, 0 elsewhere      torch, [T, E]
     dgate   = dlogits^T x,  dx += dlogits @ gate                              torch, [E, D] and [T, D]
     dw1[e]  = sum_r da_r^T x[t],  db1[e] = sum_r da_r,  dw2[e] = sum_r (w_s g[t])^T h_r,  db2[e] = sum_r w_s g[t]
-                                                `_weight_grad_kernel`: one program per output tile of one expert, looping
+                                                `_weight_grad_kernel`: one program per output tile of an expert, looping
                                                 over the expert's rows (bounds read on the device), bias sums alongside
 
 Only what the requested gradients need runs: router training with only gate_weight requiring grad launches the u GEMM
-and the row pass, no recompute and no dx GEMM. Everything accumulates in fp32; gradients come back in their input's dtype.
+and the row pass, no recompute and no dx GEMM. Everything accumulates in fp32; gradients come back in their input's
+dtype.
 
 Why a is recomputed rather than kept: the forward is the inference forward unchanged (it stores h only), and keeping a
 would hold another [R, F] tensor per layer from forward to backward (335 MB in fp32 at T = 4096, top_k = 2, F = 10240)
@@ -165,9 +166,9 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        """Grid: (E * cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)), or (E * cdiv(N, BLOCK_N), 1) without WEIGHT_GRAD. Each program
-        owns one [BLOCK_N, BLOCK_K] tile of one expert's gradient and loops over that expert's rows: no atomics, a fixed
-        summation order, and an expert with no rows writes zeros."""
+        """Grid: (E * cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)), or (E * cdiv(N, BLOCK_N), 1) without WEIGHT_GRAD. Each
+        program owns one [BLOCK_N, BLOCK_K] tile of one expert's gradient and loops over that expert's rows: no
+        atomics, a fixed summation order, and an expert with no rows writes zeros."""
         # --- program -> (expert, output tile), and the expert's rows from the map (read on the device)
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -257,7 +258,8 @@ def expert_preact(
 
 
 def expert_grad_hidden(g: torch.Tensor, w2: torch.Tensor, routing: RoutingMap, config: GemmConfig) -> torch.Tensor:
-    """u = g[slot // top_k] @ w2[e] per sorted row: g [T, D], w2 [E, D, F]. Returns u [R, F] fp32, padding rows unwritten."""
+    """u = g[slot // top_k] @ w2[e] per sorted row: g [T, D], w2 [E, D, F]. Returns u [R, F] fp32, padding rows
+    unwritten."""
     return _gathered_gemm_fp32("expert_grad_hidden", g, w2.transpose(1, 2), None, routing, config)  # [E, F, D] view
 
 
@@ -290,7 +292,8 @@ def act_backward(u, a, h, g, b2, routing: RoutingMap, *, compute_da: bool, compu
         u, a_arg, h, g, b2, da_arg, dwts_arg,
         routing.sorted_token_ids, routing.expert_offsets, routing.topk_weights,
         F, D, routing.num_slots, E,
-        u.stride(0), a_arg.stride(0), h.stride(0), g.stride(0), g.stride(1), b2.stride(0), b2.stride(1), da_arg.stride(0),
+        u.stride(0), a_arg.stride(0), h.stride(0), g.stride(0), g.stride(1), b2.stride(0), b2.stride(1),
+        da_arg.stride(0),
         TOP_K=routing.top_k, E_PAD=next_power_of_2(E), COMPUTE_DA=compute_da, COMPUTE_DWTS=compute_dwts,
         BLOCK_M=routing.block_m, BLOCK_F=_BLOCK_COLS, BLOCK_D=_BLOCK_COLS,
         num_warps=4 if routing.block_m <= 64 else 8,
@@ -357,7 +360,9 @@ def expert_weight_grads(x, g, h, da, routing: RoutingMap, needs: tuple[bool, boo
 
 
 class FusedMoEFunction(torch.autograd.Function):
-    """fused_moe's Triton path with a backward (see the module docstring). apply(x, gate_weight, w1, b1, w2, b2, top_k)."""
+    """fused_moe's Triton path with a backward (see the module docstring).
+
+    apply(x, gate_weight, w1, b1, w2, b2, top_k)."""
 
     @staticmethod
     def forward(ctx, x, gate_weight, w1, b1, w2, b2, top_k):

@@ -7,7 +7,8 @@ Two chains, picked by token count (or PHIXTRAL_MOE_DECODE_PATH):
     prefill  logits (torch matmul), top-k + softmax, align (routing.py), GEMM 1, GEMM 2 (grouped_gemm.py), the combine
              (unpermute.py): 6 launches
     decode   routing in one program from x and the router weight, GEMM 1, GEMM 2 summing each token's top_k <= 2 rows
-             itself (`expert_gemm2_sum`): 3 launches
+             itself (`expert_gemm2_sum`): 3 launches. Its logits are the routing kernel's own sums, not the torch
+             matmul's: near-tied experts may be picked differently than the prefill chain would pick them.
 The forward returns the routing map and h as well: moe_backward.FusedMoEFunction keeps them for its backward.
 """
 
@@ -48,7 +49,8 @@ def moe_config_args(x, w1, w2) -> dict:
 
 
 def triton_moe_forward(x, gate_weight, w1, b1, w2, b2, top_k, *, path: str | None = None):
-    """The Triton forward: -> (out [T, D] in x's dtype, the RoutingMap, h [R, F] sorted rows). Inputs checked by the caller.
+    """The Triton forward: -> (out [T, D] in x's dtype, the RoutingMap, h [R, F] sorted rows). Inputs checked by the
+    caller.
 
     path: "auto", "decode" or "legacy" (see DECODE_PATHS); None reads PHIXTRAL_MOE_DECODE_PATH. No host sync on any.
       prefill  logits (torch matmul), top-k, align, GEMM 1, GEMM 2, combine: 6 launches

@@ -4,7 +4,8 @@ load-time rewrite that takes act-order out of GEMM 2.
 Layout (AutoGPTQ's v1 "gptq" format, stacked over E experts; N = out features, K = in features, as torch Linear):
     qweight [E, K * bits / 32, N] int32   input row k of column n sits in word k // P at bit (k % P) * bits, low bits
                                           first (P = 32 / bits values per word)
-    qzeros  [E, G, N * bits / 32] int32   zero point - 1, packed the same way along N; None: symmetric, zero = 2^(bits-1)
+    qzeros  [E, G, N * bits / 32] int32   zero point - 1, packed the same way along N; None: symmetric,
+                                          zero = 2^(bits-1)
     scales  [E, G, N] fp16 / bf16 / fp32
     g_idx   [E, K] int32                  group of input row k (act-order); None: k // group_size
     W[e, n, k] = scales[e, g, n] * (q[e, k, n] - (z[e, g, n] + 1)),  g = g_idx[e, k],  z the stored zero point
@@ -33,8 +34,8 @@ class QuantizedExperts:
 
     Construction checks every shape and dtype and raises a ValueError naming the tensor. check=True (the default) also
     reads g_idx to check its range, a host read: the model builds its containers with check=False once loaded.
-    cpu_packed: the same weights repacked for torch's CPU kernels (`phixtral_kernels.cpu_packed.pack_for_cpu`), which the
-    torch backend uses for bfloat16 activations on the CPU, up to its max_rows rows; `select` and `to` drop it.
+    cpu_packed: the same weights repacked for torch's CPU kernels (`phixtral_kernels.cpu_packed.pack_for_cpu`), which
+    the torch backend uses for bfloat16 activations on the CPU, up to its max_rows rows; `select` and `to` drop it.
     """
 
     qweight: torch.Tensor
@@ -94,14 +95,19 @@ class QuantizedExperts:
         packed = self.cpu_packed
         if packed is not None and (
             (packed.num_experts, packed.out_features, packed.in_features) != (E, N, K)
-            or self.qweight.device.type != "cpu"
+            or self.scales.device.type != "cpu"
         ):
-            raise ValueError(f"cpu_packed holds [E, N, K] = {(packed.num_experts, packed.out_features, packed.in_features)}"
-                             f" but qweight packs {(E, N, K)} on {self.qweight.device}")  # fmt: skip
-        for name in ("qzeros", "scales", "g_idx"):
+            held = (packed.num_experts, packed.out_features, packed.in_features)
+            raise ValueError(
+                f"cpu_packed holds [E, N, K] = {held} but qweight packs {(E, N, K)} on {self.scales.device}"
+            )
+        # With a CPU packed form qweight may be a meta placeholder: the packed form holds the codes, and what needs
+        # qweight reads them back from it (cpu_packed.with_qweight).
+        released = packed is not None and self.qweight.device.type == "meta"
+        for name in ("qweight", "qzeros", "g_idx"):
             t = getattr(self, name)
-            if t is not None and t.device != self.qweight.device:
-                raise ValueError(f"{name} is on {t.device} but qweight on {self.qweight.device}")
+            if t is not None and t.device != self.scales.device and not (name == "qweight" and released):
+                raise ValueError(f"{name} is on {t.device} but scales on {self.scales.device}")
 
     # --- sizes -----------------------------------------------------------------------------------------------------
     @property
@@ -132,7 +138,13 @@ class QuantizedExperts:
 
     @property
     def device(self) -> torch.device:
-        return self.qweight.device
+        return self.scales.device
+
+    @property
+    def released_qweight(self) -> bool:
+        """qweight is a meta placeholder standing for codes that live only in `cpu_packed` (cpu_packed.with_qweight
+        reads them). A container wholly on meta (as launch recording builds) has released nothing."""
+        return self.cpu_packed is not None and self.qweight.device.type == "meta" and self.scales.device.type != "meta"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -184,7 +196,8 @@ def is_quantized(w) -> bool:
 
 # --- packing ----------------------------------------------------------------------------------------------------------
 def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """[..., K, N] integers in [0, 2^bits) -> [..., K * bits / 32, N] int32, row k in word k // P at bit (k % P) * bits."""
+    """[..., K, N] integers in [0, 2^bits) -> [..., K * bits / 32, N] int32, row k in word k // P at bit
+    (k % P) * bits."""
     per = 32 // bits
     *lead, K, N = q.shape
     if K % per:
@@ -273,8 +286,8 @@ def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
 
 
 def act_order_g_idx(order: torch.Tensor, group_size: int) -> torch.Tensor:
-    """g_idx [..., K] int32 for input rows processed in `order` [..., K] (a permutation): the i-th row processed, order[i],
-    falls in group i // group_size, as GPTQ with act-order writes it."""
+    """g_idx [..., K] int32 for input rows processed in `order` [..., K] (a permutation): the i-th row processed,
+    order[i], falls in group i // group_size, as GPTQ with act-order writes it."""
     K = order.shape[-1]
     groups = (torch.arange(K, device=order.device) // (group_size if group_size > 0 else K)).expand_as(order)
     return torch.empty_like(order, dtype=torch.int32).scatter_(-1, order.long(), groups.to(torch.int32))
@@ -289,7 +302,8 @@ def quantize_rtn(
     g_idx: Optional[torch.Tensor] = None,
     scale_dtype: torch.dtype = torch.float16,
 ) -> QuantizedExperts:
-    """Round-to-nearest quantization of float weights w [E, N, K] (or one Linear [N, K], as E = 1) into a QuantizedExperts.
+    """Round-to-nearest quantization of float weights w [E, N, K] (or one Linear [N, K], as E = 1) into a
+    QuantizedExperts.
 
     Each group of input rows gets one (scale, zero) per output channel from its min and max (`quant_grid`). g_idx [E, K]
     (or [K]) assigns rows to groups in any order (act-order); None groups k // group_size. sym: no qzeros (zero

@@ -10,8 +10,8 @@ The math:
     softmax over the k selected logits only
     out[t] = sum_k w[t, k] * (gelu_tanh(x[t] @ w1[e]^T + b1[e]) @ w2[e]^T + b2[e]),  e = topk_ids[t, k]
 
-Slot s = t * top_k + k names the k-th choice of token t. The sorted map lists slots grouped by expert (slot order inside an
-expert), each expert's group padded with the sentinel S up to a multiple of block_m.
+Slot s = t * top_k + k names the k-th choice of token t. The sorted map lists slots grouped by expert (slot order inside
+an expert), each expert's group padded with the sentinel S up to a multiple of block_m.
 """
 
 import math

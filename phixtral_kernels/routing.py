@@ -7,15 +7,18 @@ Two launches, no host sync (no .item(), no data-dependent shapes): a decode step
   1. `_topk_softmax_kernel`, one program per block of BLOCK_T tokens: top-k by repeated max (ties to the lowest expert
      index), softmax over the k picked logits, and the block's per-expert slot counts.
   2. `_align_kernel`, same blocks: every program reads the whole (small) count table, so it knows each expert's padded
-     offset and the number of its slots in earlier blocks, and writes its slots to their sorted positions. Program 0 also
-     writes expert_offsets and the sentinel into each expert's padding.
+     offset and the number of its slots in earlier blocks, and writes its slots to their sorted positions. Program 0
+     also writes expert_offsets and the sentinel into each expert's padding.
 Each token's k experts are distinct, so a slot's rank inside its expert is the number of earlier tokens routed there:
 an exclusive cumsum over tokens, which keeps slots in ascending order inside each expert.
 
 Decode (`moe_routing_fused`, few tokens): one launch, one program, from x and the router weight: logits GEMV, top-k +
 softmax and the sort in two passes over the tokens (`_fused_routing_kernel`). It also writes the sentinel into the
 buffer that GEMM 2 sums each token's two expert rows in (grouped_gemm.py, TOPK_SUM), which would otherwise take a
-fill launch of its own.
+fill launch of its own. Its logits are its own sums (tl.dot over 256-wide chunks of D on a GPU), not the torch matmul
+of the prefill chain and the torch and naive backends (cuBLAS on a GPU): rounded to x's dtype, logits within an ulp of
+each other can order differently, so near-tied experts may be picked differently than those paths pick them. Exact ties
+(identical router rows, as in phixtral-4x2_8) stay exact and go to the lowest index on every path.
 """
 
 from dataclasses import dataclass
@@ -37,8 +40,8 @@ class RoutingMap:
     topk_weights     [T, top_k] fp32   softmax over the token's k picked logits
     topk_ids         [T, top_k] int32  experts, by descending logit, ties to the lowest index
     sorted_token_ids [S + E * (block_m - 1)] int32  sorted row -> slot. Expert e owns rows
-                     [expert_offsets[e], expert_offsets[e + 1]): its slots in ascending order, then the sentinel S up to a
-                     multiple of block_m. Rows from expert_offsets[E] on are never read.
+                     [expert_offsets[e], expert_offsets[e + 1]): its slots in ascending order, then the sentinel S up
+                     to a multiple of block_m. Rows from expert_offsets[E] on are never read.
     expert_offsets   [E + 1] int32     padded start row of each expert; expert_offsets[E] = rows in use
     block_m          rows per GEMM tile; each tile belongs to exactly one expert
     """
@@ -74,8 +77,9 @@ class RoutingMap:
     def max_tiles(self) -> int:
         """The most block_m-row tiles that can hold slots, from shapes alone (grids are sized by it: no host sync).
 
-        Expert e holds c_e slots, 0 <= c_e <= T (a token picks an expert once), sum c_e = S, and takes ceil(c_e / block_m)
-        tiles. Its first tile costs one slot, every further tile block_m more, and it has at most ceil(T / block_m).
+        Expert e holds c_e slots, 0 <= c_e <= T (a token picks an expert once), sum c_e = S, and takes
+        ceil(c_e / block_m) tiles. Its first tile costs one slot, every further tile block_m more, and it has at most
+        ceil(T / block_m).
         So at most n = min(E, S) experts open a tile, and the S - n slots left buy at most (S - n) // block_m further
         tiles, at most n * (ceil(T / block_m) - 1) of them. Both are reached together (the counts c_e = 1 + block_m j_e,
         the rest added where it opens no tile), so the bound is exact. It never exceeds cdiv(max_rows, block_m).
@@ -258,15 +262,16 @@ if triton is not None:
         E_PAD: tl.constexpr,  # >= 16: the logits tile is a tl.dot output
         INIT_PAIR: tl.constexpr,
         DOT_IN_FP32: tl.constexpr,  # interpreter + bf16 only: its bf16 arithmetic is wrong, upcast first
-        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: tf32 logits could route differently from x @ gate^T
+        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: tf32 logits would stray far past an ulp
         BLOCK_T: tl.constexpr,  # >= 16
         BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr,
     ):
         """Grid: (1,). Router logits, top-k + softmax and the block-aligned sort of all T tokens in one program.
 
-        Pass 1, per block of BLOCK_T tokens: logits = x @ gate^T (fp32 accumulator, rounded to x's dtype as the
-        torch matmul of the other paths rounds them), top-k + softmax, stored; per-expert slot counts summed.
+        Pass 1, per block of BLOCK_T tokens: logits = x @ gate^T (fp32 accumulator over BLOCK_D chunks, rounded to x's
+        dtype like the torch matmul of the other paths, but summed in another order: near-ties may pick differently),
+        top-k + softmax, stored; per-expert slot counts summed.
         Pass 2, after a barrier (it reads the ids pass 1 stored): padded offsets from the totals, then each block's
         slots to their sorted rows, ranks carried from block to block. Cost grows with T: the decode path only."""
         offs_e = tl.arange(0, E_PAD)
@@ -390,7 +395,8 @@ def moe_routing(router_logits: torch.Tensor, top_k: int, block_m: int) -> Routin
 
 
 def fused_routing_fits(num_tokens: int, num_experts: int) -> bool:
-    """Whether `moe_routing_fused` takes these shapes (any T works; its cost grows with T, so callers keep it to decode)."""
+    """Whether `moe_routing_fused` takes these shapes (any T works; its cost grows with T, so callers keep it to
+    decode)."""
     return num_experts <= 128
 
 
@@ -398,8 +404,11 @@ def moe_routing_fused(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, bl
     """`moe_routing(x @ gate_weight^T, top_k, block_m)` in one launch of one program, logits included.
 
     x [T, D], gate_weight [E, D] in x's dtype. The logits are accumulated in fp32 and rounded to x's dtype before the
-    top-k, as the torch matmul the other paths route on rounds them. pair: None, or an int32 [T, D] buffer (row stride
-    free, contiguous along D) that comes back filled with the sentinel -1, ready for expert_gemm2's top-2 sum.
+    top-k, as the torch matmul the other paths route on rounds them, but summed in their own order (tl.dot over chunks
+    of D): where two experts' logits lie within an ulp of x's dtype, this routing may pick the other one than
+    `moe_routing(x @ gate_weight^T, ...)` on a GPU. Exact ties go to the lowest index on both. pair: None, or an int32
+    [T, D] buffer (row stride free, contiguous along D) that comes back filled with the sentinel -1, ready for
+    expert_gemm2's top-2 sum.
     Cost grows with T (one program walks every token twice): meant for decode, T up to a few dozen.
     """
     T, D = x.shape

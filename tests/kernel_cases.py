@@ -29,13 +29,19 @@ def moe_layer(T, D, F, E, dtype=torch.float32, *, device=DEVICE, seed=0, gate=No
     return x, gate_weight, w1, b1, w2, b2
 
 
-def reference_moe(x, gate_weight, w1, b1, w2, b2, top_k, *, dtype=torch.float64, device="cpu"):
+def reference_moe(x, gate_weight, w1, b1, w2, b2, top_k, *, dtype=torch.float64, device="cpu", topk_ids=None):
     """The MoE computed in `dtype` on `device` (fp64 on the CPU by default), expert by expert.
 
     Routed on the logits of the test dtype, as every backend routes: near-equal logits may order differently once rounded.
+    topk_ids [T, top_k]: route on these experts instead (the kernel's own picks, see `assert_top_k_up_to_ties`), with
+    the softmax over this reference's logits at those experts.
     """
     logits = (x @ gate_weight.t()).to(device, dtype)
-    values, experts = topk_lowest_index(logits, top_k)  # [T, top_k]
+    if topk_ids is None:
+        values, experts = topk_lowest_index(logits, top_k)  # [T, top_k]
+    else:
+        experts = topk_ids.to(device).long()
+        values = logits.gather(1, experts)
     weights = torch.softmax(values, dim=-1)
     x, w1, b1, w2, b2 = (t.to(device, dtype) for t in (x, w1, b1, w2, b2))
     out = torch.zeros_like(x)
@@ -46,15 +52,45 @@ def reference_moe(x, gate_weight, w1, b1, w2, b2, top_k, *, dtype=torch.float64,
     return out
 
 
-def assert_close_to_reference(out, x, gate_weight, w1, b1, w2, b2, top_k):
-    """Error of `out` <= 2x the error of the naive loop run in the same dtype, plus the dtype's floor."""
-    ref = reference_moe(x, gate_weight, w1, b1, w2, b2, top_k)
+def assert_top_k_up_to_ties(topk_ids, x, gate_weight):
+    """The kernel's picks are a top-k of the fp64 logits but for near-ties: every picked expert's logit is at least
+    every other expert's, less a tolerance of a few roundings of x's dtype at the row's largest logit.
+
+    The fused decode routing sums its logits with tl.dot in 256-wide chunks, the prefill chain and the references with
+    a torch matmul (cuBLAS on a GPU): rounded to x's dtype, logits within an ulp of each other may order differently,
+    so tests compare on the kernel's own picks (`reference_moe(..., topk_ids=)`) and check here that they are a top-k.
+    """
+    logits = (x.double() @ gate_weight.double().t()).cpu()  # [T, E]
+    ids = topk_ids.cpu().long()
+    picked = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, True)
+    tol = 4 * torch.finfo(x.dtype).eps * logits.abs().amax(1) + 1e-6  # [T]
+    lowest_picked = logits.masked_fill(~picked, float("inf")).amin(1)
+    highest_other = logits.masked_fill(picked, float("-inf")).amax(1)
+    bad = torch.nonzero(lowest_picked < highest_other - tol).flatten().tolist()
+    assert not bad, f"tokens {bad[:8]} pick experts {ids[bad[:8]].tolist()} below others (logits {logits[bad[:8]].tolist()})"
+    assert all(len(set(row)) == len(row) for row in ids.tolist()), "an expert picked twice by one token"
+
+
+def assert_close_to_reference(out, x, gate_weight, w1, b1, w2, b2, top_k, *, routing=None):
+    """Error of `out` <= 2x the error of the naive loop run in the same dtype, plus the dtype's floor.
+
+    routing: the RoutingMap the kernels ran on. Its picks are checked to be a top-k up to near-ties
+    (`assert_top_k_up_to_ties`) and both the fp64 reference and, in place of the naive loop, the same reference in the
+    test dtype route on them: near-tied logits rounded by another summation cannot make the comparison flake.
+    """
+    ids = None if routing is None else routing.topk_ids
+    if ids is not None:
+        assert_top_k_up_to_ties(ids, x, gate_weight)
+    ref = reference_moe(x, gate_weight, w1, b1, w2, b2, top_k, topk_ids=ids)
     assert out.shape == ref.shape and out.dtype == x.dtype
     err = (out.double().cpu() - ref).abs().max().item() if out.numel() else 0.0
     if x.dtype == torch.float32 and DEVICE == "cpu":
         naive_err = 0.0
     else:
-        naive = naive_moe(x, gate_weight, w1, b1, w2, b2, top_k)
+        if ids is None:
+            naive = naive_moe(x, gate_weight, w1, b1, w2, b2, top_k)
+        else:
+            naive = reference_moe(x, gate_weight, w1, b1, w2, b2, top_k, dtype=x.dtype, device=x.device, topk_ids=ids)
         naive_err = (naive.double().cpu() - ref).abs().max().item() if out.numel() else 0.0
     bound = 2 * naive_err + ERROR_FLOOR[x.dtype]
     assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (naive loop in {x.dtype}: {naive_err:.3g})"

@@ -4,11 +4,15 @@ GEMM 2 summing each token's top_k <= 2 rows itself; grids of RoutingMap.max_tile
 Launch counts per MoE layer, results against the fp64 reference over T x top_k x E, the top-2 sum bit for bit against
 the fixed-order combine, the exact tile bound, and the PHIXTRAL_MOE_DECODE_PATH switch. Runs under the interpreter on
 a CPU and compiled on a GPU (benchmarks/gpu_check.sh), where the atomic exchange's arrival order really varies.
+
+The decode chain's routing sums its logits with tl.dot, the reference with a torch matmul: on a GPU near-tied experts
+can be picked differently, so results are compared on the routing the chain returns (its picks checked to be a top-k
+up to near-ties), never on a top-k recomputed from other logits.
 """
 
 import pytest
 import torch
-from kernel_cases import DEVICE, CountLaunches, assert_close_to_reference, moe_layer
+from kernel_cases import DEVICE, CountLaunches, assert_close_to_reference, assert_top_k_up_to_ties, moe_layer
 
 from phixtral_kernels import GemmConfig, expert_gemm1, expert_gemm1_torch, expert_gemm2_torch, fused_moe, moe_combine, moe_routing
 from phixtral_kernels.grouped_gemm import expert_gemm2, expert_gemm2_sum, pair_buffer
@@ -49,13 +53,14 @@ def test_decode_layer_launches_three_kernels(T, dtype):
     ],
 )  # fmt: skip
 def test_launches_of_each_chain(monkeypatch, path, T, top_k, expected):
-    """The chain PHIXTRAL_MOE_DECODE_PATH names, as fused_moe runs it; the legacy chain is the one before this change."""
+    """The chain PHIXTRAL_MOE_DECODE_PATH names, as fused_moe runs it (triton_moe_forward, which also returns the
+    routing to compare on); the legacy chain is the one before this change."""
     monkeypatch.setenv("PHIXTRAL_MOE_DECODE_PATH", path)
     layer = moe_layer(T, D, F, 4, torch.float16, seed=T)
     with CountLaunches() as counted:
-        out = fused_moe(*layer, top_k, backend="triton")
+        out, routing, _ = triton_moe_forward(*layer, top_k)
     assert counted.launches == expected
-    assert_close_to_reference(out, *layer, top_k)
+    assert_close_to_reference(out, *layer, top_k, routing=routing)
 
 
 def test_decode_path_switch_rejects_unknown_names(monkeypatch):
@@ -74,7 +79,8 @@ def test_decode_path_switch_rejects_unknown_names(monkeypatch):
 def test_fused_moe_matches_reference(E, top_k, T, dtype):
     """The default chain: the decode chain up to DECODE_MAX_TOKENS tokens, the prefill chain (tight grids) above."""
     layer = moe_layer(T, D, F, E, dtype, seed=1000 * E + 10 * T + top_k)
-    assert_close_to_reference(fused_moe(*layer, top_k, backend="triton"), *layer, top_k)
+    out, routing, _ = triton_moe_forward(*layer, top_k)  # fused_moe's forward, with the routing it ran on
+    assert_close_to_reference(out, *layer, top_k, routing=routing)
 
 
 @pytest.mark.parametrize(
@@ -86,13 +92,36 @@ def test_decode_chain_at_many_tokens(T, E, top_k, dtype):
     """The decode chain forced past DECODE_MAX_TOKENS: its routing walks several blocks of tokens in one program, and the
     top-2 sum meets rows from many tiles."""
     layer = moe_layer(T, D, F, E, dtype, seed=T + E)
-    assert_close_to_reference(triton_moe_forward(*layer, top_k, path="decode")[0], *layer, top_k)
+    out, routing, _ = triton_moe_forward(*layer, top_k, path="decode")
+    assert_close_to_reference(out, *layer, top_k, routing=routing)
 
 
 @pytest.mark.parametrize("T, top_k", [(1, 2), (3, 3), (8, 2)])
 def test_legacy_chain_matches_reference(T, top_k):
     layer = moe_layer(T, D, F, 4, torch.float16, seed=T)
-    assert_close_to_reference(triton_moe_forward(*layer, top_k, path="legacy")[0], *layer, top_k)
+    out, routing, _ = triton_moe_forward(*layer, top_k, path="legacy")
+    assert_close_to_reference(out, *layer, top_k, routing=routing)
+
+
+def test_comparing_on_the_chains_own_routing_still_catches_a_wrong_pick(monkeypatch):
+    """Planted bug: the decode chain's routing on the negated router weight (the lowest logits picked). The comparison
+    on the chain's own routing must still fail: its picks are no top-k. A near-tie (expert 1 a fraction of an fp16 ulp
+    below expert 0) may go either way; a clear loser may not."""
+    from phixtral_kernels import moe_triton
+
+    real = moe_triton.moe_routing_fused
+    monkeypatch.setattr(moe_triton, "moe_routing_fused", lambda x, gate, *a, **kw: real(x, -gate, *a, **kw))
+    layer = moe_layer(4, D, F, 4, torch.float16, seed=4)
+    out, routing, _ = triton_moe_forward(*layer, 2, path="decode")
+    with pytest.raises(AssertionError, match="below others"):
+        assert_close_to_reference(out, *layer, 2, routing=routing)
+
+    x, gate = layer[0][:1], layer[1].clone()
+    gate[0] = x[0]  # expert 0 on top by far
+    gate[1] = gate[0] * (1 - 2**-12)
+    assert_top_k_up_to_ties(torch.tensor([[1]]), x, gate)
+    with pytest.raises(AssertionError, match="below others"):
+        assert_top_k_up_to_ties(torch.tensor([[2]]), x, gate)
 
 
 # ---------------------------------------------------------------------------------------------- the top-2 sum
@@ -120,6 +149,27 @@ def test_top2_sum_equals_the_fixed_order_combine_bit_for_bit(dtype):
     pair_again = pair_buffer(out_again, 2)  # fp32: out itself
     again = expert_gemm2_sum(h, w2, b2, moe_routing_fused(x, gate, 2, cfg.block_m, pair=pair_again), cfg, out_again, pair_again)
     assert torch.equal(summed, again), "run to run"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_a_stale_pair_buffer_raises_in_debug_mode(monkeypatch, dtype):
+    """expert_gemm2_sum needs its pair buffer all -1 at the start of each launch. Planted bug: a caller reusing the
+    buffer (and for fp32, out itself) without the routing's refill. PHIXTRAL_DEBUG=1 turns that into a ValueError;
+    a fresh buffer passes in debug mode and gives the same bits as without it."""
+    T = 8
+    x, gate, w1, b1, w2, b2 = moe_layer(T, D, F, 4, dtype, seed=T)
+    cfg = GemmConfig(block_m=16, block_n=32, block_k=64, num_stages=1)
+    out = torch.empty(T, D, dtype=dtype, device=DEVICE)
+    pair = pair_buffer(out, 2)
+    routing = moe_routing_fused(x, gate, 2, cfg.block_m, pair=pair)
+    h = expert_gemm1(x, w1, b1, routing, cfg)
+    monkeypatch.setenv("PHIXTRAL_DEBUG", "1")
+    fresh = expert_gemm2_sum(h, w2, b2, routing, cfg, out, pair).clone()
+    with pytest.raises(ValueError, match=r"pair buffer must hold -1 everywhere .* Refill it"):
+        expert_gemm2_sum(h, w2, b2, routing, cfg, out, pair)
+    monkeypatch.setenv("PHIXTRAL_DEBUG", "0")
+    pair.fill_(-1)
+    assert torch.equal(expert_gemm2_sum(h, w2, b2, routing, cfg, out, pair), fresh)
 
 
 # ------------------------------------------------------------------------------------------------- tile bound

@@ -293,3 +293,27 @@ def test_benchmark_graph_provider_runs_the_library_path(monkeypatch):
     assert row["check"].ok and row["check"].rel_err == 0.0 and row["new_tokens"] == 4
     assert emulation.captures == 1 and emulation.replays == 3 + 3  # the check's 3 decode steps, then one timed run
     assert "bench_generate" in sys.modules
+
+
+def test_a_compiled_step_is_what_the_graph_captures(model, graphs):
+    """compile=True with graphs: the capture's warm-up compiles the step (torch.compile), the graph holds the compiled
+    step, and the tokens are the eager path's; graphs of compiled and eager steps are kept apart."""
+    from phixtral import compiled_decode
+
+    if compiled_decode.compile_unavailable_reason(model) is not None:
+        pytest.skip(compiled_decode.compile_unavailable_reason(model))
+    calls = []
+    real = compiled_decode.compiled_call
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(decode_graph, "compiled_call", lambda *a: calls.append(1) or real(*a))
+    try:
+        eager = model.generate(PROMPTS[0], max_new_tokens=8, cuda_graph=False, compile=False)
+        compiled = model.generate(PROMPTS[0], max_new_tokens=8, cuda_graph=True, compile=True)
+        stats = model.last_generation_stats
+        assert compiled == eager and stats.cuda_graph and stats.compiled and stats.compile_s > 0
+        assert graphs.captures == 1 and len(calls) == 1 + graphs.replays  # the warm-up, then every replay
+        model.generate(PROMPTS[0], max_new_tokens=8, cuda_graph=True, compile=False)
+        assert graphs.captures == 2 and not model.last_generation_stats.compiled
+        assert {key[-1] for key in model.decode_graphs.graphs} == {True, False}
+    finally:
+        monkeypatch.undo()

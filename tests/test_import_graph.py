@@ -235,17 +235,30 @@ def test_import_scopes_name_methods_and_nested_functions(tmp_path):
 
 def test_old_import_paths_still_work():
     """Names that moved to their own modules stay importable from where they were, as the same objects."""
-    from phixtral_kernels import aot, checks, gemm_configs, grouped_gemm, launches, moe, moe_backward, moe_triton
+    from phixtral_kernels import (
+        aot,
+        aot_compile,
+        checks,
+        gemm_configs,
+        grouped_gemm,
+        grouped_gemm_kernel,
+        launches,
+        moe,
+        moe_backward,
+        moe_triton,
+    )
 
-    moved = {
-        grouped_gemm: (gemm_configs, ["GemmConfig", "SM90_PREFILL", "SM90_PREFILL_MIN_ROWS", "heuristic_configs",
+    moved = [
+        (grouped_gemm, gemm_configs, ["GemmConfig", "SM90_PREFILL", "SM90_PREFILL_MIN_ROWS", "heuristic_configs",
                                       "moe_gemm_configs", "quantized_config", "topk_sum_fits"]),
-        moe_backward: (moe_triton, ["DECODE_MAX_TOKENS", "DECODE_PATHS", "decode_path", "triton_moe_forward"]),
-        moe: (checks, ["BACKENDS", "TRITON_DTYPES", "check_moe_inputs"]),
-        aot: (launches, ["KERNEL_MODULES", "PHIXTRAL_SHAPE", "Launch", "empty_quantized", "parse_quant_scheme",
+        (grouped_gemm, grouped_gemm_kernel, ["HAS_TENSOR_DESCRIPTORS", "_grouped_gemm_kernel"]),
+        (moe_backward, moe_triton, ["DECODE_MAX_TOKENS", "DECODE_PATHS", "decode_path", "triton_moe_forward"]),
+        (moe, checks, ["BACKENDS", "TRITON_DTYPES", "check_moe_inputs"]),
+        (aot, launches, ["KERNEL_MODULES", "PHIXTRAL_SHAPE", "Launch", "empty_quantized", "parse_quant_scheme",
                          "record_backward_launches", "record_launches", "recording"]),
-    }  # fmt: skip
-    for old, (new, names) in moved.items():
+        (aot, aot_compile, ["compile_launch", "default_jobs", "launch_key"]),
+    ]  # fmt: skip
+    for old, new, names in moved:
         for name in names:
             assert getattr(old, name) is getattr(new, name), f"{old.__name__}.{name}"
 

@@ -1,13 +1,16 @@
 """GPU tier: compiled kernels at phixtral-4x2_8 shapes in fp16 and bf16, and fused_moe inside a CUDA graph.
 
-Skipped without CUDA. benchmarks/gpu_check.sh runs it on a GPU machine.
+Skipped without CUDA. benchmarks/gpu_check.sh runs it on a GPU machine. The decode chain sums its router logits with
+tl.dot in 256-wide chunks, cuBLAS in other chunks: near-tied experts can be picked differently, so results are compared
+on the routing the forward returns (checked to be a top-k up to near-ties), not on a top-k of cuBLAS logits.
 """
 
 import pytest
 import torch
-from kernel_cases import moe_layer, reference_moe
+from kernel_cases import assert_top_k_up_to_ties, moe_layer, reference_moe
 
-from phixtral_kernels import fused_moe, moe_routing, moe_routing_torch, naive_moe
+from phixtral_kernels import fused_moe, moe_routing, moe_routing_torch
+from phixtral_kernels.moe_triton import triton_moe_forward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -23,14 +26,17 @@ def layers():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 2, 5, 16, 64, 200, 1024, 4096])
 def test_phixtral_shapes_match_fp32_reference(layers, dtype, T):
+    """fused_moe's forward against the fp32 reference, both on the forward's own picks; bound: 2x the same reference's
+    error run in the test dtype, plus a floor."""
     x, *weights = layers[dtype]
     x = x[:T]
-    out = fused_moe(x, *weights, TOP_K, backend="triton")
-    ref = reference_moe(x, *weights, TOP_K, dtype=torch.float32, device="cuda")
-    naive = naive_moe(x, *weights, TOP_K)
+    out, routing, _ = triton_moe_forward(x, *weights, TOP_K)  # what fused_moe returns, and the routing it ran on
+    assert_top_k_up_to_ties(routing.topk_ids, x, weights[0])
+    ref = reference_moe(x, *weights, TOP_K, dtype=torch.float32, device="cuda", topk_ids=routing.topk_ids)
+    same_dtype = reference_moe(x, *weights, TOP_K, dtype=dtype, device="cuda", topk_ids=routing.topk_ids)
     err = (out.float() - ref).abs().max().item()
-    naive_err = (naive.float() - ref).abs().max().item()
-    assert err <= 2 * naive_err + 1e-2, f"fused {err:.3g} vs naive {naive_err:.3g}"
+    same_dtype_err = (same_dtype.float() - ref).abs().max().item()
+    assert err <= 2 * same_dtype_err + 1e-2, f"fused {err:.3g} vs the reference in {dtype}: {same_dtype_err:.3g}"
 
 
 @pytest.mark.parametrize("T", [1, 8, 64])

@@ -201,6 +201,53 @@ def test_every_gpu_config_dequantizes_correctly():
         _check_gemms(x, gate, q1, b1, q2, b2, top_k, cfg1, cfg2)
 
 
+def _poisoned(q: QuantizedExperts, poison: float = float("inf")) -> QuantizedExperts:
+    """q with scales and qzeros as views into buffers one group longer per expert, that extra row (just past each
+    expert's groups) holding `poison` in the scales and all-ones bits in the zeros: a read of group G shows."""
+    E, G, N = q.scales.shape
+    scales = torch.full((E, G + 1, N), poison, dtype=q.scales.dtype, device=DEVICE)
+    scales[:, :G] = q.scales
+    qzeros = None
+    if q.qzeros is not None:
+        qzeros = torch.full((E, G + 1, q.qzeros.shape[2]), -1, dtype=torch.int32, device=DEVICE)
+        qzeros[:, :G] = q.qzeros
+        qzeros = qzeros[:, :G]
+    return QuantizedExperts(q.qweight.to(DEVICE), qzeros, scales[:, :G], None, q.bits, q.group_size)
+
+
+@pytest.mark.parametrize("sym, poison", [(True, float("inf")), (False, float("nan"))])
+def test_split_k_past_k_reads_no_scale_row_past_the_groups(sym, poison):
+    """K = 96 in groups of 32, split_k = 2 over K tiles of 32: the second split's last tile starts at K, where the
+    one-group-per-tile lookup names group G = 3, one row past each expert's scales and zeros. An inf or NaN row there
+    (and all-ones zeros) must not reach the output: both GEMMs' weights (w1 through GEMM 1's gather, w2 through GEMM 2's
+    scatter), finite and equal to the twin on the dequantized weights."""
+    from phixtral_kernels.grouped_gemm import launch_grouped_gemm
+
+    T, D, F, E, top_k, split_k = 19, 96, 96, 4, 2, 2
+    x, gate, q1, b1, q2, b2, _ = _gemm_case(4, 32, sym, False, D=D, F=F, T=T, E=E, top_k=top_k)
+    q1, q2 = _poisoned(q1, poison), _poisoned(q2, poison)
+    cfg = GemmConfig(32, 32, 32, split_k=split_k, num_stages=1)
+    assert D % (split_k * cfg.block_k) and F % (split_k * cfg.block_k), "the case must leave a split's last tile past K"
+    r = moe_routing(x @ gate.t(), top_k, cfg.block_m)
+    slots = torch.arange(r.num_slots, device=DEVICE)
+    experts = r.topk_ids.reshape(-1).long()
+
+    # w1 (K = D) through the kernel's gather prologue, split-K partials per slot: x[slot // top_k] @ w1[e]^T + b1[e]
+    y1 = torch.empty(split_k, r.num_slots, F, dtype=torch.float32, device=DEVICE)
+    launch_grouped_gemm(x, q1, b1, y1, r, cfg, gather_a=True, scatter_c=True, activation="", mul_routing_weight=False)
+    w1 = dequantize_experts(q1, torch.float32)
+    want1 = torch.einsum("sd,sfd->sf", x[slots // top_k].float(), w1[experts]) + b1[experts].float()
+    assert torch.isfinite(y1).all(), f"{(~torch.isfinite(y1)).sum()} of {y1.numel()} partials not finite"
+    torch.testing.assert_close(y1.sum(0), want1, rtol=0, atol=ERROR_FLOOR[x.dtype] * 2)
+
+    # w2 (K = F) through expert_gemm2, split-K partials scattered back to slot order
+    h = expert_gemm1_torch(x, dequantize_experts(q1, torch.float32), b1, r)
+    y2 = expert_gemm2(h, q2, b2, r, cfg)
+    assert torch.isfinite(y2).all(), f"{(~torch.isfinite(y2)).sum()} of {y2.numel()} partials not finite"
+    want2 = expert_gemm2_torch(h, dequantize_experts(q2, torch.float32), b2, r)
+    torch.testing.assert_close(y2.sum(0), want2, rtol=0, atol=ERROR_FLOOR[x.dtype] * 2)
+
+
 # -------------------------------------------------------------------------------------------------------- fused_moe
 
 EDGE_CASES = {
