@@ -83,7 +83,7 @@ def write_msft_files(
 
     quantization: the format (phixtral.quant, e.g. a GPTQConfig; `Phixtral.quantization`) when `state` holds packed
     modules: the format names their tensors and writes its settings. GPTQ writes AutoGPTQ's v1 layout (int32 tensors as
-    they are, scales and biases in `dtype`), with quantize_config.json and config.json's quantization_config.
+    they are, scales in fp16, biases in `dtype`), with quantize_config.json and config.json's quantization_config.
     produce: (checkpoint name, Target) -> the tensor to write, called once per tensor in the order the shards are
     written (the map's order); `state` then only describes the tensors (meta tensors do) and `dtype` is required."""
     folder = Path(folder)
@@ -103,11 +103,14 @@ def write_msft_files(
     def data(name):
         return tensor(name) if produce is None else produce(name, mapping[name])
 
+    def file_dtype(name):
+        return dtype if quantization is None else quantization.file_dtype(name, dtype)
+
     # Group by size first (no data read), so that file names can carry the shard count.
     shards, size, specs = [[]], 0, {}
     for name in mapping:
         t = tensor(name)
-        specs[name] = (tuple(t.shape), dtype if t.is_floating_point() else t.dtype)
+        specs[name] = (tuple(t.shape), file_dtype(name) if t.is_floating_point() else t.dtype)
         nbytes = t.numel() * specs[name][1].itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
