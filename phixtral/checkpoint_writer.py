@@ -4,15 +4,17 @@ with their index and config.json, written atomically.
 The writer is the loader's map read backwards (phixtral/layouts.py); quantization formats name and write their own
 tensors through the hooks of their format object (phixtral.quant). Nothing here imports the model, so that the model's
 save_pretrained and the merge command can both use it.
+
+Shards are written tensor by tensor (`write_safetensors`: the header first, from shapes and dtypes, then each tensor's
+bytes as it comes), so a save holds one tensor's file copy at a time, never a shard's; with `produce`, the tensors
+themselves are made only when their turn comes (`phixtral quantize` streams its output that way).
 """
 
 import json
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from .atomic import atomic_folder, check_destination
 from .config import PhixtralConfig
@@ -74,13 +76,16 @@ def write_msft_files(
     dtype: Optional[torch.dtype] = None,
     max_shard_bytes: int = 4 * 2**30,
     quantization=None,
+    produce: Optional[Callable] = None,
 ) -> list[Path]:
     """The files of `save_msft_checkpoint`, written straight into an existing folder (the temporary one of
     `atomic_folder`): shards, index and config.json. Returns the shard paths.
 
     quantization: the format (phixtral.quant, e.g. a GPTQConfig; `Phixtral.quantization`) when `state` holds packed
     modules: the format names their tensors and writes its settings. GPTQ writes AutoGPTQ's v1 layout (int32 tensors as
-    they are, scales and biases in `dtype`), with quantize_config.json and config.json's quantization_config."""
+    they are, scales in fp16, biases in `dtype`), with quantize_config.json and config.json's quantization_config.
+    produce: (checkpoint name, Target) -> the tensor to write, called once per tensor in the order the shards are
+    written (the map's order); `state` then only describes the tensors (meta tensors do) and `dtype` is required."""
     folder = Path(folder)
     mapping = checkpoint_map(config, "phi-msft-moe" if config.is_moe else "phi-msft-dense")
     if quantization is not None:
@@ -95,11 +100,18 @@ def write_msft_files(
         t = mapping[name]
         return state[t.param][t.index] if quantization is None else quantization.checkpoint_tensor(state, name, t)
 
+    def data(name):
+        return tensor(name) if produce is None else produce(name, mapping[name])
+
+    def file_dtype(name):
+        return dtype if quantization is None else quantization.file_dtype(name, dtype)
+
     # Group by size first (no data read), so that file names can carry the shard count.
-    shards, size = [[]], 0
+    shards, size, specs = [[]], 0, {}
     for name in mapping:
         t = tensor(name)
-        nbytes = t.numel() * (t.element_size() if not t.is_floating_point() else dtype.itemsize)
+        specs[name] = (tuple(t.shape), file_dtype(name) if t.is_floating_point() else t.dtype)
+        nbytes = t.numel() * specs[name][1].itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -109,15 +121,9 @@ def write_msft_files(
     weight_map, total, paths = {}, 0, []
     for i, names in enumerate(shards, 1):
         path = folder / f"model-{i:05d}-of-{n:05d}.safetensors"
-        tensors = {name: _file_tensor(tensor(name), dtype) for name in names}
-        try:
-            save_file(tensors, str(path), metadata={"format": "pt"})
-        except SafetensorError as e:  # safetensors reports a full disk as its own error, not as an OSError
-            raise OSError(f"writing {path.name}: {e}") from e
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        total += write_safetensors(path, [(name, *specs[name]) for name in names], data, metadata={"format": "pt"})
         weight_map.update({name: path.name for name in names})
         paths.append(path)
-        del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     config_dict = config.to_msft_dict()
@@ -128,10 +134,44 @@ def write_msft_files(
     return paths
 
 
+# safetensors' dtype names.
+_FILE_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def write_safetensors(path: Path, specs: Iterable[tuple], data: Callable, *, metadata: Optional[dict] = None) -> int:
+    """Write one safetensors file tensor by tensor: the header from `specs` [(name, shape, dtype)], then each tensor's
+    bytes from data(name), cast to its dtype (floats; other dtypes must match), one tensor in memory at a time.
+    Returns the bytes of tensor data written. An OSError names the file (a full disk, ...)."""
+    specs = list(specs)
+    header, offset = {"__metadata__": dict(metadata)} if metadata else {}, 0
+    for name, shape, dtype in specs:
+        if dtype not in _FILE_DTYPES:
+            raise ValueError(f"{name}: dtype {dtype} cannot be written to a safetensors file")
+        end = offset + dtype.itemsize * int(torch.Size(shape).numel())
+        header[name] = {"dtype": _FILE_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    try:
+        with open(path, "wb") as f:
+            f.write(len(text).to_bytes(8, "little") + text)
+            for name, shape, dtype in specs:
+                t = data(name)
+                if tuple(t.shape) != tuple(shape) or (not t.is_floating_point() and t.dtype != dtype):
+                    raise ValueError(f"{name}: expected {dtype} {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
+                f.write(_file_tensor(t, dtype).reshape(-1).view(torch.uint8).numpy().data)
+                del t
+    except OSError as e:
+        raise OSError(f"writing {Path(path).name}: {e}") from e
+    return offset
+
+
 def _file_tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A CPU copy to write: floats in `dtype`, a format's packed words and indices as they are."""
-    # copy=True: expert slices share their stacked storage, which save_file refuses.
-    return t.detach().to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype, copy=True).contiguous()
+    """A contiguous CPU tensor to write: floats in `dtype`, a format's packed words and indices as they are."""
+    return t.detach().to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
 
 
 def save_msft_checkpoint(

@@ -131,9 +131,9 @@ class Block(nn.Module):
         self.mixer = Attention(config, runtime)
         self.moe = MoE(config, runtime)
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, cache_row: int = 0):
         h = self.ln(x)
-        return self.mixer(h, cos, sin, mask, input_pos) + self.moe(h) + x  # summed in the original's order
+        return self.mixer(h, cos, sin, mask, input_pos, cache_row) + self.moe(h) + x  # summed in the original's order
 
 
 class Head(nn.Module):
@@ -323,6 +323,14 @@ class Phixtral(nn.Module):
         for block in self.h:
             block.mixer.kv_cache = None
 
+    def move_cache_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` slots of KV cache row `src` to row `dst` in every layer (a server packing its
+        running sequences into the first rows, so that a decode step reads rows 0 .. n - 1 as one view)."""
+        for block in self.h:
+            cache = block.mixer.kv_cache
+            cache.k_cache[dst, :, :length] = cache.k_cache[src, :, :length]
+            cache.v_cache[dst, :, :length] = cache.v_cache[src, :, :length]
+
     @property
     def cache_length(self) -> int:
         """Slots in the KV cache (0 when none is set up)."""
@@ -341,7 +349,7 @@ class Phixtral(nn.Module):
         freqs = position_ids[..., None].float() * inv_freq  # [B, S, rotary_dim / 2]
         return freqs.cos().unsqueeze(2), freqs.sin().unsqueeze(2)
 
-    def hidden_states(self, input_ids, attention_mask=None, input_pos=None):
+    def hidden_states(self, input_ids, attention_mask=None, input_pos=None, cache_row: int = 0):
         """The decoder body: input_ids [B, S] -> final hidden states [B, S, D] (before lm_head's LayerNorm).
 
         Arguments as in `forward`.
@@ -356,17 +364,29 @@ class Phixtral(nn.Module):
             if self.cache_length == 0:
                 raise RuntimeError("input_pos given but no KV cache: call setup_caches(batch_size, length) first")
             cache_batch = self.h[0].mixer.kv_cache.k_cache.shape[0]
-            if input_pos.dim() != 1 or input_pos.shape[0] != S:
+            if tuple(input_pos.shape) not in ((S,), (B, S)):
                 raise ValueError(
-                    f"input_pos must have shape [S={S}] (one cache slot per new token), got {tuple(input_pos.shape)}"
+                    f"input_pos must have shape [S={S}] or [B={B}, S={S}] (one cache slot per new token), "
+                    f"got {tuple(input_pos.shape)}"
                 )
-            if B > cache_batch:
+            if cache_row < 0 or cache_row + B > cache_batch:
+                rows = f" from cache row {cache_row}" if cache_row else ""
                 raise ValueError(
-                    f"batch of {B} exceeds the KV cache's batch size {cache_batch}: call setup_caches again"
+                    f"batch of {B} exceeds the KV cache's batch size {cache_batch}{rows}: call setup_caches again"
                 )
             slots = input_pos
             L = self.cache_length
-        if attention_mask is None:
+        if input_pos is not None and input_pos.dim() == 2:
+            # Per-row slots: row b's sequence starts at slot 0 of its cache row, so its slot is its position; what an
+            # earlier sequence left in the row's later slots is masked out.
+            if attention_mask is not None:
+                raise ValueError("attention_mask is for left-padded batches; per-row input_pos [B, S] takes none")
+            position_ids = input_pos
+            # Attention reads only the slots up to the furthest position, rounded up to 64 (a few key lengths, not
+            # one per step): short rows in a long cache then cost what they hold. A host read of input_pos.
+            L = min(L, -(-(int(input_pos.max()) + 1) // 64) * 64)
+            mask = (torch.arange(L, device=slots.device) <= input_pos[..., None])[:, None]  # [B, 1, S, L]
+        elif attention_mask is None:
             position_ids = slots[None].expand(B, S)
             mask = None
             if input_pos is not None:
@@ -387,19 +407,22 @@ class Phixtral(nn.Module):
         cos, sin = self._rope(position_ids)
         x = self.wte(input_ids)  # [B, S, D]
         for block in self.h:
-            x = block(x, cos, sin, mask, input_pos)
+            x = block(x, cos, sin, mask, input_pos, cache_row)
         return x
 
-    def forward(self, input_ids, attention_mask=None, input_pos=None):
+    def forward(self, input_ids, attention_mask=None, input_pos=None, cache_row: int = 0):
         """Logits [B, S, V] in fp32.
 
         input_ids [B, S] int64.
         attention_mask [B, L] (1 real token, 0 left pad) or None: L = S without a cache, L = cache_length with one.
         input_pos [S] int64: the cache slots these tokens fill (generation); None runs the whole sequence, no cache.
+            [B, S]: each row's own slots (continuous batching: row b's sequence fills its cache row from slot 0, and
+            attends to the slots up to each of its positions; no attention_mask).
+        cache_row: the KV cache row that batch row 0 reads and writes (rows cache_row .. cache_row + B - 1).
         """
         if input_pos is None:
             _check_ids(input_ids, self.config.vocab_size)
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, input_pos)).float()
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, input_pos, cache_row)).float()
 
     # --- text ------------------------------------------------------------------------------------------------------
     def generate(self, prompt, **kwargs):

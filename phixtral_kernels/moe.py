@@ -75,12 +75,15 @@ def _expert_ffn(x, w1, b1, w2, b2, e: int) -> torch.Tensor:
 
 def _expert_linear(x: torch.Tensor, w, e: int, bias) -> torch.Tensor:
     """x [T, K] @ expert e's weight^T + bias: a float stack's view; a QuantizedExperts through torch's packed CPU
-    kernels when it carries them and x is up to `max_rows` rows of their activation dtype, else that one expert
-    dequantized."""
+    kernels when it carries them, x is up to `max_rows` rows of their activation dtype and no gradient flows through
+    x or bias, else that one expert dequantized."""
     if not is_quantized(w):
         return torch.nn.functional.linear(x, w[e], bias)
     packed = w.cpu_packed
-    if packed is not None and x.device.type == "cpu" and x.dtype == packed.dtype and x.shape[0] <= packed.max_rows:
+    fits = packed is not None and x.device.type == "cpu" and x.dtype == packed.dtype and x.shape[0] <= packed.max_rows
+    # torch's packed ops have no derivative: a forward that autograd records dequantizes instead.
+    recorded = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if fits and not recorded:
         return packed.linear(x, e, bias)
     return torch.nn.functional.linear(x, dequantize_experts(with_qweight(w, e), x.dtype)[0], bias)
 

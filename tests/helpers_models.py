@@ -323,18 +323,26 @@ def gptq_moe_checkpoint(bits=4, group_size=32, sym=False, act_order=True, seed=0
     return folder
 
 
-def dequantize_gptq_tensors(tensors: dict, bits: int) -> dict:
-    """GPTQ v1 tensors -> float `<module>.weight` [N, K], written from the format's definition (independent of the
-    package): row k of qweight word k // P at bit (k % P) * bits; zero = stored + 1; W = scale * (q - zero)."""
+def gptq_codes(tensors: dict, module: str, bits: int) -> tuple:
+    """One GPTQ v1 Linear's tensors decoded from the format's definition (independent of the package): row k of qweight
+    in word k // P at bit (k % P) * bits, low bits first; qzeros the same along N, stored as zero - 1.
+    -> (codes q [K, N], zero points [G, N], scales [G, N] fp32, g_idx [K]), integers as int64."""
     per, mask = 32 // bits, 2**bits - 1
+    qweight, qzeros, scales = tensors[module + ".qweight"], tensors[module + ".qzeros"], tensors[module + ".scales"]
+    K, N = qweight.shape[0] * per, qweight.shape[1]
+    k, n = torch.arange(K), torch.arange(N)
+    q = (qweight[k // per].long() >> (bits * (k % per))[:, None]) & mask  # [K, N]
+    z = ((qzeros[:, n // per].long() >> (bits * (n % per))[None, :]) & mask) + 1  # [G, N]
+    g_idx = tensors.get(module + ".g_idx", k // (K // scales.shape[0])).long()
+    return q, z, scales.float(), g_idx
+
+
+def dequantize_gptq_tensors(tensors: dict, bits: int) -> dict:
+    """GPTQ v1 tensors -> float `<module>.weight` [N, K] (W = scale * (q - zero), see `gptq_codes`), the other tensors
+    as fp32."""
     out = {n: t.float() for n, t in tensors.items() if not n.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
     for name in [n for n in tensors if n.endswith(".qweight")]:
         m = name[: -len(".qweight")]
-        qweight, qzeros, scales = tensors[m + ".qweight"], tensors[m + ".qzeros"], tensors[m + ".scales"].float()
-        K, N = qweight.shape[0] * per, qweight.shape[1]
-        k, n = torch.arange(K), torch.arange(N)
-        q = (qweight[k // per] >> (bits * (k % per))[:, None]) & mask  # [K, N]
-        z = ((qzeros[:, n // per] >> (bits * (n % per))[None, :]) & mask) + 1  # [G, N]
-        g_idx = tensors.get(m + ".g_idx", k // (K // scales.shape[0])).long()
+        q, z, scales, g_idx = gptq_codes(tensors, m, bits)
         out[m + ".weight"] = (scales[g_idx] * (q - z[g_idx]).float()).t().contiguous()
     return out

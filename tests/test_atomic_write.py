@@ -187,20 +187,19 @@ def test_refused_destinations_are_named_and_nothing_is_created(tmp_path):
 
 # --- save_pretrained -------------------------------------------------------------------------------------------------
 def fail_at_call(monkeypatch, k: int, error: BaseException):
-    """Make the checkpoint writer's save_file write calls 1..k-1 normally, then leave half a file and raise on call
-    k."""
-    real, calls = phixtral.checkpoint_writer.save_file, []
+    """Make the checkpoint writer's shard writes 1..k-1 run normally, then leave half a file and raise on write k."""
+    real, calls = phixtral.checkpoint_writer.write_safetensors, []
 
-    def save_file(tensors, path, metadata=None):
-        calls.append(path)
+    def write_safetensors(path, specs, data, metadata=None):
+        calls.append(str(path))
         if len(calls) == k:
-            real(tensors, path, metadata=metadata)
+            real(path, specs, data, metadata=metadata)
             with open(path, "r+b") as f:  # what a disk that fills up mid-shard leaves behind
                 f.truncate(os.path.getsize(path) // 2)
             raise error
-        real(tensors, path, metadata=metadata)
+        return real(path, specs, data, metadata=metadata)
 
-    monkeypatch.setattr(phixtral.checkpoint_writer, "save_file", save_file)
+    monkeypatch.setattr(phixtral.checkpoint_writer, "write_safetensors", write_safetensors)
     return calls
 
 

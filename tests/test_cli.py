@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "def f7(x, y):\n"
 
 
-def test_parser_has_generate_with_every_option():
+def test_parser_has_generate_with_every_option(capsys):
     args = build_parser().parse_args(
         ["generate", "--model", "m", "--prompt", "p", "--max-new-tokens", "7", "--temperature", "0.5", "--top-k", "3",
          "--top-p", "0.9", "--repetition-penalty", "1.1", "--stop", "a", "--stop", "b", "--seed", "4", "--dtype", "bf16",
@@ -25,10 +25,14 @@ def test_parser_has_generate_with_every_option():
     assert (args.top_k, args.top_p, args.repetition_penalty, args.stop, args.seed) == (3, 0.9, 1.1, ["a", "b"], 4)
     assert (args.dtype, args.device, args.backend, args.experts_per_tok) == ("bf16", "cpu", "naive", 1)
     assert build_parser().parse_args(["generate", "--prompt", "p"]).model is None
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["generate", "--prompt", "p", "--backend", "cuda"])
-    with pytest.raises(SystemExit):
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "phixtral generate: error: argument --backend: invalid choice: 'cuda'" in err
+    with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([])  # a subcommand is required
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "phixtral: error: the following arguments are required: COMMAND" in err
 
 
 def test_missing_model_folder_is_a_clear_error(capsys, tmp_path):

@@ -10,14 +10,14 @@ from helpers_models import msft_moe_checkpoint
 from phixtral.cli import build_parser, main
 from phixtral.commands import args as command_args
 
-MODEL_FLAGS = ("--model", "--dtype", "--device", "--backend", "--experts-per-tok", "--threads")
+MODEL_FLAGS = ("--model", "--dtype", "--device", "--backend", "--experts-per-tok", "--quantize", "--threads")
 # The model flags of each command: it leaves out those it fixes itself (train-router and quantize compute in float32,
 # quantize on the torch path, inspect reports the checkpoint's own top-k).
 DECLARED = {
     "generate": MODEL_FLAGS,
     "serve": MODEL_FLAGS,
     "eval": MODEL_FLAGS,
-    "inspect": ("--model", "--dtype", "--device", "--backend", "--threads"),
+    "inspect": ("--model", "--dtype", "--device", "--backend", "--quantize", "--threads"),
     "train-router": ("--model", "--device", "--backend", "--experts-per-tok", "--threads"),
     "quantize": ("--model", "--device", "--threads"),
 }
@@ -101,6 +101,9 @@ def test_bad_model_flag_values_exit_2_naming_the_flag(command, tmp_path, text_fi
         cases.append(("--dtype", "float8", "argument --dtype: invalid choice: 'float8'"))
     if "--experts-per-tok" in DECLARED[command]:
         cases.append(("--experts-per-tok", "9", "argument --experts-per-tok: 9 exceeds the model's 4 experts"))
+    if "--quantize" in DECLARED[command]:
+        cases += [("--quantize", "int3", "argument --quantize: 'int3' is not a spec: use int4 or int8"),
+                  ("--quantize", "int4", "argument --quantize: group_size 128 does not divide the 64 in features")]
     for flag, value, message in cases:
         err = exits_2([*argv, flag, value], capsys)
         assert message in err and "config.json" not in err, (flag, err)

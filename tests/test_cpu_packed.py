@@ -172,8 +172,9 @@ def test_gptq_checkpoint_on_the_cpu_defaults_to_bf16_and_the_packed_ops(monkeypa
         step = model.lm_head(model.hidden_states(ids[:, S:], None, torch.tensor([S]))).float()
     per_layer = 2 + 2 * model.config.num_experts_per_tok  # Wqkv, out_proj, and fc1 + fc2 of each chosen expert
     assert sum(calls.values()) == per_layer * len(model.h), "decode runs every quantized Linear through the packed ops"
-    # bf16 through the whole 2-layer model: logits are within a few bf16 roundings of the fp32 reference.
-    torch.testing.assert_close(step[0, -1], want[0, -1], rtol=0, atol=0.15)
+    # bf16 through the whole 2-layer model: logits (std 0.8) within a few bf16 roundings of the fp32 reference, measured
+    # 0.017-0.020 for the three schemes.
+    torch.testing.assert_close(step[0, -1], want[0, -1], rtol=0, atol=0.05)
     exact = phixtral.from_pretrained(folder, device="cpu", dtype="float32", backend="torch")
     assert not any(m._cache.get(True) for m in exact.modules() if isinstance(m, QuantizedExpertLinear))
     torch.testing.assert_close(exact(ids), want, rtol=0, atol=1e-4)

@@ -68,17 +68,58 @@ def test_closed_or_dropped_streams_free_the_model(model):
     assert isinstance(model.generate(PROMPTS[0], max_new_tokens=4), str)
 
 
-def test_a_stream_waits_in_another_thread_until_the_first_is_closed(model):
+class WatchedLock:
+    """A stand-in for a GenerationLock's inner lock that reports a caller who has to wait, and how it waits."""
+
+    def __init__(self, real, waiting: threading.Event):
+        self.real, self.waiting, self.waits = real, waiting, []
+
+    def acquire(self, blocking=True, timeout=-1):
+        if self.real.acquire(blocking=False):
+            return True
+        self.waits.append((blocking, timeout))
+        self.waiting.set()
+        return self.real.acquire(blocking, timeout)
+
+    def release(self):
+        self.real.release()
+
+
+def test_a_stream_waits_in_another_thread_until_the_first_is_closed(model, monkeypatch):
+    """The other thread blocks on the model's lock, with no timeout, and runs no forward until the stream is closed:
+    seen by the lock and a forward hook, not by a timer."""
+    expected = model.generate(PROMPTS[2], max_new_tokens=8)
     stream = model.generate(PROMPTS[0], max_new_tokens=8, stream=True)
     next(stream)
-    done = threading.Event()
-    out = []
-    worker = threading.Thread(target=lambda: (out.append(model.generate(PROMPTS[2], max_new_tokens=8)), done.set()))
-    worker.start()
-    assert not done.wait(0.5), "the other thread must wait while the stream holds the model"
-    stream.close()
-    worker.join(timeout=60)
-    assert done.is_set() and out == [model.generate(PROMPTS[2], max_new_tokens=8)]
+    lock = generation_lock(model)
+    assert lock.holder == threading.get_ident()
+    first = threading.Event()  # set by whichever comes first: the worker waits on the lock, or it runs a forward
+    watched = WatchedLock(lock._lock, first)
+    monkeypatch.setattr(lock, "_lock", watched)
+    worker_id, worker_forwards, out, stream_closed = [], [], [], [False]
+
+    def hook(module, args, output):
+        if threading.get_ident() in worker_id:
+            worker_forwards.append(stream_closed[0])
+            first.set()
+
+    def work():
+        worker_id.append(threading.get_ident())
+        out.append(model.generate(PROMPTS[2], max_new_tokens=8))
+
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        assert first.wait(60)
+        assert watched.waits == [(True, -1)], "the other thread must wait for the model, with no timeout"
+        assert not worker_forwards, "the other thread ran the model while the stream held it"
+        stream_closed[0] = True
+        stream.close()
+        worker.join(timeout=60)
+    finally:
+        handle.remove()
+    assert out == [expected] and worker_forwards and all(worker_forwards)
 
 
 def test_close_from_another_thread_during_a_step_frees_the_model_only_after_it():

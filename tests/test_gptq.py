@@ -62,7 +62,8 @@ def test_generation_runs_on_a_gptq_checkpoint():
 def test_gptq_checkpoint_in_fp16_and_bf16():
     folder = gptq_moe_checkpoint(8, -1, True, False)
     want = _reference_logits(folder, 8)
-    for dtype, atol in ((torch.float16, 0.05), (torch.bfloat16, 0.3)):
+    # Logits of std 0.8, |max| 3.75; measured max errors: fp16 0.0056, bf16 0.084 (CPU, torch 2.13).
+    for dtype, atol in ((torch.float16, 0.015), (torch.bfloat16, 0.2)):
         model = phixtral.from_pretrained(folder, device="cpu", dtype=dtype, backend="torch")
         assert model.h[0].moe.fc1.scales.dtype == torch.float16, "GPTQ's fp16 scales stay fp16"
         torch.testing.assert_close(model(IDS), want, rtol=0, atol=atol)

@@ -3,7 +3,7 @@ whole or the new one whole (or, where the OS cannot exchange two folders, both c
 the next write must succeed and clean up.
 
 Each case runs the writer in a child process that pauses at one moment (a hook wrapped around a function of
-phixtral.atomic or safetensors, printing PAUSED and sleeping); the test then kills it with SIGKILL.
+phixtral.atomic or phixtral.checkpoint_writer, printing PAUSED and sleeping); the test then kills it with SIGKILL.
 """
 
 import json
@@ -48,11 +48,11 @@ CHILD = textwrap.dedent(
             return out
         return wrapped
 
-    import safetensors.torch
-    if moment == "shard":  # the n-th shard is on disk (before phixtral imports save_file)
-        safetensors.torch.save_file = after_call(safetensors.torch.save_file)
     import phixtral
     import phixtral.atomic as atomic
+    import phixtral.checkpoint_writer as writer
+    if moment == "shard":  # the n-th shard is on disk
+        writer.write_safetensors = after_call(writer.write_safetensors)
     if moment == "written":  # every file written, nothing fsynced or published
         real_fsync_tree = atomic._fsync_tree
         atomic._fsync_tree = lambda folder: (pause(), real_fsync_tree(folder))

@@ -1,6 +1,7 @@
 """The lm-evaluation-harness model `phixtral`, run by the real lm_eval on local tasks (YAML over a jsonl file written
 here; nothing from a hub): its loglikelihoods equal the model's own forward, generate_until gives the greedy text."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 import phixtral
 
 lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from phixtral.integrations.lm_eval import PhixtralLM  # noqa: E402
@@ -97,7 +99,16 @@ def test_python_api_scores_equal_the_models_own_forward(tasks, model, monkeypatc
         task_manager=TaskManager(include_path=str(tasks), include_defaults=False), log_samples=True,
     )  # fmt: skip
     check_samples(model, results["samples"])
-    assert results["results"]["phixtral_test_choice"]["acc,none"] >= 0
+    # acc: the share of documents whose label has the highest of the model's own log-likelihoods.
+    tok, correct = model.tokenizer, []
+    for doc in DOCS:
+        lls = []
+        for choice in doc["choices"]:
+            whole, ctx = tok(doc["context"] + " " + choice)["input_ids"], tok(doc["context"])["input_ids"]
+            lls.append(own_loglikelihood(model, ctx, whole[len(ctx) :])[0])
+        correct.append(max(range(len(lls)), key=lls.__getitem__) == doc["label"])
+    assert 0 < sum(correct) < len(DOCS), "the documents must tell a right acc from a constant one"
+    assert results["results"]["phixtral_test_choice"]["acc,none"] == pytest.approx(sum(correct) / len(DOCS))
 
 
 def test_lm_eval_command_line_with_the_registered_model(tasks, model, tmp_path):
@@ -118,6 +129,73 @@ def test_lm_eval_command_line_with_the_registered_model(tasks, model, tmp_path):
         samples[task] = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(samples) == ["phixtral_test_choice", "phixtral_test_gen", "phixtral_test_rolling"]
     check_samples(model, samples)
+
+
+# --- max_length below the documents' length: contexts cut on the left, rolling windows, sampling ----------------------
+LONG = inspect.getsource(json.decoder)[:400]  # about 115 tokens of Python
+W = 16  # max_length
+
+
+def request(kind, *args):
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+
+def own_rolling(model, ids, eot) -> float:
+    """Log-likelihood of ids in windows of W tokens, each token predicted once, from the model's own forward on each
+    window: the window predicting tokens [a, b) is the W tokens of [eot] + ids that end with token b - 1 (lm_eval's
+    rolling windows, context_len 1)."""
+    seq, total = [eot] + ids, 0.0  # seq[j + 1] is ids[j]
+    for a in range(0, len(ids), W):
+        b = min(a + W, len(ids))
+        total += own_loglikelihood(model, seq[max(0, b - W) : a + 1], ids[a:b])[0]  # inputs seq[b - W : b]
+    return total
+
+
+@pytest.fixture(scope="module")
+def short_lm(model):
+    return PhixtralLM(model=model, batch_size=2, max_length=W, max_gen_toks=4)
+
+
+def test_long_contexts_are_cut_on_the_left(model, short_lm):
+    tok = model.tokenizer
+    pairs = [(LONG[:300], LONG[300:330]), (LONG[:120], LONG[120:125]), ("def f(x):", " return x")]
+    got = short_lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs], disable_tqdm=True)
+    cut = 0
+    for (context, continuation), (ll, greedy) in zip(pairs, got):
+        whole, ctx = tok(context + continuation)["input_ids"], tok(context)["input_ids"]
+        cont = whole[len(ctx) :]
+        kept = (ctx + cont)[-(W + 1) : -len(cont)]  # the W + 1 last tokens: W inputs, each predicting the next
+        cut += len(kept) < len(ctx)
+        assert (ll, greedy) == pytest.approx(own_loglikelihood(model, kept, cont), abs=1e-4)
+    assert cut == 2, "two contexts longer than max_length"
+
+
+def test_rolling_loglikelihood_beyond_one_window(model, short_lm):
+    tok, eot = model.tokenizer, short_lm.eot_token_id
+    texts = [LONG[:250], LONG[:40]]
+    got = short_lm.loglikelihood_rolling([request("loglikelihood_rolling", t) for t in texts], disable_tqdm=True)
+    ids = [tok(t)["input_ids"] for t in texts]
+    assert len(ids[0]) > 3 * W and len(ids[0]) % W and len(ids[1]) < W  # full windows, a partial one; one window
+    for g, i in zip(got, ids):
+        assert g == pytest.approx(own_rolling(model, i, eot), abs=1e-3)
+    whole = own_loglikelihood(model, [eot], ids[0][: 2 * W])[0]
+    windows = own_rolling(model, ids[0][: 2 * W], eot)
+    assert whole != pytest.approx(windows, abs=1e-2), "windows must score otherwise than one pass"
+
+
+def test_generate_until_samples_when_the_task_asks(model, short_lm):
+    sampled = {"max_gen_toks": 4, "do_sample": True, "temperature": 1.5, "top_k": 50, "seed": 7}
+    contexts = [LONG[:300], "def f(x):"]
+    requests = [request("generate_until", c, dict(sampled)) for c in contexts]
+    greedy = short_lm.generate_until([request("generate_until", c, {"max_gen_toks": 4}) for c in contexts], True)
+    first, again = short_lm.generate_until(requests[:1], True), short_lm.generate_until(requests[:1], True)
+    assert first == again, "seeded: the same text twice"
+    ids = model.tokenizer(contexts[0])["input_ids"][-(W - 4) :]  # max_length - max_gen_toks tokens, from the right
+    new = model.generate(torch.tensor([ids]), max_new_tokens=4, temperature=1.5, top_k=50, seed=7)[0, len(ids) :]
+    new = new.tolist()[: next((k for k, t in enumerate(new.tolist()) if t in model.eos_token_ids), len(new))]
+    assert first == [model.tokenizer.decode(new, skip_special_tokens=True)]
+    assert first[0] != greedy[0], "sampled at temperature 1.5, not greedy"
+    assert short_lm.generate_until(requests, True)[1] != greedy[1]
 
 
 def test_model_args_are_checked():

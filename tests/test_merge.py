@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import yaml
+from helpers_models import hf_to_msft, msft_config, read_tensors, reference_phixtral_forward
 from safetensors import safe_open
 
 from phixtral.cli import main as cli_main
@@ -85,10 +86,28 @@ def test_merge_writes_a_phixtral_checkpoint(sources, tmp_path, gate_mode):
         assert torch.equal(t["transformer.h.0.moe.mlp.1.fc1.bias"], f.get_tensor("transformer.h.0.mlp.fc1.bias").half())
     assert t["transformer.h.0.moe.gate.weight"].shape == (3, 32)
 
-    model = from_pretrained(out, device="cpu", backend="torch")
+    model = from_pretrained(out, device="cpu", dtype="float32", backend="torch")
     assert model.config.num_local_experts == 3 and model.tokenizer is not None
-    logits = model(torch.tensor([[1, 2, 3, 4]]))
-    assert torch.isfinite(logits).all()
+    ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(0))
+    # Logits of std 0.15; measured 6e-8 (the same fp32 ops in another order).
+    torch.testing.assert_close(model(ids), expected_moe_logits(base, experts, t, ids), rtol=0, atol=3e-7)
+
+
+def expected_moe_logits(base, experts, merged, ids):
+    """Logits [B, S, V] of the MoE the recipe describes, built from the sources' own files (fp16-rounded, as merged)
+    and the gates as written, by the plain phixtral forward of helpers_models: none of phixtral's code reads them."""
+    cfg = msft_config(hidden=32, layers=2, heads=4, vocab=320, n_positions=64, rotary_dim=4, experts=3, top_k=2)
+    dense = hf_to_msft(hf_tensors(base), layers=2)  # attention, LayerNorms, embedding and head from the base
+    t = {n: v for n, v in dense.items() if ".mlp." not in n}
+    for e, folder in enumerate(experts):
+        own = hf_to_msft(hf_tensors(folder), layers=2) if e != 1 else read_tensors(folder)  # expert 1 is phi-msft
+        for i in range(2):
+            for p in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+                t[f"transformer.h.{i}.moe.mlp.{e}.{p}"] = own[f"transformer.h.{i}.mlp.{p}"]
+    for i in range(2):
+        t[f"transformer.h.{i}.moe.gate.weight"] = merged[f"transformer.h.{i}.moe.gate.weight"]
+    t = {n: v.half().float() for n, v in t.items()}
+    return reference_phixtral_forward(t, cfg, ids)
 
 
 def test_hidden_gates_are_the_mean_moe_input(sources, tmp_path):

@@ -197,7 +197,7 @@ def test_fp16_attention_scores_beyond_fp16_range_stay_finite(upcast):
     assert (q[0, :, :16] @ k[0, :, :16].t()).abs().max() > 65504, "the scores must overflow fp16 for this test to bite"
     out16 = models[torch.float16](ids)
     assert torch.isfinite(out16).all()
-    assert (out16 - m32(ids)).abs().max().item() < 0.1
+    assert (out16 - m32(ids)).abs().max().item() < 0.025  # measured 0.0100 in both modes
 
 
 def test_forward_rejects_bad_input(model):

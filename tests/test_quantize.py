@@ -4,7 +4,14 @@ import json
 
 import pytest
 import torch
-from helpers_models import _corpus, dequantize_gptq_tensors, msft_moe_checkpoint, read_tensors, reference_phixtral_forward
+from helpers_models import (
+    _corpus,
+    dequantize_gptq_tensors,
+    gptq_codes,
+    msft_moe_checkpoint,
+    read_tensors,
+    reference_phixtral_forward,
+)
 
 import phixtral
 from phixtral.cli import main
@@ -40,6 +47,59 @@ def test_rtn_round_trip(tmp_path, capsys):
     float_model = phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", dtype="float32", backend="torch")
     rms = float((logits - float_model(IDS)).pow(2).mean().sqrt())
     assert rms < 0.02, rms  # logits of std 0.8; measured 0.0094 at 8 bits (0.19 at 4 bits)
+
+
+# quantize_config.json as AutoGPTQ 0.7's BaseQuantizeConfig.to_dict() writes it, for 4 bits, groups of 32, zero points.
+AUTOGPTQ_QUANTIZE_CONFIG = {
+    "bits": 4, "group_size": 32, "damp_percent": 0.01, "desc_act": False, "static_groups": False, "sym": False,
+    "true_sequential": True, "model_name_or_path": None, "model_file_base_name": "model", "quant_method": "gptq",
+    "checkpoint_format": "gptq",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("source_dtype", ["float32", "bfloat16"])
+def test_output_read_by_an_independent_reader_is_the_rtn_of_the_float_weights(tmp_path, source_dtype):
+    """The files as AutoGPTQ's v1 convention has them (int32 words, fp16 scales whatever the source dtype, g_idx
+    k // group_size, AutoGPTQ's quantize_config.json), decoded by helpers_models' reader of the format (no phixtral
+    code): each group's grid is the one its float weights' range gives, and each code the nearest point of it."""
+    source = msft_moe_checkpoint()
+    if source_dtype != "float32":
+        source = tmp_path / source_dtype
+        model = phixtral.from_pretrained(msft_moe_checkpoint(), dtype=source_dtype, backend="torch")
+        model.save_pretrained(source, dtype=source_dtype)
+    folder = tmp_path / "q"
+    assert main(["quantize", "--model", str(source), "--out", str(folder), "--no-progress", "--bits", "4",
+                 "--group-size", "32", "--no-sym"]) == 0  # fmt: skip
+    qc = json.loads((folder / "quantize_config.json").read_text())
+    assert qc == AUTOGPTQ_QUANTIZE_CONFIG
+    assert json.loads((folder / "config.json").read_text())["quantization_config"] == qc
+    floats, tensors = read_tensors(source), read_tensors(folder)
+    dtype = getattr(torch, source_dtype)
+    modules = [n.removesuffix(".qweight") for n in tensors if n.endswith(".qweight")]
+    assert len(modules) == 2 * (2 + 2 * 4)  # per layer Wqkv, out_proj and the 4 experts' fc1, fc2
+    for m in modules:
+        N, K = floats[m + ".weight"].shape
+        expected = {
+            "qweight": (torch.int32, (K // 8, N)), "qzeros": (torch.int32, (K // 32, N // 8)),
+            "scales": (torch.float16, (K // 32, N)), "g_idx": (torch.int32, (K,)), "bias": (dtype, (N,)),
+        }  # fmt: skip
+        for suffix, (want_dtype, shape) in expected.items():
+            t = tensors[f"{m}.{suffix}"]
+            assert (t.dtype, tuple(t.shape)) == (want_dtype, shape), f"{m}.{suffix}"
+        assert torch.equal(tensors[m + ".g_idx"], torch.arange(K, dtype=torch.int32) // 32)
+        assert torch.equal(tensors[m + ".bias"], floats[m + ".bias"])
+    assert all(t.dtype == dtype for n, t in tensors.items() if n.endswith(".weight")), "unpacked tensors keep the dtype"
+    for m in modules:
+        q, zero, scale, g_idx = gptq_codes(tensors, m, 4)  # [K, N], [G, N], [G, N], [K]
+        w = floats[m + ".weight"].float().t()  # [K, N]
+        groups = w.view(-1, 32, w.shape[1])  # [G, 32, N]
+        lo, hi = groups.amin(1).clamp(max=0), groups.amax(1).clamp(min=0)  # each group's range widened to 0
+        # The grid: 15 steps over the range (14 when it does not straddle 0), the step rounded to fp16; the zero point
+        # the code of 0.0, never 0 (v1 stores zero - 1).
+        assert torch.all((scale >= (hi - lo) / 15 * (1 - 2**-10)) & (scale <= (hi - lo) / 14 * (1 + 2**-10))), m
+        assert torch.equal(zero, torch.round(-lo / scale).clamp(1, 15).long()), m
+        # Each code the nearest point of that grid (clamped to its 16 codes).
+        assert torch.equal(q, torch.clamp(torch.round(w / scale[g_idx]) + zero[g_idx], 0, 15).long()), m
 
 
 @pytest.mark.parametrize("group_size", [32, -1])
@@ -93,8 +153,10 @@ def test_refuses_its_source_and_bad_settings(tmp_path, capsys):
     assert "--act-order orders columns by the calibration Hessian: it needs --method gptq" in capsys.readouterr().err
     assert _quantize(tmp_path / "b", "--bits", "4", "--group-size", "48") == 1
     assert "--group-size 48 does not divide" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         _quantize(tmp_path / "c", "--bits", "3")
+    assert exit_info.value.code == 2
+    assert "phixtral quantize: error: argument --bits: invalid choice: 3 (choose from 4, 8)" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing written"
 
 

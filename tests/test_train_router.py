@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from helpers_models import msft_moe_checkpoint
+from helpers_models import msft_moe_checkpoint, read_tensors
 from phi_checkpoints import make_phi
 
 import phixtral
@@ -111,14 +111,27 @@ def test_command_writes_a_checkpoint_that_loads_with_its_log(tmp_path, text_file
     assert main(argv) == 0
     assert "held-out loss" in capsys.readouterr().out
     record = json.loads((out / LOG_FILE).read_text())
-    assert (
-        record["settings"]["steps"] == 6 and record["heldout_after"]["mean"] <= record["heldout_before"]["mean"] + 1e-3
-    )
+    assert record["settings"]["steps"] == 6 and record["heldout_after"]["mean"] <= record["heldout_before"]["mean"] + 1e-3
+    # Every tensor on disk: the same names and dtypes as the source, each gate the one train_router gives for the
+    # flags' settings (seeded), everything else the source's bits.
+    m = model()
+    data = load_token_data(m.tokenizer, [str(text_file)], min_tokens=32)
+    settings = RouterTrainingSettings(steps=6, lr=0.05, seq_len=32, batch_size=4, eval_every=3, eval_tokens=256)
+    train_router(m, data, settings, progress=False, log=lambda s: None)
+    written, source = read_tensors(out), read_tensors(msft_moe_checkpoint())
+    assert sorted(written) == sorted(source)
+    for name, t in written.items():
+        assert t.dtype == source[name].dtype, name
+        if name.endswith("moe.gate.weight"):
+            assert torch.equal(t, m.h[int(name.split(".")[2])].moe.gate.weight), f"{name} is not the trained gate"
+            assert not torch.equal(t, source[name]), f"{name} did not train"
+        else:
+            assert torch.equal(t, source[name]), f"{name} differs from the source"
+    config, source_config = (json.loads((f / "config.json").read_text()) for f in (out, msft_moe_checkpoint()))
+    assert {k: source_config.get(k) for k in config} == config
     trained = phixtral.from_pretrained(out, backend="torch")
-    source = model()
-    for mine, theirs in zip(trained.h, source.h):
-        assert not torch.equal(mine.moe.gate.weight, theirs.moe.gate.weight)
-        assert torch.equal(mine.moe.fc1.weight, theirs.moe.fc1.weight)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    torch.testing.assert_close(trained(ids), m(ids), rtol=0, atol=0)
     assert main(argv) == 1  # --out is not empty now
     err = capsys.readouterr().err
     assert "is not empty; pass --overwrite to replace it" in err and "overwrite=True" not in err

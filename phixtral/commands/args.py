@@ -62,18 +62,34 @@ MODEL_HELP = "checkpoint folder or hub id owner/name"
 BUNDLED = "the bundled tiny phixtral"
 HELP = {
     "--dtype": "float16, bfloat16 or float32; fp16, bf16, fp32, half and float are aliases "
-    "(default: float32 on the CPU, bfloat16 there for a GPTQ checkpoint, else the checkpoint's)",
+    "(default: float32 on the CPU, bfloat16 there for a GPTQ checkpoint or --quantize, else the checkpoint's)",
     "--device": "cpu, cuda, cuda:1, ... (default: cuda when available)",
     "--backend": "MoE implementation",
     "--experts-per-tok": "experts run per token, 1 to the model's experts (default: the config's num_experts_per_tok)",
     "--threads": "torch CPU threads (default: torch's choice)",
+    "--quantize": "quantize a float checkpoint as it loads, round-to-nearest: int4 or int8 (groups of 128, "
+    "symmetric), options after commas: int4,group_size=64,sym=false (default: none)",
 }
 
 
+def quantize_flag(text: str):
+    """--quantize SPEC: phixtral.quant.quantize_spec's string form, as a GPTQConfig."""
+    from ..quant.on_load import quantize_spec
+
+    try:
+        return quantize_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("quantize: ")) from None
+
+
+quantize_flag.__name__ = "quantize spec"
+
+
 def add_model_args(parser: argparse.ArgumentParser, *, model: str = "optional", dtype: bool = True, device: bool = True,
-                   backend: bool = True, backends=None, experts: bool = True) -> None:  # fmt: skip
+                   backend: bool = True, backends=None, experts: bool = True,
+                   quantize: bool = True) -> None:  # fmt: skip
     """Declare the flags of a command that loads a model, with one help text each: --model, --dtype, --device,
-    --backend, --experts-per-tok and --threads (always). A command leaves out the ones it fixes itself.
+    --backend, --experts-per-tok, --quantize and --threads (always). A command leaves out the ones it fixes itself.
 
     model: "optional" (default: the bundled model), "required" or "repeatable" (--model given once per model).
     backends: the --backend choices (default: all of phixtral_kernels.BACKENDS).
@@ -100,6 +116,8 @@ def add_model_args(parser: argparse.ArgumentParser, *, model: str = "optional", 
         group.add_argument("--backend", default="auto", choices=backends or BACKENDS, help=HELP["--backend"])
     if experts:
         group.add_argument("--experts-per-tok", type=int_at_least(1), default=None, help=HELP["--experts-per-tok"])
+    if quantize:
+        group.add_argument("--quantize", type=quantize_flag, default=None, metavar="SPEC", help=HELP["--quantize"])
     add_threads_arg(group)
     parser.set_defaults(parser=parser)
 
@@ -128,7 +146,8 @@ def load_model(args, parser: argparse.ArgumentParser, path=None, **fixed):
 
     A value that this machine or this checkpoint cannot take exits 2 under its flag (flag_error): a --device that does
     not exist here, --backend triton where Triton cannot run, a --dtype the device lacks, --experts-per-tok above
-    the model's experts. Other load errors (a missing folder, a broken file) are raised as from_pretrained raises them.
+    the model's experts, a --quantize group size that does not divide the model's features. Other load errors (a
+    missing folder, a broken file) are raised as from_pretrained raises them.
     fixed: from_pretrained arguments the command sets itself (dtype="float32", backend="torch", ...); a flag the
     command does not declare is None (or "auto" for the backend).
     """
@@ -149,6 +168,7 @@ def load_model(args, parser: argparse.ArgumentParser, path=None, **fixed):
     flags = {
         "device": getattr(args, "device", None), "dtype": getattr(args, "dtype", None),
         "backend": getattr(args, "backend", "auto"), "num_experts_per_tok": getattr(args, "experts_per_tok", None),
+        "quantize": getattr(args, "quantize", None),
     }  # fmt: skip
     flags = {k: v for k, v in flags.items() if k not in fixed}  # only what the user chose is checked as a flag
     kwargs = {**flags, **fixed}
@@ -167,6 +187,16 @@ def load_model(args, parser: argparse.ArgumentParser, path=None, **fixed):
             flag_error(parser, "--dtype", str(e))
     if flags.get("num_experts_per_tok") is not None:
         check_experts_per_tok(parser, flags["num_experts_per_tok"], config.num_local_experts)
+    if flags.get("quantize") is not None:
+        from ..quant import read_quantization_config
+        from ..quant.on_load import check_spec
+
+        try:
+            check_spec(config, flags["quantize"])
+        except ValueError as e:
+            flag_error(parser, "--quantize", str(e).removeprefix("quantize: "))
+        if read_quantization_config(folder) is not None:
+            flag_error(parser, "--quantize", f"{folder} is already quantized: load it without --quantize")
     return from_pretrained(folder, **kwargs)
 
 

@@ -145,7 +145,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="config, parameter counts, dtype and router health of a checkpoint",
         description="Print a checkpoint's config, parameter counts (total and active per token), dtype and, per layer, "
         "the router's health (identical or near-identical gate rows flagged); with --prompt, how many tokens each "
-        "expert receives in each layer (--dtype, --device, --backend and --threads apply to that run).",
+        "expert receives in each layer (--dtype, --device, --backend, --quantize and --threads apply to that run).",
     )
     p.add_argument(
         "--prompt",

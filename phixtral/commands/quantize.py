@@ -16,18 +16,19 @@ Methods (phixtral/quant/rtn.py and gptq_solver.py):
           layer Wqkv and fc1 first (both read ln(x)), then out_proj and fc2 on the outputs of the quantized Wqkv / fc1.
           An expert's Hessian only sees the calibration tokens routed to it. --act-order processes columns by
           decreasing Hessian diagonal (g_idx records each column's group).
+Both stream (phixtral/quant/streaming.py): the float model is never loaded whole. RTN reads, quantizes and writes one
+Linear at a time; GPTQ one layer at a time, with the calibration activations carried from layer to layer; shards are
+written as they fill. The tensors are those of loading the model in float32 and quantizing it in place, bit for bit.
 """
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from ..quant import GPTQConfig, gptq_quantize, quantizable, quantize_model_gptq, quantize_model_rtn
-from .args import add_model_args, check_out, float_in, int_at_least, load_model, parse_number
+from ..quant import GPTQConfig, gptq_quantize, quantize_model_gptq, read_quantization_config
+from .args import add_model_args, apply_threads, check_out, flag_error, float_in, int_at_least, parse_number
 
 METHODS = ("rtn", "gptq")
 REPORT_FILE = "quantize_report.json"
@@ -107,7 +108,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # The solvers compute in float32 on the torch MoE path, and the checkpoint keeps its own top-k: no --dtype,
     # --backend or --experts-per-tok.
-    add_model_args(p, model="required", dtype=False, backend=False, experts=False)
+    add_model_args(p, model="required", dtype=False, backend=False, experts=False, quantize=False)
     p.set_defaults(func=run)
     return p
 
@@ -120,45 +121,48 @@ def _group_size(text: str) -> int:
 
 
 def run(args) -> int:
-    from ..weights import resolve_checkpoint
+    from ..quant.on_load import linear_shapes
+    from ..quant.streaming import quantize_checkpoint
+    from ..weights import inspect_quantized, load_tokenizer, read_config, resolve_checkpoint, resolve_device
 
     if args.act_order and args.method != "gptq":
         raise ValueError("--act-order orders columns by the calibration Hessian: it needs --method gptq")
     gptq = GPTQConfig(
         bits=args.bits, group_size=args.group_size, desc_act=args.act_order, sym=args.sym, damp_percent=args.damp
     )
+    apply_threads(args)
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        flag_error(args.parser, "--device", str(e))
     source = resolve_checkpoint(args.model)
     try:
         check_out(args.out, overwrite=args.overwrite, sources=[source])  # refuse before the work
     except ValueError as e:
         raise ValueError(f"--out: {e}") from e
-    model = load_model(args, args.parser, source, dtype="float32", backend="torch")
-    if model.quantization is not None:
-        raise ValueError(f"{source} is already quantized ({model.quantization.bits} bits)")
-    K_sizes = {model.get_submodule(n).weight.shape[-1] for n in quantizable(model)}
+    config = read_config(source)
+    fmt = read_quantization_config(source)
+    if fmt is not None and inspect_quantized(source, config)[4]:
+        raise ValueError(f"{source} is already quantized ({getattr(fmt, 'bits', '?')} bits)")
+    K_sizes = {K for _, _, K in linear_shapes(config).values()}
     if args.group_size > 0 and any(k % args.group_size for k in K_sizes):
         raise ValueError(
             f"--group-size {args.group_size} does not divide the in features of every Linear {sorted(K_sizes)}"
         )
-    start = time.perf_counter()
     report = {"source": str(args.model), "method": args.method, **gptq.to_dict()}
-    if args.method == "rtn":
-        quantize_model_rtn(model, gptq)
-    else:
-        if model.tokenizer is None:
+    windows = None
+    if args.method == "gptq":
+        tokenizer = load_tokenizer(source)
+        if tokenizer is None:
             raise ValueError(f"{source} has no tokenizer files: gptq needs them to encode the calibration text")
-        seq_len = min(args.calib_seq_len, model.config.n_positions)
+        seq_len = min(args.calib_seq_len, config.n_positions)
         windows = calibration_windows(
-            model.tokenizer, args.calib, samples=args.calib_samples, seq_len=seq_len, seed=args.seed
+            tokenizer, args.calib, samples=args.calib_samples, seq_len=seq_len, seed=args.seed
         )
-        losses = quantize_model_gptq(model, gptq, windows, progress=not args.no_progress)
-        report.update(
-            calib=args.calib, calib_samples=args.calib_samples, calib_seq_len=seq_len, seed=args.seed, errors=losses
-        )
-    report["seconds"] = time.perf_counter() - start
-    dtype = model.config.torch_dtype or "float16"
-    model.save_pretrained(args.out, dtype=dtype, overwrite=args.overwrite, sources=[source],
-                          extra_files={REPORT_FILE: json.dumps(report, indent=2) + "\n"})  # fmt: skip
+        report.update(calib=args.calib, calib_samples=args.calib_samples, calib_seq_len=seq_len, seed=args.seed)
+    quantize_checkpoint(source, args.out, gptq, method=args.method, windows=windows, device=device,
+                        overwrite=args.overwrite, report=report, report_file=REPORT_FILE,
+                        progress=not args.no_progress)  # fmt: skip
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     print(f"wrote {args.out}: {args.bits}-bit {args.method}, group size {args.group_size}, {size / 2**20:.1f} MiB "
           f"({report['seconds']:.1f} s)", file=sys.stderr)  # fmt: skip

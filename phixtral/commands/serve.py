@@ -1,14 +1,19 @@
 """`phixtral serve [--model DIR_OR_ID] [--host 127.0.0.1] [--port 8000] [--max-batch-size N] ...`: the OpenAI-compatible
-server. SIGTERM and Ctrl-C stop it gracefully: it stops accepting connections, answers the requests still waiting for a
-batch with a 503, gives the running batch --graceful-shutdown seconds to finish, ends the streams still open with an
-error event (a plain request gets a 503), and exits (0 on SIGTERM, 130 on Ctrl-C; a second Ctrl-C exits at once)."""
+server, with a chat page at /. SIGTERM and Ctrl-C stop it gracefully: it stops accepting connections, answers the
+requests still waiting for a row with a 503, gives the running ones --graceful-shutdown seconds to finish, ends the
+streams still open with an error event (a plain request gets a 503), and exits (0 on SIGTERM, 130 on Ctrl-C; a second
+Ctrl-C exits at once). The API key comes from --api-key or the environment variable PHIXTRAL_API_KEY (which keeps it
+out of the process list)."""
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
+from ..serve.engine import BATCHING
+from ..serve.limits import Limits, is_loopback
 from ..weights import default_model_path
 from .args import add_model_args, float_in, int_at_least, load_model
 
@@ -18,7 +23,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "serve",
         help="serve a model over HTTP with OpenAI's API",
         description="Serve a model over HTTP: OpenAI's /v1/completions and /v1/chat/completions (streamed or not), "
-        "/v1/models and /health. Needs the serve extra: pip install 'phixtral-kernels[serve]'.",
+        "/v1/models, /health, /metrics (Prometheus) and a chat page at /. Needs the serve extra: "
+        "pip install 'phixtral-kernels[serve]'.",
     )
     p.add_argument(
         "--served-model-name", default=None, help="the name clients use (default: the folder's name or the hub id)"
@@ -26,6 +32,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port (0: any free port)")
     p.add_argument("--max-batch-size", type=int_at_least(1), default=8, help="requests decoded together at most")
+    p.add_argument("--batching", choices=BATCHING, default="continuous",
+                   help="continuous: requests join and leave the running batch at every step (default); static: "
+                   "left-padded batches, each run to its end (for comparison)")  # fmt: skip
+    p.add_argument("--prefill-chunk", type=int_at_least(1), default=256, metavar="TOKENS",
+                   help="prompt tokens prefilled between two decode steps at most (continuous batching)")  # fmt: skip
+    p.add_argument("--max-tokens", type=int_at_least(1), default=None, metavar="N",
+                   help="the most tokens one choice may generate (default: up to the context)")  # fmt: skip
+    p.add_argument("--max-prompts", type=int_at_least(1), default=Limits.max_prompts, metavar="N",
+                   help="the most completions one request may ask for, prompts x n (default %(default)s)")  # fmt: skip
+    p.add_argument("--max-request-bytes", type=int_at_least(1), default=Limits.max_request_bytes, metavar="BYTES",
+                   help="the largest request body (413 above; default %(default)s)")  # fmt: skip
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/ (default: $PHIXTRAL_API_KEY, else "
+                   "none)")  # fmt: skip
     p.add_argument("--graceful-shutdown", type=float_in(0), default=5.0, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C, how long the running batch may go on")  # fmt: skip
     add_model_args(p)
@@ -65,13 +85,17 @@ def run(args) -> int:
     model = load_model(args, args.parser, model_path)
     _setup_logging()  # after the checks of the flags, so that a command that exits at once leaves no handler behind
     name = args.served_model_name or served_name(args.model)
-    engine = Engine(model, max_batch_size=args.max_batch_size)
+    engine = Engine(model, max_batch_size=args.max_batch_size, batching=args.batching, prefill_chunk=args.prefill_chunk)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("PHIXTRAL_API_KEY") or None
+    limits = Limits(max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens, max_prompts=args.max_prompts,
+                    api_key=api_key, loopback_only=is_loopback(args.host))  # fmt: skip
     logging.getLogger("phixtral.serve").info(
-        "serving %s as %r [%s, %s, backend %s, max batch %d, context %d tokens]", model_path, name, model.device,
-        str(model.dtype).removeprefix("torch."), model.backend, args.max_batch_size, model.config.n_positions,
+        "serving %s as %r [%s, %s, backend %s, %s batching, max batch %d, context %d tokens%s]", model_path, name,
+        model.device, str(model.dtype).removeprefix("torch."), model.backend, args.batching, args.max_batch_size,
+        model.config.n_positions, ", API key required" if api_key else "",
     )  # fmt: skip
     config = uvicorn.Config(
-        create_app(engine, name), host=args.host, port=args.port, log_level="info", access_log=False,
+        create_app(engine, name, limits), host=args.host, port=args.port, log_level="info", access_log=False,
         timeout_graceful_shutdown=args.graceful_shutdown + 5,  # a backstop: the engine ends its streams before that
     )  # fmt: skip
     server = Server(config, engine, grace=args.graceful_shutdown)

@@ -397,7 +397,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     # Training runs in float32, so no --dtype; --backend offers the paths training is tested on (not naive);
     # --experts-per-tok is the top-k trained and saved.
-    add_model_args(p, model="required", dtype=False, backends=("auto", "triton", "torch"))
+    add_model_args(p, model="required", dtype=False, backends=("auto", "triton", "torch"), quantize=False)
     p.set_defaults(func=run)
     return p
 

@@ -11,7 +11,8 @@ then runs, for a model built on the meta device and allocated on its device:
     check_tensor(name, tensor, map) per tensor read, before it is copied
     dequantize(module, tensors, dt) per staged Linear, its float weight
     finish(model)                   after every tensor is in place
-Writing (save_pretrained with model.quantization set) asks `save_map`, `checkpoint_tensor` and `write_settings`.
+Writing (save_pretrained with model.quantization set) asks `save_map`, `checkpoint_tensor`, `file_dtype` and
+`write_settings`.
 """
 
 from pathlib import Path
@@ -86,6 +87,10 @@ class QuantFormat:
     def checkpoint_tensor(self, state: dict, name: str, target: Target) -> torch.Tensor:
         """The tensor to write under checkpoint `name` (state[target.param][target.index] unless derived)."""
         return state[target.param][target.index]
+
+    def file_dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a float tensor `name` is written in, `dtype` being the checkpoint's."""
+        return dtype
 
     def write_settings(self, folder: Path, config_dict: dict) -> None:
         """Write settings_file into `folder`, and quantization_config into the caller's config.json dict."""

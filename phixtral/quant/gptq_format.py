@@ -6,7 +6,7 @@ Per quantized Linear `<module>` (N out features, K in features, G = K / group_si
     <module>.qzeros   int32 [G, N * bits / 32]   zero point - 1, packed along N
     <module>.scales   fp16  [G, N]
     <module>.g_idx    int32 [K]                  group of each input row (act-order); optional, k // group_size
-    <module>.bias     fp16  [N]
+    <module>.bias     [N]                        in the checkpoint's float dtype (AutoGPTQ writes fp16)
 Settings: quantize_config.json (AutoGPTQ) and / or config.json's `quantization_config` (transformers): bits,
 group_size, desc_act, sym, quant_method "gptq", checkpoint_format "gptq" (v1; "gptq_v2" stores zeros without the - 1
 and is refused).
@@ -165,6 +165,11 @@ class GPTQConfig(QuantFormat):
 
     def checkpoint_tensor(self, state: dict, name: str, target: Target) -> torch.Tensor:
         return checkpoint_tensor(state, name, target, self)
+
+    def file_dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        # Scales are fp16 in the format whatever the model's dtype: the quantizers round them to fp16 (quant_grid), so
+        # fp16 holds them exactly, where bf16 would drop 3 of their bits.
+        return torch.float16 if name.endswith(".scales") else dtype
 
     def write_settings(self, folder: Path, config_dict: dict) -> None:
         write_quantize_config(folder, self, config_dict)

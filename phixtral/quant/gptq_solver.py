@@ -5,6 +5,8 @@ quantized through the inverse Hessian of its calibration inputs (H = 2/n X^T X).
 from the already quantized layers before it; inside a layer Wqkv and fc1 first (both read ln(x)), then out_proj and fc2
 on the outputs of the quantized Wqkv / fc1. An expert's Hessian only sees the calibration tokens routed to it.
 desc_act (act-order) processes columns by decreasing Hessian diagonal (g_idx records each column's group).
+`quantize_layer_gptq` is one layer of it and needs only that layer's tensors: `phixtral quantize` (streaming.py) reads
+one layer at a time from the files and runs it there.
 """
 
 import math
@@ -150,51 +152,71 @@ def quantize_model_gptq(
     """GPTQ of every `quantizable` Linear, in place, calibrated on token windows [n, S]. Returns {module: error}."""
     from tqdm.auto import tqdm
 
-    x = torch.cat([model.wte(windows[i : i + batch_size].to(model.device)) for i in range(0, len(windows), batch_size)])
-    B, S = windows.shape
-    position_ids = torch.arange(S, device=model.device)[None].expand(batch_size, S)
+    x = calibration_inputs(model.wte.weight, windows, batch_size=batch_size)
     losses = {}
-    bar = tqdm(total=4 * len(model.h), desc="gptq", unit="linear", disable=not progress)
-    for i, block in enumerate(model.h):
-        prefix = f"h.{i}"
-        # 1. Wqkv and fc1 read ln(x)
-        D = x.shape[-1]
-        attn_in = _Hessians(1, D, model.device)
-        E = block.moe.gate.weight.shape[0]
-        fc1_in = _Hessians(E, D, model.device)
-        for _, h in _ln_batches(x, block, batch_size):
-            flat = h.reshape(-1, D)
-            attn_in.add(0, flat)
-            for e, rows in enumerate(_moe_inputs(block.moe, flat)):
-                fc1_in.add(e, rows)
-        for name, H in ((prefix + ".mixer.Wqkv", attn_in), (prefix + ".moe.fc1", fc1_in)):
-            losses[name] = _quantize_stack(model, name, H, gptq)
-            bar.update(1)
-        # 2. out_proj reads the attention output, fc2 the hidden units, both from the quantized Wqkv / fc1
-        out_proj_in = _Hessians(1, block.mixer.out_proj.in_features, model.device)
-        F_ = block.moe.fc1.weight.shape[1]
-        fc2_in = _Hessians(E, F_, model.device)
-        hook = block.mixer.out_proj.register_forward_pre_hook(_collect_into(out_proj_in))
-        try:
-            for xb, h in _ln_batches(x, block, batch_size):
-                cos, sin = model._rope(position_ids[: xb.shape[0]])
-                block.mixer(h, cos, sin, None, None)
-                flat = h.reshape(-1, D)
-                fc1 = block.moe.fc1.weight  # quantized in step 1
-                for e, rows in enumerate(_moe_inputs(block.moe, flat)):
-                    if rows.shape[0]:
-                        w1 = dequantize_experts(fc1.select(e), rows.dtype)[0]
-                        fc2_in.add(e, gelu_tanh(F.linear(rows, w1, block.moe.fc1.bias[e])))
-        finally:
-            hook.remove()
-        for name, H in ((prefix + ".mixer.out_proj", out_proj_in), (prefix + ".moe.fc2", fc2_in)):
-            losses[name] = _quantize_stack(model, name, H, gptq)
-            bar.update(1)
-        # 3. the next layer's inputs: this layer, quantized
-        for b in range(0, B, batch_size):
-            xb = x[b : b + batch_size]
-            cos, sin = model._rope(position_ids[: xb.shape[0]])
-            x[b : b + batch_size] = block(xb, cos, sin, None, None)
-    bar.close()
+    with tqdm(total=4 * len(model.h), desc="gptq", unit="linear", disable=not progress) as bar:
+        for i in range(len(model.h)):
+            losses.update(quantize_layer_gptq(model, i, x, gptq, batch_size=batch_size, bar=bar))
     model.quantization = gptq
+    return losses
+
+
+def calibration_inputs(wte: torch.Tensor, windows: torch.Tensor, *, batch_size: int = 8) -> torch.Tensor:
+    """The first layer's inputs [n, S, D] for token windows [n, S]: rows of the embedding wte [V, D], on its device."""
+    return torch.cat([F.embedding(windows[i : i + batch_size].to(wte.device), wte)
+                      for i in range(0, len(windows), batch_size)])  # fmt: skip
+
+
+@torch.no_grad()
+def quantize_layer_gptq(model, i: int, x: torch.Tensor, gptq: GPTQConfig, *, batch_size: int = 8, bar=None) -> dict:
+    """GPTQ of layer i's four Linear stacks, in place, on its inputs x [n, S, D] (fp32), which it then replaces with
+    the quantized layer's outputs: the next layer's inputs. Returns {module: error}.
+
+    Only layer i of `model` needs its tensors (the others may stay on the meta device): it runs on x's device, the
+    positions come from the config, and the packed modules are built where the ones they replace are."""
+    block, device = model.h[i], x.device
+    B, S, D = x.shape
+    position_ids = torch.arange(S, device=device)[None].expand(batch_size, S)
+    losses, prefix = {}, f"h.{i}"
+    # 1. Wqkv and fc1 read ln(x)
+    attn_in = _Hessians(1, D, device)
+    E = block.moe.gate.weight.shape[0]
+    fc1_in = _Hessians(E, D, device)
+    for _, h in _ln_batches(x, block, batch_size):
+        flat = h.reshape(-1, D)
+        attn_in.add(0, flat)
+        for e, rows in enumerate(_moe_inputs(block.moe, flat)):
+            fc1_in.add(e, rows)
+    for name, H in ((prefix + ".mixer.Wqkv", attn_in), (prefix + ".moe.fc1", fc1_in)):
+        losses[name] = _quantize_stack(model, name, H, gptq)
+        if bar is not None:
+            bar.update(1)
+    del attn_in, fc1_in
+    # 2. out_proj reads the attention output, fc2 the hidden units, both from the quantized Wqkv / fc1
+    out_proj_in = _Hessians(1, block.mixer.out_proj.in_features, device)
+    F_ = block.moe.fc1.weight.shape[1]
+    fc2_in = _Hessians(E, F_, device)
+    hook = block.mixer.out_proj.register_forward_pre_hook(_collect_into(out_proj_in))
+    try:
+        for xb, h in _ln_batches(x, block, batch_size):
+            cos, sin = model._rope(position_ids[: xb.shape[0]])
+            block.mixer(h, cos, sin, None, None)
+            flat = h.reshape(-1, D)
+            fc1 = block.moe.fc1.weight  # quantized in step 1
+            for e, rows in enumerate(_moe_inputs(block.moe, flat)):
+                if rows.shape[0]:
+                    w1 = dequantize_experts(fc1.select(e), rows.dtype)[0]
+                    fc2_in.add(e, gelu_tanh(F.linear(rows, w1, block.moe.fc1.bias[e])))
+    finally:
+        hook.remove()
+    for name, H in ((prefix + ".mixer.out_proj", out_proj_in), (prefix + ".moe.fc2", fc2_in)):
+        losses[name] = _quantize_stack(model, name, H, gptq)
+        if bar is not None:
+            bar.update(1)
+    del out_proj_in, fc2_in
+    # 3. the next layer's inputs: this layer, quantized
+    for b in range(0, B, batch_size):
+        xb = x[b : b + batch_size]
+        cos, sin = model._rope(position_ids[: xb.shape[0]])
+        x[b : b + batch_size] = block(xb, cos, sin, None, None)
     return losses

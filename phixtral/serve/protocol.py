@@ -2,7 +2,7 @@
 
 Bodies are parsed strictly ("0.5" is not a number, 1.0 is not an int, NaN and inf are refused); fields this server does
 not know are ignored, as vLLM does, so that newer clients keep working. Fields that would change the answer and are
-not implemented (penalties, logprobs, n > 1, tools, ...) are refused with a 400 rather than silently ignored.
+not implemented (penalties, logit_bias, tools, ...) are refused with a 400 rather than silently ignored.
 """
 
 from typing import Any, Literal, Optional, Union
@@ -15,6 +15,8 @@ from .engine import SamplingParams
 COMPLETION_MAX_TOKENS = 16
 DEFAULT_TEMPERATURE = 1.0
 MAX_TEMPERATURE = 2.0
+MAX_STOP = 4  # OpenAI's limit: each stop string is searched in the text after every token
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat (5 for completions); vLLM allows 20 for both
 
 
 class OpenAIError(Exception):
@@ -52,12 +54,12 @@ class _Body(BaseModel):
     logit_bias: Optional[dict[str, Any]] = None
     user: Optional[str] = None
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
+    def sampling(self, max_tokens: int, *, logprobs: bool = False, top_logprobs: int = 0) -> SamplingParams:
         """SamplingParams from the body, or an OpenAIError naming the first bad field."""
         if max_tokens < 1:
             raise bad_request(f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
-        if self.n not in (None, 1):
-            raise bad_request(f"n must be 1 (this server returns one choice per prompt), got {self.n}", "n")
+        if self.n is not None and self.n < 1:
+            raise bad_request(f"n must be at least 1, got {self.n}", "n")
         temperature = DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
         if not 0 <= temperature <= MAX_TEMPERATURE:
             raise bad_request(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}", "temperature")
@@ -69,6 +71,8 @@ class _Body(BaseModel):
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise bad_request(f"seed must be in [0, 2**64), got {self.seed}", "seed")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP:
+            raise bad_request(f"stop takes at most {MAX_STOP} strings, got {len(stops)}", "stop")
         if any(s == "" for s in stops):
             raise bad_request("stop strings must not be empty", "stop")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -85,7 +89,14 @@ class _Body(BaseModel):
             top_k=top_k if top_k and top_k > 0 else None,
             seed=self.seed,
             stop=stops,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
+
+    @property
+    def choices(self) -> int:
+        """Choices asked per prompt (n)."""
+        return 1 if self.n is None else self.n
 
     @property
     def include_usage(self) -> bool:
@@ -100,8 +111,8 @@ class CompletionBody(_Body):
     suffix: Optional[str] = None
 
     def check_unsupported(self) -> None:
-        if self.logprobs:
-            raise bad_request("logprobs is not supported by this server", "logprobs")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise bad_request(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}", "logprobs")
         if self.best_of not in (None, 1):
             raise bad_request(f"best_of must be 1, got {self.best_of}", "best_of")
         if self.suffix:
@@ -140,8 +151,13 @@ class ChatBody(_Body):
     def check_unsupported(self) -> None:
         if not self.messages:
             raise bad_request("messages must hold at least one message", "messages")
-        if self.logprobs or self.top_logprobs:
-            raise bad_request("logprobs is not supported by this server", "logprobs")
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise bad_request(
+                    f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}", "top_logprobs"
+                )
+            if not self.logprobs:
+                raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         if self.tools:
             raise bad_request("tools are not supported by this server", "tools")
         if self.response_format and self.response_format.get("type") != "text":
