@@ -178,3 +178,19 @@ def test_the_triton_step_traces_to_one_graph_on_meta_tensors(monkeypatch, quanti
     assert sum("fused_moe_triton" in op for op in ops) == model.config.n_layer
     assert sum("quantized_linear_triton" in op for op in ops) == (2 * model.config.n_layer if quantized else 0)
     assert not any("expert_linear" in op for op in ops)
+
+
+def test_generate_command_takes_compile(capsys):
+    from phixtral.cli import main
+
+    folder = str(msft_moe_checkpoint())
+    argv = ["generate", "--model", folder, "--dtype", "float32", "--backend", "torch", "--prompt", "ab", "--max-new-tokens", "6"]  # fmt: skip
+    outs = {}
+    for mode in ("off", "on"):
+        assert main(argv + ["--compile", mode]) == 0
+        outs[mode] = capsys.readouterr()
+    assert outs["on"].out == outs["off"].out
+    assert "compiled in" in outs["on"].err and "compiled" not in outs["off"].err
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--compile", "always"])
+    assert exit_info.value.code == 2 and "argument --compile: invalid choice: 'always'" in capsys.readouterr().err

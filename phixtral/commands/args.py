@@ -67,6 +67,8 @@ HELP = {
     "--backend": "MoE implementation",
     "--experts-per-tok": "experts run per token, 1 to the model's experts (default: the config's num_experts_per_tok)",
     "--threads": "torch CPU threads (default: torch's choice)",
+    "--compile": "run the CPU decode steps as one torch.compile'd graph: auto (when a generation is long enough to "
+    "repay the compile; PHIXTRAL_COMPILE=0 turns it off), on, off (default: auto)",
     "--quantize": "quantize a float checkpoint as it loads, round-to-nearest: int4 or int8 (groups of 128, "
     "symmetric), options after commas: int4,group_size=64,sym=false (default: none)",
 }
@@ -126,6 +128,14 @@ def add_threads_arg(parser) -> None:
     """--threads N on a parser or an argument group: torch's CPU threads while the command computes (apply_threads
     sets them)."""
     parser.add_argument("--threads", type=int_at_least(1), default=None, help=HELP["--threads"])
+
+
+COMPILE_CHOICES = {"auto": "auto", "on": True, "off": False}
+
+
+def add_compile_arg(parser) -> None:
+    """--compile auto|on|off on a command that decodes: the model's compile_decode (load_model sets it)."""
+    parser.add_argument("--compile", default="auto", choices=COMPILE_CHOICES, help=HELP["--compile"])
 
 
 def apply_threads(args) -> None:
@@ -197,7 +207,10 @@ def load_model(args, parser: argparse.ArgumentParser, path=None, **fixed):
             flag_error(parser, "--quantize", str(e).removeprefix("quantize: "))
         if read_quantization_config(folder) is not None:
             flag_error(parser, "--quantize", f"{folder} is already quantized: load it without --quantize")
-    return from_pretrained(folder, **kwargs)
+    model = from_pretrained(folder, **kwargs)
+    if getattr(args, "compile", None) is not None:
+        model.compile_decode = COMPILE_CHOICES[args.compile]
+    return model
 
 
 def check_experts_per_tok(parser: argparse.ArgumentParser, k: int, num_experts: int) -> None:

@@ -3,7 +3,7 @@ decode speeds to stderr."""
 
 import sys
 
-from .args import add_model_args, flag_error, float_in, int_at_least, load_model, seed
+from .args import add_compile_arg, add_model_args, flag_error, float_in, int_at_least, load_model, seed
 
 
 def add_parser(subparsers):
@@ -23,6 +23,7 @@ def add_parser(subparsers):
     p.add_argument("--stop", action="append", default=None, help="stop string, repeatable (default: none)")
     p.add_argument("--seed", type=seed, default=None, help="seed of the sampler (default: random)")
     add_model_args(p)
+    add_compile_arg(p)
     p.set_defaults(func=run)
     return p
 
@@ -50,7 +51,7 @@ def run(args) -> int:
         f"prompt: {s.prompt_tokens} tokens in {s.prefill_s:.3f} s ({s.prompt_tokens_per_s:.1f} tokens/s); "
         f"decode: {s.new_tokens} tokens in {s.decode_s:.3f} s ({s.decode_tokens_per_s:.1f} tokens/s) "
         f"[{model.device}, {str(model.dtype).removeprefix('torch.')}, backend {model.backend}"
-        f"{', CUDA graph' if s.cuda_graph else ''}]",
+        f"{', CUDA graph' if s.cuda_graph else ''}{f', compiled in {s.compile_s:.1f} s' if s.compiled else ''}]",
         file=sys.stderr,
     )
     return 0
