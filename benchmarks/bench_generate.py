@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing the package
 
 import common  # noqa: E402
+
 from phixtral import Phixtral, PhixtralConfig  # noqa: E402
 from phixtral.generate import generate_tokens  # noqa: E402
 
@@ -110,7 +111,9 @@ def floors(model: Phixtral, B: int, S: int, N: int, ceilings: dict) -> dict:
     step_bytes = (n["other"] + L * min(E, B * k) * n["expert"]) * elem + B * kv_row * ctx
     step_flops = 2 * B * (n["other"] + L * k * n["expert"]) + 4 * B * L * ctx * D
     prefill_bytes = (n["other"] + L * min(E, B * S * k) * n["expert"]) * elem + B * S * kv_row
-    prefill_flops = 2 * B * S * (n["other"] - n["lm_head"] + L * k * n["expert"]) + 2 * B * n["lm_head"] + 2 * B * L * S * S * D
+    prefill_flops = (
+        2 * B * S * (n["other"] - n["lm_head"] + L * k * n["expert"]) + 2 * B * n["lm_head"] + 2 * B * L * S * S * D
+    )
     return {"decode_floor_s": common.floor_s(step_bytes, step_flops, ceilings),
             "prefill_floor_s": common.floor_s(prefill_bytes, prefill_flops, ceilings)}  # fmt: skip
 
@@ -216,7 +219,9 @@ def run_benchmark(args) -> dict:
     common.warn_if_interpreted(env)
     print(f"# generation benchmark: {common.describe(env)}")
     ceilings = common.measure_ceilings(device, quick=args.quick)
-    print(f"# ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, {ceilings['matmul_dtype']} matmul {ceilings['matmul_tflops']:.2f} TFLOP/s")
+    print(
+        f"# ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, {ceilings['matmul_dtype']} matmul {ceilings['matmul_tflops']:.2f} TFLOP/s"
+    )
     start = time.monotonic()
     model = build_model(config, dtype, device, seed=args.seed)
     counts = param_counts(model)
@@ -282,7 +287,9 @@ def run_benchmark(args) -> dict:
                 elif not checks[name].ok:
                     row["check"] = checks[name]
                 else:
-                    row.update(run_eager(model, fused_backend if kind == "fused" else "naive", ids, N, args.reps, device))
+                    row.update(
+                        run_eager(model, fused_backend if kind == "fused" else "naive", ids, N, args.reps, device)
+                    )
                     row["check"] = checks[name]
             except Exception as exc:  # noqa: BLE001: report it in the table and go on
                 row.update(skipped=f"raised {common.first_line(exc)}", ok=False)
@@ -324,7 +331,9 @@ def run_benchmark(args) -> dict:
             kind, _, upcast = r["provider"].partition(":")
             if r["B"] == B and kind == "fused_graph" and r.get("decode_tok_s"):
                 eager = "fused" + (f":{upcast}" if upcast else "")
-                eager_tok_s = next((e.get("decode_tok_s") for e in rows if e["B"] == B and e["provider"] == eager), None)
+                eager_tok_s = next(
+                    (e.get("decode_tok_s") for e in rows if e["B"] == B and e["provider"] == eager), None
+                )
                 if eager_tok_s:
                     r["decode_vs_eager"] = r["decode_tok_s"] / eager_tok_s
     failed = [r for r in rows if r.get("ok") is False]
@@ -408,7 +417,9 @@ def report(result: dict, out: Path) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on GPU, float32 on CPU")
+    p.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on GPU, float32 on CPU"
+    )
     p.add_argument("--batches", nargs="+", type=int, default=None)
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens per row")
     p.add_argument("--new-tokens", type=int, default=None)
@@ -420,7 +431,9 @@ def parse_args(argv=None):
                    "models differ): fp32 (the default) and/or scores, in one run")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny model (the CI smoke run)")
     p.add_argument("--budget-s", type=float, default=150.0, help="stop starting new points after this many seconds")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder for bench_generate.json / .png (default: $OUT, else ./out)")
     args = p.parse_args(argv)

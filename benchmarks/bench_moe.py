@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing the package
 
 import common  # noqa: E402
+
 from phixtral_kernels import fused_moe, gelu_tanh, gemm_configs, naive_moe, topk_softmax_torch  # noqa: E402
 from phixtral_kernels.moe_triton import DECODE_MAX_TOKENS, triton_moe_forward  # noqa: E402
 
@@ -200,11 +201,17 @@ def providers(device, dtype, layer: Layer, gather_cap_bytes: float) -> tuple[lis
             return fused_moe(x, *w, backend="triton")
 
     tuned = f", tuned configs ({Path(table).name})" if table else ""
-    out = [Provider("fused", fused(fused_backend), gpu, f"fused_moe[{fused_backend}]" + (" CUDA graph" if gpu else "") + tuned)]
+    out = [
+        Provider(
+            "fused", fused(fused_backend), gpu, f"fused_moe[{fused_backend}]" + (" CUDA graph" if gpu else "") + tuned
+        )
+    ]
     if gpu and table:
         out.append(Provider("fused_heuristic", heuristic, True, "fused_moe[triton] CUDA graph, heuristic configs"))
     elif gpu:
-        skipped["fused_heuristic"] = f"no tuned table for {torch.cuda.get_device_name(device)}: fused runs the heuristic configs"
+        skipped["fused_heuristic"] = (
+            f"no tuned table for {torch.cuda.get_device_name(device)}: fused runs the heuristic configs"
+        )
     if gpu:
         out.append(Provider("fused_eager", fused("triton"), False, "fused_moe[triton] eager" + tuned))
         out.append(Provider("fused_legacy", legacy_chain_moe, True, "fused_moe[triton] legacy chain, CUDA graph",
@@ -249,7 +256,9 @@ def measure_one(provider, layer, T, ref, device, dtype, rep_budget_s, floor_s=No
     check = common.rel_error(run(), ref, TOLERANCE[dtype])
     row = {"provider": provider.name, "mode": mode, "rel_err": check.rel_err, "tol": check.tol, "ok": check.ok}
     if not check.ok:
-        row["skipped"] = f"failed the check: rel. error {check.rel_err:.3g} > {check.tol:g}" + ("" if check.finite else " (NaN/Inf)")
+        row["skipped"] = f"failed the check: rel. error {check.rel_err:.3g} > {check.tol:g}" + (
+            "" if check.finite else " (NaN/Inf)"
+        )
         return row
     t, rounds, note = common.time_checked(run, device, budget_s=rep_budget_s, floor_s=floor_s)
     row.update(median_s=t.median_s, p25_s=t.p25_s, p75_s=t.p75_s, min_s=t.min_s, reps=t.reps, spread=t.spread,
@@ -426,7 +435,9 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=150.0, help="stop timing new points after this many seconds")
     p.add_argument("--rep-budget-s", type=float, default=None, help="seconds of timed calls per point")
     p.add_argument("--gather-cap-gb", type=float, default=None, help="largest gather for gather_einsum (GB)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder for bench_moe.json / .png (default: $OUT, else ./out)")
     args = p.parse_args(argv)

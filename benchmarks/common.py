@@ -65,7 +65,9 @@ def summarize(times: list[float]) -> Timing:
     return Timing(_quantile(xs, 0.5), _quantile(xs, 0.25), _quantile(xs, 0.75), xs[0], len(xs))
 
 
-def time_fn(fn, device: torch.device, *, budget_s: float = 0.3, warmup: int = 2, min_reps: int = 5, max_reps: int = 200):
+def time_fn(
+    fn, device: torch.device, *, budget_s: float = 0.3, warmup: int = 2, min_reps: int = 5, max_reps: int = 200
+):
     """Time fn() (no arguments; its result is ignored) on `device`. Returns a Timing.
 
     The number of timed calls is budget_s over one warm call's time, clamped to [min_reps, max_reps].
@@ -196,7 +198,9 @@ def _cpu_model() -> str:
 
 def _git_commit() -> str | None:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
                                text=True, timeout=10)  # fmt: skip
         if sha.returncode == 0:
@@ -336,7 +340,7 @@ def fmt_num(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:.0f}"
     return str(value)
 
 

@@ -58,7 +58,9 @@ def build(config: PhixtralConfig, scheme) -> Phixtral:
         model = Phixtral(config)
         if scheme is not None:
             bits, group_size, act_order = scheme
-            prepare_quantized(model, quantized_modules(model), GPTQConfig(bits=bits, group_size=group_size, desc_act=act_order))
+            prepare_quantized(
+                model, quantized_modules(model), GPTQConfig(bits=bits, group_size=group_size, desc_act=act_order)
+            )
     return model.to(torch.float16)  # floats to fp16 (scales included); the int32 buffers stay
 
 
@@ -72,7 +74,9 @@ def count(model: Phixtral, scheme) -> dict:
             quant += size
         # Dropped at load: symmetric qzeros, a trivial g_idx (compact), and fc2's act-order g_idx, which becomes a
         # permutation of the experts' hidden units (absorb_act_order).
-        trivial_g_idx = name.endswith(".g_idx") and (scheme is not None and (not scheme[2] or name.endswith(".moe.fc2.g_idx")))
+        trivial_g_idx = name.endswith(".g_idx") and (
+            scheme is not None and (not scheme[2] or name.endswith(".moe.fc2.g_idx"))
+        )
         memory += 0 if name.endswith(".qzeros") or trivial_g_idx else size
     return dict(file=file, memory=memory, packed=quant)
 

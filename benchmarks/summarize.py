@@ -100,7 +100,9 @@ def moe_targets(moe: dict) -> list[tuple]:
                 if r["provider"] == "fused" and r["T"] <= 16 and r.get("speedup_vs_naive")]  # fmt: skip
     if speedups:
         worst, dtype, T = min(speedups)
-        out.append(("T<=16 fused: worst speedup over naive", f"{worst:.2f}x ({dtype} T={T})", ">= 2x", _status(worst >= 2)))
+        out.append(
+            ("T<=16 fused: worst speedup over naive", f"{worst:.2f}x ({dtype} T={T})", ">= 2x", _status(worst >= 2))
+        )
     out += tuned_lines(rows)
     unstable = [f"{r['dtype']} T={r['T']} {r['provider']}: {r['note']}" for r in rows if r.get("note")]
     if unstable:
@@ -138,7 +140,14 @@ def generate_lines(gen: dict) -> list[tuple]:
             out.append((f"generate B={r['B']} {r['provider']}: decode tok/s", f"{r['decode_tok_s']:,.1f}{pct}",
                         f"TTFT {r['ttft_s'] * 1e3:.1f} ms, peak {r['peak_gb']:.1f} GB", "info"))  # fmt: skip
         elif r.get("skipped"):
-            out.append((f"generate B={r['B']} {r['provider']}", "not timed", r["skipped"][:60], "MISS" if r.get("ok") is False else "-"))
+            out.append(
+                (
+                    f"generate B={r['B']} {r['provider']}",
+                    "not timed",
+                    r["skipped"][:60],
+                    "MISS" if r.get("ok") is False else "-",
+                )
+            )
     return out
 
 

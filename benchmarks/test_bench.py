@@ -16,6 +16,7 @@ pytest.importorskip("pytest_benchmark")
 import bench_generate  # noqa: E402
 import bench_moe  # noqa: E402
 import common  # noqa: E402
+
 from phixtral import PhixtralConfig  # noqa: E402
 
 CPU = torch.device("cpu")

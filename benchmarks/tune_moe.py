@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+
 from phixtral_kernels import aot, gemm_configs, moe_routing, shared_memory, topk_softmax_torch  # noqa: E402
 from phixtral_kernels.gemm_configs import GemmConfig, heuristic_configs  # noqa: E402
 from phixtral_kernels.grouped_gemm import launch_grouped_gemm, pair_buffer  # noqa: E402
@@ -66,7 +67,9 @@ TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}
 
 # --- the candidates --------------------------------------------------------------------------------------------------
 def _cfg(block_m, block_n, block_k, warps=4, stages=4, split_k=1, group_m=8, tma=False) -> GemmConfig:
-    return GemmConfig(block_m, block_n, block_k, split_k=split_k, group_m=group_m, num_warps=warps, num_stages=stages, tma=tma)
+    return GemmConfig(
+        block_m, block_n, block_k, split_k=split_k, group_m=group_m, num_warps=warps, num_stages=stages, tma=tma
+    )
 
 
 def candidates(T: int, capability, top_k: int = 2, E: int = 4, shared_bytes: int | None = None) -> dict:
@@ -99,7 +102,11 @@ def candidates(T: int, capability, top_k: int = 2, E: int = 4, shared_bytes: int
         for bm in (16, 32, 64):
             add(bm, [_cfg(bm, 64, 128), _cfg(bm, 128, 128)], [_cfg(bm, 64, 128, split_k=s) for s in (1, 2, 4)])
     elif rows < 512:  # 128 rows per expert at T = 256: GEMM 2 has 80 tiles of 128x128, split-K fills the SMs
-        add(128, [_cfg(128, 128, 64, warps=4)], [_cfg(128, 128, 64, warps=8, stages=3, split_k=2), _cfg(128, 64, 64, split_k=2)])
+        add(
+            128,
+            [_cfg(128, 128, 64, warps=4)],
+            [_cfg(128, 128, 64, warps=8, stages=3, split_k=2), _cfg(128, 64, 64, split_k=2)],
+        )
         add(64, [_cfg(64, 128, 64), _cfg(64, 64, 64)], [_cfg(64, 128, 64), _cfg(64, 128, 64, split_k=2)])
     else:  # prefill: compute-bound
         add(128, [_cfg(128, 128, 64, warps=8, stages=4)], [_cfg(128, 128, 64, warps=8, stages=4)])
@@ -119,7 +126,13 @@ def make_weights(D, F, E, dtype, device, seed):
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
-    return rand(E, D), rand(E, F, D, scale=D**-0.5), rand(E, F, scale=0.1), rand(E, D, F, scale=F**-0.5), rand(E, D, scale=0.1)
+    return (
+        rand(E, D),
+        rand(E, F, D, scale=D**-0.5),
+        rand(E, F, scale=0.1),
+        rand(E, D, F, scale=F**-0.5),
+        rand(E, D, scale=0.1),
+    )
 
 
 class Bucket:
@@ -166,15 +179,40 @@ def _launch_gemm(gemm: str, a, w, bias, out, routing, cfg):
     """One launch as fused_moe makes it. "2sum": out is (out [T, D], its pair buffer), the pair buffer reset to the
     sentinel first, as the decode chain's routing kernel leaves it."""
     if gemm == "1":
-        launch_grouped_gemm(a, w, bias, out, routing, cfg, gather_a=True, scatter_c=False, activation="gelu_tanh", mul_routing_weight=False)
+        launch_grouped_gemm(
+            a,
+            w,
+            bias,
+            out,
+            routing,
+            cfg,
+            gather_a=True,
+            scatter_c=False,
+            activation="gelu_tanh",
+            mul_routing_weight=False,
+        )
     elif gemm == "2":
-        launch_grouped_gemm(a, w, bias, out, routing, cfg, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True)
+        launch_grouped_gemm(
+            a, w, bias, out, routing, cfg, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True
+        )
     else:
         c, pair = out
         if pair is not None:
             pair.fill_(-1)
         c = c if pair is not None else c.unsqueeze(0)  # top_k = 1: the slot rows are the token rows
-        launch_grouped_gemm(a, w, bias, c, routing, cfg, gather_a=False, scatter_c=True, activation="", mul_routing_weight=True, pair=pair)
+        launch_grouped_gemm(
+            a,
+            w,
+            bias,
+            c,
+            routing,
+            cfg,
+            gather_a=False,
+            scatter_c=True,
+            activation="",
+            mul_routing_weight=True,
+            pair=pair,
+        )
 
 
 def gemm_output(gemm: str, routing, cfg, F, D, dtype, device):
@@ -215,7 +253,9 @@ def time_candidate(gemm: str, bucket: Bucket, rmap, h_sorted, weight_sets, cfg, 
     import triton.testing
 
     a = bucket.x if gemm == "1" else h_sorted
-    calls = [(ws[1], ws[2]) if gemm == "1" else (ws[3], ws[4]) for ws in weight_sets]  # "2sum": its pair buffer reset too
+    calls = [
+        (ws[1], ws[2]) if gemm == "1" else (ws[3], ws[4]) for ws in weight_sets
+    ]  # "2sum": its pair buffer reset too
 
     def run():
         for w, bias in calls:
@@ -233,9 +273,17 @@ def _empty_launch_inputs(T, dtype, cfg, gemm, shape, device):
     rmap = RoutingMap(torch.empty(T, top_k, device=device), torch.empty(T, top_k, **i32), torch.empty(S + E * (bm - 1), **i32),
                       torch.empty(E + 1, **i32), bm)  # fmt: skip
     if gemm == "1":
-        a, w, bias = torch.empty(T, D, dtype=dtype, device=device), torch.empty(E, F, D, dtype=dtype, device=device), torch.empty(E, F, dtype=dtype, device=device)
+        a, w, bias = (
+            torch.empty(T, D, dtype=dtype, device=device),
+            torch.empty(E, F, D, dtype=dtype, device=device),
+            torch.empty(E, F, dtype=dtype, device=device),
+        )
     else:  # "2" and "2sum"
-        a, w, bias = torch.empty(rmap.max_rows, F, dtype=dtype, device=device), torch.empty(E, D, F, dtype=dtype, device=device), torch.empty(E, D, dtype=dtype, device=device)
+        a, w, bias = (
+            torch.empty(rmap.max_rows, F, dtype=dtype, device=device),
+            torch.empty(E, D, F, dtype=dtype, device=device),
+            torch.empty(E, D, dtype=dtype, device=device),
+        )
     return a, w, bias, gemm_output(gemm, rmap, cfg, F, D, dtype, device), rmap
 
 
@@ -365,7 +413,10 @@ def tune(args) -> int:
     shared = shared_memory.cuda_shared_bytes(torch.cuda.current_device())
     gpu = torch.cuda.get_device_name(device)
     env = common.environment(device)
-    conditions = {k: env.get(k) for k in ("date", "git", "python", "torch", "triton", "cuda", "capability", "sms", "nvidia_smi", "command")}
+    conditions = {
+        k: env.get(k)
+        for k in ("date", "git", "python", "torch", "triton", "cuda", "capability", "sms", "nvidia_smi", "command")
+    }
     conditions["budget_s"] = args.budget_s
     shape = SHAPE
     start = time.monotonic()
@@ -388,12 +439,17 @@ def tune(args) -> int:
     failures, rows = 0, []
     for dt in dtypes:
         dname = str(dt).replace("torch.", "")
-        weight_sets = [make_weights(shape["D"], shape["F"], shape["E"], dt, device, seed) for seed in (args.seed, args.seed + 1)]
+        weight_sets = [
+            make_weights(shape["D"], shape["F"], shape["E"], dt, device, seed) for seed in (args.seed, args.seed + 1)
+        ]
         x_all = torch.randn(max(args.tokens), shape["D"], generator=torch.Generator(device=device).manual_seed(args.seed + 7),
                             device=device).to(dt)  # fmt: skip
         for T in args.tokens:
             if time.monotonic() > deadline:
-                print(f"# {dname} T={T}: not tuned, --budget-s={args.budget_s:g} spent (the heuristic serves it)", flush=True)
+                print(
+                    f"# {dname} T={T}: not tuned, --budget-s={args.budget_s:g} spent (the heuristic serves it)",
+                    flush=True,
+                )
                 continue
             bucket = Bucket(x_all[:T], weight_sets[0], shape["top_k"])
             heuristic = _heuristic(T, shape, capability, shared)
@@ -446,14 +502,18 @@ def dry_run(args) -> int:
     shared = shared_memory.capability_shared_bytes(capability)
     shape = DRY_SHAPE
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    table = new_table(f"dry run (sm_{args.capability})", SHAPE, {"date": date, "note": "--dry-run: first passing candidates, untimed"})
+    table = new_table(
+        f"dry run (sm_{args.capability})", SHAPE, {"date": date, "note": "--dry-run: first passing candidates, untimed"}
+    )
     results, failures, count = {}, 0, 0
     start = time.monotonic()
     for dt in [getattr(torch, d) for d in args.dtypes]:
         dname = str(dt).replace("torch.", "")
         weights = make_weights(shape["D"], shape["F"], shape["E"], dt, torch.device("cpu"), args.seed)
         x = torch.randn(DRY_TOKENS, shape["D"], generator=torch.Generator().manual_seed(args.seed + 7)).to(dt)
-        bucket = Bucket(x, weights, shape["top_k"], memoize=True)  # one small T for all buckets: the interpreter pays per program
+        bucket = Bucket(
+            x, weights, shape["top_k"], memoize=True
+        )  # one small T for all buckets: the interpreter pays per program
         for T in args.tokens:
             plan_T = candidates(T, capability, SHAPE["top_k"], SHAPE["E"], shared)
             entries, rows, bucket_failures = tune_bucket(T, bucket, plan_T, [weights], _heuristic(T, SHAPE, capability, shared), None,
@@ -486,8 +546,12 @@ def parse_args(argv=None):
     p.add_argument("--no-install", action="store_true", help="do not write phixtral_kernels/configs/<GPU>.json")
     p.add_argument("--if-missing", action="store_true", help="do nothing when this GPU already has a table")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dry-run", action="store_true", help="no GPU: list the candidates and check each in the interpreter")
-    p.add_argument("--capability", type=int, default=90, help="--dry-run: the GPU whose candidates to list (80, 90, ...)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="no GPU: list the candidates and check each in the interpreter"
+    )
+    p.add_argument(
+        "--capability", type=int, default=90, help="--dry-run: the GPU whose candidates to list (80, 90, ...)"
+    )
     args = p.parse_args(argv)
     args.tokens = sorted(set(args.tokens))
     if min(args.tokens) < 1:

@@ -104,7 +104,9 @@ def hf_phi_checkpoint(
     torch.manual_seed(seed)
     model = PhiForCausalLM(config).eval()
     _randomize(model, seed)
-    folder = _ROOT / "-".join(map(str, ("hf", hidden, layers, heads, kv_heads, vocab, n_positions, partial_rotary_factor, rope_theta, seed)))
+    folder = _ROOT / "-".join(
+        map(str, ("hf", hidden, layers, heads, kv_heads, vocab, n_positions, partial_rotary_factor, rope_theta, seed))
+    )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -117,7 +119,9 @@ def load_hf(folder: Path):
 
 
 # --- phi-msft checkpoints ---------------------------------------------------------------------------------------------
-def msft_config(*, hidden, layers, heads, vocab, n_positions, rotary_dim, experts=None, top_k=None, n_inner=None) -> dict:
+def msft_config(
+    *, hidden, layers, heads, vocab, n_positions, rotary_dim, experts=None, top_k=None, n_inner=None
+) -> dict:
     """config.json of phixtral (model_type phi-msft) with every key the real one has."""
     d = {
         "_name_or_path": "mlabonne/phixtral-4x2_8",

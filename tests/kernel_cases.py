@@ -67,7 +67,9 @@ def assert_top_k_up_to_ties(topk_ids, x, gate_weight):
     lowest_picked = logits.masked_fill(~picked, float("inf")).amin(1)
     highest_other = logits.masked_fill(picked, float("-inf")).amax(1)
     bad = torch.nonzero(lowest_picked < highest_other - tol).flatten().tolist()
-    assert not bad, f"tokens {bad[:8]} pick experts {ids[bad[:8]].tolist()} below others (logits {logits[bad[:8]].tolist()})"
+    assert not bad, (
+        f"tokens {bad[:8]} pick experts {ids[bad[:8]].tolist()} below others (logits {logits[bad[:8]].tolist()})"
+    )
     assert all(len(set(row)) == len(row) for row in ids.tolist()), "an expert picked twice by one token"
 
 
@@ -114,7 +116,16 @@ class RecordOps(TorchDispatchMode):
 
 # aten ops that read device data on the host (.item(), boolean-mask indexing, data-dependent shapes). `.tolist()`
 # reads the data below the dispatcher, so no mode sees it: the GPU tier's CUDA-graph capture covers it.
-HOST_SYNC_OPS = {"_local_scalar_dense", "bool_index", "nonzero", "masked_select", "masked_scatter", "unique", "_unique2", "bincount"}
+HOST_SYNC_OPS = {
+    "_local_scalar_dense",
+    "bool_index",
+    "nonzero",
+    "masked_select",
+    "masked_scatter",
+    "unique",
+    "_unique2",
+    "bincount",
+}
 
 
 def assert_same_routing(a, b):
@@ -151,7 +162,10 @@ class CountLaunches(TorchDispatchMode):
 
         from phixtral_kernels.launches import KERNEL_MODULES  # every kernel the launchers call, by module
 
-        self._patches = [mock.patch.object(module, name, _Counted(name, getattr(module, name), self)) for name, module in KERNEL_MODULES.items()]
+        self._patches = [
+            mock.patch.object(module, name, _Counted(name, getattr(module, name), self))
+            for name, module in KERNEL_MODULES.items()
+        ]
         for p in self._patches:
             p.start()
         return super().__enter__()

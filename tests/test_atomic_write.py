@@ -334,8 +334,11 @@ def test_a_save_killed_between_the_renames_is_recoverable(saved):
     unfinished = folder.parent / f".{folder.name}.tmp-89abcdef"
     unfinished.mkdir()
     assert leftovers(folder) == [new, old, unfinished]
-    with pytest.raises(ValueError, match=r"interrupted save left .*\.new-4567ef01 \(the new checkpoint, complete\) and "
-                       r".*\.old-0123abcd \(the previous checkpoint, complete\).*tmp-\* folder is an unfinished write"):
+    with pytest.raises(
+        ValueError,
+        match=r"interrupted save left .*\.new-4567ef01 \(the new checkpoint, complete\) and "
+        r".*\.old-0123abcd \(the previous checkpoint, complete\).*tmp-\* folder is an unfinished write",
+    ):
         phixtral.from_pretrained(folder, backend="torch")
     os.rename(old, folder)  # the documented recovery
     assert snapshot(folder) == files and torch.equal(phixtral.from_pretrained(folder, backend="torch")(IDS), logits)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import phixtral
-from phixtral.model import ATTENTION_UPCAST, Attention
 from phixtral.config import PhixtralConfig
+from phixtral.model import ATTENTION_UPCAST, Attention
 
 HD = 80  # phi-2's head dim
 
@@ -68,7 +68,9 @@ def test_the_setting_reaches_every_layer_and_is_checked():
 
 @pytest.mark.parametrize("head_dim, prescale", [(80, 1 / 8), (64, 1 / 8), (16, 1 / 4), (128, 1 / 8), (256, 1 / 16)])
 def test_prescale_is_a_power_of_two_leaving_at_most_half_the_scale(head_dim, prescale):
-    attn = Attention(PhixtralConfig(n_embd=2 * head_dim, n_head=2, rotary_dim=8, n_inner=8, vocab_size=8, n_layer=1, n_positions=16))
+    attn = Attention(
+        PhixtralConfig(n_embd=2 * head_dim, n_head=2, rotary_dim=8, n_inner=8, vocab_size=8, n_layer=1, n_positions=16)
+    )
     assert attn.head_dim == head_dim and attn.prescale == prescale
     rest = 1 / math.sqrt(head_dim) / prescale  # what SDPA still applies
     assert 0.5 < rest <= 1.0
@@ -84,7 +86,9 @@ def test_prescaled_fp16_attention_stays_within_fp16_tolerance_where_raw_scores_o
     probs = ((q @ k.transpose(-1, -2)) / math.sqrt(HD)).softmax(-1)
     assert probs.max() < 0.9, "the softmax must not be one-hot, or any rounding would pass"
     q16, k16, v16 = q.half(), k.half(), v.half()
-    prescale = Attention(PhixtralConfig(n_embd=4 * HD, n_head=4, rotary_dim=32, n_inner=8, vocab_size=8, n_layer=1, n_positions=16)).prescale
+    prescale = Attention(
+        PhixtralConfig(n_embd=4 * HD, n_head=4, rotary_dim=32, n_inner=8, vocab_size=8, n_layer=1, n_positions=16)
+    ).prescale
     qs = q16 * prescale
     assert torch.equal(qs.float(), q * prescale), "a power-of-two pre-scale is exact in fp16"
     rest = 1 / math.sqrt(HD) / prescale
@@ -106,7 +110,9 @@ def test_scores_mode_matches_fp32_mode_on_the_bundled_model():
     folder = phixtral.default_model_path()
     m16 = phixtral.from_pretrained(folder, backend="torch", dtype=torch.float16)
     m32 = phixtral.from_pretrained(folder, backend="torch", dtype=torch.float32)
-    ids = m16.tokenizer("def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1)", return_tensors="pt")["input_ids"]
+    ids = m16.tokenizer("def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1)", return_tensors="pt")[
+        "input_ids"
+    ]
     with torch.inference_mode():
         ref = m32(ids)
         fp32_mode = m16(ids)

@@ -122,7 +122,11 @@ def test_bad_hf_config_values_name_the_field():
         (["generate", "--prompt", "p", "--temperature", "nan"], "--temperature", "must be in [0, inf), got nan"),
         (["generate", "--prompt", "p", "--top-p", "2"], "--top-p", "must be in (0, 1], got 2"),
         (["generate", "--prompt", "p", "--top-k", "-2"], "--top-k", "must be >= 0, got -2"),
-        (["generate", "--prompt", "p", "--repetition-penalty", "0"], "--repetition-penalty", "must be in (0, inf), got 0"),
+        (
+            ["generate", "--prompt", "p", "--repetition-penalty", "0"],
+            "--repetition-penalty",
+            "must be in (0, inf), got 0",
+        ),
         (["generate", "--prompt", "p", "--seed", str(2**70)], "--seed", f"must be in [0, 2**64), got {2**70}"),
         (["generate", "--prompt", "p", "--experts-per-tok", "0"], "--experts-per-tok", "must be >= 1, got 0"),
         (["merge", "r.yaml", "--out", "o", "--max-shard-size", "0"], "--max-shard-size", "must be in (0, inf), got 0"),
@@ -217,4 +221,3 @@ def test_router_warning_fits_top_k(E, k, words):
         assert "every expert runs on every token" in text and "never runs" not in text
     else:
         assert "never where the tie decides" in text
-

@@ -21,7 +21,13 @@ def test_parser_has_generate_with_every_option(capsys):
          "--top-p", "0.9", "--repetition-penalty", "1.1", "--stop", "a", "--stop", "b", "--seed", "4", "--dtype", "bf16",
          "--device", "cpu", "--backend", "naive", "--experts-per-tok", "1"]
     )  # fmt: skip
-    assert (args.command, args.model, args.prompt, args.max_new_tokens, args.temperature) == ("generate", "m", "p", 7, 0.5)
+    assert (args.command, args.model, args.prompt, args.max_new_tokens, args.temperature) == (
+        "generate",
+        "m",
+        "p",
+        7,
+        0.5,
+    )
     assert (args.top_k, args.top_p, args.repetition_penalty, args.stop, args.seed) == (3, 0.9, 1.1, ["a", "b"], 4)
     assert (args.dtype, args.device, args.backend, args.experts_per_tok) == ("bf16", "cpu", "naive", 1)
     assert build_parser().parse_args(["generate", "--prompt", "p"]).model is None
@@ -44,7 +50,10 @@ def test_missing_model_folder_is_a_clear_error(capsys, tmp_path):
 
 def test_generate_streams_the_same_text_as_the_api(capsys):
     folder = msft_moe_checkpoint()
-    assert main(["generate", "--model", str(folder), "--prompt", PROMPT, "--max-new-tokens", "12", "--backend", "torch"]) == 0
+    assert (
+        main(["generate", "--model", str(folder), "--prompt", PROMPT, "--max-new-tokens", "12", "--backend", "torch"])
+        == 0
+    )
     out, err = capsys.readouterr()
     expected = phixtral.from_pretrained(folder, backend="torch").generate(PROMPT, max_new_tokens=12)
     assert out == expected + "\n"

@@ -75,7 +75,10 @@ def test_every_model_loading_command_declares_the_same_flags():
             if flag == "--model":  # required / repeatable where the command needs it; the same words
                 assert mine.help.startswith(command_args.MODEL_HELP), command
                 continue
-            assert (mine.help, mine.default, mine.metavar) == (theirs.help, theirs.default, theirs.metavar), (command, flag)
+            assert (mine.help, mine.default, mine.metavar) == (theirs.help, theirs.default, theirs.metavar), (
+                command,
+                flag,
+            )
             assert getattr(mine.type, "__name__", None) == getattr(theirs.type, "__name__", None), (command, flag)
             if flag != "--backend" or command != "train-router":  # train-router offers the paths it is tested on
                 assert mine.choices == theirs.choices, (command, flag)
@@ -102,8 +105,10 @@ def test_bad_model_flag_values_exit_2_naming_the_flag(command, tmp_path, text_fi
     if "--experts-per-tok" in DECLARED[command]:
         cases.append(("--experts-per-tok", "9", "argument --experts-per-tok: 9 exceeds the model's 4 experts"))
     if "--quantize" in DECLARED[command]:
-        cases += [("--quantize", "int3", "argument --quantize: 'int3' is not a spec: use int4 or int8"),
-                  ("--quantize", "int4", "argument --quantize: group_size 128 does not divide the 64 in features")]
+        cases += [
+            ("--quantize", "int3", "argument --quantize: 'int3' is not a spec: use int4 or int8"),
+            ("--quantize", "int4", "argument --quantize: group_size 128 does not divide the 64 in features"),
+        ]
     for flag, value, message in cases:
         err = exits_2([*argv, flag, value], capsys)
         assert message in err and "config.json" not in err, (flag, err)
@@ -118,7 +123,9 @@ def test_a_window_longer_than_the_context_exits_2_naming_seq_len(command, tmp_pa
 
 
 def test_merge_threads_is_checked(capsys):
-    assert "argument --threads: must be >= 1, got 0" in exits_2(["merge", "r.yaml", "--out", "o", "--threads", "0"], capsys)
+    assert "argument --threads: must be >= 1, got 0" in exits_2(
+        ["merge", "r.yaml", "--out", "o", "--threads", "0"], capsys
+    )
 
 
 def test_generate_says_how_many_new_tokens_fit(capsys):
@@ -152,7 +159,15 @@ def test_threads_sets_torchs_threads(command, tmp_path, text_file, capsys):
 def test_train_router_default_window_fits_a_short_context(tmp_path, text_file, capsys):
     import json
 
-    argv = [*argv_of("train-router", tmp_path, text_file), "--batch-size", "2", "--eval-every", "1", "--eval-tokens", "128"]
+    argv = [
+        *argv_of("train-router", tmp_path, text_file),
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "1",
+        "--eval-tokens",
+        "128",
+    ]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "--seq-len: 128 tokens per window, the model's n_positions (the default 256 does not fit)" in err

@@ -50,7 +50,9 @@ def test_kernels_compile_for_sm80_and_sm90_with_tensor_cores_and_no_spills():
     assert {r["kernel"] for r in rows} == kernels
     gemms = [r for r in rows if r["kernel"] == "grouped_gemm_kernel"]
     assert len(gemms) == 2 * 4 * 2 * 2  # gemm1 and gemm2, 4 token counts, 2 dtypes, 2 archs
-    assert len({r["variant"] for r in gemms}) == 2 * (4 + 1), "one GEMM config per token count, and sm_90's prefill tiles"
+    assert len({r["variant"] for r in gemms}) == 2 * (4 + 1), (
+        "one GEMM config per token count, and sm_90's prefill tiles"
+    )
     # T = 1 takes the decode chain: one-program routing, GEMM 1, GEMM 2 summing each token's rows (no combine)
     decode = [r for r in rows if r["tokens"] == 1]
     assert sorted({(r["kernel"], r["variant"].split(" ")[0]) for r in decode}) == [
@@ -82,7 +84,12 @@ def test_backward_kernels_compile_with_tensor_cores_and_no_spills():
     gradients), decode and prefill."""
     report, proc = _report("--backward", "--archs", "80", "90", "--tokens", "1", "4096", "--dtypes", "bfloat16")
     rows = [r for r in report["rows"] if not r["info_only"]]
-    assert {r["kernel"] for r in rows} == {"grouped_gemm_kernel", "act_backward_kernel", "combine_kernel", "weight_grad_kernel"}
+    assert {r["kernel"] for r in rows} == {
+        "grouped_gemm_kernel",
+        "act_backward_kernel",
+        "combine_kernel",
+        "weight_grad_kernel",
+    }
     gemms = {r["variant"].split()[0] for r in rows if r["kernel"] == "grouped_gemm_kernel"}
     assert gemms == {"grad_hidden", "preact", "grad_input"}
     assert all(r["tensor_core"] for r in rows if r["kernel"] in ("grouped_gemm_kernel", "weight_grad_kernel"))
@@ -94,7 +101,9 @@ def test_backward_kernels_compile_with_tensor_cores_and_no_spills():
 def test_quantized_gemms_compile_with_tensor_cores_and_no_spills():
     """fused_moe on 4-bit act-order experts (GEMM 1 looks up every element's group; GEMM 2's act-order absorbed at load)
     and on 8-bit per-channel experts, plus the quantized dense Linear, decode and prefill, bf16."""
-    report, proc = _report("--quant", "w4g128za", "w8c", "--archs", "80", "90", "--tokens", "1", "4096", "--dtypes", "bfloat16")
+    report, proc = _report(
+        "--quant", "w4g128za", "w8c", "--archs", "80", "90", "--tokens", "1", "4096", "--dtypes", "bfloat16"
+    )
     rows = report["rows"]
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}, "no sm_75 rows: the kernels are gated off there"
     gemms = [r for r in rows if r["kernel"] == "grouped_gemm_kernel"]
@@ -111,8 +120,10 @@ def test_quantized_gemms_compile_with_tensor_cores_and_no_spills():
     assert report["problems"] == 0 and proc.returncode == 0
 
 
-@pytest.mark.skipif(not hasattr(pytest.importorskip("triton.language"), "make_tensor_descriptor"),
-                    reason="this triton has no tl.make_tensor_descriptor (3.3): the TMA flag is ignored there")
+@pytest.mark.skipif(
+    not hasattr(pytest.importorskip("triton.language"), "make_tensor_descriptor"),
+    reason="this triton has no tl.make_tensor_descriptor (3.3): the TMA flag is ignored there",
+)
 def test_sm90_prefill_with_tma_weight_loads_compiles_to_wgmma_and_tma_copies():
     """GemmConfig.tma on the prefill launches: the sm_90 PTX of both GEMMs holds wgmma and cp.async.bulk.tensor, within
     the shared memory and without spills. (sm_80, which has no TMA, compiles them to mma.sync and plain loads:
@@ -141,7 +152,11 @@ def test_sm86_and_sm89_fit_their_99_kb_in_every_dtype():
     _assert_shared_memory_as_estimated(rows)
     assert all(r["tensor_core"] for r in gemms if r["dtype"] != "float32")
     assert not [r for r in rows if r["spill_bytes"]], [r for r in rows if r["spill_bytes"]]
-    fp32 = {(r["tokens"], r["variant"].split()[0]): (r["variant"].split()[1], r["num_stages"]) for r in gemms if r["dtype"] == "float32"}
+    fp32 = {
+        (r["tokens"], r["variant"].split()[0]): (r["variant"].split()[1], r["num_stages"])
+        for r in gemms
+        if r["dtype"] == "float32"
+    }
     assert fp32 == {(1, "gemm1"): ("16x64x128", 3), (1, "gemm2+sum"): ("16x32x128", 5),
                     (4096, "gemm1"): ("128x128x16", 4), (4096, "gemm2"): ("128x128x16", 4)}  # fmt: skip
     assert report["problems"] == 0 and proc.returncode == 0

@@ -36,7 +36,11 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize(
     "bits, group_size, sym, act_order",
-    [c for c in itertools.product((4, 8), (-1, 32, 64, 128, 512), (True, False), (False, True)) if not (c[3] and c[1] == -1)],
+    [
+        c
+        for c in itertools.product((4, 8), (-1, 32, 64, 128, 512), (True, False), (False, True))
+        if not (c[3] and c[1] == -1)
+    ],
 )
 def test_packed_linear_matches_dequantize_then_matmul(bits, group_size, sym, act_order):
     E, N, K = 3, 48, 1024
@@ -122,7 +126,10 @@ def test_torch_backend_takes_the_packed_ops_for_decode_rows_only(monkeypatch):
     E, D, F = 4, 64, 128
     g = torch.Generator().manual_seed(1)
     gate = torch.randn(E, D, generator=g).bfloat16()
-    q1, q2 = quantize_rtn(torch.randn(E, F, D, generator=g) * 0.1, 4, 32), quantize_rtn(torch.randn(E, D, F, generator=g) * 0.1, 4, 32)
+    q1, q2 = (
+        quantize_rtn(torch.randn(E, F, D, generator=g) * 0.1, 4, 32),
+        quantize_rtn(torch.randn(E, D, F, generator=g) * 0.1, 4, 32),
+    )
     b1, b2 = torch.randn(E, F, generator=g).bfloat16(), torch.randn(E, D, generator=g).bfloat16()
     p1 = QuantizedExperts(q1.qweight, q1.qzeros, q1.scales, None, 4, 32, cpu_packed=pack_for_cpu(q1))
     p2 = QuantizedExperts(q2.qweight, q2.qzeros, q2.scales, None, 4, 32, cpu_packed=pack_for_cpu(q2))
@@ -153,7 +160,9 @@ def _reference(folder, bits, ids):
     return reference_phixtral_forward(dequantize_gptq_tensors(read_tensors(folder), bits), cfg, ids)
 
 
-@pytest.mark.parametrize("bits, group_size, sym, act_order", [(4, 32, False, True), (8, -1, True, False), (8, 32, True, True)])
+@pytest.mark.parametrize(
+    "bits, group_size, sym, act_order", [(4, 32, False, True), (8, -1, True, False), (8, 32, True, True)]
+)
 def test_gptq_checkpoint_on_the_cpu_defaults_to_bf16_and_the_packed_ops(monkeypatch, bits, group_size, sym, act_order):
     folder = gptq_moe_checkpoint(bits, group_size, sym, act_order)
     model = phixtral.from_pretrained(folder, device="cpu", backend="torch")
@@ -203,7 +212,9 @@ def test_the_packing_follows_the_buffers():
 
 
 # --- one copy of the weights -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits, group_size, sym, act_order", [(4, 32, False, True), (8, -1, True, False), (8, 32, True, True)])
+@pytest.mark.parametrize(
+    "bits, group_size, sym, act_order", [(4, 32, False, True), (8, -1, True, False), (8, 32, True, True)]
+)
 def test_a_bf16_cpu_model_keeps_one_copy_of_its_weights_and_reads_the_codes_back_exactly(
     tmp_path, bits, group_size, sym, act_order
 ):

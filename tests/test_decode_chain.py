@@ -14,7 +14,15 @@ import pytest
 import torch
 from kernel_cases import DEVICE, CountLaunches, assert_close_to_reference, assert_top_k_up_to_ties, moe_layer
 
-from phixtral_kernels import GemmConfig, expert_gemm1, expert_gemm1_torch, expert_gemm2_torch, fused_moe, moe_combine, moe_routing
+from phixtral_kernels import (
+    GemmConfig,
+    expert_gemm1,
+    expert_gemm1_torch,
+    expert_gemm2_torch,
+    fused_moe,
+    moe_combine,
+    moe_routing,
+)
 from phixtral_kernels.grouped_gemm import expert_gemm2, expert_gemm2_sum, pair_buffer
 from phixtral_kernels.moe_triton import DECODE_MAX_TOKENS, triton_moe_forward
 from phixtral_kernels.routing import RoutingMap, moe_routing_fused
@@ -24,7 +32,10 @@ EXPERTS_TOP_K = [(1, 1), (4, 1), (4, 2), (4, 3), (4, 4), (8, 1), (8, 2), (8, 3),
 # T x (E, top_k) x dtype: decode T in fp32 and fp16, the prefill chain's T in fp16 (the interpreter's time grows with T:
 # about 0.6 s a case at T = 257). On a GPU every case compiles its own kernel variants: fewer of them there.
 if DEVICE == "cpu":
-    CASES = [(T, dtype) for T in (1, 2, 3, 8) for dtype in (torch.float32, torch.float16)] + [(64, torch.float16), (257, torch.float16)]
+    CASES = [(T, dtype) for T in (1, 2, 3, 8) for dtype in (torch.float32, torch.float16)] + [
+        (64, torch.float16),
+        (257, torch.float16),
+    ]
 else:
     CASES = [(T, torch.float16) for T in (1, 8, 257)]
 D, F = 32, 64  # one GEMM tile each under the interpreter: its cost is per program
@@ -33,7 +44,9 @@ D, F = 32, 64  # one GEMM tile each under the interpreter: its cost is per progr
 # ------------------------------------------------------------------------------------------------------ launches
 
 
-@pytest.mark.parametrize("T, dtype", [(T, torch.float16) for T in range(1, 9)] + [(1, torch.float32), (8, torch.float32)], ids=str)
+@pytest.mark.parametrize(
+    "T, dtype", [(T, torch.float16) for T in range(1, 9)] + [(1, torch.float32), (8, torch.float32)], ids=str
+)
 def test_decode_layer_launches_three_kernels(T, dtype):
     """phixtral decode (E = 4, top_k = 2): routing, GEMM 1, GEMM 2; no router matmul, no combine, no fill, no cast."""
     layer = moe_layer(T, D, F, 4, dtype, seed=T)
@@ -147,7 +160,9 @@ def test_top2_sum_equals_the_fixed_order_combine_bit_for_bit(dtype):
     assert torch.equal(summed, combined)
     out_again = torch.empty_like(out)
     pair_again = pair_buffer(out_again, 2)  # fp32: out itself
-    again = expert_gemm2_sum(h, w2, b2, moe_routing_fused(x, gate, 2, cfg.block_m, pair=pair_again), cfg, out_again, pair_again)
+    again = expert_gemm2_sum(
+        h, w2, b2, moe_routing_fused(x, gate, 2, cfg.block_m, pair=pair_again), cfg, out_again, pair_again
+    )
     assert torch.equal(summed, again), "run to run"
 
 

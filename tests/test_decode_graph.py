@@ -122,7 +122,9 @@ def test_only_the_triton_backend_is_captured(model):
         assert decode_graph.host_sync_reason(model) is None
         model.set_backend("auto")
         assert decode_graph.host_sync_reason(model) is None
-        model.h[1].moe.runtime = RuntimeSettings(backend="torch")  # one layer reading other settings is enough to forbid it
+        model.h[1].moe.runtime = RuntimeSettings(
+            backend="torch"
+        )  # one layer reading other settings is enough to forbid it
         assert decode_graph.host_sync_reason(model).startswith("h.1.moe runs the 'torch' backend")
     finally:
         model.h[1].moe.runtime = model.runtime
@@ -204,10 +206,16 @@ def test_graphs_follow_the_kv_cache_and_the_model(model, graphs):
     eager_long, graph_long = both(model, PROMPTS[0], **long)
     assert graph_long == eager_long and model.cache_length == 128
     assert model.decode_graphs is not first and graphs.captures == 2
-    assert both(model, PROMPTS[0], **short) == (eager, eager) and graphs.captures == 3  # back to 64 slots: captured again
+    assert (
+        both(model, PROMPTS[0], **short) == (eager, eager) and graphs.captures == 3
+    )  # back to 64 slots: captured again
     eager2, graph2 = both(model, PROMPTS[:2], **short)  # batch 2
     assert graph2 == eager2 and eager2[0] == eager and graphs.captures == 4
-    for drop in (model.clear_caches, lambda: model.set_backend("torch"), lambda: setattr(model, "attention_upcast", "fp32")):
+    for drop in (
+        model.clear_caches,
+        lambda: model.set_backend("torch"),
+        lambda: setattr(model, "attention_upcast", "fp32"),
+    ):
         model.generate(PROMPTS[0], **short)
         assert model.decode_graphs is not None
         drop()
@@ -215,7 +223,9 @@ def test_graphs_follow_the_kv_cache_and_the_model(model, graphs):
     model.generate(PROMPTS[0], **short)
     held = model.decode_graphs
     with torch.no_grad():
-        model.h[0].ln.weight.data = model.h[0].ln.weight.data.clone()  # same values, new tensor: the graph would miss it
+        model.h[0].ln.weight.data = model.h[
+            0
+        ].ln.weight.data.clone()  # same values, new tensor: the graph would miss it
     assert model.generate(PROMPTS[0], **short) == eager
     assert model.decode_graphs is not held and model.decode_graphs.captures == 1
     held = model.decode_graphs
@@ -244,7 +254,10 @@ def test_a_failed_capture_decodes_eagerly_or_raises_when_required(model, graphs,
     with caplog.at_level(logging.WARNING, logger="phixtral.decode_graph"):
         assert model.generate(PROMPTS, max_new_tokens=STEPS) == expected
     assert not model.last_generation_stats.cuda_graph
-    assert "capture of the decode step (batch 3, cache 64) failed, decoding eagerly: RuntimeError: CUDA error" in caplog.text
+    assert (
+        "capture of the decode step (batch 3, cache 64) failed, decoding eagerly: RuntimeError: CUDA error"
+        in caplog.text
+    )
     assert model.generate(PROMPTS, max_new_tokens=STEPS) == expected
     assert graphs.attempts == 1, "a key whose capture failed is not tried again"
     with pytest.raises(RuntimeError, match="could not be captured: RuntimeError: CUDA error: operation not permitted"):

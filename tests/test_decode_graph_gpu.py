@@ -65,8 +65,10 @@ def test_graph_decode_gives_the_eager_tokens_across_cache_buckets(model, batch, 
     for n in (64 - S, 128 - S, 40):
         eager, graph = both(model, ids, mask, n, **kw)
         assert model.cache_length == -(-(S + n) // 64) * 64
-        assert torch.equal(graph, eager), f"{batch=} {sampling} {n=} tokens: first difference at " \
+        assert torch.equal(graph, eager), (
+            f"{batch=} {sampling} {n=} tokens: first difference at "
             f"{(graph != eager).nonzero()[0].tolist() if graph.shape == eager.shape else 'shape'}"
+        )
     graphs = model.decode_graphs
     again = model.generate(ids, attention_mask=mask, max_new_tokens=40, **kw)  # "auto": the same graph
     assert torch.equal(again, eager) and model.decode_graphs is graphs and graphs.captures == 1
@@ -89,7 +91,9 @@ def test_graph_logits_equal_eager_logits_step_by_step(model):
 
     for graph in (False, True):
         stats = {"prefill_s": 0.0, "decode_s": 0.0}
-        for _ in generate_tokens(model, ids, mask, max_new_tokens=24, sampler=record(graph), stats=stats, cuda_graph=graph):
+        for _ in generate_tokens(
+            model, ids, mask, max_new_tokens=24, sampler=record(graph), stats=stats, cuda_graph=graph
+        ):
             pass
         assert stats.get("cuda_graph", False) is graph
     eager, graph = torch.stack(logits[False]), torch.stack(logits[True])
@@ -134,7 +138,9 @@ def test_scores_attention_mode_on_the_gpu(model):
     """fp16 q, k, v into SDPA (q pre-scaled) against today's fp32 upcast: logits within fp16 rounding of each other and of
     the fp32 model, and graph decode equal to eager decode in that mode too."""
     ids, mask = ids_of(model, PROMPTS)
-    ref_model = phixtral.from_pretrained(phixtral.default_model_path(), device=DEVICE, dtype=torch.float32, backend="torch")
+    ref_model = phixtral.from_pretrained(
+        phixtral.default_model_path(), device=DEVICE, dtype=torch.float32, backend="torch"
+    )
     with torch.inference_mode():
         ref = ref_model(ids, mask).double()
         fp32_mode = model(ids, mask).double()
@@ -142,7 +148,10 @@ def test_scores_attention_mode_on_the_gpu(model):
         try:
             scores = model(ids, mask).double()
             valid = mask.bool()
-            err = {name: ((x - ref)[valid].norm() / ref[valid].norm()).item() for name, x in (("fp32", fp32_mode), ("scores", scores))}
+            err = {
+                name: ((x - ref)[valid].norm() / ref[valid].norm()).item()
+                for name, x in (("fp32", fp32_mode), ("scores", scores))
+            }
             assert torch.isfinite(scores).all()
             assert err["scores"] <= 2 * err["fp32"] + 2e-3, err
             eager, graph = both(model, ids, mask, 40)
@@ -192,7 +201,9 @@ def test_sdpa_kernels_on_fp16_scores_beyond_the_fp16_range(backend, masked):
     attn_mask = torch.ones(1, 1, 1, L, dtype=torch.bool, device=DEVICE) if masked else None
     if masked:
         attn_mask[..., : L // 4] = False
-    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=attn_mask, scale=1 / math.sqrt(hd))
+    exact = F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=attn_mask, scale=1 / math.sqrt(hd)
+    )
     assert (q.float() @ k.float().transpose(-1, -2)).abs().max() > 65504
     refused = sdpa_kernel_refuses(backend, q * 0.125, k, v, attn_mask)
     if refused is not None:  # this kernel does not take these inputs (e.g. flash with a mask), by torch's own checks

@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
-
-from phixtral.commands import evaluate, stdlib_data
-from phixtral.cli import main as cli_main
-from phixtral_kernels import moe_routing_torch
-from phixtral.commands.merge import parse_recipe, merge
-from phixtral.weights import from_pretrained, save_msft_checkpoint
 from phi_checkpoints import make_phi
+
+from phixtral.cli import main as cli_main
+from phixtral.commands import evaluate, stdlib_data
+from phixtral.commands.merge import merge, parse_recipe
+from phixtral.weights import from_pretrained, save_msft_checkpoint
+from phixtral_kernels import moe_routing_torch
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,10 @@ def test_slices_are_deterministic_and_splits_disjoint():
         assert held == [p.text for p in pieces[9::10]] and not set(held) & set(train)
         assert stdlib_data.slice_texts(name, "heldout") == held
         assert all(len(p.text) <= 20_100 for p in pieces)
-    assert all(p.source.startswith(("asyncio/", "concurrent/", "multiprocessing/")) for p in stdlib_data.slice_pieces("asyncio"))
+    assert all(
+        p.source.startswith(("asyncio/", "concurrent/", "multiprocessing/"))
+        for p in stdlib_data.slice_pieces("asyncio")
+    )
     assert [p.source for p in stdlib_data.slice_pieces("docs")][0] == "pydoc_data/topics.py"
     general = set(stdlib_data.slice_files("general"))
     for name in stdlib_data.EXPERT_SLICES[:3]:
@@ -106,7 +109,10 @@ def test_inspect_counts_parameters_and_routed_tokens(moe, capsys):
     D, F, L, V, E = 32, 128, 2, 320, 3
     expert = L * (2 * D * F + F + D)
     shared = 2 * V * D + V + L * (3 * D * D + 3 * D + D * D + D + 2 * D + E * D) + 2 * D
-    assert f"parameters  {(shared + E * expert) / 1e6:.2f} M total, {(shared + 2 * expert) / 1e6:.2f} M active per token" in out
+    assert (
+        f"parameters  {(shared + E * expert) / 1e6:.2f} M total, {(shared + 2 * expert) / 1e6:.2f} M active per token"
+        in out
+    )
     assert "dtype       F16" in out and "layer   0  max cosine" in out and "IDENTICAL experts" not in out
     assert "tokens per expert on the prompt" in out and "first pick" in out
     assert cli_main(["inspect", "--model", str(moe), "--prompt", prompt, "--backend", "torch", "--json"]) == 0
@@ -117,7 +123,10 @@ def test_inspect_counts_parameters_and_routed_tokens(moe, capsys):
     # The same numbers from the MoE layers' own inputs, routed by the kernels' reference.
     model = from_pretrained(moe, device="cpu", backend="torch")
     seen = []
-    hooks = [b.moe.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].reshape(-1, inp[0].shape[-1]))) for b in model.h]
+    hooks = [
+        b.moe.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].reshape(-1, inp[0].shape[-1])))
+        for b in model.h
+    ]
     model(model.tokenizer(prompt, return_tensors="pt")["input_ids"])
     for h in hooks:
         h.remove()
@@ -134,7 +143,9 @@ def test_inspect_flags_identical_and_near_identical_gates(moe, tmp_path, capsys)
     g = state["h.0.moe.gate.weight"]
     g[1] = g[0]  # layer 0: experts 0 and 1 identical
     g2 = state["h.1.moe.gate.weight"]
-    g2[2] = g2[1] + 0.01 * g2[1].norm() * torch.nn.functional.normalize(torch.randn_like(g2[1]), dim=0)  # near-identical
+    g2[2] = g2[1] + 0.01 * g2[1].norm() * torch.nn.functional.normalize(
+        torch.randn_like(g2[1]), dim=0
+    )  # near-identical
     save_msft_checkpoint(tmp_path, state, model.config)
     assert cli_main(["inspect", "--model", str(tmp_path)]) == 0
     out = capsys.readouterr().out

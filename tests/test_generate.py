@@ -231,7 +231,12 @@ def test_invalid_sampling_values(model, kwargs, error, match):
         (torch.zeros(1, 0, dtype=torch.long), {}, ValueError, "int64 token ids"),
         (torch.tensor([[1, 600]]), {}, ValueError, r"lie in \[0, vocab_size=512\)"),
         (torch.tensor([[1, 2]]), dict(attention_mask=torch.tensor([[1, 0]])), ValueError, "left-padded"),
-        (torch.tensor([[1, 2]]), dict(attention_mask=torch.tensor([[1]])), ValueError, "attention_mask must be a tensor"),
+        (
+            torch.tensor([[1, 2]]),
+            dict(attention_mask=torch.tensor([[1]])),
+            ValueError,
+            "attention_mask must be a tensor",
+        ),
         ("hi", dict(attention_mask=torch.tensor([[1]])), ValueError, "only for tensor prompts"),
         (["a", "b"], dict(stream=True, max_new_tokens=4), ValueError, "single string prompt"),
         ("hello " * 60, dict(max_new_tokens=100), ValueError, r"exceeds the model's n_positions \(128\)"),

@@ -80,7 +80,9 @@ def test_saved_again_it_is_still_a_gptq_checkpoint(tmp_path):
     assert again["transformer.h.1.moe.mlp.2.fc2.qzeros"].shape == (8, 64 * 4 // 32)
     assert json.loads((tmp_path / "again" / "quantize_config.json").read_text())["bits"] == 4
     assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
-    torch.testing.assert_close(_reference_logits(tmp_path / "again", 4), _reference_logits(folder, 4), rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        _reference_logits(tmp_path / "again", 4), _reference_logits(folder, 4), rtol=0, atol=1e-4
+    )
     reloaded = phixtral.from_pretrained(tmp_path / "again", device="cpu", dtype="float32", backend="torch")
     torch.testing.assert_close(reloaded(IDS), model(IDS), rtol=0, atol=1e-5)
 
@@ -108,7 +110,11 @@ def test_mixed_checkpoint_loads_quantized_where_it_can(tmp_path):
     p = "transformer.h.0."
     gate = quantize_rtn(tensors[p + "moe.gate.weight"], 8, -1, sym=False)
     zeros = pack_cols((gate.zero_points() - 1)[0], 8)
-    replace = {p + "moe.gate.qweight": gate.qweight[0], p + "moe.gate.qzeros": zeros, p + "moe.gate.scales": gate.scales[0]}
+    replace = {
+        p + "moe.gate.qweight": gate.qweight[0],
+        p + "moe.gate.qzeros": zeros,
+        p + "moe.gate.scales": gate.scales[0],
+    }
     replace[p + "moe.mlp.1.fc1.weight"] = tensors[p + "moe.mlp.1.fc1.weight"].half()
     drop = [p + "moe.gate.weight"] + [p + f"moe.mlp.1.fc1.{s}" for s in ("qweight", "qzeros", "scales", "g_idx")]
     mixed = _copy(folder, tmp_path / "mixed", drop=drop, replace=replace)
@@ -133,9 +139,18 @@ M = "transformer.h.1.moe.mlp.2.fc1"
     "change, words",
     [
         (dict(drop=[M + ".qzeros"]), f"missing tensors \\(1\\): {M}.qzeros"),
-        (dict(replace={M + ".qweight": torch.zeros(9, 256, dtype=torch.int32)}), f"{M}.qweight: expected \\(8, 256\\), got \\(9, 256\\)"),
-        (dict(replace={M + ".qweight": torch.zeros(8, 256)}), f"GPTQ tensors that are not int32 \\(1\\): {M}.qweight: F32"),
-        (dict(replace={M + ".g_idx": torch.full((64,), 7, dtype=torch.int32)}), f"{M}.g_idx: holds groups in \\[7, 7\\], outside \\[0, G=2\\)"),
+        (
+            dict(replace={M + ".qweight": torch.zeros(9, 256, dtype=torch.int32)}),
+            f"{M}.qweight: expected \\(8, 256\\), got \\(9, 256\\)",
+        ),
+        (
+            dict(replace={M + ".qweight": torch.zeros(8, 256)}),
+            f"GPTQ tensors that are not int32 \\(1\\): {M}.qweight: F32",
+        ),
+        (
+            dict(replace={M + ".g_idx": torch.full((64,), 7, dtype=torch.int32)}),
+            f"{M}.g_idx: holds groups in \\[7, 7\\], outside \\[0, G=2\\)",
+        ),
         (dict(drop=[M + ".g_idx"]), f"missing tensors \\(1\\): {M}.g_idx"),  # desc_act needs it
         (dict(quantize_config={"bits": 3}), "bits=3 is not supported"),
         (dict(quantize_config={"group_size": 48}), "group_size 48 does not divide its K=64"),

@@ -25,11 +25,15 @@ GPU_TIER = [
 ]  # fmt: skip
 OPTIONAL = ("hypothesis", "pytest_benchmark", "matplotlib")
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout"
+)
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT") and not k.startswith("GPU_CHECK_")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT") and not k.startswith("GPU_CHECK_")
+    }
     env["PYTHONPATH"] = str(ROOT)  # this checkout's packages, not an installed copy's
     env.update(extra)
     return env
@@ -62,7 +66,10 @@ def test_script_parses():
 def test_gpu_tier_runs_without_the_optional_packages(hidden_env):
     probe = _run([sys.executable, "-c", "import " + ", ".join(OPTIONAL)], hidden_env)
     assert "hidden by tests/test_gpu_check.py" in probe.stderr, "the stubs must shadow the real packages"
-    run = _run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_kernels_random.py", "tests/test_kernels_gpu.py"], hidden_env)
+    run = _run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_kernels_random.py", "tests/test_kernels_gpu.py"],
+        hidden_env,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert "needs hypothesis" in run.stdout and re.search(r"\d+ skipped", run.stdout), run.stdout[-2000:]
 
@@ -79,12 +86,18 @@ def test_dry_run_of_every_stage(hidden_env, tmp_path):
     assert files == {"tests.log", "bench.log", "bench_moe.json", "bench_generate.json", "summary.txt", "dry-run.json"}
     tests_log = (tmp_path / "tests.log").read_text()
     assert re.search(r"aot --dry-run: \d+ distinct compiles \(--warm\)", tests_log)
-    collected = [re.search(r"(\d+)/(\d+) tests collected", line) for line in tests_log.splitlines() if line.startswith("[")]
+    collected = [
+        re.search(r"(\d+)/(\d+) tests collected", line) for line in tests_log.splitlines() if line.startswith("[")
+    ]
     counts = [m.groups() for m in collected if m]
-    assert len(counts) == 2 and sum(int(n) for n, _ in counts) == int(counts[0][1]) == len(expected), "the same tests, shared"
+    assert len(counts) == 2 and sum(int(n) for n, _ in counts) == int(counts[0][1]) == len(expected), (
+        "the same tests, shared"
+    )
     bench_log = (tmp_path / "bench.log").read_text()
     assert bench_log.count("plot not written: matplotlib is not installed") == 2
-    assert re.search(r"tune_moe --dry-run: \d+ candidates, \d+ distinct runs in the interpreter, 0 failed, table .* loads", bench_log)
+    assert re.search(
+        r"tune_moe --dry-run: \d+ candidates, \d+ distinct runs in the interpreter, 0 failed, table .* loads", bench_log
+    )
     assert "GEMM 1 128x256x64 w8 s4 g16 tma: ok" in bench_log  # sm_90's prefill candidates, TMA ones too
     summary = (tmp_path / "summary.txt").read_text()
     item = r"GPU tests \(tests/test_kernels\*\.py, test_moe_backward\.py, test_decode_chain\.py, test_decode_graph_gpu\.py\)"
@@ -122,7 +135,13 @@ def test_warm_index_compiles_that_launch_alone(monkeypatch):
     shape = dict(D=64, F=128, E=4, top_k=2)
     chains = {
         "auto": ["_fused_routing_kernel", "_grouped_gemm_kernel", "_grouped_gemm_kernel"],  # T = 5: the decode chain
-        "legacy": ["_topk_softmax_kernel", "_align_kernel", "_grouped_gemm_kernel", "_grouped_gemm_kernel", "_combine_kernel"],
+        "legacy": [
+            "_topk_softmax_kernel",
+            "_align_kernel",
+            "_grouped_gemm_kernel",
+            "_grouped_gemm_kernel",
+            "_combine_kernel",
+        ],
     }
     for path, names in chains.items():
         launches = record_launches(5, torch.float16, **shape, path=path)

@@ -144,7 +144,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def forbidden_imports(package: str, forbidden, root: Path = ROOT) -> list[str]:
-    """"module:line imports name" for every import (at any depth) of a top-level name in `forbidden` or below it."""
+    """ "module:line imports name" for every import (at any depth) of a top-level name in `forbidden` or below it."""
     offenders = []
     for module, path in module_files(package, root).items():
         for source, name, line in imports_in(module, path):
@@ -154,8 +154,10 @@ def forbidden_imports(package: str, forbidden, root: Path = ROOT) -> list[str]:
 
 
 def long_files(package: str, max_lines: int = MAX_LINES, root: Path = ROOT) -> list[str]:
-    """"path: lines" for every source file of `package` over max_lines (the tuned JSON tables are data, not counted)."""
-    lengths = {path: len(path.read_text(encoding="utf-8").splitlines()) for path in module_files(package, root).values()}
+    """ "path: lines" for every source file of `package` over max_lines (the tuned JSON tables are data, not counted)."""
+    lengths = {
+        path: len(path.read_text(encoding="utf-8").splitlines()) for path in module_files(package, root).values()
+    }
     return [f"{path.relative_to(root)}: {n}" for path, n in lengths.items() if n > max_lines]
 
 

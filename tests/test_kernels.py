@@ -40,7 +40,16 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.mark.parametrize(
     "T, E, top_k, block_m",
-    [(0, 4, 2, 16), (1, 4, 2, 16), (37, 4, 2, 32), (100, 8, 3, 32), (5, 1, 1, 16), (70, 4, 4, 32), (300, 2, 1, 64), (33, 8, 8, 16)],
+    [
+        (0, 4, 2, 16),
+        (1, 4, 2, 16),
+        (37, 4, 2, 32),
+        (100, 8, 3, 32),
+        (5, 1, 1, 16),
+        (70, 4, 4, 32),
+        (300, 2, 1, 64),
+        (33, 8, 8, 16),
+    ],
 )
 def test_routing_matches_torch(T, E, top_k, block_m):
     logits = torch.randn(T, E, generator=torch.Generator().manual_seed(T)).to(DEVICE)
@@ -159,7 +168,9 @@ def test_gemm_padding_rows_are_not_read():
     torch.testing.assert_close(y[0], expert_gemm2_torch(h.nan_to_num(0.0), w2, b2, r), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("field, value", [("block_n", 48), ("block_k", 8), ("block_m", 16.0), ("split_k", 0), ("num_warps", True)])
+@pytest.mark.parametrize(
+    "field, value", [("block_n", 48), ("block_k", 8), ("block_m", 16.0), ("split_k", 0), ("num_warps", True)]
+)
 def test_gemm_config_rejects_tiles_tl_dot_cannot_run(field, value):
     args = dict(block_m=16, block_n=64, block_k=64)
     with pytest.raises(ValueError, match=f"GemmConfig.{field}"):

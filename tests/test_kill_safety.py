@@ -24,7 +24,9 @@ import phixtral
 from phixtral.atomic import leftovers
 from phixtral.cli import main as cli_main
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL") or sys.platform != "linux", reason="needs SIGKILL and flock")
+pytestmark = pytest.mark.skipif(
+    not hasattr(signal, "SIGKILL") or sys.platform != "linux", reason="needs SIGKILL and flock"
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,7 +145,9 @@ EVERY_MOMENT = os.environ.get("PHIXTRAL_FAULT_TESTS", "0") not in ("", "0")
 
 
 def moments(cases, default):
-    return [pytest.param(*c, id="-".join(map(str, c[:-1]))) for i, c in enumerate(cases) if EVERY_MOMENT or i in default]
+    return [
+        pytest.param(*c, id="-".join(map(str, c[:-1]))) for i, c in enumerate(cases) if EVERY_MOMENT or i in default
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -182,9 +186,26 @@ def command_jobs(tmp_path_factory):
     return {
         "merge": ["merge", str(recipe), "--max-shard-size", "0.00002"],
         "quantize": ["quantize", "--model", moe, "--bits", "4", "--group-size", "32", "--no-progress"],
-        "train-router": ["train-router", "--model", moe, "--data", str(data), "--steps", "2", "--seq-len", "32",
-                         "--batch-size", "2", "--eval-every", "2", "--eval-tokens", "64", "--backend", "torch",
-                         "--no-progress"],  # fmt: skip
+        "train-router": [
+            "train-router",
+            "--model",
+            moe,
+            "--data",
+            str(data),
+            "--steps",
+            "2",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--eval-every",
+            "2",
+            "--eval-tokens",
+            "64",
+            "--backend",
+            "torch",
+            "--no-progress",
+        ],  # fmt: skip
     }
 
 
@@ -200,5 +221,7 @@ def test_command_killed(command_jobs, tmp_path, command, moment, n, holds):
     shutil.copytree(msft_moe_checkpoint(seed=1), out)  # some other checkpoint, to be replaced
     (out / "stale.txt").write_text("from the old folder")
     args = [*argv, "--out", str(out), "--overwrite"]
-    check_kill(out, moment, n, holds, {"kind": "cli", "argv": args}, lambda: cli_main(args) == 0 or pytest.fail("failed"))
+    check_kill(
+        out, moment, n, holds, {"kind": "cli", "argv": args}, lambda: cli_main(args) == 0 or pytest.fail("failed")
+    )
     assert not (out / "stale.txt").exists()

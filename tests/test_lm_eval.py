@@ -22,8 +22,18 @@ from phixtral.integrations.lm_eval import PhixtralLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [
-    {"context": "def fib(n):", "choices": ["return", "import", "pass"], "label": 0, "text": "def fib(n):\n    return n"},
-    {"context": "import os\nclass Config", "choices": [":", "("], "label": 1, "text": "The asyncio event loop runs tasks."},
+    {
+        "context": "def fib(n):",
+        "choices": ["return", "import", "pass"],
+        "label": 0,
+        "text": "def fib(n):\n    return n",
+    },
+    {
+        "context": "import os\nclass Config",
+        "choices": [":", "("],
+        "label": 1,
+        "text": "The asyncio event loop runs tasks.",
+    },
     {"context": "for i in range(10):", "choices": ["print(i)", "yield"], "label": 0, "text": "x = 1\ny = 2\n"},
 ]
 GEN_KWARGS = {"until": ["\n\n", "assert"], "max_gen_toks": 16, "do_sample": False}

@@ -6,12 +6,12 @@ import pytest
 import torch
 import yaml
 from helpers_models import hf_to_msft, msft_config, read_tensors, reference_phixtral_forward
+from phi_checkpoints import EOS, hf_model, make_phi, tokenizer
 from safetensors import safe_open
 
 from phixtral.cli import main as cli_main
 from phixtral.commands.merge import RecipeError, load_recipe, merge, parse_recipe
 from phixtral.weights import from_pretrained
-from phi_checkpoints import EOS, hf_model, make_phi, tokenizer
 
 PROMPTS = [
     ["async def main():\n    await asyncio.sleep(1)\n"],
@@ -226,13 +226,19 @@ def test_mismatched_expert_shapes(sources, tmp_path):
     wide = make_phi(tmp_path / "wide", 4, n_embd=48)
     deep = make_phi(tmp_path / "deep", 5, n_layer=3)
     d = recipe_dict(base, [experts[0], wide, deep])
-    _fails(d, tmp_path, r"(?s)do not fit the base.*experts\[1\].*n_embd = 48, but the base model has n_embd = 32.*experts\[2\].*n_layer = 3")
+    _fails(
+        d,
+        tmp_path,
+        r"(?s)do not fit the base.*experts\[1\].*n_embd = 48, but the base model has n_embd = 32.*experts\[2\].*n_layer = 3",
+    )
 
 
 def test_broken_source_checkpoint(sources, tmp_path):
     base, experts = sources
     broken = make_phi(tmp_path / "broken", 6)
-    (broken / "config.json").write_text(json.dumps({**json.loads((broken / "config.json").read_text()), "hidden_size": 64}))
+    (broken / "config.json").write_text(
+        json.dumps({**json.loads((broken / "config.json").read_text()), "hidden_size": 64})
+    )
     _fails(recipe_dict(base, [experts[0], broken]), tmp_path, r"experts\[1\] .*does not match its config.json")
 
 

@@ -13,7 +13,13 @@ from phixtral_kernels import fused_moe, moe_routing
 from phixtral_kernels import moe_backward as backward_module
 from phixtral_kernels.moe_backward import act_backward, expert_weight_grads
 from phixtral_kernels.moe_triton import triton_moe_forward
-from phixtral_kernels.reference import expert_gemm1_torch, expert_weight_grads_torch, gelu_tanh, moe_routing_torch, topk_lowest_index
+from phixtral_kernels.reference import (
+    expert_gemm1_torch,
+    expert_weight_grads_torch,
+    gelu_tanh,
+    moe_routing_torch,
+    topk_lowest_index,
+)
 
 NAMES = ("x", "gate_weight", "w1", "b1", "w2", "b2")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -55,7 +61,9 @@ def assert_grads_close(backend, layer, top_k, dout=None, requires=NAMES):
         err = (grad.double().cpu() - ref[name]).abs().max().item()
         naive_err = (naive[name].double().cpu() - ref[name]).abs().max().item()
         bound = 2 * naive_err + ERROR_FLOOR[dtype] * scale
-        assert err <= bound, f"d{name}: max error {err:.3g} > bound {bound:.3g} (naive loop in {dtype}: {naive_err:.3g})"
+        assert err <= bound, (
+            f"d{name}: max error {err:.3g} > bound {bound:.3g} (naive loop in {dtype}: {naive_err:.3g})"
+        )
 
 
 def _layer_with_empty_expert(T, D, F, E, dtype):
@@ -102,7 +110,9 @@ def test_router_training_gradients(requires, monkeypatch):
     calls = []
     for name in ("expert_preact", "expert_grad_input", "expert_weight_grad"):
         real = getattr(backward_module, name)
-        monkeypatch.setattr(backward_module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        monkeypatch.setattr(
+            backward_module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k)
+        )
     layer = moe_layer(37, 64, 96, 4)
     assert_grads_close("triton", layer, 2, requires=requires)
     expected = ["expert_preact", "expert_grad_input"] if "x" in requires else []

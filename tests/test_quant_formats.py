@@ -140,7 +140,9 @@ def test_a_format_defined_outside_the_package_loads_and_saves(tmp_path, toy_form
     again = read_tensors(tmp_path / "again")
     assert again["transformer.h.1.mixer.Wqkv.qweight8"].dtype == torch.int8
     assert "transformer.h.1.mixer.Wqkv.weight" not in again and "transformer.h.1.moe.mlp.2.fc1.weight" in again
-    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"] == {"quant_method": "toy_int8"}
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"] == {
+        "quant_method": "toy_int8"
+    }
     reloaded = phixtral.from_pretrained(tmp_path / "again", device="cpu", dtype="float32", backend="torch")
     torch.testing.assert_close(reloaded(IDS), model(IDS), rtol=0, atol=1e-6)
 

@@ -22,10 +22,10 @@ from phixtral_kernels import (
     expert_gemm2_torch,
     fused_moe,
     moe_routing,
+    quant,
     quantize_rtn,
     quantized_linear,
 )
-from phixtral_kernels import quant
 from phixtral_kernels.quant import pack_cols, pack_rows, unpack_cols, unpack_rows
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -103,14 +103,20 @@ def _valid(**changes):
         (dict(scales=None), "scales is required"),
         (dict(qweight=torch.zeros(2, 8, 16)), "qweight must be an int32"),
         (dict(qweight=torch.zeros(2, 7, 16, dtype=torch.int32)), "does not divide K=56 \\(the in features qweight"),
-        (dict(qweight=torch.zeros(2, 12, 16, dtype=torch.int32)), "scales must be a float tensor \\[E, G, N\\] = \\(2, 3, 16\\)"),
+        (
+            dict(qweight=torch.zeros(2, 12, 16, dtype=torch.int32)),
+            "scales must be a float tensor \\[E, G, N\\] = \\(2, 3, 16\\)",
+        ),
         (dict(group_size=48), "group_size 48 does not divide K=64"),
         (dict(group_size=0), "group_size must be -1"),
         (dict(scales=torch.ones(2, 2, 15)), "scales must be a float tensor"),
         (dict(qzeros=torch.zeros(2, 2, 3, dtype=torch.int32)), "qzeros must be an int32 tensor"),
         (dict(qweight=torch.zeros(2, 8, 12, dtype=torch.int32), scales=torch.ones(2, 2, 12)), "qzeros: N=12"),
         (dict(g_idx=torch.zeros(2, 63, dtype=torch.int32)), "g_idx must be an int32 tensor"),
-        (dict(g_idx=torch.full((2, 64), 2, dtype=torch.int32)), "g_idx holds groups in \\[2, 2\\], outside \\[0, G=2\\)"),
+        (
+            dict(g_idx=torch.full((2, 64), 2, dtype=torch.int32)),
+            "g_idx holds groups in \\[2, 2\\], outside \\[0, G=2\\)",
+        ),
         (dict(g_idx=torch.full((2, 64), -1, dtype=torch.int32)), "g_idx holds groups"),
     ],
 )
@@ -172,7 +178,12 @@ def _check_gemms(x, gate, q1, b1, q2, b2, top_k, cfg1, cfg2):
     rows = r.sorted_token_ids[: int(r.expert_offsets[-1])] < r.num_slots
     torch.testing.assert_close(h[: len(rows)][rows], ref[: len(rows)][rows], rtol=0, atol=ERROR_FLOOR[x.dtype] * 2)
     y = expert_gemm2(ref, q2, b2, r, cfg2)
-    torch.testing.assert_close(y.sum(0), expert_gemm2_torch(ref, dequantize_experts(q2, torch.float32), b2, r), rtol=0, atol=ERROR_FLOOR[x.dtype] * 2)
+    torch.testing.assert_close(
+        y.sum(0),
+        expert_gemm2_torch(ref, dequantize_experts(q2, torch.float32), b2, r),
+        rtol=0,
+        atol=ERROR_FLOOR[x.dtype] * 2,
+    )
 
 
 @pytest.mark.parametrize(

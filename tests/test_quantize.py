@@ -34,16 +34,26 @@ def test_rtn_round_trip(tmp_path, capsys):
     assert "8-bit rtn, group size 32" in capsys.readouterr().err
     folder = tmp_path / "q"
     qc = json.loads((folder / "quantize_config.json").read_text())
-    assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"], qc["quant_method"]) == (8, 32, False, False, "gptq")
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"], qc["quant_method"]) == (
+        8,
+        32,
+        False,
+        False,
+        "gptq",
+    )
     assert json.loads((folder / "quantize_report.json").read_text())["method"] == "rtn"
     tensors = read_tensors(folder)
     assert tensors["transformer.h.0.moe.mlp.3.fc2.qweight"].shape == (256 * 8 // 32, 64)
-    assert tensors["transformer.h.0.moe.gate.weight"].dtype == torch.float32  # the source's dtype; the router stays float
+    assert (
+        tensors["transformer.h.0.moe.gate.weight"].dtype == torch.float32
+    )  # the source's dtype; the router stays float
     cfg = json.loads((folder / "config.json").read_text())
     model = phixtral.from_pretrained(folder, device="cpu", dtype="float32", backend="torch")
     assert isinstance(model.h[1].moe.fc2, QuantizedExpertLinear)
     logits = model(IDS)
-    torch.testing.assert_close(logits, reference_phixtral_forward(dequantize_gptq_tensors(tensors, 8), cfg, IDS), rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        logits, reference_phixtral_forward(dequantize_gptq_tensors(tensors, 8), cfg, IDS), rtol=0, atol=1e-4
+    )
     float_model = phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", dtype="float32", backend="torch")
     rms = float((logits - float_model(IDS)).pow(2).mean().sqrt())
     assert rms < 0.02, rms  # logits of std 0.8; measured 0.0094 at 8 bits (0.19 at 4 bits)
@@ -125,7 +135,19 @@ def test_gptq_beats_rtn_on_its_calibration_text(tmp_path):
     """4-bit, groups of 32, act-order, calibrated on a text file: the logits on that kind of text err less than RTN's."""
     calib = tmp_path / "calib.txt"
     calib.write_text(_corpus())
-    args = ["--bits", "4", "--group-size", "32", "--no-sym", "--calib", str(calib), "--calib-samples", "8", "--calib-seq-len", "64"]
+    args = [
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--no-sym",
+        "--calib",
+        str(calib),
+        "--calib-samples",
+        "8",
+        "--calib-seq-len",
+        "64",
+    ]
     assert _quantize(tmp_path / "gptq", *args, "--method", "gptq", "--act-order") == 0
     assert _quantize(tmp_path / "rtn", *args) == 0
     float_model = phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", dtype="float32", backend="torch")

@@ -96,4 +96,3 @@ def test_a_module_moved_to_another_model_reads_that_models_settings(model):
     assert alone.backend == "auto" and Attention(model.config).upcast == "fp32"
     block = Block(model.config)
     assert block.mixer.runtime is block.moe.runtime
-

@@ -11,8 +11,8 @@ import phixtral
 from phixtral import cli
 from phixtral.commands.evaluate import evaluate
 from phixtral.commands.inspect_model import checkpoint_summary, router_health
-from phixtral.model import Phixtral
 from phixtral.commands.stdlib_data import slice_texts
+from phixtral.model import Phixtral
 
 BUNDLED = Path(phixtral.__file__).parent / "assets" / "tiny-phixtral"
 
@@ -28,7 +28,10 @@ def test_bundled_files():
     assert (cfg["num_local_experts"], cfg["num_experts_per_tok"]) == (4, 2)
     size = sum(f.stat().st_size for f in BUNDLED.glob("*.safetensors"))
     assert size <= 25 * 10**6
-    assert len(json.loads((BUNDLED / "model.safetensors.index.json").read_text())["weight_map"]) == 1 + 4 * (6 + 1 + 4 * 4) + 4
+    assert (
+        len(json.loads((BUNDLED / "model.safetensors.index.json").read_text())["weight_map"])
+        == 1 + 4 * (6 + 1 + 4 * 4) + 4
+    )
     for name in ("tokenizer.json", "tokenizer_config.json", "BUILD_LOG.md", "EVAL.md", "merge-recipe.yaml"):
         assert (BUNDLED / name).is_file(), name
 
@@ -60,7 +63,9 @@ def test_perplexity_far_below_a_random_model(model):
 def test_main_command_defaults_to_the_bundled_model(capsys):
     """`python -m phixtral generate --prompt ...` with no --model."""
     assert Path(phixtral.default_model_path()) == BUNDLED
-    assert cli.main(["generate", "--prompt", "def print_prime(n):", "--max-new-tokens", "16", "--backend", "torch"]) == 0
+    assert (
+        cli.main(["generate", "--prompt", "def print_prime(n):", "--max-new-tokens", "16", "--backend", "torch"]) == 0
+    )
     out, err = capsys.readouterr()
     assert len(out.strip()) > 10 and "decode: 16 tokens" in err
 

@@ -111,7 +111,9 @@ def test_command_writes_a_checkpoint_that_loads_with_its_log(tmp_path, text_file
     assert main(argv) == 0
     assert "held-out loss" in capsys.readouterr().out
     record = json.loads((out / LOG_FILE).read_text())
-    assert record["settings"]["steps"] == 6 and record["heldout_after"]["mean"] <= record["heldout_before"]["mean"] + 1e-3
+    assert (
+        record["settings"]["steps"] == 6 and record["heldout_after"]["mean"] <= record["heldout_before"]["mean"] + 1e-3
+    )
     # Every tensor on disk: the same names and dtypes as the source, each gate the one train_router gives for the
     # flags' settings (seeded), everything else the source's bits.
     m = model()

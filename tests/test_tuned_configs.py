@@ -22,7 +22,14 @@ CUDA0 = torch.device("cuda", 0)
 
 
 def _cfg(block_m, block_n, block_k, **kw):
-    return dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 4), **kw)
+    return dict(
+        block_m=block_m,
+        block_n=block_n,
+        block_k=block_k,
+        num_warps=kw.pop("num_warps", 4),
+        num_stages=kw.pop("num_stages", 4),
+        **kw,
+    )
 
 
 def _table(**changes) -> dict:
@@ -81,12 +88,16 @@ def test_valid_table_is_used_by_bucket(gpu):
         assert (g1, g2) == (GemmConfig(16, 32, 256, num_stages=4), GemmConfig(16, 64, 128, split_k=8, num_stages=4))
         assert configs(2)[0].block_m == configs(64)[0].block_m == 64  # T goes to the first bucket key >= T
         big = configs(100_000)  # past the largest key: the largest bucket
-        assert big[0] == GemmConfig(128, 256, 64, group_m=16, num_warps=8, num_stages=4, tma=True) and big[1].split_k == 1
+        assert (
+            big[0] == GemmConfig(128, 256, 64, group_m=16, num_warps=8, num_stages=4, tma=True) and big[1].split_k == 1
+        )
     # Another dtype, shape, top_k or expert count than the table's, or not a CUDA device: the heuristic.
     heuristic = heuristic_configs(1, 2, 4, (9, 0))
     assert configs(1, dtype=torch.float16) == heuristic
     assert configs(1, dims=(2048, 8192)) == heuristic
-    assert moe_gemm_configs(1, 1, 4, dims=DIMS, dtype=torch.bfloat16, device=CUDA0) == heuristic_configs(1, 1, 4, (9, 0))
+    assert moe_gemm_configs(1, 1, 4, dims=DIMS, dtype=torch.bfloat16, device=CUDA0) == heuristic_configs(
+        1, 1, 4, (9, 0)
+    )
     assert moe_gemm_configs(1, 2, 4, dims=DIMS, dtype=torch.bfloat16, device="cpu") == heuristic_configs(1, 2, 4)
     assert moe_gemm_configs(1, 2, 4) == heuristic_configs(1, 2, 4)
 
@@ -185,8 +196,12 @@ def test_the_decode_chains_gemm2_sums_without_split_k(gpu):
     gpu(table)
     g1, g2 = configs(1, sum_in_gemm2=True)
     assert g1 == GemmConfig(16, 32, 256, num_stages=4)  # GEMM 1 does not change with it
-    assert g2 == heuristic_configs(1, 2, 4, (9, 0), sum_in_gemm2=True)[1] and g2.split_k == 1 and g2.block_m == g1.block_m
-    assert configs(64, sum_in_gemm2=True)[1] == GemmConfig(64, 64, 128, num_stages=4)  # split_k 2 in the table: no-split heuristic
+    assert (
+        g2 == heuristic_configs(1, 2, 4, (9, 0), sum_in_gemm2=True)[1] and g2.split_k == 1 and g2.block_m == g1.block_m
+    )
+    assert configs(64, sum_in_gemm2=True)[1] == GemmConfig(
+        64, 64, 128, num_stages=4
+    )  # split_k 2 in the table: no-split heuristic
     table["configs"]["bfloat16"]["2"]["64"]["config"]["split_k"] = 1
     table["configs"]["bfloat16"]["2sum"] = {"1": {"config": _cfg(16, 64, 256, num_stages=3)}}
     gpu(table)
@@ -195,7 +210,9 @@ def test_the_decode_chains_gemm2_sums_without_split_k(gpu):
     assert configs(64, sum_in_gemm2=True)[1] == GemmConfig(64, 64, 128, num_stages=4)  # the table's, as it is
 
 
-@pytest.mark.parametrize("entry, words", [(_cfg(16, 64, 128, split_k=2), "2sum needs split_k 1"), (_cfg(32, 64, 128), "differ")])
+@pytest.mark.parametrize(
+    "entry, words", [(_cfg(16, 64, 128, split_k=2), "2sum needs split_k 1"), (_cfg(32, 64, 128), "differ")]
+)
 def test_a_bad_2sum_entry_rejects_its_bucket(gpu, entry, words):
     table = _table()
     table["configs"]["bfloat16"]["2sum"] = {"1": {"config": entry}}
@@ -206,7 +223,12 @@ def test_a_bad_2sum_entry_rejects_its_bucket(gpu, entry, words):
 
 def test_heuristic_takes_128x256_tiles_on_hopper_for_large_T_only():
     assert heuristic_configs(4096, 2, 4, (9, 0)) == (SM90_PREFILL, SM90_PREFILL)
-    assert SM90_PREFILL.block_n == 256 and SM90_PREFILL.num_warps == 8 and SM90_PREFILL.group_m == 16 and not SM90_PREFILL.tma
+    assert (
+        SM90_PREFILL.block_n == 256
+        and SM90_PREFILL.num_warps == 8
+        and SM90_PREFILL.group_m == 16
+        and not SM90_PREFILL.tma
+    )
     for capability in (None, (8, 0), (8, 9), (12, 0)):  # sm_120: 99 KB of shared memory, too little for its stages
         assert heuristic_configs(4096, 2, 4, capability)[0].block_n == 128
     assert heuristic_configs(512, 2, 4, (9, 0))[0].block_n == 128  # 256 rows per expert: too few 128x256 tiles
@@ -262,7 +284,9 @@ def test_fp32_configs_fit_sm86_with_fewer_stages(sm86, T, sum_in_gemm2):
     heuristic = heuristic_configs(T, 2, 4, (8, 6), sum_in_gemm2=sum_in_gemm2, dtype=torch.float32)
     for got, want in zip(fitted, heuristic):
         assert _need(want, torch.float32) > SM86_SHARED, "the heuristic's fp32 stages overflow sm_86 unfitted"
-        assert _need(got, torch.float32) <= SM86_SHARED < _need(replace(got, num_stages=got.num_stages + 1), torch.float32)
+        assert (
+            _need(got, torch.float32) <= SM86_SHARED < _need(replace(got, num_stages=got.num_stages + 1), torch.float32)
+        )
         assert replace(got, num_stages=want.num_stages) == want, "only the stages change"
     # decode: GEMM 1 in 3 stages (81,920 B), GEMM 2 summing in 5 (98,304 B); T = 64: 32x64x128 in 3 (98,304 B)
     assert tuple(c.num_stages for c in fitted) == {1: (3, 5 if sum_in_gemm2 else 3), 64: (3, 3)}[T]
@@ -299,7 +323,10 @@ def test_the_capability_table_serves_where_torch_gives_no_figure(sm86, monkeypat
     assert gemm_configs.shared_limit(CUDA0) == ((8, 6), SM86_SHARED)
     assert configs(1, dtype=torch.float32)[0].num_stages == 3
     assert shared_memory.capability_shared_bytes((8, 9)) == shared_memory.capability_shared_bytes(120) == SM86_SHARED
-    assert shared_memory.capability_shared_bytes((9, 0)) == 227 * 1024 and shared_memory.capability_shared_bytes(80) == 163 * 1024
+    assert (
+        shared_memory.capability_shared_bytes((9, 0)) == 227 * 1024
+        and shared_memory.capability_shared_bytes(80) == 163 * 1024
+    )
     assert shared_memory.capability_shared_bytes((13, 0)) == SM86_SHARED  # unknown: the smallest of sm_80 and newer
 
 
@@ -368,4 +395,8 @@ def test_every_launch_fused_moe_records_fits_the_targets_shared_memory(monkeypat
                 divmod(capability, 10), w_bits=kw["W_BITS"], act_order=kw["HAS_G_IDX"], group_size=kw["GROUP_SIZE"],
                 zeros=kw["HAS_ZEROS"], scale_bytes=launch.args[2].element_size(), out_bytes=c.element_size(),
             )  # fmt: skip
-            assert need <= limit, (capability, dtype, {k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages")})
+            assert need <= limit, (
+                capability,
+                dtype,
+                {k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages")},
+            )

@@ -72,8 +72,14 @@ def copy_with(tmp_path: Path, change) -> Path:
     [
         (lambda t, n: t[f"{n}.g_idx"].__setitem__(0, 10**6), r"fc1\.g_idx: holds groups in \[0, 1000000\], outside"),
         (lambda t, n: t[f"{n}.g_idx"].__setitem__(3, -1), r"fc1\.g_idx: holds groups in \[-1, "),
-        (lambda t, n: t[f"{n}.scales"].__setitem__((0, 0), float("nan")), r"fc1\.scales: 1 of \d+ scales are NaN or Inf"),
-        (lambda t, n: t[f"{n}.scales"].__setitem__((1, 2), float("inf")), r"fc1\.scales: 1 of \d+ scales are NaN or Inf"),
+        (
+            lambda t, n: t[f"{n}.scales"].__setitem__((0, 0), float("nan")),
+            r"fc1\.scales: 1 of \d+ scales are NaN or Inf",
+        ),
+        (
+            lambda t, n: t[f"{n}.scales"].__setitem__((1, 2), float("inf")),
+            r"fc1\.scales: 1 of \d+ scales are NaN or Inf",
+        ),
     ],
     ids=["g_idx-huge", "g_idx-negative", "scales-nan", "scales-inf"],
 )
@@ -91,7 +97,9 @@ def test_staged_linears_check_their_scales_too():
         "scales": torch.tensor([[1.0, float("nan"), 1.0, 1.0, 1, 1, 1, 1]]),
     }
     with pytest.raises(ValueError, match=r"h\.0\.Wqkv\.scales: 1 of 8 scales are NaN or Inf"):
-        dequantize_staged("h.0.Wqkv", tensors, GPTQConfig(bits=4, group_size=-1, desc_act=False, sym=True), torch.float32)
+        dequantize_staged(
+            "h.0.Wqkv", tensors, GPTQConfig(bits=4, group_size=-1, desc_act=False, sym=True), torch.float32
+        )
 
 
 @pytest.fixture
@@ -105,7 +113,9 @@ def test_load_state_dict_refuses_an_out_of_range_g_idx(gptq_model):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     name = next(k for k in state if k.endswith("fc1.g_idx"))
     state[name][0, 0] = 10**6
-    with pytest.raises(ValueError, match=r"QuantizedExpertLinear \(4-bit, group 32\): g_idx holds groups in \[0, 1000000\]"):
+    with pytest.raises(
+        ValueError, match=r"QuantizedExpertLinear \(4-bit, group 32\): g_idx holds groups in \[0, 1000000\]"
+    ):
         model.load_state_dict(state)
     with pytest.raises(ValueError, match="g_idx holds groups"):  # and nothing runs on it afterwards either
         model(IDS)
@@ -126,7 +136,9 @@ def test_set_weight_refuses_bad_tensors_and_keeps_the_old_ones(gptq_model):
     assert torch.equal(model(IDS), logits)
 
 
-@pytest.mark.parametrize("tensor,value,match", [("g_idx", 10**6, "g_idx holds groups"), ("scales", float("nan"), "NaN")])
+@pytest.mark.parametrize(
+    "tensor,value,match", [("g_idx", 10**6, "g_idx holds groups"), ("scales", float("nan"), "NaN")]
+)
 def test_an_in_place_write_is_checked_before_the_next_forward(gptq_model, tensor, value, match):
     model, _ = gptq_model
     getattr(model.h[1].moe.fc1, tensor).view(-1)[5] = value  # fc1: act-order kept (fc2's moves into a permutation)

@@ -240,7 +240,9 @@ def test_only_the_vllm_model_module_imports_vllm():
 def test_end_to_end_check_is_optional_and_parses():
     # The check needs vLLM and minutes: CI runs it only when asked, and it must at least parse and show its options.
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts/vllm_check.sh")]).returncode == 0
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/vllm_check.py"), "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/vllm_check.py"), "--help"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "--serve" in out.stdout and "--tp" in out.stdout
     ci = (ROOT / ".ci/run").read_text()
     assert 'if [ "${PHIXTRAL_CI_VLLM:-0}" = "1" ]; then\n  bash scripts/vllm_check.sh\nfi' in ci

@@ -261,11 +261,11 @@ def test_triton_backend_that_cannot_run_fails_at_load(monkeypatch):
     assert phixtral.from_pretrained(msft_moe_checkpoint(), device="cpu", backend="torch").backend == "torch"
 
 
-
 def test_from_pretrained_without_a_path_loads_the_bundled_model():
     model = phixtral.from_pretrained(backend="torch")
     assert model.config == read_config(phixtral.default_model_path()) and model.tokenizer is not None
     assert phixtral.Phixtral.from_pretrained(backend="torch").config == model.config
+
 
 # --- hub ids ---------------------------------------------------------------------------------------------------------
 def test_hub_id_is_fetched_with_snapshot_download(monkeypatch):
@@ -280,7 +280,7 @@ def test_hub_id_is_fetched_with_snapshot_download(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     model = phixtral.from_pretrained("someone/tiny-phixtral", backend="torch")
     assert model.config.num_local_experts == 4
-    (repo_id, patterns), = calls
+    ((repo_id, patterns),) = calls
     assert repo_id == "someone/tiny-phixtral"
     assert {"*.json", "*.safetensors"} <= set(patterns) and "*.bin" not in patterns and "tokenizer*" in patterns
 
@@ -308,7 +308,9 @@ def test_save_moe_model_writes_the_same_phi_msft_files(tmp_path):
     original, written = read_tensors(folder), read_tensors(tmp_path)
     assert original.keys() == written.keys() and all(torch.equal(original[n], written[n]) for n in original)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "phi-msft" and config["num_local_experts"] == 4 and config["num_experts_per_tok"] == 2
+    assert (
+        config["model_type"] == "phi-msft" and config["num_local_experts"] == 4 and config["num_experts_per_tok"] == 2
+    )
     assert (tmp_path / "tokenizer.json").is_file()
 
 
