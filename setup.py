@@ -43,6 +43,8 @@ setup(
         # Chromium with Selenium, and run the real lm_eval.
         "test": ["pytest", "pytest-benchmark", "hypothesis", "openai>=1.0", *BROWSER_TEST, *SERVE, *LM_EVAL],
         "bench": ["matplotlib", "pytest-benchmark"],
+        # CI's lint step (ruff.toml): `ruff format --check . && ruff check .`
+        "lint": ["ruff>=0.6"],
     },
     entry_points={
         "console_scripts": ["phixtral = phixtral.cli:main"],
