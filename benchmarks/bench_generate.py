@@ -238,7 +238,7 @@ def run_benchmark(args) -> dict:
     for backend in dict.fromkeys((fused_backend, "naive", "torch")):
         try:
             ref[backend] = last_logits(model, check_ids, backend)
-        except Exception as exc:  # noqa: BLE001: the provider's row reports it
+        except Exception as exc:  # noqa: BLE001 -- the provider's row reports it
             ref[backend] = f"backend {backend} raised {common.first_line(exc)}"
     upcasts = [u for u in dict.fromkeys(args.attention_upcast) if u != "fp32"]
     for upcast in upcasts:
@@ -246,17 +246,17 @@ def run_benchmark(args) -> dict:
         try:
             model.attention_upcast = upcast
             ref[key] = last_logits(model, check_ids, fused_backend)
-        except Exception as exc:  # noqa: BLE001: the provider's row reports it
+        except Exception as exc:  # noqa: BLE001 -- the provider's row reports it
             ref[key] = f"backend {fused_backend} with attention {upcast} raised {common.first_line(exc)}"
         finally:
             model.attention_upcast = "fp32"
 
-    def compare(a, b):  # a Check, or why there is none
+    def compare(ref, a, b):  # a Check, or why there is none
         bad = [ref[x] for x in (a, b) if isinstance(ref[x], str)]
         return bad[0] if bad else common.rel_error(ref[a], ref[b], tol)
 
-    checks = {"fused": compare(fused_backend, "naive"), "naive": compare("naive", "torch")}
-    checks.update({f"fused:{u}": compare(f"{fused_backend}:{u}", "naive") for u in upcasts})
+    checks = {"fused": compare(ref, fused_backend, "naive"), "naive": compare(ref, "naive", "torch")}
+    checks.update({f"fused:{u}": compare(ref, f"{fused_backend}:{u}", "naive") for u in upcasts})
     del ref
     base = ["fused"] + (["fused_graph"] if gpu and not args.no_graph else [])
     names = [n if u == "fp32" else f"{n}:{u}" for u in dict.fromkeys(args.attention_upcast) for n in base] + ["naive"]
@@ -291,12 +291,12 @@ def run_benchmark(args) -> dict:
                         run_eager(model, fused_backend if kind == "fused" else "naive", ids, N, args.reps, device)
                     )
                     row["check"] = checks[name]
-            except Exception as exc:  # noqa: BLE001: report it in the table and go on
+            except Exception as exc:  # noqa: BLE001 -- report it in the table and go on
                 row.update(skipped=f"raised {common.first_line(exc)}", ok=False)
                 if gpu:
                     try:
                         torch.cuda.synchronize()
-                    except Exception as sticky:  # noqa: BLE001: e.g. an illegal address poisons the context
+                    except Exception as sticky:  # noqa: BLE001 -- e.g. an illegal address poisons the context
                         lost = f"CUDA context lost after B={B} {name}: {common.first_line(sticky)}"
             if lost and "skipped" not in row:
                 row["skipped"] = lost

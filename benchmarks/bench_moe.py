@@ -159,7 +159,7 @@ def grouped_mm_unavailable(dtype, device) -> str | None:
         check = common.rel_error(out, ref, TOLERANCE[dtype])
         if not check.ok:
             return f"torch._grouped_mm trial call gave rel. error {check.rel_err:.3g}"
-    except Exception as exc:  # noqa: BLE001: any failure means "not usable on this build"
+    except Exception as exc:  # noqa: BLE001 -- any failure means "not usable on this build"
         return f"torch._grouped_mm trial call failed: {common.first_line(exc)}"
     return None
 
@@ -240,7 +240,7 @@ def build(provider: Provider, x, layer: Layer):
     if provider.graph:
         try:
             return common.cuda_graph(call), "graph"
-        except Exception as exc:  # noqa: BLE001: a peer that syncs the host cannot be captured; time it eagerly
+        except Exception as exc:  # noqa: BLE001 -- a peer that syncs the host cannot be captured; time it eagerly
             torch.cuda.synchronize()
             return call, f"eager (capture failed: {type(exc).__name__})"
     return call, "eager"
@@ -325,12 +325,12 @@ def run_benchmark(args) -> dict:
                         if ref is None:
                             ref = points[T][1] = reference_moe(x, *layer.weights, top_k)
                         row.update(measure_one(p, layer, T, ref, device, dtype, args.rep_budget_s, base["floor_s"]))
-                    except Exception as exc:  # noqa: BLE001: report the failure in the table, go on with the others
+                    except Exception as exc:  # noqa: BLE001 -- report the failure in the table, go on with the others
                         row.update(skipped=f"raised {common.first_line(exc)}", error=True)
                         if gpu:
                             try:
                                 torch.cuda.synchronize()
-                            except Exception as sticky:  # noqa: BLE001: e.g. an illegal address poisons the context
+                            except Exception as sticky:  # noqa: BLE001 -- e.g. an illegal address poisons the context
                                 lost = f"CUDA context lost after {dname} T={T} {p.name}: {common.first_line(sticky)}"
                 if "median_s" in row:
                     m = row["median_s"]

@@ -276,12 +276,12 @@ def measure_ceilings(device: torch.device, *, quick: bool = False) -> dict:
         copy_elems, n, dtype = (1 << 24 if quick else 1 << 26), (1024 if quick else 2048), torch.float32
     src = torch.randn(copy_elems, device=device, generator=gen, dtype=dtype)
     dst = torch.empty_like(src)
-    t_copy = time_fn(lambda: dst.copy_(src), device, budget_s=0.2 if quick else 0.5)
+    t_copy = time_fn(lambda dst=dst, src=src: dst.copy_(src), device, budget_s=0.2 if quick else 0.5)
     nbytes = 2 * src.numel() * src.element_size()
     del src, dst
     a = torch.randn(n, n, device=device, generator=gen, dtype=dtype)
     b = torch.randn(n, n, device=device, generator=gen, dtype=dtype)
-    t_mm = time_fn(lambda: a @ b, device, budget_s=0.2 if quick else 0.5, min_reps=3)
+    t_mm = time_fn(lambda a=a, b=b: a @ b, device, budget_s=0.2 if quick else 0.5, min_reps=3)
     del a, b
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -383,7 +383,7 @@ def tune_bucket(T, bucket: Bucket, plan_T: dict, weight_sets, heuristic, timer, 
                         log(f"#   T={T} GEMM {gemm} {_short(cfg)}: FAILED the check, rel. error {result.rel_err:.3g}")
                         continue
                     seconds = timer(gemm, rmap, h_sorted, cfg, out) if timer else 0.0
-                except Exception as exc:  # noqa: BLE001: a candidate that cannot run is dropped, the others go on
+                except Exception as exc:  # noqa: BLE001 -- a candidate that cannot run is dropped, the others go on
                     failures += 1
                     log(f"#   T={T} GEMM {gemm} {_short(cfg)}: raised {common.first_line(exc)}")
                     if bucket.x.is_cuda:
@@ -454,14 +454,17 @@ def tune(args) -> int:
             bucket = Bucket(x_all[:T], weight_sets[0], shape["top_k"])
             heuristic = _heuristic(T, shape, capability, shared)
 
-            def timer(gemm, rmap, h_sorted, cfg, out, bucket=bucket):
+            def timer(gemm, rmap, h_sorted, cfg, out, bucket=bucket, weight_sets=weight_sets):
                 return time_candidate(gemm, bucket, rmap, h_sorted, weight_sets, cfg, out)
 
-            entries, bucket_rows, bucket_failures = tune_bucket(T, bucket, plan[T], weight_sets, heuristic, timer,
-                                                                lambda line: print(f"{line} [{dname}]", flush=True))  # fmt: skip
+            def log(line, dname=dname):
+                print(f"{line} [{dname}]", flush=True)
+
+            entries, bucket_rows, bucket_failures = tune_bucket(T, bucket, plan[T], weight_sets, heuristic, timer, log)
             failures += bucket_failures
             rows += [(dname, T, *row) for row in bucket_rows]
-            del bucket
+            # timer holds the bucket and the weights through its defaults: drop it too, so that both can be freed
+            del bucket, timer
             torch.cuda.empty_cache()
             if entries is None:
                 print(f"# {dname} T={T}: no candidate passed for both GEMMs; the heuristic serves it", flush=True)
@@ -516,8 +519,9 @@ def dry_run(args) -> int:
         )  # one small T for all buckets: the interpreter pays per program
         for T in args.tokens:
             plan_T = candidates(T, capability, SHAPE["top_k"], SHAPE["E"], shared)
-            entries, rows, bucket_failures = tune_bucket(T, bucket, plan_T, [weights], _heuristic(T, SHAPE, capability, shared), None,
-                                                         lambda line: print(f"{line} [{dname}]"))  # fmt: skip
+            heuristic = _heuristic(T, SHAPE, capability, shared)
+            entries, rows, bucket_failures = tune_bucket(T, bucket, plan_T, [weights], heuristic, None,
+                                                         lambda line, dname=dname: print(f"{line} [{dname}]"))  # fmt: skip
             failures += bucket_failures
             count += sum(len(cfgs) for lists in plan_T.values() for cfgs in lists.values())
             for gemm, cfg, _, err in rows:
