@@ -63,7 +63,7 @@ def make_phi(folder, seed: int, layout: str = "hf", **shape) -> Path:
     torch.manual_seed(seed)
     model = PhiForCausalLM(phi_config(**shape)).eval()
     with torch.no_grad():  # transformers initializes biases to zero and LayerNorms to one: make every tensor matter
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(str(folder), safe_serialization=True)

@@ -23,7 +23,8 @@ from phixtral_kernels.grouped_gemm import _k_loop_meta, tma_applies
 
 def _k_per_split(K, cfg):
     """As the launcher splits K: whole BLOCK_K tiles, the same count per split."""
-    return -(-(-(-K // cfg.block_k)) // cfg.split_k) * cfg.block_k
+    tiles = -(-K // cfg.block_k)
+    return -(-tiles // cfg.split_k) * cfg.block_k
 
 
 def _run_both(T, D, F, dtype, cfg1, cfg2):
