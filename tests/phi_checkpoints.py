@@ -56,7 +56,8 @@ def phi_config(n_embd=32, n_layer=2, n_head=4, intermediate=None):
 
 
 def make_phi(folder, seed: int, layout: str = "hf", **shape) -> Path:
-    """A random dense phi checkpoint with the test tokenizer in `folder`: layout "hf" (transformers) or "msft" (phi-msft)."""
+    """A random dense phi checkpoint with the test tokenizer in `folder`: layout "hf" (transformers) or "msft"
+    (phi-msft)."""
     from transformers import PhiForCausalLM
 
     folder = Path(folder)
