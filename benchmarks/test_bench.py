@@ -1,7 +1,8 @@
 """The benchmarks' CPU smoke tier for pytest-benchmark: `pytest benchmarks/ --benchmark-only`.
 
-Tiny shapes, so CI keeps the harness alive in seconds: every provider of both benchmarks is checked against its reference
-(a real assertion) and then timed by the `benchmark` fixture, and both scripts run end to end (table, plot, JSON last).
+Tiny shapes, so CI keeps the harness alive in seconds: every provider of both benchmarks is checked against its
+reference (a real assertion) and then timed by the `benchmark` fixture, and both scripts run end to end (table, plot,
+JSON last).
 No timing is asserted. The fused providers run backend="torch" on the CPU, whether or not tests/conftest.py has turned
 the Triton interpreter on in this process.
 """
@@ -64,7 +65,8 @@ def model():
 def test_generate_backend(benchmark, model, backend):
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     other = "naive" if backend == "torch" else "torch"
-    check = common.rel_error(bench_generate.last_logits(model, ids, backend), bench_generate.last_logits(model, ids, other),
+    check = common.rel_error(bench_generate.last_logits(model, ids, backend),
+                             bench_generate.last_logits(model, ids, other),
                              bench_generate.TOLERANCE["quick"][torch.float32])  # fmt: skip
     assert check.ok, check
     model.set_backend(backend)

@@ -93,11 +93,13 @@ def candidates(T: int, capability, top_k: int = 2, E: int = 4, shared_bytes: int
     add(h1.block_m, [h1], [h2])
     if T <= DECODE_MAX_TOKENS and top_k <= 2:
         add(h_sum.block_m, gemm2_sum=[h_sum, _cfg(h_sum.block_m, 64, 128), _cfg(h_sum.block_m, 32, 128),
-                                      _cfg(h_sum.block_m, 32, 256, stages=4), _cfg(h_sum.block_m, 32, 64, stages=8)])  # fmt: skip
+                                      _cfg(h_sum.block_m, 32, 256, stages=4),
+                                      _cfg(h_sum.block_m, 32, 64, stages=8)])  # fmt: skip
     if rows <= 16:  # decode: weight streaming; spread N (and K for GEMM 2) over the SMs
         add(16, [_cfg(16, 32, 128), _cfg(16, 64, 256, stages=3), _cfg(16, 128, 128), _cfg(16, 64, 64, stages=6)],
-            [_cfg(16, 64, 128, split_k=s) for s in (2, 8)] + [_cfg(16, 32, 128, split_k=4), _cfg(16, 64, 256, stages=3, split_k=4),
-                                                             _cfg(16, 128, 128, split_k=8)])  # fmt: skip
+            [_cfg(16, 64, 128, split_k=s) for s in (2, 8)]
+            + [_cfg(16, 32, 128, split_k=4), _cfg(16, 64, 256, stages=3, split_k=4),
+               _cfg(16, 128, 128, split_k=8)])  # fmt: skip
     elif rows <= 64:
         for bm in (16, 32, 64):
             add(bm, [_cfg(bm, 64, 128), _cfg(bm, 128, 128)], [_cfg(bm, 64, 128, split_k=s) for s in (1, 2, 4)])
@@ -138,7 +140,8 @@ def make_weights(D, F, E, dtype, device, seed):
 class Bucket:
     """One T: its routing logits, and the fp32 references of both GEMMs in slot order (independent of block_m).
 
-    memoize (--dry-run): `check` runs each (GEMM, tile shape, split, GROUP_M, TMA) once and answers again from `checked`."""
+    memoize (--dry-run): `check` runs each (GEMM, tile shape, split, GROUP_M, TMA) once and answers again from
+    `checked`."""
 
     def __init__(self, x, weights, top_k, memoize: bool = False):
         gate, w1, b1, w2, b2 = weights
@@ -266,12 +269,13 @@ def time_candidate(gemm: str, bucket: Bucket, rmap, h_sorted, weight_sets, cfg, 
 
 # --- compile ahead, in processes -------------------------------------------------------------------------------------
 def _empty_launch_inputs(T, dtype, cfg, gemm, shape, device):
-    """Empty tensors with the shapes, dtypes and strides of one GEMM launch (nothing is read: the launch is recorded)."""
+    """Empty tensors with the shapes, dtypes and strides of one GEMM launch (nothing is read: the launch is
+    recorded)."""
     D, F, E, top_k = shape["D"], shape["F"], shape["E"], shape["top_k"]
     S, bm = T * top_k, cfg.block_m
     i32 = dict(dtype=torch.int32, device=device)
-    rmap = RoutingMap(torch.empty(T, top_k, device=device), torch.empty(T, top_k, **i32), torch.empty(S + E * (bm - 1), **i32),
-                      torch.empty(E + 1, **i32), bm)  # fmt: skip
+    rmap = RoutingMap(torch.empty(T, top_k, device=device), torch.empty(T, top_k, **i32),
+                      torch.empty(S + E * (bm - 1), **i32), torch.empty(E + 1, **i32), bm)  # fmt: skip
     if gemm == "1":
         a, w, bias = (
             torch.empty(T, D, dtype=dtype, device=device),
@@ -301,8 +305,8 @@ def _warm_task(task) -> None:
 
 
 def compile_all(tasks: list, jobs: int, deadline: float) -> int:
-    """Compile each distinct launch of `tasks` into Triton's cache, `jobs` processes at once; stop waiting at the deadline
-    (what is left compiles at its first launch). -> compiles done."""
+    """Compile each distinct launch of `tasks` into Triton's cache, `jobs` processes at once; stop waiting at the
+    deadline (what is left compiles at its first launch). -> compiles done."""
     unique, seen = [], set()
     for task in tasks:
         key = aot.launch_key(_record(task, warm=False)[0])
@@ -383,7 +387,7 @@ def tune_bucket(T, bucket: Bucket, plan_T: dict, weight_sets, heuristic, timer, 
                         log(f"#   T={T} GEMM {gemm} {_short(cfg)}: FAILED the check, rel. error {result.rel_err:.3g}")
                         continue
                     seconds = timer(gemm, rmap, h_sorted, cfg, out) if timer else 0.0
-                except Exception as exc:  # noqa: BLE001: a candidate that cannot run is dropped, the others go on
+                except Exception as exc:  # noqa: BLE001 -- a candidate that cannot run is dropped, the others go on
                     failures += 1
                     log(f"#   T={T} GEMM {gemm} {_short(cfg)}: raised {common.first_line(exc)}")
                     if bucket.x.is_cuda:
@@ -442,8 +446,8 @@ def tune(args) -> int:
         weight_sets = [
             make_weights(shape["D"], shape["F"], shape["E"], dt, device, seed) for seed in (args.seed, args.seed + 1)
         ]
-        x_all = torch.randn(max(args.tokens), shape["D"], generator=torch.Generator(device=device).manual_seed(args.seed + 7),
-                            device=device).to(dt)  # fmt: skip
+        x_gen = torch.Generator(device=device).manual_seed(args.seed + 7)
+        x_all = torch.randn(max(args.tokens), shape["D"], generator=x_gen, device=device).to(dt)
         for T in args.tokens:
             if time.monotonic() > deadline:
                 print(
@@ -454,14 +458,17 @@ def tune(args) -> int:
             bucket = Bucket(x_all[:T], weight_sets[0], shape["top_k"])
             heuristic = _heuristic(T, shape, capability, shared)
 
-            def timer(gemm, rmap, h_sorted, cfg, out, bucket=bucket):
+            def timer(gemm, rmap, h_sorted, cfg, out, bucket=bucket, weight_sets=weight_sets):
                 return time_candidate(gemm, bucket, rmap, h_sorted, weight_sets, cfg, out)
 
-            entries, bucket_rows, bucket_failures = tune_bucket(T, bucket, plan[T], weight_sets, heuristic, timer,
-                                                                lambda line: print(f"{line} [{dname}]", flush=True))  # fmt: skip
+            def log(line, dname=dname):
+                print(f"{line} [{dname}]", flush=True)
+
+            entries, bucket_rows, bucket_failures = tune_bucket(T, bucket, plan[T], weight_sets, heuristic, timer, log)
             failures += bucket_failures
             rows += [(dname, T, *row) for row in bucket_rows]
-            del bucket
+            # timer holds the bucket and the weights through its defaults: drop it too, so that both can be freed
+            del bucket, timer
             torch.cuda.empty_cache()
             if entries is None:
                 print(f"# {dname} T={T}: no candidate passed for both GEMMs; the heuristic serves it", flush=True)
@@ -470,8 +477,9 @@ def tune(args) -> int:
                 _put(table, dname, T, gemm, entry)
             h = [entries[g]["heuristic_us"] for g in "12"]
             summed = f", GEMM 2 summing {entries['2sum']['us']:.1f} us" if "2sum" in entries else ""
-            print(f"# {dname} T={T}: block_m {entries['1']['config']['block_m']}, GEMM 1 {entries['1']['us']:.1f} us, GEMM 2 "
-                  f"{entries['2']['us']:.1f} us{summed}; heuristic {'-' if None in h else f'{sum(h):.1f} us'} "
+            print(f"# {dname} T={T}: block_m {entries['1']['config']['block_m']}, "
+                  f"GEMM 1 {entries['1']['us']:.1f} us, GEMM 2 {entries['2']['us']:.1f} us{summed}; "
+                  f"heuristic {'-' if None in h else f'{sum(h):.1f} us'} "
                   f"({time.monotonic() - start:.0f} s)", flush=True)  # fmt: skip
             table["conditions"]["seconds"] = round(time.monotonic() - start, 1)
             write_table(table, paths)
@@ -484,8 +492,8 @@ def tune(args) -> int:
         {"us": lambda v: f"{v:.1f}", "err": lambda v: f"{v:.1e}"},
     ))  # fmt: skip
     tuned = sum(len(v["1"]) for v in table["configs"].values())
-    print(f"\ntune_moe: {tuned} buckets tuned in {time.monotonic() - start:.0f} s, {failures} candidates failed; table: "
-          + (", ".join(map(str, paths)) or "not written (--no-install and no --out)"))  # fmt: skip
+    print(f"\ntune_moe: {tuned} buckets tuned in {time.monotonic() - start:.0f} s, {failures} candidates failed; "
+          "table: " + (", ".join(map(str, paths)) or "not written (--no-install and no --out)"))  # fmt: skip
     return 1 if failures or not tuned else 0
 
 
@@ -516,8 +524,12 @@ def dry_run(args) -> int:
         )  # one small T for all buckets: the interpreter pays per program
         for T in args.tokens:
             plan_T = candidates(T, capability, SHAPE["top_k"], SHAPE["E"], shared)
-            entries, rows, bucket_failures = tune_bucket(T, bucket, plan_T, [weights], _heuristic(T, SHAPE, capability, shared), None,
-                                                         lambda line: print(f"{line} [{dname}]"))  # fmt: skip
+            heuristic = _heuristic(T, SHAPE, capability, shared)
+
+            def log(line, dname=dname):
+                print(f"{line} [{dname}]")
+
+            entries, rows, bucket_failures = tune_bucket(T, bucket, plan_T, [weights], heuristic, None, log)
             failures += bucket_failures
             count += sum(len(cfgs) for lists in plan_T.values() for cfgs in lists.values())
             for gemm, cfg, _, err in rows:
@@ -530,8 +542,9 @@ def dry_run(args) -> int:
     loaded = gemm_configs.load_table(out / "dry-run.json")
     ok = loaded is not None and all(None not in configs for _, configs in loaded.buckets.values())
     ok = ok and all(len(keys) == len(args.tokens) for keys, _ in loaded.buckets.values())
-    print(f"tune_moe --dry-run: {count} candidates, {sum(results.values())} distinct runs in the interpreter, {failures} "
-          f"failed, table {out / 'dry-run.json'} {'loads' if ok else 'DOES NOT LOAD'} ({time.monotonic() - start:.1f} s)")  # fmt: skip
+    print(f"tune_moe --dry-run: {count} candidates, {sum(results.values())} distinct runs in the interpreter, "
+          f"{failures} failed, table {out / 'dry-run.json'} {'loads' if ok else 'DOES NOT LOAD'} "
+          f"({time.monotonic() - start:.1f} s)")  # fmt: skip
     return 1 if failures or not ok else 0
 
 

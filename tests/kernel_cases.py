@@ -32,7 +32,8 @@ def moe_layer(T, D, F, E, dtype=torch.float32, *, device=DEVICE, seed=0, gate=No
 def reference_moe(x, gate_weight, w1, b1, w2, b2, top_k, *, dtype=torch.float64, device="cpu", topk_ids=None):
     """The MoE computed in `dtype` on `device` (fp64 on the CPU by default), expert by expert.
 
-    Routed on the logits of the test dtype, as every backend routes: near-equal logits may order differently once rounded.
+    Routed on the logits of the test dtype, as every backend routes: near-equal logits may order differently once
+    rounded.
     topk_ids [T, top_k]: route on these experts instead (the kernel's own picks, see `assert_top_k_up_to_ties`), with
     the softmax over this reference's logits at those experts.
     """

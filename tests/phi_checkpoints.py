@@ -56,14 +56,15 @@ def phi_config(n_embd=32, n_layer=2, n_head=4, intermediate=None):
 
 
 def make_phi(folder, seed: int, layout: str = "hf", **shape) -> Path:
-    """A random dense phi checkpoint with the test tokenizer in `folder`: layout "hf" (transformers) or "msft" (phi-msft)."""
+    """A random dense phi checkpoint with the test tokenizer in `folder`: layout "hf" (transformers) or "msft"
+    (phi-msft)."""
     from transformers import PhiForCausalLM
 
     folder = Path(folder)
     torch.manual_seed(seed)
     model = PhiForCausalLM(phi_config(**shape)).eval()
     with torch.no_grad():  # transformers initializes biases to zero and LayerNorms to one: make every tensor matter
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(str(folder), safe_serialization=True)

@@ -419,7 +419,10 @@ def test_merge_cli_out_at_a_source_is_one_line(merge_sources, tmp_path, capsys):
     assert cli_main(["merge", str(recipe), "--out", str(experts[0]), "--overwrite"]) == 1
     err = capsys.readouterr().err
     e0 = experts[0]
-    one_line = f"phixtral merge: error: --out: refusing to write {e0}: it is the source model folder {e0}; choose another folder"
+    one_line = (
+        f"phixtral merge: error: --out: refusing to write {e0}: it is the source model folder {e0}; "
+        "choose another folder"
+    )
     assert err == one_line + "\n"
     assert snapshot(experts[0]) == before
 

@@ -21,8 +21,8 @@ HD = 80  # phi-2's head dim
 
 
 def phi_like_qkv(seed: int, L: int = 48, heads: int = 4):
-    """q [1, H, 1, hd], k, v [1, H, L, hd] fp32, already fp16-representable. Four channels carry a massive value shared by
-    every key (q.k ~ 4 * 150 * 140 = 84,000 before the 1/sqrt(80) scale, ~9,400 after), the other channels a per-key
+    """q [1, H, 1, hd], k, v [1, H, L, hd] fp32, already fp16-representable. Four channels carry a massive value shared
+    by every key (q.k ~ 4 * 150 * 140 = 84,000 before the 1/sqrt(80) scale, ~9,400 after), the other channels a per-key
     variation of a few units of the scaled score, so that the softmax spreads over several keys."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, heads, 1, HD, generator=g) * 0.5

@@ -18,8 +18,8 @@ PROMPT = "def f7(x, y):\n"
 def test_parser_has_generate_with_every_option(capsys):
     args = build_parser().parse_args(
         ["generate", "--model", "m", "--prompt", "p", "--max-new-tokens", "7", "--temperature", "0.5", "--top-k", "3",
-         "--top-p", "0.9", "--repetition-penalty", "1.1", "--stop", "a", "--stop", "b", "--seed", "4", "--dtype", "bf16",
-         "--device", "cpu", "--backend", "naive", "--experts-per-tok", "1"]
+         "--top-p", "0.9", "--repetition-penalty", "1.1", "--stop", "a", "--stop", "b", "--seed", "4",
+         "--dtype", "bf16", "--device", "cpu", "--backend", "naive", "--experts-per-tok", "1"]
     )  # fmt: skip
     assert (args.command, args.model, args.prompt, args.max_new_tokens, args.temperature) == (
         "generate",

@@ -47,7 +47,8 @@ def argv_of(command: str, tmp_path, text_file) -> list[str]:
     return {
         "generate": ["generate", "--model", m, "--prompt", "def f(x):", "--max-new-tokens", "2", "--backend", "torch"],
         "serve": ["serve", "--model", m, "--port", "0", "--backend", "torch"],
-        "eval": ["eval", "--model", m, "--data", str(text_file), "--max-tokens", "64", "--no-progress", "--backend", "torch"],
+        "eval": ["eval", "--model", m, "--data", str(text_file), "--max-tokens", "64", "--no-progress",
+                 "--backend", "torch"],
         "inspect": ["inspect", "--model", m, "--prompt", "def f(x):", "--backend", "torch"],
         "train-router": ["train-router", "--model", m, "--data", str(text_file), "--out", str(tmp_path / "out"),
                          "--steps", "1", "--backend", "torch", "--no-progress"],
@@ -64,7 +65,7 @@ def exits_2(argv, capsys) -> str:
     return err
 
 
-# --- one declaration ---------------------------------------------------------------------------------------------------
+# --- one declaration --------------------------------------------------------------------------------------------------
 def test_every_model_loading_command_declares_the_same_flags():
     reference = flags("generate")
     for command, expected in DECLARED.items():
@@ -92,7 +93,7 @@ def test_dtype_choices_are_the_names_the_loader_accepts():
     assert sorted(command_args.DTYPES) == sorted(weights._DTYPES)
 
 
-# --- bad values: exit 2 under the flag ---------------------------------------------------------------------------------
+# --- bad values: exit 2 under the flag --------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", list(DECLARED))
 def test_bad_model_flag_values_exit_2_naming_the_flag(command, tmp_path, text_file, capsys):
     import logging
@@ -143,7 +144,7 @@ def test_errors_name_the_overwrite_flag(tmp_path, capsys):
     assert "--out: " in err and "pass --overwrite to replace it" in err and "overwrite=True" not in err
 
 
-# --- --threads ---------------------------------------------------------------------------------------------------------
+# --- --threads --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["generate", "inspect", "eval"])
 def test_threads_sets_torchs_threads(command, tmp_path, text_file, capsys):
     before = torch.get_num_threads()
@@ -155,7 +156,7 @@ def test_threads_sets_torchs_threads(command, tmp_path, text_file, capsys):
         torch.set_num_threads(before)
 
 
-# --- defaults that fit the model ---------------------------------------------------------------------------------------
+# --- defaults that fit the model --------------------------------------------------------------------------------------
 def test_train_router_default_window_fits_a_short_context(tmp_path, text_file, capsys):
     import json
 

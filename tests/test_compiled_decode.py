@@ -184,7 +184,8 @@ def test_generate_command_takes_compile(capsys):
     from phixtral.cli import main
 
     folder = str(msft_moe_checkpoint())
-    argv = ["generate", "--model", folder, "--dtype", "float32", "--backend", "torch", "--prompt", "ab", "--max-new-tokens", "6"]  # fmt: skip
+    argv = ["generate", "--model", folder, "--dtype", "float32", "--backend", "torch",
+            "--prompt", "ab", "--max-new-tokens", "6"]  # fmt: skip
     outs = {}
     for mode in ("off", "on"):
         assert main(argv + ["--compile", mode]) == 0

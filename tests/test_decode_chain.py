@@ -58,10 +58,13 @@ def test_decode_layer_launches_three_kernels(T, dtype):
 @pytest.mark.parametrize(
     "path, T, top_k, expected",
     [
-        ("legacy", 1, 2, ["mm", "topk_softmax_kernel", "align_kernel", "grouped_gemm_kernel", "grouped_gemm_kernel", "combine_kernel"]),
+        ("legacy", 1, 2, ["mm", "topk_softmax_kernel", "align_kernel", "grouped_gemm_kernel", "grouped_gemm_kernel",
+                          "combine_kernel"]),
         ("auto", 1, 1, ["fused_routing_kernel", "grouped_gemm_kernel", "grouped_gemm_kernel"]),
-        ("auto", 5, 4, ["fused_routing_kernel", "grouped_gemm_kernel", "grouped_gemm_kernel", "combine_kernel"]),  # 4 rows: combine
-        ("auto", DECODE_MAX_TOKENS + 1, 2, ["mm", "topk_softmax_kernel", "align_kernel", "grouped_gemm_kernel", "grouped_gemm_kernel", "combine_kernel"]),
+        ("auto", 5, 4, ["fused_routing_kernel", "grouped_gemm_kernel", "grouped_gemm_kernel",
+                        "combine_kernel"]),  # 4 rows: combine
+        ("auto", DECODE_MAX_TOKENS + 1, 2, ["mm", "topk_softmax_kernel", "align_kernel", "grouped_gemm_kernel",
+                                            "grouped_gemm_kernel", "combine_kernel"]),
         ("decode", 40, 2, ["fused_routing_kernel", "grouped_gemm_kernel", "grouped_gemm_kernel"]),
     ],
 )  # fmt: skip
@@ -102,8 +105,8 @@ def test_fused_moe_matches_reference(E, top_k, T, dtype):
     ids=str,
 )
 def test_decode_chain_at_many_tokens(T, E, top_k, dtype):
-    """The decode chain forced past DECODE_MAX_TOKENS: its routing walks several blocks of tokens in one program, and the
-    top-2 sum meets rows from many tiles."""
+    """The decode chain forced past DECODE_MAX_TOKENS: its routing walks several blocks of tokens in one program, and
+    the top-2 sum meets rows from many tiles."""
     layer = moe_layer(T, D, F, E, dtype, seed=T + E)
     out, routing, _ = triton_moe_forward(*layer, top_k, path="decode")
     assert_close_to_reference(out, *layer, top_k, routing=routing)
@@ -191,7 +194,8 @@ def test_a_stale_pair_buffer_raises_in_debug_mode(monkeypatch, dtype):
 
 
 def _max_tiles_by_search(T: int, top_k: int, E: int, block_m: int) -> int:
-    """Most tiles over every count vector a routing can make: 0 <= c_e <= T, sum c_e = T * top_k (dynamic programming)."""
+    """Most tiles over every count vector a routing can make: 0 <= c_e <= T, sum c_e = T * top_k (dynamic
+    programming)."""
     S = T * top_k
     best = {0: 0}  # slots given to the experts so far -> most tiles
     for _ in range(E):

@@ -1,4 +1,5 @@
-"""CUDA-graph decode without a GPU: when graphs are used and when not, and the logic around them under an emulated graph.
+"""CUDA-graph decode without a GPU: when graphs are used and when not, and the logic around them under
+an emulated graph.
 
 The emulation stands in for phixtral.decode_graph._capture: the capture runs the step once (as the warm-up does) and
 each replay runs it again on the static inputs and writes the static output in place, as a replayed graph does. So the
@@ -318,10 +319,10 @@ def test_stale_graphs_are_not_copied_or_pickled(model, graphs):
     assert torch.load(buf, weights_only=False) is None
 
 
-# --- the benchmark's graph provider ------------------------------------------------------------------------------------
+# --- the benchmark's graph provider -----------------------------------------------------------------------------------
 def test_benchmark_graph_provider_runs_the_library_path(monkeypatch):
-    """bench_generate's fused_graph row (run_graph: the check against eager steps, then generate(cuda_graph=True)) on the
-    quick model under the emulation, with the Triton interpreter as its backend."""
+    """bench_generate's fused_graph row (run_graph: the check against eager steps, then generate(cuda_graph=True)) on
+    the quick model under the emulation, with the Triton interpreter as its backend."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     bench = importlib.import_module("bench_generate")
     emulation = Emulation()

@@ -20,7 +20,8 @@ from phixtral.serve.engine import Request, SamplingParams, _RowSampler
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda"
 
-# 6, 7 and 8 tokens: prefills of 6 and 24 tokens, which take the decode shapes' kernel variants (warmed by gpu_check.sh).
+# 6, 7 and 8 tokens: prefills of 6 and 24 tokens, which take the decode shapes' kernel variants (warmed by
+# gpu_check.sh).
 PROMPTS = ["def fib(n):", "import os\nclass Config:", "for i in range(10):\n    "]
 SAMPLED = dict(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.2, seed=1234)
 
@@ -135,8 +136,8 @@ def test_torch_backend_decodes_eagerly_and_triton_captures_again(model):
 
 
 def test_scores_attention_mode_on_the_gpu(model):
-    """fp16 q, k, v into SDPA (q pre-scaled) against today's fp32 upcast: logits within fp16 rounding of each other and of
-    the fp32 model, and graph decode equal to eager decode in that mode too."""
+    """fp16 q, k, v into SDPA (q pre-scaled) against today's fp32 upcast: logits within fp16 rounding of each other and
+    of the fp32 model, and graph decode equal to eager decode in that mode too."""
     ids, mask = ids_of(model, PROMPTS)
     ref_model = phixtral.from_pretrained(
         phixtral.default_model_path(), device=DEVICE, dtype=torch.float32, backend="torch"

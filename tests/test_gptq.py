@@ -1,6 +1,6 @@
-"""GPTQ checkpoints (AutoGPTQ v1 layout): found by from_pretrained by themselves, loaded into packed modules, run through
-the kernels, checked against the model computed from the dequantized tensors, written back in the same layout; bad
-tensors and settings give a ValueError naming them."""
+"""GPTQ checkpoints (AutoGPTQ v1 layout): found by from_pretrained by themselves, loaded into packed modules, run
+through the kernels, checked against the model computed from the dequantized tensors, written back in the same layout;
+bad tensors and settings give a ValueError naming them."""
 
 import json
 from pathlib import Path

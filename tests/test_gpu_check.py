@@ -100,7 +100,10 @@ def test_dry_run_of_every_stage(hidden_env, tmp_path):
     )
     assert "GEMM 1 128x256x64 w8 s4 g16 tma: ok" in bench_log  # sm_90's prefill candidates, TMA ones too
     summary = (tmp_path / "summary.txt").read_text()
-    item = r"GPU tests \(tests/test_kernels\*\.py, test_moe_backward\.py, test_decode_chain\.py, test_decode_graph_gpu\.py\)"
+    item = (
+        r"GPU tests \(tests/test_kernels\*\.py, test_moe_backward\.py, test_decode_chain\.py, "
+        r"test_decode_graph_gpu\.py\)"
+    )
     assert re.search(rf"\| {item} \| {counts[0][1]} collected \| all pass \| dry run \|", summary), summary
     assert re.search(r"\| bench_generate \| 0 \| \d+ \|", summary), summary
     assert re.search(r"\| tune \| 0 \| \d+ \|", summary), summary
@@ -123,7 +126,8 @@ def test_a_stage_cut_at_its_limit_leaves_its_log(tmp_path):
 
 
 def test_warm_index_compiles_that_launch_alone(monkeypatch):
-    """aot --warm: of one fused_moe call, exactly the chosen launch goes to JITFunction.warmup, with its own arguments."""
+    """aot --warm: of one fused_moe call, exactly the chosen launch goes to JITFunction.warmup, with its own
+    arguments."""
     import torch
 
     from phixtral_kernels.launches import KERNEL_MODULES, record_launches
@@ -160,7 +164,10 @@ def test_summary_sums_the_test_processes():
     spec = importlib.util.spec_from_file_location("summarize", ROOT / "benchmarks" / "summarize.py")
     summarize = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summarize)
-    log = "=== tests\n[0/2] ..s.\n[1/2] ..F\n[0/2] 3 passed, 1 skipped in 3.40s\n[1/2] 2 passed, 1 failed, 2 warnings in 2.01s\n"
+    log = (
+        "=== tests\n[0/2] ..s.\n[1/2] ..F\n"
+        "[0/2] 3 passed, 1 skipped in 3.40s\n[1/2] 2 passed, 1 failed, 2 warnings in 2.01s\n"
+    )
     assert summarize.count_tests(log) == ({"passed": 5, "skipped": 1, "failed": 1}, [])
     assert summarize.count_tests("[0/3] 3 passed in 1.00s\n[1/3] ..\n") == ({"passed": 3}, ["1/3", "2/3"])
     assert summarize.count_tests("aot --warm: 59 compiled in 9.1 s\n== 12 passed, 3 deselected in 1.00s ==\n") == (

@@ -154,7 +154,8 @@ def forbidden_imports(package: str, forbidden, root: Path = ROOT) -> list[str]:
 
 
 def long_files(package: str, max_lines: int = MAX_LINES, root: Path = ROOT) -> list[str]:
-    """ "path: lines" for every source file of `package` over max_lines (the tuned JSON tables are data, not counted)."""
+    """ "path: lines" for every source file of `package` over max_lines (the tuned JSON tables are data, not
+    counted)."""
     lengths = {
         path: len(path.read_text(encoding="utf-8").splitlines()) for path in module_files(package, root).values()
     }

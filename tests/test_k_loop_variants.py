@@ -23,7 +23,8 @@ from phixtral_kernels.grouped_gemm import _k_loop_meta, tma_applies
 
 def _k_per_split(K, cfg):
     """As the launcher splits K: whole BLOCK_K tiles, the same count per split."""
-    return -(-(-(-K // cfg.block_k)) // cfg.split_k) * cfg.block_k
+    tiles = -(-K // cfg.block_k)
+    return -(-tiles // cfg.split_k) * cfg.block_k
 
 
 def _run_both(T, D, F, dtype, cfg1, cfg2):
@@ -42,7 +43,8 @@ def _run_both(T, D, F, dtype, cfg1, cfg2):
 @pytest.mark.parametrize(
     "K, block_k, split_k, even",
     [(64, 32, 1, True), (72, 32, 1, False), (128, 32, 2, True), (160, 32, 2, False), (2560, 64, 1, True),
-     (2560, 128, 1, True), (10240, 128, 4, True), (10240, 128, 8, True), (10240, 128, 3, False), (10240, 256, 3, False)],
+     (2560, 128, 1, True), (10240, 128, 4, True), (10240, 128, 8, True), (10240, 128, 3, False),
+     (10240, 256, 3, False)],
 )  # fmt: skip
 def test_even_k_when_every_split_lies_inside_k(K, block_k, split_k, even):
     """phixtral's D = 2560 and F = 10240 take the maskless loop with every decode and prefill K tile; the interpreter

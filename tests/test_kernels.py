@@ -420,7 +420,8 @@ def _fake_cuda_layer(dtype=torch.float16, T=8, D=64, F=96, E=4):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpus_below_sm80_fall_back_to_torch(fake_gpu, monkeypatch, dtype):
-    """T4 (sm_75): no tensor-core path in Triton and no bf16. "auto" takes the torch path; "triton" says why it cannot."""
+    """T4 (sm_75): no tensor-core path in Triton and no bf16. "auto" takes the torch path; "triton" says why it
+    cannot."""
     from phixtral_kernels import moe, triton_unavailable_reason
 
     monkeypatch.setattr(moe, "_moe_torch", lambda *args: "torch path")

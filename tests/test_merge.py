@@ -229,7 +229,8 @@ def test_mismatched_expert_shapes(sources, tmp_path):
     _fails(
         d,
         tmp_path,
-        r"(?s)do not fit the base.*experts\[1\].*n_embd = 48, but the base model has n_embd = 32.*experts\[2\].*n_layer = 3",
+        r"(?s)do not fit the base.*experts\[1\].*n_embd = 48, but the base model has n_embd = 32"
+        r".*experts\[2\].*n_layer = 3",
     )
 
 

@@ -106,7 +106,8 @@ def test_expert_with_no_tokens_gets_zero_gradients():
 
 @pytest.mark.parametrize("requires", [("gate_weight",), ("x", "gate_weight")], ids=["gate_only", "x_and_gate"])
 def test_router_training_gradients(requires, monkeypatch):
-    """Router training: only the requested gradients, and only the launches they need (no recompute for the gate alone)."""
+    """Router training: only the requested gradients, and only the launches they need (no recompute for the gate
+    alone)."""
     calls = []
     for name in ("expert_preact", "expert_grad_input", "expert_weight_grad"):
         real = getattr(backward_module, name)
@@ -142,7 +143,8 @@ def test_sum_loss_gradient_with_zero_strides():
 
 
 def test_inference_path_unchanged():
-    """No grad needed: the plain forward (no Function), bit-identical to the pipeline run op by op and to the Function's."""
+    """No grad needed: the plain forward (no Function), bit-identical to the pipeline run op by op and to the
+    Function's."""
     layer = moe_layer(37, 64, 96, 4, torch.float16)
     plain = fused_moe(*layer, 2, backend="triton")
     assert plain.grad_fn is None

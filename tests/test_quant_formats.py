@@ -172,7 +172,7 @@ def test_weights_reaches_formats_through_the_registry_only():
     assert "gptq" not in names and not names & {"GPTQConfig", "quantized_map", "check_g_idx", "finish_quantized"}
 
 
-# --- old homes ---------------------------------------------------------------------------------------------------------
+# --- old homes --------------------------------------------------------------------------------------------------------
 def test_moved_names_stay_importable_from_their_old_homes():
     sys.modules.pop("phixtral.gptq", None)
     with warnings.catch_warnings(record=True) as caught:

@@ -1,5 +1,5 @@
-"""Weight-only quantized experts: the packed layout (GPTQ v1), the container's checks, the RTN quantizer, and the grouped
-GEMM's in-loop dequantization against dequantize-then-matmul.
+"""Weight-only quantized experts: the packed layout (GPTQ v1), the container's checks, the RTN quantizer, and the
+grouped GEMM's in-loop dequantization against dequantize-then-matmul.
 
 On a CPU-only machine the kernels run under the Triton interpreter (tests/conftest.py); on a GPU they are compiled.
 """
@@ -190,8 +190,8 @@ def _check_gemms(x, gate, q1, b1, q2, b2, top_k, cfg1, cfg2):
     "bits, group_size, sym, act_order", list(itertools.product([4, 8], [32, 64, -1], [True, False], [False, True]))
 )
 def test_quantized_gemms_match_dequantize_then_matmul(bits, group_size, sym, act_order):
-    """Every layout the kernel branches on, fp32 (exact dequantization, ieee dot): GEMM 1 with its gather and GELU, GEMM 2
-    with split-K, the routing weight and the scatter."""
+    """Every layout the kernel branches on, fp32 (exact dequantization, ieee dot): GEMM 1 with its gather and GELU,
+    GEMM 2 with split-K, the routing weight and the scatter."""
     case = _gemm_case(bits, group_size, sym, act_order)
     _check_gemms(*case, GemmConfig(32, 64, 64, num_stages=1), GemmConfig(32, 64, 64, split_k=2, num_stages=1))
 

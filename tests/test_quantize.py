@@ -29,7 +29,8 @@ def _quantize(out, *args):
 
 
 def test_rtn_round_trip(tmp_path, capsys):
-    """quantize -> load: the logits of the model computed from the dequantized files (fp32), and near the float model."""
+    """quantize -> load: the logits of the model computed from the dequantized files (fp32), and near the float
+    model."""
     assert _quantize(tmp_path / "q", "--bits", "8", "--group-size", "32", "--no-sym") == 0
     assert "8-bit rtn, group size 32" in capsys.readouterr().err
     folder = tmp_path / "q"
@@ -132,7 +133,8 @@ def test_gptq_halves_the_output_error_of_rtn_on_one_linear(group_size, act_order
 
 
 def test_gptq_beats_rtn_on_its_calibration_text(tmp_path):
-    """4-bit, groups of 32, act-order, calibrated on a text file: the logits on that kind of text err less than RTN's."""
+    """4-bit, groups of 32, act-order, calibrated on a text file: the logits on that kind of text err less than
+    RTN's."""
     calib = tmp_path / "calib.txt"
     calib.write_text(_corpus())
     args = [

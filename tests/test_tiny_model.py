@@ -1,4 +1,5 @@
-"""The bundled tiny phixtral: a real phixtral checkpoint that loads, generates code-like text and has learned something."""
+"""The bundled tiny phixtral: a real phixtral checkpoint that loads, generates code-like text and has learned
+something."""
 
 import json
 import re

@@ -17,6 +17,7 @@ from phixtral_kernels.gemm_configs import SM90_PREFILL, GemmConfig, heuristic_co
 from phixtral_kernels.shared_memory import gemm_shared_bytes
 
 GPU = "NVIDIA H200"
+TABLE_FILE = gemm_configs.table_name(GPU) + ".json"
 DIMS = (2560, 10240)
 CUDA0 = torch.device("cuda", 0)
 
@@ -59,7 +60,7 @@ def gpu(monkeypatch, tmp_path):
     gemm_configs.clear_cache()
     gemm_configs._cuda_capability.cache_clear()
 
-    def write(table, name=gemm_configs.table_name(GPU) + ".json"):
+    def write(table, name=TABLE_FILE):
         path = tmp_path / name
         path.write_text(table if isinstance(table, str) else json.dumps(table))
         gemm_configs.clear_cache()

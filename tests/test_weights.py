@@ -1,4 +1,5 @@
-"""Config layouts, key-name maps, sharded loading, writing in the phi-msft layout, and the errors for bad checkpoints."""
+"""Config layouts, key-name maps, sharded loading, writing in the phi-msft layout, and the errors for bad
+checkpoints."""
 
 import json
 import shutil
@@ -27,7 +28,8 @@ HF_PHI_2 = {  # microsoft/phi-2 config.json as transformers 5 writes it
     "eos_token_id": 50256, "hidden_act": "gelu_new", "hidden_size": 2560, "initializer_range": 0.02,
     "intermediate_size": 10240, "layer_norm_eps": 1e-05, "max_position_embeddings": 2048, "model_type": "phi",
     "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "qk_layernorm": False,
-    "resid_pdrop": 0.1, "rope_parameters": {"partial_rotary_factor": 0.4, "rope_theta": 10000.0, "rope_type": "default"},
+    "resid_pdrop": 0.1,
+    "rope_parameters": {"partial_rotary_factor": 0.4, "rope_theta": 10000.0, "rope_type": "default"},
     "tie_word_embeddings": False, "dtype": "float16", "vocab_size": 51200,
 }  # fmt: skip
 

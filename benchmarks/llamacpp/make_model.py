@@ -1,4 +1,5 @@
-"""The random phi-2-architecture model of bench_cpu_decode.py (same config, seed 0) with a small byte-level BPE trained\non the standard library, which llama.cpp's converter needs: python make_model.py OUT_DIR."""
+"""The random phi-2-architecture model of bench_cpu_decode.py (same config, seed 0) with a small byte-level BPE trained
+on the standard library, which llama.cpp's converter needs: python make_model.py OUT_DIR."""
 
 import glob
 import os

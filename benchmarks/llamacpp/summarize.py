@@ -28,5 +28,6 @@ for t in (2, 1):
                 tg, tgs = r["tg32"]
                 pp, pps = r["pp64"]
                 print(
-                    f"{mod:6} {t:>2} {tg:8.2f} ± {tgs:5.2f} {1000 / tg:9.2f} {pp:9.2f} ± {pps:5.2f} {r['load']:6.2f}  sweep {r['sweep']}"
+                    f"{mod:6} {t:>2} {tg:8.2f} ± {tgs:5.2f} {1000 / tg:9.2f} {pp:9.2f} ± {pps:5.2f} {r['load']:6.2f}  "
+                    f"sweep {r['sweep']}"
                 )
