@@ -45,7 +45,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "openai>=1.0", *BROWSER_TEST, *SERVE, *LM_EVAL],
         "bench": ["matplotlib", "pytest-benchmark"],
         # CI's lint step (ruff.toml): `ruff format --check . && ruff check .`
-        "lint": ["ruff>=0.6"],
+        "lint": ["ruff>=0.17,<0.18"],
     },
     entry_points={
         "console_scripts": ["phixtral = phixtral.cli:main"],
