@@ -17,7 +17,8 @@ When: `compile` of generate() / generate_tokens(), else the model's setting (`mo
     "auto"  compiled when it can work and pays: a CPU model, every layer able to run in the graph (float experts, or
             packed ones in bfloat16), torch 2.4 or newer with a C++ compiler for inductor, and either at least
             COMPILE_MIN_STEPS decode steps ahead, or a model that has already decoded COMPILE_AFTER_STEPS steps eagerly
-            in this process (a server, an evaluation loop). A compile costs seconds even when inductor's cache on disk
+            in this process at the same batch size and cache length (an evaluation loop; each new shape is a new
+            compile, so shapes seen rarely stay eager). A compile costs seconds even when inductor's cache on disk
             is warm (tracing the model, loading the compiled code), so a one-off generation of a few hundred tokens
             decodes eagerly; see benchmarks/RESULTS.md. PHIXTRAL_COMPILE=0 (or off, false, no) turns "auto" off.
     True    compiled, else an error that says why not.
@@ -50,7 +51,8 @@ _ENV_OFF = ("0", "off", "false", "no")
 # a few ms on the benchmarks' models (see benchmarks/RESULTS.md).
 COMPILE_MIN_STEPS = 256
 COMPILE_AFTER_STEPS = 1024
-_eager_steps = weakref.WeakKeyDictionary()  # model -> decode steps it ran eagerly under "auto" in this process
+# model -> {(batch, cache length): decode steps it ran eagerly under "auto" in this process}
+_eager_steps = weakref.WeakKeyDictionary()
 _COMPILE_LOCK = threading.Lock()
 # Compiled graphs kept behind the process's one compiled step function (models x batch sizes x cache lengths x padding).
 RECOMPILE_LIMIT = 64
@@ -139,8 +141,12 @@ def compile_wanted(model: Phixtral, *, compile=None, steps: int) -> bool:
     if mode == "auto":
         if model.device.type != "cpu":
             return False
-        if steps < COMPILE_MIN_STEPS and _eager_steps.get(model, 0) < COMPILE_AFTER_STEPS:
-            _eager_steps[model] = _eager_steps.get(model, 0) + steps
+        # Counted per cache shape (batch, length): each new shape is a new compile, so a model that decodes many
+        # shapes (batches of varying sizes, prompts of varying lengths) compiles only the ones it keeps coming back to.
+        counts = _eager_steps.setdefault(model, {})
+        shape = (model.h[0].mixer.kv_cache.k_cache.shape[0], model.cache_length)
+        if steps < COMPILE_MIN_STEPS and counts.get(shape, 0) < COMPILE_AFTER_STEPS:
+            counts[shape] = counts.get(shape, 0) + steps
             return False
     reason = compile_unavailable_reason(model)
     if reason is not None:

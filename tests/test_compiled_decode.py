@@ -117,8 +117,10 @@ def test_auto_compiles_long_generations_and_busy_models_only(monkeypatch):
     model.generate(PROMPT, max_new_tokens=21)
     model.generate(PROMPT, max_new_tokens=21)
     assert not model.last_generation_stats.compiled  # 20 + 20 + 20 eager steps so far
+    model.generate(torch.cat([PROMPT, PROMPT]), max_new_tokens=21)
+    assert not model.last_generation_stats.compiled  # a batch of two is another shape, with its own count
     model.generate(PROMPT, max_new_tokens=21)
-    assert model.last_generation_stats.compiled  # a model that keeps decoding (a server) compiles
+    assert model.last_generation_stats.compiled  # a model that keeps decoding one shape compiles it
     monkeypatch.setenv("PHIXTRAL_COMPILE", "0")
     model.generate(PROMPT, max_new_tokens=41)
     assert not model.last_generation_stats.compiled

@@ -93,6 +93,27 @@ def test_static_engine_batches_in_arrival_order_within_the_context(model):
     assert [r.finish_reason for r in rs] == ["length"] * 5
 
 
+def test_static_engine_never_compiles_mid_serving(model, monkeypatch):
+    """A compile would stall every client for seconds, once per batch shape: the static batches decode eagerly even
+    where "auto" would compile (here: from the first step)."""
+    from phixtral import compiled_decode, decode_graph
+
+    monkeypatch.setattr(compiled_decode, "COMPILE_MIN_STEPS", 1)
+    model.setup_caches(2, 64)
+    wanted = compiled_decode.compile_wanted(model, compile="auto", steps=4)
+    assert wanted == (compiled_decode.compile_unavailable_reason(model) is None)  # where it can, "auto" would compile
+    engine = Engine(model, max_batch_size=2, batching="static")
+    c = Collector(engine)
+    rs = [c.submit(ids_of(model, p), max_tokens=4) for p in PROMPTS[:2]]
+    monkeypatch.setattr(decode_graph, "CompiledStep", None)  # a compiled step would fail the batch
+    engine.start()
+    try:
+        c.wait()
+    finally:
+        engine.stop()
+    assert [r.finish_reason for r in rs] == ["length", "length"]
+
+
 def test_continuous_engine_lets_short_requests_join_and_leave_a_long_one(model):
     """A long request runs; short ones submitted once it has produced tokens join its decode steps and finish first."""
     expected_long = model.generate(PROMPTS[1], max_new_tokens=40)

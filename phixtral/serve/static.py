@@ -88,7 +88,12 @@ def _run(engine, rows: list[Row]) -> None:
     steps = None
     try:
         steps = generate_tokens(
-            model, ids, mask, max_new_tokens=max(r.params.max_tokens for r in batch), sampler=sampler
+            model,
+            ids,
+            mask,
+            max_new_tokens=max(r.params.max_tokens for r in batch),
+            sampler=sampler,
+            compile=False,  # a compile mid-serving would stall every client for seconds, once per batch shape
         )
         for host in steps:
             for b, row in enumerate(rows):
