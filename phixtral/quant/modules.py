@@ -134,6 +134,7 @@ class QuantizedExpertLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self.materialize_qweight()  # moving or casting: the GPTQ form goes along; the packed one is made again
+        self._cache.clear()  # its containers hold the buffers being replaced (to_empty: a finished layer's memory)
         return super()._apply(fn, recurse)
 
     def graph_unavailable_reason(self, x: torch.Tensor, backend: str) -> Optional[str]:

@@ -174,7 +174,4 @@ class _GPTQ:
                                                    bar=self.bar))  # fmt: skip
             state = {f"h.{j}.{k}": v for k, v in self.work.h[j].state_dict().items()}
             self.work.h[j].to_empty(device="meta")  # the state holds the tensors until the writer has them
-            for m in self.work.h[j].modules():  # a packed module's container cache holds its buffers: drop them too
-                if hasattr(m, "_cache"):
-                    m._cache.clear()
         return state
