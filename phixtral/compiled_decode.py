@@ -144,7 +144,7 @@ def compile_wanted(model: Phixtral, *, compile=None, steps: int) -> bool:
         # Counted per cache shape (batch, length): each new shape is a new compile, so a model that decodes many
         # shapes (batches of varying sizes, prompts of varying lengths) compiles only the ones it keeps coming back to.
         counts = _eager_steps.setdefault(model, {})
-        shape = (model.h[0].mixer.kv_cache.k_cache.shape[0], model.cache_length)
+        shape = (model.cache_batch_size, model.cache_length)
         if steps < COMPILE_MIN_STEPS and counts.get(shape, 0) < COMPILE_AFTER_STEPS:
             counts[shape] = counts.get(shape, 0) + steps
             return False

@@ -337,6 +337,12 @@ class Phixtral(nn.Module):
         cache = self.h[0].mixer.kv_cache if len(self.h) else None
         return 0 if cache is None else cache.k_cache.shape[2]
 
+    @property
+    def cache_batch_size(self) -> int:
+        """Rows in the KV cache (0 when none is set up)."""
+        cache = self.h[0].mixer.kv_cache if len(self.h) else None
+        return 0 if cache is None else cache.k_cache.shape[0]
+
     # --- forward -----------------------------------------------------------------------------------------------------
     def _rope(self, position_ids: torch.Tensor):
         # position_ids [B, S] -> cos, sin [B, S, 1, rotary_dim / 2] fp32, the same arithmetic as transformers' Phi
@@ -363,7 +369,7 @@ class Phixtral(nn.Module):
         else:
             if self.cache_length == 0:
                 raise RuntimeError("input_pos given but no KV cache: call setup_caches(batch_size, length) first")
-            cache_batch = self.h[0].mixer.kv_cache.k_cache.shape[0]
+            cache_batch = self.cache_batch_size
             if tuple(input_pos.shape) not in ((S,), (B, S)):
                 raise ValueError(
                     f"input_pos must have shape [S={S}] or [B={B}, S={S}] (one cache slot per new token), "
