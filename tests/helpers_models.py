@@ -350,3 +350,29 @@ def dequantize_gptq_tensors(tensors: dict, bits: int) -> dict:
         q, z, scales, g_idx = gptq_codes(tensors, m, bits)
         out[m + ".weight"] = (scales[g_idx] * (q - z[g_idx]).float()).t().contiguous()
     return out
+
+
+def eager_and_graph_step_logits(model, ids, mask, max_new_tokens: int) -> tuple:
+    """Each decode step's logits [steps, B, V] of an eager run and of a CUDA-graph run (generate_tokens, cuda_graph
+    False / True) fed the same tokens: the eager run's greedy ones. Asserts that each run took the path asked for."""
+    from phixtral.generate import generate_tokens
+
+    logits, fed = {False: [], True: []}, []
+
+    def record(graph):
+        def sampler(x):
+            logits[graph].append(x.clone())
+            if not graph:
+                fed.append(x.argmax(-1))
+            return fed[len(logits[graph]) - 1]
+
+        return sampler
+
+    for graph in (False, True):
+        stats = {"prefill_s": 0.0, "decode_s": 0.0}
+        for _ in generate_tokens(
+            model, ids, mask, max_new_tokens=max_new_tokens, sampler=record(graph), stats=stats, cuda_graph=graph
+        ):
+            pass
+        assert stats.get("cuda_graph", False) is graph
+    return torch.stack(logits[False]), torch.stack(logits[True])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_models import msft_moe_checkpoint
+from helpers_models import eager_and_graph_step_logits, msft_moe_checkpoint
 
 import phixtral
 from phixtral import decode_graph
@@ -159,25 +159,9 @@ def test_graph_logits_equal_eager_logits_step_by_step(model, graphs):
     S = max(map(len, rows))
     ids = torch.tensor([[0] * (S - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (S - len(r)) + [1] * len(r) for r in rows])
-    logits, fed = {False: [], True: []}, []
-
-    def record(graph):
-        def sampler(x):
-            logits[graph].append(x.clone())
-            if not graph:
-                fed.append(x.argmax(-1))
-            return fed[len(logits[graph]) - 1]
-
-        return sampler
-
-    for graph in (False, True):
-        stats = {"prefill_s": 0.0, "decode_s": 0.0}
-        sampler = record(graph)
-        for _ in generate_tokens(model, ids, mask, max_new_tokens=8, sampler=sampler, stats=stats, cuda_graph=graph):
-            pass
-        assert stats.get("cuda_graph", False) is graph
-    assert graphs.replays == 7 and len(logits[True]) == len(logits[False]) == 8
-    assert torch.equal(torch.stack(logits[True]), torch.stack(logits[False]))
+    eager, graph = eager_and_graph_step_logits(model, ids, mask, max_new_tokens=8)
+    assert graphs.replays == 7 and len(graph) == len(eager) == 8
+    assert torch.equal(graph, eager)
 
 
 def test_a_graph_serves_generations_with_other_padding(model, graphs):

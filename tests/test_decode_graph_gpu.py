@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers_models import eager_and_graph_step_logits
 
 import phixtral
 from phixtral import decode_graph
@@ -79,25 +80,7 @@ def test_graph_logits_equal_eager_logits_step_by_step(model):
     """Both runs fed the same tokens: the replayed step runs the eager step's kernels on the same inputs, so every
     step's logits are the eager step's bits."""
     ids, mask = ids_of(model, PROMPTS)
-    logits, fed = {False: [], True: []}, []
-
-    def record(graph):
-        def sampler(x):
-            logits[graph].append(x.clone())
-            if not graph:
-                fed.append(x.argmax(-1))
-            return fed[len(logits[graph]) - 1]
-
-        return sampler
-
-    for graph in (False, True):
-        stats = {"prefill_s": 0.0, "decode_s": 0.0}
-        for _ in generate_tokens(
-            model, ids, mask, max_new_tokens=24, sampler=record(graph), stats=stats, cuda_graph=graph
-        ):
-            pass
-        assert stats.get("cuda_graph", False) is graph
-    eager, graph = torch.stack(logits[False]), torch.stack(logits[True])
+    eager, graph = eager_and_graph_step_logits(model, ids, mask, max_new_tokens=24)
     assert torch.isfinite(graph).all()
     assert torch.equal(graph, eager), f"largest difference {(graph - eager).abs().max().item():.3g}"
 
