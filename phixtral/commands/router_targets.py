@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from phixtral_kernels import fused_moe
 
 
-def _expert_forward(moe, e: int, x: torch.Tensor) -> torch.Tensor:
-    # x [B, S, D] -> [B, S, D]: expert e alone, with routing weight 1 (the softmax over its single pick)
+def expert_forward(moe, e: int, x: torch.Tensor) -> torch.Tensor:
+    """One MoE layer's expert e alone on x [B, S, D] -> [B, S, D], with routing weight 1 (the softmax over its single
+    pick)."""
     w1, w2 = moe.fc1.weight_for(x), moe.fc2.weight_for(x)
     y = fused_moe(
         x.reshape(-1, x.shape[-1]),  # [T, D]
@@ -44,7 +45,7 @@ def only_expert(model, e: int):
         raise ValueError(f"expert must be in [0, {E}), got {e}")
     moes = [block.moe for block in model.h]
     for moe in moes:
-        moe.forward = lambda x, moe=moe: _expert_forward(moe, e, x)  # an instance attribute shadows MoE.forward
+        moe.forward = lambda x, moe=moe: expert_forward(moe, e, x)  # an instance attribute shadows MoE.forward
     try:
         yield model
     finally:
@@ -146,6 +147,7 @@ def ridge_init(model, streams: dict[str, torch.Tensor], *, windows: int, seq_len
 
 
 __all__ = [
+    "expert_forward",
     "expert_token_losses",
     "moe_inputs",
     "only_expert",
