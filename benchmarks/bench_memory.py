@@ -212,14 +212,15 @@ def sizes(shape: dict, layers: int) -> dict:
 
 def gptq_parts(shape: dict, samples: int, seq_len: int) -> dict:
     """GPTQ's peak from its parts, in bytes (fp32 throughout): one layer's float weights, the calibration activations
-    [n, S, D] (the layer's input and, per batch, what it computes), the largest Linear stack's Hessians (fc2: E of
-    [F, F]) and the solver's working set on one expert of it (its weight, H, its Cholesky factors, the codes of every
-    expert until they are packed)."""
-    D, F, E = shape["n_embd"], shape.get("n_inner") or 4 * shape["n_embd"], shape["num_local_experts"]
+    [n, S, D] (the layer's input and, per batch, what it computes), the largest Hessian (fc2's, [F, F]: one expert's at
+    a time, which is also the solver's scratch space) and the solver's working set on that expert (a copy of its
+    weight, one [F, F] temporary, its codes and the error propagation's [D, F] product)."""
+    D, F = shape["n_embd"], shape.get("n_inner") or 4 * shape["n_embd"]
+    E = shape["num_local_experts"]
     layer = (4 * D * D + 2 * E * D * F) * 4
     acts = samples * seq_len * D * 4
-    hessians = E * F * F * 4
-    solver = D * F * 4 + 3 * F * F * 4 + E * D * F * 4
+    hessians = F * F * 4
+    solver = 3 * D * F * 4 + F * F * 4
     return dict(layer=layer, activations=acts, hessians=hessians, solver=solver,
                 total=layer + acts + hessians + solver)  # fmt: skip
 

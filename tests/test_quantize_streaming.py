@@ -109,6 +109,26 @@ def test_gptq_holds_one_layer_and_writes_shards_as_they_fill(tmp_path, monkeypat
     assert model.quantization == gptq and torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
 
 
+def test_gptq_holds_one_expert_hessian_of_fc2_at_a_time(tmp_path, monkeypatch):
+    """fc2's Hessians ([F, F] per expert, the largest) are made one at a time, each when its expert is solved and gone
+    before the next is made; the files still equal the in-memory path's (checked above)."""
+    from phixtral.quant import gptq_solver
+
+    made, alive_then = [], []
+    real_init = gptq_solver._Hessians.__init__
+
+    def init(self, E, K, device):
+        real_init(self, E, K, device)
+        if K == 4 * 64:  # fc2's input width: n_inner = 4 * n_embd
+            alive_then.append(sum(r() is not None for r in made))
+            made.append(weakref.ref(self.H))
+
+    monkeypatch.setattr(gptq_solver._Hessians, "__init__", init)
+    _command(msft_moe_checkpoint(), tmp_path / "q", "--bits", "4", "--group-size", "32", "--method", "gptq",
+             "--act-order", *CALIB)  # fmt: skip
+    assert len(made) == 2 * 4 and alive_then == [0] * 8  # 2 layers x 4 experts, none alive when the next is made
+
+
 def test_an_already_quantized_source_is_refused(tmp_path, capsys):
     _command(msft_moe_checkpoint(), tmp_path / "q", "--bits", "8", "--group-size", "32")
     argv = ["quantize", "--model", str(tmp_path / "q"), "--out", str(tmp_path / "again"), "--bits", "4"]

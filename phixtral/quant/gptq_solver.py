@@ -30,17 +30,20 @@ from .gptq_format import GPTQConfig
 from .rtn import float_bias, float_weight, set_quantized
 
 
-def gptq_quantize(w: torch.Tensor, H: torch.Tensor, gptq: GPTQConfig, *, block_size: int = 128):
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, gptq: GPTQConfig, *, block_size: int = 128,
+                  overwrite_h: bool = False):  # fmt: skip
     """GPTQ on one Linear: w [N, K] float, H [K, K] = 2/n sum x x^T of its inputs -> (q [K, N] codes, scale [G, N],
     zero [G, N], g_idx [K] or None, the Hessian-weighted error sum).
 
     Columns are quantized in order (by decreasing H diagonal with desc_act); each group's grid (`quant_grid`) is set
     when its first column comes up, from the columns as the earlier errors left them. Dead inputs (H_kk = 0) are
-    quantized as zeros. Damping: damp_percent of the mean diagonal.
+    quantized as zeros. Damping: damp_percent of the mean diagonal. overwrite_h: H (float32) is the solver's scratch
+    space, which saves a [K, K] copy; the caller must not read it afterwards. Beside that space, one [K, K] temporary
+    at a time: the permutation and each factor of the inverse are computed into it and copied back.
     """
     W = w.detach().float().clone()
     N, K = W.shape
-    H = H.detach().float().clone()
+    H = H.detach() if overwrite_h and H.dtype == torch.float32 else H.detach().float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -48,9 +51,10 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, gptq: GPTQConfig, *, block_s
     perm = None
     if gptq.desc_act:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-    H += gptq.damp_percent * torch.mean(torch.diag(H)) * torch.eye(K, device=H.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        W = W[:, perm]
+        H.copy_(H[perm[:, None], perm[None, :]])
+    H.diagonal().add_(gptq.damp_percent * torch.mean(torch.diag(H)))
+    Hinv = _inverse_upper_cholesky_(H)
     Q = torch.zeros(K, N, device=W.device)
     scales = torch.zeros(K // gs, N, device=W.device)
     zeros = torch.zeros(K // gs, N, device=W.device)
@@ -85,9 +89,17 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, gptq: GPTQConfig, *, block_s
     return Q, scales, zeros, g_idx, loss
 
 
-def _pack(codes: list, scales: list, zeros: list, g_idx: list, gptq: GPTQConfig) -> QuantizedExperts:
-    """Stack per-expert GPTQ results into a QuantizedExperts."""
-    q = pack_rows(torch.stack(codes).to(torch.int32), gptq.bits)
+def _inverse_upper_cholesky_(H: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor of H's inverse, computed in H's memory (H [K, K] symmetric positive definite)."""
+    H.copy_(torch.linalg.cholesky(H))
+    H.copy_(torch.cholesky_inverse(H))
+    H.copy_(torch.linalg.cholesky(H, upper=True))
+    return H
+
+
+def _pack(packed: list, scales: list, zeros: list, g_idx: list, gptq: GPTQConfig) -> QuantizedExperts:
+    """Stack per-expert GPTQ results (codes already packed by pack_rows) into a QuantizedExperts."""
+    q = torch.stack(packed)
     qzeros = None if gptq.sym else pack_cols((torch.stack(zeros) - 1).to(torch.int32), gptq.bits)
     g = torch.stack(g_idx).to(torch.int32) if g_idx[0] is not None else None
     return QuantizedExperts(q, qzeros, torch.stack(scales).half(), g, gptq.bits, gptq.group_size)
@@ -99,6 +111,10 @@ class _Hessians:
     def __init__(self, E: int, K: int, device):
         self.H = torch.zeros(E, K, K, device=device)
         self.n = [0] * E
+
+    def of(self, e: int) -> tuple[torch.Tensor, int]:
+        """(expert e's H, rows seen): _quantize_stack's hessian_of."""
+        return self.H[e], self.n[e]
 
     def add(self, e: int, x: torch.Tensor) -> None:
         # x [rows, K]; running mean of 2 x x^T, as GPTQ's add_batch
@@ -112,15 +128,23 @@ class _Hessians:
         self.n[e] = total
 
 
-def _quantize_stack(model, name: str, hessians: _Hessians, gptq: GPTQConfig) -> float:
+def _quantize_stack(model, name: str, hessian_of, gptq: GPTQConfig) -> float:
+    """GPTQ of the Linear stack `name`, one expert at a time: hessian_of(e) -> (H [K, K] float32, rows seen) is called
+    when expert e's turn comes, and its H is the solver's scratch space (so an expert's Hessian can be made just before
+    it is solved and is gone after); each expert's codes are packed before the next expert is solved."""
     module = model.get_submodule(name)
     w = float_weight(module)
-    # An expert no calibration token reached has H = 0: every input would count as dead and be zeroed. The identity
-    # instead makes GPTQ plain rounding for it.
-    eye = torch.eye(w.shape[2], device=w.device)
-    results = [gptq_quantize(w[e], hessians.H[e] if hessians.n[e] else eye, gptq) for e in range(w.shape[0])]
-    codes, scales, zeros, g_idx, losses = zip(*results)
-    set_quantized(model, name, _pack(codes, scales, zeros, g_idx, gptq), float_bias(module))
+    packed, scales, zeros, g_idx, losses = [], [], [], [], []
+    for e in range(w.shape[0]):
+        H, rows = hessian_of(e)
+        if not rows:  # no calibration token reached the expert: H = 0 would zero every input; the identity rounds
+            H = torch.eye(w.shape[2], device=w.device)
+        q, s, z, g, loss = gptq_quantize(w[e], H, gptq, overwrite_h=True)
+        del H
+        packed.append(pack_rows(q.to(torch.int32), gptq.bits))
+        del q
+        scales.append(s), zeros.append(z), g_idx.append(g), losses.append(loss)
+    set_quantized(model, name, _pack(packed, scales, zeros, g_idx, gptq), float_bias(module))
     return sum(losses)
 
 
@@ -188,32 +212,41 @@ def quantize_layer_gptq(model, i: int, x: torch.Tensor, gptq: GPTQConfig, *, bat
         for e, rows in enumerate(_moe_inputs(block.moe, flat)):
             fc1_in.add(e, rows)
     for name, H in ((prefix + ".mixer.Wqkv", attn_in), (prefix + ".moe.fc1", fc1_in)):
-        losses[name] = _quantize_stack(model, name, H, gptq)
+        losses[name] = _quantize_stack(model, name, H.of, gptq)
         if bar is not None:
             bar.update(1)
     del attn_in, fc1_in
-    # 2. out_proj reads the attention output, fc2 the hidden units, both from the quantized Wqkv / fc1
+    # 2. out_proj reads the attention output, fc2 the hidden units, both from the quantized Wqkv / fc1. fc2's Hessians
+    # are [F, F] each: one expert's is made when that expert is solved, so one is alive at a time.
     out_proj_in = _Hessians(1, block.mixer.out_proj.in_features, device)
-    F_ = block.moe.fc1.weight.shape[1]
-    fc2_in = _Hessians(E, F_, device)
     hook = block.mixer.out_proj.register_forward_pre_hook(_collect_into(out_proj_in))
     try:
         for xb, h in _ln_batches(x, block, batch_size):
             cos, sin = model._rope(position_ids[: xb.shape[0]])
             block.mixer(h, cos, sin, None, None)
-            flat = h.reshape(-1, D)
-            fc1 = block.moe.fc1.weight  # quantized in step 1
-            for e, rows in enumerate(_moe_inputs(block.moe, flat)):
-                if rows.shape[0]:
-                    w1 = dequantize_experts(fc1.select(e), rows.dtype)[0]
-                    fc2_in.add(e, gelu_tanh(F.linear(rows, w1, block.moe.fc1.bias[e])))
     finally:
         hook.remove()
-    for name, H in ((prefix + ".mixer.out_proj", out_proj_in), (prefix + ".moe.fc2", fc2_in)):
-        losses[name] = _quantize_stack(model, name, H, gptq)
-        if bar is not None:
-            bar.update(1)
-    del out_proj_in, fc2_in
+    name = prefix + ".mixer.out_proj"
+    losses[name] = _quantize_stack(model, name, out_proj_in.of, gptq)
+    del out_proj_in
+    if bar is not None:
+        bar.update(1)
+
+    def fc2_hessian(e: int) -> tuple[torch.Tensor, int]:
+        fc2_in = _Hessians(1, block.moe.fc1.weight.shape[1], device)
+        w1 = None
+        for _, h in _ln_batches(x, block, batch_size):
+            rows = _moe_inputs(block.moe, h.reshape(-1, D))[e]
+            if rows.shape[0]:
+                if w1 is None:
+                    w1 = dequantize_experts(block.moe.fc1.weight.select(e), rows.dtype)[0]  # quantized in step 1
+                fc2_in.add(0, gelu_tanh(F.linear(rows, w1, block.moe.fc1.bias[e])))
+        return fc2_in.H[0], fc2_in.n[0]
+
+    name = prefix + ".moe.fc2"
+    losses[name] = _quantize_stack(model, name, fc2_hessian, gptq)
+    if bar is not None:
+        bar.update(1)
     # 3. the next layer's inputs: this layer, quantized
     for b in range(0, B, batch_size):
         xb = x[b : b + batch_size]
