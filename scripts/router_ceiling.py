@@ -20,15 +20,18 @@ import json
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import phixtral
-from phixtral.commands.evaluate import evaluate
-from phixtral.commands.router_targets import expert_forward, moe_inputs, spaced_windows
-from phixtral.commands.stdlib_data import EXPERT_SLICES, SLICES, slice_texts
-from phixtral.commands.train_router import RouterTrainingSettings, TokenData, load_token_data, train_router
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import phixtral  # noqa: E402
+from phixtral.commands.evaluate import evaluate  # noqa: E402
+from phixtral.commands.router_targets import expert_forward, moe_inputs, spaced_windows  # noqa: E402
+from phixtral.commands.stdlib_data import EXPERT_SLICES, SLICES, slice_texts  # noqa: E402
+from phixtral.commands.train_router import RouterTrainingSettings, TokenData, load_token_data, train_router  # noqa: E402
 
 
 def causal_mean(x: torch.Tensor) -> torch.Tensor:
