@@ -343,7 +343,7 @@ def report(result: dict) -> str:
                 lines.append(f"| {scenario} | {p['peak_anon'] / GB:.2f} GB | {p['steady_anon'] / GB:.2f} GB |")
         g = rows["gptq_parts"]
         lines.append(f"| quantize-gptq (parts: layer {g['layer'] / GB:.2f}, activations {g['activations'] / GB:.2f}, "
-                     f"Hessians {g['hessians'] / GB:.2f}, solver {g['solver'] / GB:.2f} GB) | "
+                     f"one fc2 Hessian {g['hessians'] / GB:.2f}, solver {g['solver'] / GB:.2f} GB) | "
                      f"{g['projected'] / GB:.2f} GB | - |")  # fmt: skip
     return "\n".join(lines)
 

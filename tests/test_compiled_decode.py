@@ -10,20 +10,14 @@ import phixtral
 from phixtral import compiled_decode
 from phixtral.compiled_decode import _step, compile_unavailable_reason
 
-pytestmark = pytest.mark.skipif(
-    compiled_decode._toolchain_reason() is not None, reason=f"{compiled_decode._toolchain_reason()}"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        compiled_decode._toolchain_reason() is not None, reason=f"{compiled_decode._toolchain_reason()}"
+    ),
+    pytest.mark.usefixtures("one_torch_thread"),  # conftest.py
+]
 
 PROMPT = torch.tensor([[5, 17, 42, 7, 99, 3]])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: tiny GEMVs on a shared 2-core machine only wait on each other's time slices with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load(kind: str):

@@ -6,7 +6,8 @@ whole in memory.
     gptq  layer by layer, as AutoGPTQ does with offloading: the calibration activations [n, S, D] are carried from layer
           to layer; each layer's float tensors are read from the files into a model whose other layers stay on the meta
           device, its four Linear stacks solved (gptq_solver.quantize_layer_gptq), its packed state written, then
-          dropped. Peak: one layer's float weights, the activations, that layer's Hessians and the solver's temporaries.
+          dropped. Peak: one layer's float weights, the activations, one expert's fc2 Hessian [F, F] (made when that
+          expert is solved; the solver works in it) and the solver's temporaries.
 The writer (checkpoint_writer.write_msft_files with `produce`) asks for the tensors in the checkpoint map's order, layer
 after layer, so a layer is quantized when its first tensor is due and each shard is written as it fills, inside
 phixtral.atomic's temporary folder. The tensors are those of the in-memory path (load in float32, quantize_model_rtn or
