@@ -175,4 +175,5 @@ class _GPTQ:
                                                    bar=self.bar))  # fmt: skip
             state = {f"h.{j}.{k}": v for k, v in self.work.h[j].state_dict().items()}
             self.work.h[j].to_empty(device="meta")  # the state holds the tensors until the writer has them
+            release_freed_memory()  # the freed temporaries back to the OS, or the next layer peaks on top of them
         return state
