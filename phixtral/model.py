@@ -331,17 +331,20 @@ class Phixtral(nn.Module):
             cache.k_cache[dst, :, :length] = cache.k_cache[src, :, :length]
             cache.v_cache[dst, :, :length] = cache.v_cache[src, :, :length]
 
+    def _cache_dim(self, dim: int) -> int:
+        # a dimension of the first layer's k cache [B, H_kv, L, hd] (attention.KVCache); 0 when none is set up
+        cache = self.h[0].mixer.kv_cache if len(self.h) else None
+        return 0 if cache is None else cache.k_cache.shape[dim]
+
     @property
     def cache_length(self) -> int:
         """Slots in the KV cache (0 when none is set up)."""
-        cache = self.h[0].mixer.kv_cache if len(self.h) else None
-        return 0 if cache is None else cache.k_cache.shape[2]
+        return self._cache_dim(2)
 
     @property
     def cache_batch_size(self) -> int:
         """Rows in the KV cache (0 when none is set up)."""
-        cache = self.h[0].mixer.kv_cache if len(self.h) else None
-        return 0 if cache is None else cache.k_cache.shape[0]
+        return self._cache_dim(0)
 
     # --- forward -----------------------------------------------------------------------------------------------------
     def _rope(self, position_ids: torch.Tensor):
