@@ -97,7 +97,7 @@ def _inverse_upper_cholesky_(H: torch.Tensor) -> torch.Tensor:
     return H
 
 
-def _pack(packed: list, scales: list, zeros: list, g_idx: list, gptq: GPTQConfig) -> QuantizedExperts:
+def _pack(packed, scales, zeros, g_idx, gptq: GPTQConfig) -> QuantizedExperts:
     """Stack per-expert GPTQ results (codes already packed by pack_rows) into a QuantizedExperts."""
     q = torch.stack(packed)
     qzeros = None if gptq.sym else pack_cols((torch.stack(zeros) - 1).to(torch.int32), gptq.bits)
@@ -134,24 +134,25 @@ def _quantize_stack(model, name: str, hessian_of, gptq: GPTQConfig) -> float:
     it is solved and is gone after); each expert's codes are packed before the next expert is solved."""
     module = model.get_submodule(name)
     w = float_weight(module)
-    packed, scales, zeros, g_idx, losses = [], [], [], [], []
+    results = []  # per expert: (packed codes, scale, zero, g_idx, error)
     for e in range(w.shape[0]):
         H, rows = hessian_of(e)
         if not rows:  # no calibration token reached the expert: H = 0 would zero every input; the identity rounds
             H = torch.eye(w.shape[2], device=w.device)
-        q, s, z, g, loss = gptq_quantize(w[e], H, gptq, overwrite_h=True)
+        q, *rest = gptq_quantize(w[e], H, gptq, overwrite_h=True)
         del H
-        packed.append(pack_rows(q.to(torch.int32), gptq.bits))
+        results.append((pack_rows(q.to(torch.int32), gptq.bits), *rest))
         del q
-        scales.append(s), zeros.append(z), g_idx.append(g), losses.append(loss)
+    packed, scales, zeros, g_idx, losses = zip(*results)
     set_quantized(model, name, _pack(packed, scales, zeros, g_idx, gptq), float_bias(module))
     return sum(losses)
 
 
-def _moe_inputs(moe, h: torch.Tensor):
-    """Per expert, the rows of h [T, D] routed to it (top-k over the router logits, ties to the lowest index)."""
-    _, experts = topk_softmax_torch(h @ moe.gate.weight.t(), moe.top_k)  # [T, top_k], ties to the lowest index
-    return [h[(experts == e).any(-1)] for e in range(moe.gate.weight.shape[0])]
+def _moe_inputs(moe, h: torch.Tensor, experts=None) -> list:
+    """For each expert in `experts` (default: all), the rows of h [T, D] routed to it (top-k over the router logits,
+    ties to the lowest index)."""
+    _, picks = topk_softmax_torch(h @ moe.gate.weight.t(), moe.top_k)  # [T, top_k], ties to the lowest index
+    return [h[(picks == e).any(-1)] for e in (range(moe.gate.weight.shape[0]) if experts is None else experts)]
 
 
 def _ln_batches(x: torch.Tensor, block, batch_size: int):
@@ -236,12 +237,12 @@ def quantize_layer_gptq(model, i: int, x: torch.Tensor, gptq: GPTQConfig, *, bat
         fc2_in = _Hessians(1, block.moe.fc1.weight.shape[1], device)
         w1 = None
         for _, h in _ln_batches(x, block, batch_size):
-            rows = _moe_inputs(block.moe, h.reshape(-1, D))[e]
+            (rows,) = _moe_inputs(block.moe, h.reshape(-1, D), [e])
             if rows.shape[0]:
                 if w1 is None:
                     w1 = dequantize_experts(block.moe.fc1.weight.select(e), rows.dtype)[0]  # quantized in step 1
                 fc2_in.add(0, gelu_tanh(F.linear(rows, w1, block.moe.fc1.bias[e])))
-        return fc2_in.H[0], fc2_in.n[0]
+        return fc2_in.of(0)
 
     name = prefix + ".moe.fc2"
     losses[name] = _quantize_stack(model, name, fc2_hessian, gptq)
